@@ -1,0 +1,129 @@
+"""Transform-config loading and validation: every bad input names its key or pattern."""
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from torchtitan_ext.optical.config import (
+    OpticalConfigError,
+    QuantizerConfig,
+    TransformConfig,
+    load_transform_config,
+)
+
+SEED_YAML = textwrap.dedent(r"""
+    use_regex: true
+    layer_name_to_config:
+      default: null
+      'layers\.[0-9]+\.attention\.(wq|wk|wv|wo)|layers\.[0-9]+\.feed_forward\.(w1|w2|w3)': {q_levels: 256, q_lut_min: 0.02004, q_quantiles: null, q_smooth_factor: 0.9, q_init_seed: 0, q_bypass: false}
+      'layers\.[0-9]+\.attention': {q_levels: 256, q_lut_min: 0.02004, q_quantiles: null, q_smooth_factor: 0.9, q_init_seed: 0, q_bypass: false}
+      output: null
+""")
+
+ENTRY = "{q_levels: 256, q_lut_min: 0.02004, q_quantiles: null, q_smooth_factor: 0.9, q_init_seed: 0, q_bypass: false}"
+
+
+def write(tmp_path, text, name="t.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_seed_format_loads_unchanged(tmp_path):
+    cfg = load_transform_config(write(tmp_path, SEED_YAML))
+    assert cfg.use_regex and cfg.default is None
+    assert [p for p, _ in cfg.rules][-1] == "output"
+    pat, q = cfg.match("layers.3.feed_forward.w2")
+    assert q == QuantizerConfig(q_levels=256, q_lut_min=0.02004, q_smooth_factor=0.9)
+    assert cfg.match("layers.3.attention")[1] is not None
+    assert cfg.match("output") == ("output", None)
+    assert cfg.match("tok_embeddings") == ("default", None)
+    # fullmatch, not search: a prefix match is not a match
+    assert cfg.match("layers.3.attention.wq.extra") == ("default", None)
+
+
+def test_shipped_transform_files_load():
+    from pathlib import Path
+
+    files = sorted(Path("train_configs/transforms").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_transform_config(f)
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ("{q_levels: 1}", "q_levels"),
+        ("{q_levels: 2.5}", "q_levels"),
+        ("{q_levels: true}", "q_levels"),
+        ("{q_lut_min: 1.0}", "q_lut_min"),
+        ("{q_lut_min: -0.1}", "q_lut_min"),
+        ("{q_quantiles: [0.9, 0.1]}", "q_quantiles"),
+        ("{q_quantiles: [0.0, 0.5]}", "q_quantiles"),
+        ("{q_quantiles: [0.1]}", "q_quantiles"),
+        ("{q_smooth_factor: 1.0}", "q_smooth_factor"),
+        ("{q_smooth_factor: -0.5}", "q_smooth_factor"),
+        ("{q_init_seed: -1}", "q_init_seed"),
+        ("{q_bypass: 3}", "q_bypass"),
+        ("{q_grad: sign}", "q_grad"),
+        ("{q_levelz: 8}", "q_levelz"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, entry, needle):
+    text = f"use_regex: true\nlayer_name_to_config:\n  'layers\\.0\\.attention': {entry}\n"
+    with pytest.raises(OpticalConfigError) as e:
+        load_transform_config(write(tmp_path, text))
+    assert needle in str(e.value)
+    assert "layers" in str(e.value)  # and where
+
+
+def test_allowed_values_are_spelled_out(tmp_path):
+    with pytest.raises(OpticalConfigError, match=r"2 <= q_levels"):
+        load_transform_config(write(tmp_path, "layer_name_to_config:\n  x: {q_levels: 0}\n"))
+    with pytest.raises(OpticalConfigError, match=r"allowed keys: \[.*q_levels"):
+        load_transform_config(write(tmp_path, "layer_name_to_config:\n  x: {bits: 8}\n"))
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(OpticalConfigError, match="does not exist"):
+        load_transform_config(tmp_path / "nope.yaml")
+    with pytest.raises(OpticalConfigError, match="does not parse"):
+        load_transform_config(write(tmp_path, "use_regex: [true\nlayer: {"))
+    with pytest.raises(OpticalConfigError, match="extension"):
+        load_transform_config(write(tmp_path, "x", name="t.ini"))
+    with pytest.raises(OpticalConfigError, match="unknown top-level key 'layers'"):
+        load_transform_config(write(tmp_path, "layers: {}\n"))
+    with pytest.raises(OpticalConfigError, match="not a valid regular expression"):
+        load_transform_config(write(tmp_path, "layer_name_to_config:\n  'layers\\.(': null\n"))
+
+
+def test_toml_and_json_formats(tmp_path):
+    toml = 'use_regex = true\n[layer_name_to_config]\n"layers\\\\.[0-9]+\\\\.attention" = {q_levels = 16}\n'
+    cfg = load_transform_config(write(tmp_path, toml, "t.toml"))
+    assert cfg.match("layers.1.attention")[1].q_levels == 16
+    cfg = load_transform_config(write(tmp_path, '{"layer_name_to_config": {"a": {"q_levels": 4}}}', "t.json"))
+    assert cfg.match("a")[1].q_levels == 4
+
+
+def test_pattern_matching_no_module_names_it_and_shows_real_names():
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {r"blocks\.[0-9]+\.mlp": {}}})
+    with pytest.raises(OpticalConfigError) as e:
+        cfg.check_patterns(["layers.0.attention.wq", "layers.0.feed_forward.w1", "output"])
+    msg = str(e.value)
+    assert r"blocks\.[0-9]+\.mlp" in msg and "layers.0.attention.wq" in msg
+
+
+def test_exact_names_without_regex():
+    cfg = TransformConfig.from_dict({"use_regex": False, "layer_name_to_config": {"a.b": {}, "default": None}})
+    assert cfg.match("a.b")[1] is not None
+    assert cfg.match("a.bb") == ("default", None)
+
+
+def test_round_trip_to_dict():
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {"default": {"q_levels": 8},
+                                                              "x": {"q_quantiles": [0.01, 0.99]}}})
+    again = TransformConfig.from_dict(cfg.to_dict())
+    assert again.rules == cfg.rules and again.default == cfg.default

@@ -1,0 +1,188 @@
+"""Modules, ops and range bookkeeping on the CPU (reference path)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchtitan_ext.optical import ops
+from torchtitan_ext.optical import reference as R
+from torchtitan_ext.optical.config import QuantizerConfig
+from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
+from torchtitan_ext.optical.ranges import optical_modules, reset_ranges, update_ranges
+
+
+def calibrated_linear(cfg=QuantizerConfig(), bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = OpticalLinear(12, 6, bias=bias, config=cfg)
+    x = torch.randn(3, 5, 12)
+    lin(x)
+    update_ranges(lin)
+    return lin, x
+
+
+def test_linear_matches_reference_composition_with_the_drawn_seed():
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=16, q_lut_min=0.05))
+    lin.eval()
+    gen_state = torch.get_rng_state()
+    y = lin(x)
+    torch.set_rng_state(gen_state)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    xr, wr, outr = lin.optical_ranges
+    x2 = x.reshape(-1, 12)
+    acc = R.quantize(x2, xr, 16).float() @ R.quantize(lin.weight, wr, 16, lut=0.05).float().t()
+    u = R.philox_uniform(seed[0], 0, torch.arange(15 * 6).view(15, 6))
+    expect = R.quantize(acc, outr, 16, noise=u) + lin.bias
+    assert torch.equal(y.reshape(15, 6), expect)
+
+
+def test_first_forward_is_digital_then_ranges_take_effect_after_update():
+    torch.manual_seed(0)
+    lin = OpticalLinear(12, 6, config=QuantizerConfig(q_levels=4))
+    x = torch.randn(8, 12)
+    y0 = lin(x)
+    assert torch.allclose(y0, nn.functional.linear(x, lin.weight, lin.bias), atol=1e-6)
+    assert torch.isinf(lin.optical_ranges).all()  # not yet applied
+    assert torch.equal(lin.optical_observed[0], torch.stack([x.min(), x.max()]))
+    update_ranges(lin)
+    assert torch.isfinite(lin.optical_ranges).all()
+    assert torch.isinf(lin.optical_observed).all()  # pending observations consumed
+    y1 = lin(x)
+    assert not torch.allclose(y1, y0, atol=1e-3)  # 4 levels: visibly quantized
+
+
+def test_eval_freezes_ranges_and_ema_moves_them():
+    lin, x = calibrated_linear()
+    before = lin.optical_ranges.clone()
+    lin.eval()
+    lin(x * 10)
+    update_ranges(lin)
+    assert torch.equal(lin.optical_ranges, before)
+    lin.train()
+    lin(x * 10)
+    update_ranges(lin)
+    xr = lin.optical_ranges[0]
+    expect_hi = 0.9 * before[0, 1] + 0.1 * (x * 10).max()
+    assert torch.isclose(xr[1], expect_hi)
+
+
+def test_state_dict_carries_ranges_not_pending_observations():
+    lin, _ = calibrated_linear()
+    sd = lin.state_dict()
+    assert "optical_ranges" in sd and "optical_observed" not in sd
+    fresh = OpticalLinear(12, 6)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.optical_ranges, lin.optical_ranges)
+
+
+def test_reset_ranges_and_from_linear_keeps_parameters():
+    base = nn.Linear(4, 3)
+    opt = OpticalLinear.from_linear(base, QuantizerConfig())
+    assert opt.weight is base.weight and opt.bias is base.bias
+    opt(torch.randn(2, 4))
+    update_ranges(opt)
+    reset_ranges(opt)
+    assert torch.isinf(opt.optical_ranges).all()
+    with torch.device("meta"):
+        meta = OpticalLinear.from_linear(nn.Linear(4, 3, bias=False), QuantizerConfig())
+    assert meta.optical_ranges.is_meta and meta.bias is None
+
+
+def test_gradients_are_straight_through():
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=8))
+    x = x.clone().requires_grad_(True)
+    y = lin(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ lin.weight.detach(), atol=1e-6)
+    assert torch.allclose(lin.weight.grad, g.reshape(-1, 6).t() @ x.detach().reshape(-1, 12), atol=1e-5)
+    assert torch.allclose(lin.bias.grad, g.reshape(-1, 6).sum(0), atol=1e-5)
+
+
+def test_clipped_gradients_zero_where_clamped():
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=8, q_grad="clipped"))
+    x = (x * 3).requires_grad_(True)  # beyond the calibrated x range
+    lin(x).sum().backward()
+    xr = lin.optical_ranges[0]
+    outside = (x.detach() < xr[0]) | (x.detach() > xr[1])
+    assert outside.any() and (x.grad[outside] == 0).all()
+
+
+def test_bypass_is_digital_but_observes():
+    lin = OpticalLinear(12, 6, config=QuantizerConfig(q_bypass=True))
+    x = torch.randn(4, 12)
+    lin(x)
+    update_ranges(lin)
+    assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+    assert torch.isfinite(lin.optical_ranges).all()
+
+
+def test_attention_module_matches_reference_and_gqa():
+    torch.manual_seed(4)
+    att = OpticalAttention(QuantizerConfig(q_levels=32))
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    att(q, k, v)
+    update_ranges(att)
+    assert torch.isfinite(att.optical_ranges).all()
+    att.eval()
+    state = torch.get_rng_state()
+    y = att(q, k, v)
+    torch.set_rng_state(state)
+    seeds = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    r = att.optical_ranges
+    fwd = R.optical_attention_forward(q, k, v, r[0], r[1], r[2], r[3], r[4], levels=32,
+                                      lut=0.02004, seeds=seeds, stream=0)
+    assert torch.equal(y, fwd["y"])
+
+
+def test_module_forward_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    lin, x = calibrated_linear()
+    att = OpticalAttention(QuantizerConfig())
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.att = lin, att
+
+        def forward(self, x):
+            h = self.lin(x)  # [3, 5, 6]
+            q = h.view(3, 5, 1, 6).transpose(1, 2).expand(3, 2, 5, 6)
+            return self.att(q, q[:, :1], q[:, :1]).sum()
+
+    block = Block()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    assert lin.weight.grad is not None
+    assert torch.isfinite(att.optical_observed).all()
+
+
+def test_ops_fake_shapes_for_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 8)
+        w = torch.empty(5, 8)
+        ranges = torch.empty(3, 2)
+        seed = torch.empty(1, dtype=torch.int64)
+        y, obs = ops.optical_linear(x, w, None, ranges, seed, levels=16, lut=None, stream=0,
+                                    index=ops.linear_index(x.shape, 5), observe=True)
+        assert y.shape == (2, 3, 5) and obs.shape == (3, 2)
+
+
+def test_noise_index_covers_sharded_layouts():
+    """A [B, S, N] output's index map equals the IndexMap of its block in the global tensor."""
+    idx = ops._linear_noise_index(2 * 3, 4, ops.linear_index((2, 3, 8), 4, batch_offset=2,
+                                                             seq_offset=1, seq_global=5,
+                                                             col_offset=4, n_global=8), "cpu")
+    expect = R.IndexMap((2, 1, 4), (4, 5, 8)).flat_indices((2, 3, 4), "cpu").reshape(6, 4)
+    assert torch.equal(idx, expect)
+
+
+def test_update_ranges_handles_many_modules_at_once():
+    model = nn.Sequential(OpticalLinear(4, 4), nn.ReLU(), OpticalLinear(4, 2))
+    model(torch.randn(3, 4))
+    assert update_ranges(model) == 2
+    assert all(torch.isfinite(m.optical_ranges).all() for m in optical_modules(model))

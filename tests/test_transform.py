@@ -1,0 +1,79 @@
+"""The transform swaps exactly the matched modules of a torchtitan Llama (on the meta device)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from torchtitan_ext.optical.config import DEFAULT_TRANSFORM_CONFIG, OpticalConfigError, TransformConfig
+from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
+from torchtitan_ext.optical.transform import candidate_modules, format_histogram, transform_model
+
+
+def debug_llama():
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.titan.spec import optical_llama3_args
+
+    with torch.device("meta"):
+        return Transformer(copy.deepcopy(optical_llama3_args["debugmodel"]))
+
+
+def test_default_config_swaps_block_linears_and_attention_only():
+    model = debug_llama()
+    n_layers = len(model.layers)
+    report = transform_model(model, TransformConfig.from_dict(DEFAULT_TRANSFORM_CONFIG))
+    optical_lin = [n for n, m in model.named_modules() if isinstance(m, OpticalLinear)]
+    optical_att = [n for n, m in model.named_modules() if isinstance(m, OpticalAttention)]
+    assert len(optical_lin) == 7 * n_layers
+    assert optical_att == [f"layers.{i}.attention.inner_attention" for i in range(n_layers)]
+    assert type(model.output) is nn.Linear  # digital head
+    assert report.count == 8 * n_layers
+    assert report.digital == ["output"]
+    text = format_histogram(report)
+    assert f"[{7 * n_layers:4d}]" in text and "layers.0.attention.wq" in text
+    # Parameters kept on the meta device, buffers created there too.
+    assert model.layers["0"].attention.wq.optical_ranges.is_meta
+
+
+def test_only_matched_modules_change():
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {
+        r"layers\.1\.feed_forward\.w2": {"q_levels": 16},
+        r"layers\.0\.attention": {},
+    }})
+    report = transform_model(model, cfg)
+    assert report.names() == ["layers.0.attention", "layers.1.feed_forward.w2"]
+    assert isinstance(model.layers["1"].feed_forward.w2, OpticalLinear)
+    assert model.layers["1"].feed_forward.w2.config.q_levels == 16
+    assert type(model.layers["1"].feed_forward.w1) is nn.Linear
+    assert isinstance(model.layers["0"].attention.inner_attention, OpticalAttention)
+    assert not isinstance(model.layers["1"].attention.inner_attention, OpticalAttention)
+    assert type(model.layers["0"].attention.wq) is nn.Linear
+
+
+def test_first_matching_pattern_wins_and_null_keeps_digital():
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {
+        r"layers\.0\.attention\.wq": None,
+        r"layers\.[0-9]+\.attention\.(wq|wk)": {"q_levels": 8},
+    }})
+    transform_model(model, cfg)
+    assert type(model.layers["0"].attention.wq) is nn.Linear
+    assert isinstance(model.layers["1"].attention.wq, OpticalLinear)
+
+
+def test_unmatched_pattern_fails_before_changing_anything():
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {
+        r"layers\.0\.attention\.wq": {}, r"model\.layers\.[0-9]+\.mlp": {}}})
+    with pytest.raises(OpticalConfigError, match=r"model\\.layers"):
+        transform_model(model, cfg)
+    assert type(model.layers["0"].attention.wq) is nn.Linear
+
+
+def test_candidates_name_linears_and_attention_blocks():
+    names = list(candidate_modules(debug_llama()))
+    assert "layers.0.attention" in names and "layers.0.feed_forward.w3" in names
+    assert "output" in names and "layers.0" not in names

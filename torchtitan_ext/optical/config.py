@@ -1,0 +1,272 @@
+"""Per-layer optical settings: which modules become optical, with which quantizer parameters.
+
+The file format is the reference system's transform YAML, loaded unchanged:
+
+    use_regex: true
+    layer_name_to_config:
+      default: null                     # modules no pattern matches (null = stay digital)
+      'layers\\.[0-9]+\\.attention\\.(wq|wk|wv|wo)': {q_levels: 256, q_lut_min: 0.02004, ...}
+      'layers\\.[0-9]+\\.attention': {...}   # a block's inner attention becomes optical
+      output: null
+
+Patterns are matched against fully-qualified module names with `re.fullmatch` (or compared
+exactly when `use_regex` is false); the first pattern in file order that matches wins.
+Everything is validated before a model is built, with errors that name the key and the allowed
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "OpticalConfigError",
+    "QuantizerConfig",
+    "TransformConfig",
+    "load_transform_config",
+    "DEFAULT_TRANSFORM_CONFIG",
+]
+
+MAX_LEVELS = 1 << 22  # the kernels' round-half-even trick is exact up to 2^22 levels
+GRAD_MODES = ("ste", "clipped")
+
+
+class OpticalConfigError(ValueError):
+    """A bad optical configuration: the message names the offending key or pattern."""
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Settings of one optical layer (every quantizer in it shares them).
+
+    q_levels: levels L of every quantizer (integer >= 2; 256 = 8 bits).
+    q_lut_min: weight-modulator floor as a fraction of the range (0 <= v < 1; null/0 = off).
+    q_quantiles: (lo_q, hi_q) with 0 < lo_q < hi_q < 1 to observe quantile ranges instead of
+        min/max (null = min/max).
+    q_smooth_factor: EMA factor s of the range buffers (0 <= s < 1).
+    q_init_seed: noise stream of this layer (integer >= 0): the second Philox key word, so layers
+        with different streams never share noise even when their per-call seeds coincide.
+    q_bypass: true = the module is swapped (ranges are observed and carried) but computes
+        digitally, for calibration and A/B runs.
+    q_grad: "ste" (straight-through, default) or "clipped" (zero gradient where clamped).
+    """
+
+    q_levels: int = 256
+    q_lut_min: float | None = 0.02004
+    q_quantiles: tuple[float, float] | None = None
+    q_smooth_factor: float = 0.9
+    q_init_seed: int = 0
+    q_bypass: bool = False
+    q_grad: str = "ste"
+
+    @property
+    def lut(self) -> float | None:
+        return self.q_lut_min if self.q_lut_min else None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "QuantizerConfig":
+        if not isinstance(data, Mapping):
+            raise OpticalConfigError(
+                f"{where}: expected a mapping of quantizer settings or null, got {data!r}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OpticalConfigError(
+                f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(known)}"
+            )
+        values = dict(data)
+        _check_levels(values.get("q_levels", cls.q_levels), f"{where}.q_levels")
+        lut = values.get("q_lut_min", cls.q_lut_min)
+        if lut is not None:
+            if isinstance(lut, bool) or not isinstance(lut, (int, float)) or not 0 <= lut < 1:
+                raise OpticalConfigError(
+                    f"{where}.q_lut_min: must be a number with 0 <= q_lut_min < 1 "
+                    f"(or null for no floor), got {lut!r}"
+                )
+            values["q_lut_min"] = float(lut)
+        quantiles = values.get("q_quantiles")
+        if quantiles is not None:
+            ok = (
+                isinstance(quantiles, (list, tuple))
+                and len(quantiles) == 2
+                and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles)
+                and 0 < quantiles[0] < quantiles[1] < 1
+            )
+            if not ok:
+                raise OpticalConfigError(
+                    f"{where}.q_quantiles: must be null or [lo, hi] with 0 < lo < hi < 1, "
+                    f"got {quantiles!r}"
+                )
+            values["q_quantiles"] = (float(quantiles[0]), float(quantiles[1]))
+        smooth = values.get("q_smooth_factor", cls.q_smooth_factor)
+        if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth < 1:
+            raise OpticalConfigError(
+                f"{where}.q_smooth_factor: must be a number with 0 <= q_smooth_factor < 1, "
+                f"got {smooth!r}"
+            )
+        values["q_smooth_factor"] = float(smooth)
+        seed = values.get("q_init_seed", cls.q_init_seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise OpticalConfigError(
+                f"{where}.q_init_seed: must be an integer with 0 <= q_init_seed < 2^32, got {seed!r}"
+            )
+        bypass = values.get("q_bypass", cls.q_bypass)
+        if not isinstance(bypass, bool):
+            raise OpticalConfigError(f"{where}.q_bypass: must be true or false, got {bypass!r}")
+        grad = values.get("q_grad", cls.q_grad)
+        if grad not in GRAD_MODES:
+            raise OpticalConfigError(
+                f"{where}.q_grad: must be one of {list(GRAD_MODES)}, got {grad!r}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["q_quantiles"] is not None:
+            d["q_quantiles"] = list(d["q_quantiles"])
+        return d
+
+
+def _check_levels(levels: Any, where: str) -> None:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= MAX_LEVELS:
+        raise OpticalConfigError(
+            f"{where}: must be an integer with 2 <= q_levels <= {MAX_LEVELS}, got {levels!r}"
+        )
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Parsed transform file: ordered (pattern, settings-or-None) rules and a default."""
+
+    rules: tuple[tuple[str, QuantizerConfig | None], ...]
+    default: QuantizerConfig | None = None
+    use_regex: bool = True
+    source: str = "<dict>"
+    _compiled: tuple = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "TransformConfig":
+        if not isinstance(data, Mapping):
+            raise OpticalConfigError(
+                f"{source}: the transform config must be a mapping with keys "
+                f"'use_regex' and 'layer_name_to_config', got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - {"use_regex", "layer_name_to_config"})
+        if unknown:
+            raise OpticalConfigError(
+                f"{source}: unknown top-level key {unknown[0]!r}; allowed keys: "
+                "['layer_name_to_config', 'use_regex']"
+            )
+        use_regex = data.get("use_regex", True)
+        if not isinstance(use_regex, bool):
+            raise OpticalConfigError(f"{source}: use_regex must be true or false, got {use_regex!r}")
+        layers = data.get("layer_name_to_config")
+        if not isinstance(layers, Mapping) or not layers:
+            raise OpticalConfigError(
+                f"{source}: 'layer_name_to_config' must be a non-empty mapping of "
+                "module-name patterns to quantizer settings (or null)"
+            )
+        rules: list[tuple[str, QuantizerConfig | None]] = []
+        compiled = []
+        default = None
+        for pattern, entry in layers.items():
+            where = f"{source}: layer_name_to_config['{pattern}']"
+            if not isinstance(pattern, str):
+                raise OpticalConfigError(f"{where}: patterns must be strings")
+            qcfg = None if entry is None else QuantizerConfig.from_dict(entry, where)
+            if pattern == "default":
+                default = qcfg
+                continue
+            if use_regex:
+                try:
+                    compiled.append(re.compile(pattern))
+                except re.error as e:
+                    raise OpticalConfigError(f"{where}: not a valid regular expression: {e}") from e
+            rules.append((pattern, qcfg))
+        return cls(tuple(rules), default, use_regex, source, tuple(compiled))
+
+    def match(self, name: str) -> tuple[str, QuantizerConfig | None]:
+        """The (pattern, settings) that apply to module `name` ('default' when none matches)."""
+        for i, (pattern, qcfg) in enumerate(self.rules):
+            hit = self._compiled[i].fullmatch(name) if self.use_regex else pattern == name
+            if hit:
+                return pattern, qcfg
+        return "default", self.default
+
+    def check_patterns(self, candidate_names: Iterable[str]) -> None:
+        """Every pattern must match at least one candidate module; name the real ones if not."""
+        names = list(candidate_names)
+        for i, (pattern, _) in enumerate(self.rules):
+            if self.use_regex:
+                hit = any(self._compiled[i].fullmatch(n) for n in names)
+            else:
+                hit = pattern in names
+            if not hit:
+                sample = _sample_names(names)
+                raise OpticalConfigError(
+                    f"{self.source}: pattern '{pattern}' matches no module that can be made "
+                    f"optical (linear layers and attention blocks). Some real module names: "
+                    f"{sample}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        layers: dict[str, Any] = {"default": self.default.to_dict() if self.default else None}
+        for pattern, qcfg in self.rules:
+            layers[pattern] = qcfg.to_dict() if qcfg else None
+        return {"use_regex": self.use_regex, "layer_name_to_config": layers}
+
+
+def _sample_names(names: list[str], k: int = 8) -> list[str]:
+    if len(names) <= k:
+        return names
+    step = max(1, len(names) // k)
+    return names[::step][:k]
+
+
+def load_transform_config(path: str | Path, key: str = "optical.transform_config") -> TransformConfig:
+    """Read a transform file (.yaml/.yml, .json or .toml) and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise OpticalConfigError(f"{key}: file {str(path)!r} does not exist")
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            raise OpticalConfigError(
+                f"{key}: {str(path)!r} has extension {suffix!r}; allowed: .yaml, .yml, .json, .toml"
+            )
+    except OpticalConfigError:
+        raise
+    except Exception as e:  # the parsers' own error types differ; all mean "does not parse"
+        raise OpticalConfigError(f"{key}: file {str(path)!r} does not parse: {e}") from e
+    return TransformConfig.from_dict(data, source=str(path))
+
+
+# The default when `[optical] transform_config` is empty: every linear of the transformer blocks
+# and every block's inner attention optical at 8 bits; embeddings and the output head digital.
+DEFAULT_TRANSFORM_CONFIG = {
+    "use_regex": True,
+    "layer_name_to_config": {
+        "default": None,
+        r"layers\.[0-9]+\.attention\.(wq|wk|wv|wo)|layers\.[0-9]+\.feed_forward\.(w1|w2|w3)": {},
+        r"layers\.[0-9]+\.attention": {},
+        "output": None,
+    },
+}

@@ -1,0 +1,224 @@
+"""OpticalLinear and OpticalAttention: drop-in modules over the custom ops.
+
+- `OpticalLinear` is an `nn.Linear` (so tensor-parallel styles accept it) whose forward is the
+  optical linear. It knows its own sharding: with a DTensor weight it computes on local shards,
+  keeps Q_out local for column-wise splits, and for row-wise splits reduces the float32 partial
+  sums first and quantizes after the reduction, never a partial sum.
+- `OpticalAttention` replaces the inner scaled-dot-product call of a Llama attention block
+  (signature of torchtitan's `ScaledDotProductAttentionWrapper`), so wq/wk/wv/wo stay linears.
+
+Parallelize functions describe a module's place in the whole computation through `shard`
+(a `ShardContext`): the data-parallel rank owns a slice of the global batch and the
+tensor-parallel rank a slice of the heads, which makes noise indices global (semantics 1.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import QuantizerConfig
+from .ranges import RangeState
+
+__all__ = ["ShardContext", "OpticalLinear", "OpticalAttention"]
+
+_SEED_HIGH = 2**31 - 1
+
+
+def _draw_seeds(n: int, device) -> torch.Tensor:
+    # From the framework generator on the device, as dropout does: no host sync, and activation
+    # checkpointing (which restores the generator) redraws the same seeds when it recomputes.
+    return torch.randint(0, _SEED_HIGH, (n,), device=device, dtype=torch.int64)
+
+
+@dataclass
+class ShardContext:
+    """Where this rank's tensors sit in the logical (unsharded) computation."""
+
+    dp_rank: int = 0  # batch shards: data parallel (FSDP / HSDP / DDP) rank and degree
+    dp_size: int = 1
+    tp_rank: int = 0  # head shards of attention under tensor parallelism
+    tp_size: int = 1
+
+
+def _batch_extent(shape: torch.Size) -> int:
+    return int(torch.Size(shape[:-2]).numel()) if len(shape) >= 3 else int(shape[0])
+
+
+class OpticalLinear(nn.Linear, RangeState):
+    """y = Q_out(Q_x(x) @ Q_w(W)^T) + b (semantics page, section 2)."""
+
+    RANGE_NAMES = ("x", "w", "out")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: QuantizerConfig | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(config or QuantizerConfig(), self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantizerConfig) -> "OpticalLinear":
+        """Wrap an existing linear, keeping its parameter objects (works on the meta device)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features = linear.in_features
+        new.out_features = linear.out_features
+        new.weight = linear.weight
+        new.register_parameter("bias", linear.bias)
+        new._setup(config, linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def _setup(self, config: QuantizerConfig, device) -> None:
+        self.config = config
+        self.smooth = config.q_smooth_factor
+        self.shard = ShardContext()
+        # Placement the row-wise tensor-parallel style wants for the output (set by parallelize):
+        # reducing straight into it lets Q_out run on the reduced, already-sharded tensor.
+        self.tp_output_placement = None
+        self._init_range_buffers(device)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{super().extra_repr()}, levels={c.q_levels}, lut={c.lut}, grad={c.q_grad}"
+                + (", bypass" if c.q_bypass else ""))
+
+    # ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.q_bypass:
+            return self._forward_bypass(x)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(self.weight, DTensor):
+            return self._forward_tensor_parallel(x)
+        index = ops.linear_index(
+            x.shape, self.out_features, batch_offset=self.shard.dp_rank * _batch_extent(x.shape)
+        )
+        y, obs = self._linear(x, self.weight, self.bias, index, quantize_output=True)
+        return y
+
+    def _linear(self, x, weight, bias, index, *, quantize_output):
+        c = self.config
+        y, obs = ops.optical_linear(
+            x, weight, bias, self.optical_ranges, _draw_seeds(1, x.device),
+            levels=c.q_levels, lut=c.lut, stream=c.q_init_seed, index=index,
+            observe=self.training, quantize_output=quantize_output,
+            clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
+        )
+        if self.training:
+            self.record(obs)
+        return y, obs
+
+    def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.training:
+            from torch.distributed.tensor import DTensor
+
+            def local(t):
+                return t.to_local() if isinstance(t, DTensor) else t
+
+            q = self.config.q_quantiles
+            obs = torch.stack([
+                ops.ref.observe_range(local(x), q),
+                ops.ref.observe_range(local(self.weight), q),
+                ops.ref.observe_range(local(y), q),
+            ])
+            self.record(obs)
+        return y
+
+    def _forward_tensor_parallel(self, x):
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        w = self.weight
+        mesh = w.device_mesh
+        placement = w.placements[-1]
+        x_local = x.to_local() if isinstance(x, DTensor) else x
+        w_local = w.to_local()
+        b_local = self.bias.to_local() if isinstance(self.bias, DTensor) else self.bias
+        batch_offset = self.shard.dp_rank * _batch_extent(x_local.shape)
+        if placement == Shard(0):
+            # Column-wise: each rank owns whole output columns, so Q_out stays local; the noise
+            # index places the columns at their global offset.
+            _, offset = compute_local_shape_and_global_offset(w.shape, mesh, w.placements)
+            index = ops.linear_index(x_local.shape, w_local.shape[0], batch_offset=batch_offset,
+                                     col_offset=int(offset[0]), n_global=self.out_features)
+            y, _ = self._linear(x_local, w_local, b_local, index, quantize_output=True)
+            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
+        if placement == Shard(1):
+            # Row-wise: each rank holds a partial sum over its K slice. Reduce the float32 partial
+            # sums first (straight into the placement the output wants), then Q_out.
+            unused_index = ops.linear_index(x_local.shape, w_local.shape[0])  # no noise here
+            acc_local, obs = self._linear(x_local, w_local, None, unused_index,
+                                          quantize_output=False)
+            out_placement = self.tp_output_placement or Replicate()
+            acc = DTensor.from_local(acc_local, mesh, [Partial()], run_check=False)
+            acc = acc.redistribute(mesh, [out_placement])
+            acc_r = acc.to_local()
+            _, offset = compute_local_shape_and_global_offset(acc.shape, mesh, [out_placement])
+            seq_offset = int(offset[-2]) if acc_r.dim() >= 3 else 0
+            index = ops.linear_index(acc_r.shape, acc_r.shape[-1], batch_offset=batch_offset,
+                                     seq_offset=seq_offset, seq_global=int(acc.shape[-2])
+                                     if acc_r.dim() >= 3 else None)
+            c = self.config
+            y, obs_out = ops.optical_quantize(
+                acc_r, self.optical_ranges[2], _draw_seeds(1, acc_r.device), levels=c.q_levels,
+                stream=c.q_init_seed, noisy=True, index=index, observe=self.training,
+                clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
+            )
+            if self.training:
+                # The accumulator row of `obs` saw partial sums: replace it with the reduced one.
+                self.record(torch.cat([obs[:2], obs_out[None]]))
+            if b_local is not None:
+                y = y + b_local.float()
+            return DTensor.from_local(y.to(x_local.dtype), mesh, [out_placement], run_check=False)
+        raise NotImplementedError(
+            f"OpticalLinear: weight placement {w.placements} is not supported; tensor parallel "
+            "styles must shard the weight column-wise (Shard(0)) or row-wise (Shard(1))"
+        )
+
+
+class OpticalAttention(nn.Module, RangeState):
+    """Drop-in for the inner scaled-dot-product attention call (semantics page, section 3)."""
+
+    RANGE_NAMES = ("q", "k", "v", "s", "y")
+
+    def __init__(self, config: QuantizerConfig | None = None, device=None):
+        super().__init__()
+        self.config = config or QuantizerConfig()
+        self.smooth = self.config.q_smooth_factor
+        self.shard = ShardContext()
+        self._init_range_buffers(device)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"levels={c.q_levels}, lut={c.lut}, grad={c.q_grad}"
+                + (", bypass" if c.q_bypass else ""))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                scale: float | None = None, enable_gqa: bool = False,
+                is_causal: bool = True) -> torch.Tensor:
+        b, h, _, d = q.shape
+        scale = d ** -0.5 if scale is None else scale
+        c = self.config
+        if c.q_bypass:
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
+                                               enable_gqa=k.shape[1] != h)
+            if self.training:
+                unset = torch.tensor([float("inf"), float("-inf")], device=q.device)
+                self.record(torch.stack([ops.ref.observe_range(q), ops.ref.observe_range(k),
+                                         ops.ref.observe_range(v), unset, unset]))
+            return y
+        sh = self.shard
+        index = [sh.dp_rank * b, sh.dp_size * b, sh.tp_rank * h, sh.tp_size * h]
+        y, obs = ops.optical_attention(
+            q, k, v, self.optical_ranges, _draw_seeds(2, q.device), levels=c.q_levels,
+            lut=c.lut, stream=c.q_init_seed, scale=scale, causal=is_causal, index=index,
+            observe=self.training, clipped=c.q_grad == "clipped",
+        )
+        if self.training:
+            self.record(obs)
+        return y

@@ -1,0 +1,516 @@
+"""torch.library custom ops of the optical simulation: the boundary torch.compile sees.
+
+Each op has a real implementation that dispatches to the Triton kernels (CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1 when the kernel mode is "triton") or to the plain-torch reference
+(CPU), a fake implementation (shapes only) so the compiler traces through it without graph breaks,
+and a straight-through autograd formula whose backward is itself a custom op.
+
+Nothing here reads a tensor value on the host: ranges and seeds travel as device tensors.
+
+Noise indices of linear outputs are described by five integers, `index = (s_local, s_global,
+row_base, n_global, col_offset)`: output element (m, n) of the 2-D [M, N] view has the global flat
+index ((m // s_local) * s_global + m % s_local + row_base) * n_global + n + col_offset. This covers
+an output [B, S, N] whose local block is a data-, sequence- or tensor-parallel shard of the
+logical [Bg, Sg, Ng] tensor (row_base = b_offset * Sg + s_offset).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+__all__ = [
+    "KERNEL_MODES",
+    "set_kernel_mode",
+    "get_kernel_mode",
+    "linear_index",
+    "optical_linear",
+    "optical_quantize",
+    "optical_attention",
+]
+
+KERNEL_MODES = ("auto", "triton", "reference")
+_kernel_mode = "auto"
+
+
+def set_kernel_mode(mode: str) -> None:
+    """"auto": Triton on CUDA tensors, reference on CPU; "triton": Triton everywhere (CPU needs
+    TRITON_INTERPRET=1); "reference": the plain-torch reference everywhere (slow on GPU)."""
+    global _kernel_mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"optical.kernels: must be one of {list(KERNEL_MODES)}, got {mode!r}")
+    if mode == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "optical.kernels = 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels "
+            "in Triton's interpreter on the CPU"
+        )
+    _kernel_mode = mode
+
+
+def get_kernel_mode() -> str:
+    return _kernel_mode
+
+
+def _use_kernels(t: Tensor) -> bool:
+    if _kernel_mode == "reference":
+        return False
+    if t.is_cuda:
+        return True
+    return _kernel_mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def linear_index(
+    x_shape: torch.Size | tuple[int, ...],
+    n_local: int,
+    *,
+    batch_offset: int = 0,
+    seq_offset: int = 0,
+    seq_global: int | None = None,
+    col_offset: int = 0,
+    n_global: int | None = None,
+) -> list[int]:
+    """The five-integer index map of a linear output whose input has shape `x_shape`.
+
+    Leading dims are (batch..., seq); a 2-D input counts every row as its own batch element.
+    """
+    if len(x_shape) >= 3:
+        s_local = int(x_shape[-2])
+    else:
+        s_local = 1
+    s_global = s_local if seq_global is None else int(seq_global)
+    return [s_local, s_global, batch_offset * s_global + seq_offset, n_global or n_local, col_offset]
+
+
+def _linear_noise_index(m: int, n: int, index: List[int], device) -> Tensor:
+    s_local, s_global, row_base, n_global, col_offset = index
+    rows = torch.arange(m, dtype=torch.int64, device=device)
+    grow = (rows // s_local) * s_global + rows % s_local + row_base
+    cols = torch.arange(n, dtype=torch.int64, device=device) + col_offset
+    return grow[:, None] * n_global + cols[None, :]
+
+
+def _empty_obs(n: int, device) -> Tensor:
+    return torch.tensor([[float("inf"), float("-inf")]] * n, dtype=torch.float32, device=device)
+
+
+def _observe(t: Tensor, quantiles: Optional[List[float]]) -> Tensor:
+    return ref.observe_range(t, tuple(quantiles) if quantiles else None)
+
+
+def _lut(lut: float) -> float | None:
+    return lut if lut > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("optical::linear", mutates_args=())
+def _linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ranges: Tensor,
+    seed: Tensor,
+    levels: int,
+    lut: float,
+    stream: int,
+    index: List[int],
+    observe: bool,
+    quantize_output: bool,
+    save_mask: bool,
+    quantiles: Optional[List[float]],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if _use_kernels(x) and not quantiles:
+        from .kernels import linear as klinear
+
+        y, obs, mask = klinear.linear_forward(
+            x2, weight, bias if quantize_output else None, ranges[0], ranges[1], ranges[2], seed,
+            levels=levels, lut=_lut(lut), stream=stream, index=klinear.LinearIndex(*index),
+            observe=observe, quantize_output=quantize_output, save_out_mask=save_mask,
+        )
+        if mask is None:
+            mask = x.new_empty((0,), dtype=torch.bool)
+        return y.reshape(*x.shape[:-1], n), obs, mask.to(torch.bool)
+    xq = ref.quantize(x2, ranges[0], levels).float()
+    wq = ref.quantize(weight, ranges[1], levels, lut=_lut(lut)).float()
+    acc = xq @ wq.t()
+    if observe:
+        obs = torch.stack([_observe(x2, quantiles), _observe(weight, quantiles), _observe(acc, quantiles)])
+    else:
+        obs = _empty_obs(3, x.device)
+    mask = ref.clamp_mask(acc, ranges[2]) if save_mask else x.new_empty((0,), dtype=torch.bool)
+    if not quantize_output:
+        return acc.reshape(*x.shape[:-1], n), obs, mask
+    u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device))
+    y = ref.quantize(acc, ranges[2], levels, noise=u)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n), obs, mask
+
+
+@_linear.register_fake
+def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
+                 quantize_output, save_mask, quantiles):
+    n = weight.shape[0]
+    m = x.numel() // x.shape[-1]
+    y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
+    obs = x.new_empty((3, 2), dtype=torch.float32)
+    mask = x.new_empty((m, n) if save_mask else (0,), dtype=torch.bool)
+    return y, obs, mask
+
+
+@torch.library.custom_op("optical::linear_backward", mutates_args=())
+def _linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    ranges: Tensor,
+    out_mask: Tensor,
+    clipped: bool,
+    has_bias: bool,
+    needs_x: bool,
+    needs_w: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    g2 = grad_y.reshape(-1, n)
+    x2 = x.reshape(-1, k)
+    if _use_kernels(x):
+        from .kernels import linear as klinear
+
+        gx, gw, gb = klinear.linear_backward(
+            g2, x2, weight, ranges[0], ranges[1], out_mask if clipped else None,
+            clipped=clipped, has_bias=has_bias, needs_grad=(needs_x, needs_w, has_bias),
+        )
+    else:
+        gx, gw, gb = ref.optical_linear_backward(
+            g2, x2, weight, None, ranges[0], ranges[1], ranges[2], clipped=False, has_bias=has_bias
+        ) if not clipped else _ref_clipped_linear_backward(g2, x2, weight, ranges, out_mask, has_bias)
+    gx = gx.reshape(x.shape) if (needs_x and gx is not None) else x.new_empty((0,))
+    gw = gw if (needs_w and gw is not None) else weight.new_empty((0,))
+    gb = gb if (has_bias and gb is not None) else weight.new_empty((0,))
+    return gx, gw, gb
+
+
+def _ref_clipped_linear_backward(g2, x2, weight, ranges, out_mask, has_bias):
+    # The reference takes the accumulator to rebuild the output mask; here the forward saved the
+    # mask itself, so apply it first and call the straight-through formula with the input masks.
+    g = g2.float() * out_mask.reshape(g2.shape)
+    gx, gw, gb = ref.optical_linear_backward(
+        g, x2, weight, None, ranges[0], ranges[1], ranges[2], clipped=False, has_bias=has_bias
+    )
+    gx = (gx.float() * ref.clamp_mask(x2, ranges[0])).to(x2.dtype)
+    gw = (gw.float() * ref.clamp_mask(weight, ranges[1])).to(weight.dtype)
+    return gx, gw, gb
+
+
+@_linear_backward.register_fake
+def _linear_backward_fake(grad_y, x, weight, ranges, out_mask, clipped, has_bias, needs_x, needs_w):
+    gx = torch.empty_like(x) if needs_x else x.new_empty((0,))
+    gw = torch.empty_like(weight) if needs_w else weight.new_empty((0,))
+    gb = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return gx, gw, gb
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, save_mask, quantiles = inputs
+    _, _, mask = output
+    ctx.save_for_backward(x, weight, ranges, mask)
+    ctx.has_bias = bias is not None
+    ctx.clipped = save_mask
+
+
+def _linear_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
+    x, weight, ranges, mask = ctx.saved_tensors
+    needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw, gb = torch.ops.optical.linear_backward(
+        grad_y, x, weight, ranges, mask, ctx.clipped, ctx.has_bias, needs_x, needs_w
+    )
+    return (
+        gx if needs_x else None,
+        gw if needs_w else None,
+        gb if ctx.has_bias else None,
+        None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+_linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
+
+
+def optical_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ranges: Tensor,
+    seed: Tensor,
+    *,
+    levels: int,
+    lut: float | None,
+    stream: int,
+    index: list[int],
+    observe: bool,
+    quantize_output: bool = True,
+    clipped: bool = False,
+    quantiles: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """y = Q_out(Q_x(x) @ Q_w(W)^T) + b and the observed ranges [3, 2] (x, W, accumulator)."""
+    y, obs, _ = torch.ops.optical.linear(
+        x, weight, bias, ranges, seed, levels, float(lut or 0.0), stream, index, observe,
+        quantize_output, clipped and quantize_output, list(quantiles) if quantiles else None,
+    )
+    return y, obs
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-alone quantizer (Q_out after a tensor-parallel reduction)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("optical::quantize", mutates_args=())
+def _quantize(
+    x: Tensor,
+    rng: Tensor,
+    seed: Tensor,
+    levels: int,
+    lut: float,
+    stream: int,
+    noisy: bool,
+    index: List[int],
+    observe: bool,
+    save_mask: bool,
+    quantiles: Optional[List[float]],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    m = x2.shape[0]
+    obs = _observe(x2, quantiles) if observe else _empty_obs(1, x.device)[0]
+    mask = ref.clamp_mask(x2, rng) if save_mask else x.new_empty((0,), dtype=torch.bool)
+    if _use_kernels(x):
+        from .kernels import linear as klinear
+
+        y = klinear.quantize_tensor(
+            x2, rng, seed, levels=levels, lut=_lut(lut), stream=stream, noisy=noisy,
+            index=klinear.LinearIndex(*index) if noisy else None,
+        )
+    else:
+        u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device)) if noisy else None
+        y = ref.quantize(x2, rng, levels, lut=_lut(lut), noise=u)
+    return y.reshape(x.shape), obs, mask
+
+
+@_quantize.register_fake
+def _quantize_fake(x, rng, seed, levels, lut, stream, noisy, index, observe, save_mask, quantiles):
+    m = x.numel() // x.shape[-1]
+    return (
+        torch.empty_like(x),
+        x.new_empty((2,), dtype=torch.float32),
+        x.new_empty((m, x.shape[-1]) if save_mask else (0,), dtype=torch.bool),
+    )
+
+
+def _quantize_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.clipped = inputs[9]
+
+
+def _quantize_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    g = grad_y * mask.reshape(grad_y.shape) if ctx.clipped else grad_y
+    return (g,) + (None,) * 10
+
+
+_quantize.register_autograd(_quantize_autograd_backward, setup_context=_quantize_setup_context)
+
+
+def optical_quantize(
+    x: Tensor,
+    rng: Tensor,
+    seed: Tensor,
+    *,
+    levels: int,
+    lut: float | None = None,
+    stream: int = 0,
+    noisy: bool = False,
+    index: list[int] | None = None,
+    observe: bool = False,
+    clipped: bool = False,
+    quantiles: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Q(x) over the last-dim-major 2-D view of x, straight-through; returns (y, observed [2])."""
+    if index is None:
+        index = linear_index(x.shape, x.shape[-1])
+    y, obs, _ = torch.ops.optical.quantize(
+        x, rng, seed, levels, float(lut or 0.0), stream, noisy, index, observe, clipped,
+        list(quantiles) if quantiles else None,
+    )
+    return y, obs
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+def _attn_maps(q: Tensor, k: Tensor, index: List[int]):
+    b, h, lq, d = q.shape
+    b_off, b_glob, h_off, h_glob = index
+    s_map = ref.IndexMap((b_off, h_off, 0, 0), (b_glob, h_glob, lq, k.shape[2]))
+    y_map = ref.IndexMap((b_off, h_off, 0, 0), (b_glob, h_glob, lq, d))
+    return s_map, y_map
+
+
+def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index):
+    s_map, y_map = _attn_maps(q, k, index)
+    return ref.optical_attention_forward(
+        q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], levels=levels,
+        lut=_lut(lut), seeds=seeds, stream=stream, scale=scale, causal=causal,
+        s_index_map=s_map, y_index_map=y_map,
+    )
+
+
+@torch.library.custom_op("optical::attention", mutates_args=())
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Tensor,
+    seeds: Tensor,
+    levels: int,
+    lut: float,
+    stream: int,
+    scale: float,
+    causal: bool,
+    index: List[int],
+    observe: bool,
+    clipped: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    # `clipped` changes only the backward; it is an argument so the autograd context sees it.
+    if _use_kernels(q):
+        from .kernels import attention as kattn
+
+        b_off, b_glob, h_off, h_glob = index
+        y, stats, obs = kattn.attention_forward(
+            q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
+            levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
+            batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
+            observe=observe,
+        )
+        return y, stats, obs
+    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
+    if observe:
+        obs = torch.stack([
+            ref.observe_range(q), ref.observe_range(k), ref.observe_range(v), fwd["s_obs"],
+            ref.observe_range(fwd["y_raw"]),
+        ])
+    else:
+        obs = _empty_obs(5, q.device)
+    # The reference recomputes everything in the backward, so it keeps no statistics.
+    return fwd["y"], q.new_empty((0,), dtype=torch.float32), obs
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe,
+                    clipped):
+    b, h, lq, _ = q.shape
+    # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
+    # compiler must know the real size, which depends on the path the eager op will take.
+    stats_shape = (b, h, lq) if _use_kernels(q) else (0,)
+    return (
+        torch.empty_like(q),
+        q.new_empty(stats_shape, dtype=torch.float32),
+        q.new_empty((5, 2), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("optical::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_y: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    stats: Tensor,
+    ranges: Tensor,
+    seeds: Tensor,
+    levels: int,
+    lut: float,
+    stream: int,
+    scale: float,
+    causal: bool,
+    index: List[int],
+    clipped: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if _use_kernels(q):
+        from .kernels import attention as kattn
+
+        b_off, b_glob, h_off, h_glob = index
+        return kattn.attention_backward(
+            grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
+            levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
+            batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
+            clipped=clipped,
+        )
+    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
+    fwd["y"] = y
+    return ref.optical_attention_backward(
+        grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
+        clipped=clipped,
+    )
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale,
+                             causal, index, clipped):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped = inputs
+    y, stats, _ = output
+    ctx.save_for_backward(q, k, v, y, stats, ranges, seeds)
+    ctx.args = (levels, lut, stream, scale, causal, index)
+    ctx.clipped = clipped
+
+
+def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
+    q, k, v, y, stats, ranges, seeds = ctx.saved_tensors
+    levels, lut, stream, scale, causal, index = ctx.args
+    dq, dk, dv = torch.ops.optical.attention_backward(
+        grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale, causal, index,
+        ctx.clipped,
+    )
+    return (dq, dk, dv) + (None,) * 10
+
+
+_attention.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
+
+
+def optical_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Tensor,
+    seeds: Tensor,
+    *,
+    levels: int,
+    lut: float | None,
+    stream: int,
+    scale: float,
+    causal: bool = True,
+    index: list[int] | None = None,
+    observe: bool = False,
+    clipped: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Section 3 of the semantics page; returns (y, observed ranges [5, 2]: q, k, v, S, y_raw)."""
+    if index is None:
+        index = [0, q.shape[0], 0, q.shape[1]]
+    y, _, obs = torch.ops.optical.attention(
+        q, k, v, ranges, seeds, levels, float(lut or 0.0), stream, float(scale), causal, index,
+        observe, clipped,
+    )
+    return y, obs

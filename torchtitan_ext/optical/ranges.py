@@ -1,0 +1,109 @@
+"""Range buffers: what each optical module observed, reduced across ranks, folded in by EMA.
+
+Every optical module carries two float32 [n, 2] buffers, one row (lo, hi) per quantizer:
+- `optical_ranges` (persistent, in the state_dict): the ranges the forward quantizes with;
+- `optical_observed` (not persistent): the running min/max of what the forwards since the last
+  update observed (all micro-batches of a step; recomputation re-observes the same values, which
+  min/max absorbs).
+
+When ranges take effect (semantics page, section 4): after the optimizer step. `update_ranges`
+gathers the observations of every module into one packed tensor, reduces it with ONE all-reduce
+(MIN over (lo, -hi)) across all ranks, then folds it into the buffers by EMA on every rank alike.
+So every rank holds identical ranges, the forward never waits on a collective, and nothing is read
+on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .reference import ema_update
+
+__all__ = [
+    "RangeState",
+    "optical_modules",
+    "reset_ranges",
+    "update_ranges",
+    "merge_observed",
+]
+
+
+def _unset(n: int, device=None) -> torch.Tensor:
+    t = torch.empty(n, 2, dtype=torch.float32, device=device)
+    t[:, 0] = float("inf")
+    t[:, 1] = float("-inf")
+    return t
+
+
+class RangeState:
+    """Mixin for optical modules: owns the two range buffers and the EMA factor."""
+
+    RANGE_NAMES: tuple[str, ...] = ()
+    smooth: float
+
+    def _init_range_buffers(self, device=None) -> None:
+        n = len(self.RANGE_NAMES)
+        self.register_buffer("optical_ranges", _unset(n, device), persistent=True)
+        self.register_buffer("optical_observed", _unset(n, device), persistent=False)
+
+    def reset_ranges(self) -> None:
+        """Back to uninitialised (values pass through until the first update)."""
+        with torch.no_grad():
+            self.optical_ranges.copy_(_unset(len(self.RANGE_NAMES), self.optical_ranges.device))
+            self.optical_observed.copy_(_unset(len(self.RANGE_NAMES), self.optical_observed.device))
+
+    def record(self, obs: torch.Tensor) -> None:
+        """Merge one forward's observations (float32 [n, 2]) into the pending ones."""
+        with torch.no_grad():
+            self.optical_observed.copy_(merge_observed(self.optical_observed, obs))
+
+    def range_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.optical_ranges[i] for i, name in enumerate(self.RANGE_NAMES)}
+
+
+def merge_observed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.minimum(a[..., 0], b[..., 0]), torch.maximum(a[..., 1], b[..., 1])], -1)
+
+
+def optical_modules(model_parts: nn.Module | Iterable[nn.Module]) -> list[RangeState]:
+    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+    return [m for part in parts for m in part.modules() if isinstance(m, RangeState)]
+
+
+def reset_ranges(model_parts: nn.Module | Iterable[nn.Module]) -> None:
+    for m in optical_modules(model_parts):
+        m.reset_ranges()
+
+
+@torch.no_grad()
+def update_ranges(
+    model_parts: nn.Module | Iterable[nn.Module],
+    group: dist.ProcessGroup | None = None,
+    reduce: bool = True,
+) -> int:
+    """Reduce every module's pending observations across ranks and fold them in by EMA.
+
+    Returns the number of modules updated. Call it on every rank after each optimizer step.
+    `reduce=False` keeps each rank's own observations (ranks then drift apart: experiments only).
+    """
+    mods = optical_modules(model_parts)
+    if not mods:
+        return 0
+    observed = torch.cat([m.optical_observed for m in mods])
+    if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        # One MIN reduction serves both ends: min of minima, and min of negated maxima.
+        packed = torch.stack([observed[:, 0], -observed[:, 1]], -1).contiguous()
+        dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=group)
+        observed = torch.stack([packed[:, 0], -packed[:, 1]], -1)
+    offset = 0
+    for m in mods:
+        n = m.optical_ranges.shape[0]
+        obs = observed[offset:offset + n]
+        offset += n
+        m.optical_ranges.copy_(ema_update(m.optical_ranges, obs, m.smooth))
+        m.optical_observed.copy_(_unset(n, obs.device))
+    return len(mods)

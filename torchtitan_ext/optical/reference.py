@@ -1,0 +1,438 @@
+"""The optical simulation in plain PyTorch: the oracle for every kernel.
+
+This file is `shared/design/optical-semantics.md` written as code, kept deliberately simple
+(it materialises everything, including the L x L attention scores). Every Triton kernel is tested
+against it, and on the CPU the custom ops run it directly.
+
+Conventions shared with the kernels:
+- A *range* is a float32 tensor of shape [2] holding (lo, hi). A range with lo > hi (the initial
+  (+inf, -inf)) is *uninitialised* and the quantizer passes values through unchanged.
+- Noise (section 1.3) comes from Philox-4x32-10 (the generator `tl.rand` uses, same constants)
+  with counter (idx_lo, idx_hi, 0, 0) -- the 64-bit global element index split in two 32-bit words
+  -- and key (seed, stream): `seed` is drawn per call from the framework generator, `stream` is the
+  layer's `q_init_seed`. The first output word w gives u = (w >> 8) * 2^-24, exactly representable
+  in float32, in [0, 1).
+- The global index of an element is described by an `IndexMap`: the local tensor is a block of a
+  larger logical tensor (data-, tensor- or sequence-parallel shards), at per-dimension offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "IndexMap",
+    "philox_uniform",
+    "quantize",
+    "clamp_mask",
+    "observe_range",
+    "ema_update",
+    "optical_linear_forward",
+    "optical_linear_backward",
+    "optical_attention_forward",
+    "optical_attention_backward",
+    "OpticalLinearFunction",
+    "OpticalAttentionFunction",
+    "P_RANGE",
+]
+
+_M32 = 0xFFFFFFFF
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+# --------------------------------------------------------------------------------------------
+# Global element indices
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexMap:
+    """Where a local tensor sits inside the whole, unsharded logical tensor.
+
+    `offsets[d]` is the position of the local block along dimension d, and `global_shape[d]` the
+    logical size of that dimension. The global flat index of local element (i_0, ..., i_n) is the
+    row-major index of (i_0 + offsets[0], ..., i_n + offsets[n]) in `global_shape`.
+    """
+
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+    @staticmethod
+    def whole(shape: Sequence[int]) -> "IndexMap":
+        return IndexMap(tuple(0 for _ in shape), tuple(int(s) for s in shape))
+
+    def check(self, local_shape: Sequence[int]) -> None:
+        if len(local_shape) != len(self.global_shape) or len(self.offsets) != len(self.global_shape):
+            raise ValueError(
+                f"IndexMap rank mismatch: local shape {tuple(local_shape)}, "
+                f"offsets {self.offsets}, global shape {self.global_shape}"
+            )
+        for d, (n, o, g) in enumerate(zip(local_shape, self.offsets, self.global_shape)):
+            if o < 0 or o + n > g:
+                raise ValueError(
+                    f"IndexMap: local dim {d} of size {n} at offset {o} exceeds global size {g}"
+                )
+
+    def flat_indices(self, local_shape: Sequence[int], device) -> torch.Tensor:
+        """int64 tensor of global flat indices, shaped like the local tensor."""
+        self.check(local_shape)
+        idx = torch.zeros((), dtype=torch.int64, device=device)
+        stride = 1
+        nd = len(local_shape)
+        for d in reversed(range(nd)):
+            view = [1] * nd
+            view[d] = local_shape[d]
+            pos = torch.arange(local_shape[d], dtype=torch.int64, device=device) + self.offsets[d]
+            idx = idx + (pos * stride).view(view)
+            stride *= self.global_shape[d]
+        return idx.expand(*local_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Philox-4x32-10
+# --------------------------------------------------------------------------------------------
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for uint32 values held in int64.
+
+    Split so no intermediate leaves the int64 range (signed overflow is not something to rely on).
+    """
+    al = a & 0xFFFF
+    ah = a >> 16
+    x = al * b  # < 2^48
+    y = ah * b  # < 2^48
+    s = x + ((y & 0xFFFF) << 16)  # < 2^49
+    lo = s & _M32
+    hi = ((y >> 16) + (s >> 32)) & _M32
+    return hi, lo
+
+
+def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream)."""
+    index = index.to(torch.int64)
+    c0 = index & _M32
+    c1 = (index >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    if isinstance(seed, torch.Tensor):
+        k0 = seed.to(device=index.device, dtype=torch.int64) & _M32
+    else:
+        k0 = torch.tensor(int(seed) & _M32, dtype=torch.int64, device=index.device)
+    k1 = torch.tensor(int(stream) & _M32, dtype=torch.int64, device=index.device)
+    for _ in range(PHILOX_ROUNDS):
+        hi_a, lo_a = _mulhilo32(c0, PHILOX_ROUND_A)
+        hi_b, lo_b = _mulhilo32(c2, PHILOX_ROUND_B)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The quantizer Q (section 1)
+# --------------------------------------------------------------------------------------------
+def _is_initialised(rng: torch.Tensor) -> torch.Tensor:
+    return rng[0] <= rng[1]
+
+
+def quantize(
+    x: torch.Tensor,
+    rng: torch.Tensor,
+    levels: int,
+    *,
+    lut: float | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Q(x; lo, hi, L, mode, lut): `noise` is u in [0, 1) per element (noisy mode) or None (det).
+
+    Returns the input dtype. An uninitialised range passes x through unchanged.
+    """
+    if levels < 2:
+        raise ValueError(f"levels must be an integer >= 2, got {levels}")
+    xf = x.float()
+    lo = rng[0].float()
+    hi = rng[1].float()
+    c = torch.minimum(torch.maximum(xf, lo), hi)
+    t = (c - lo) / torch.clamp(hi - lo, min=1e-12) * float(levels - 1)
+    if noise is not None:
+        t = t + noise - 0.5
+    k = torch.round(t)  # round half to even
+    y = k / float(levels - 1) * (hi - lo) + lo
+    if lut is not None and lut > 0:
+        pos_floor = lut * hi
+        neg_floor = -lut * torch.abs(lo)
+        y = torch.where((y > 0) & (y < pos_floor), pos_floor, y)
+        y = torch.where((y < 0) & (y > neg_floor), neg_floor, y)
+    y = torch.where(_is_initialised(rng), y, xf)
+    return y.to(x.dtype)
+
+
+def clamp_mask(x: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    """True where x lies inside the range (the gradient passes in `clipped` mode)."""
+    xf = x.float()
+    inside = (xf >= rng[0]) & (xf <= rng[1])
+    return inside | ~_is_initialised(rng)
+
+
+def observe_range(x: torch.Tensor, quantiles: tuple[float, float] | None = None) -> torch.Tensor:
+    """The observed [lo, hi] of x in float32 (min/max, or the given quantiles)."""
+    xf = x.detach().float().reshape(-1)
+    if quantiles is None:
+        return torch.stack([xf.min(), xf.max()])
+    # torch.quantile is limited to 2^24 elements: a fixed stride keeps the sample deterministic.
+    limit = 1 << 24
+    if xf.numel() > limit:
+        stride = -(-xf.numel() // limit)
+        xf = xf[::stride]
+    q = torch.tensor(quantiles, dtype=torch.float32, device=xf.device)
+    return torch.quantile(xf, q)
+
+
+def ema_update(buf: torch.Tensor, observed: torch.Tensor, smooth: float) -> torch.Tensor:
+    """buf = s*buf + (1-s)*observed, row-wise over [..., 2] ranges.
+
+    An uninitialised buffer takes the observation as is; an empty observation (lo > hi: nothing
+    was observed since the last update) leaves the buffer unchanged.
+    """
+    observed_valid = (observed[..., 0] <= observed[..., 1]).unsqueeze(-1)
+    buf_valid = (buf[..., 0] <= buf[..., 1]).unsqueeze(-1)
+    mixed = smooth * buf + (1.0 - smooth) * observed
+    new = torch.where(buf_valid, mixed, observed)
+    return torch.where(observed_valid, new, buf)
+
+
+# --------------------------------------------------------------------------------------------
+# Optical linear (section 2)
+# --------------------------------------------------------------------------------------------
+def optical_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_range: torch.Tensor,
+    w_range: torch.Tensor,
+    out_range: torch.Tensor,
+    *,
+    levels: int,
+    lut: float | None,
+    seed: torch.Tensor | int,
+    stream: int,
+    index_map: IndexMap | None = None,
+    quantize_output: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = Q_out(Q_x(x) @ Q_w(W)^T) + b, and the float32 accumulator (for ranges and masks).
+
+    `quantize_output=False` returns the float32 accumulator as y (a partial sum under row-wise
+    tensor parallelism, to be reduced and then quantized by `quantize`).
+    """
+    xq = quantize(x, x_range, levels).float()
+    wq = quantize(weight, w_range, levels, lut=lut).float()
+    acc = xq @ wq.t()
+    if not quantize_output:
+        return acc, acc
+    imap = index_map or IndexMap.whole(acc.shape)
+    u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
+    y = quantize(acc, out_range, levels, noise=u)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), acc
+
+
+def optical_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    acc: torch.Tensor | None,
+    x_range: torch.Tensor,
+    w_range: torch.Tensor,
+    out_range: torch.Tensor,
+    *,
+    clipped: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Straight-through (or clipped) gradients; weight and input gradients use the unquantized
+    operands (section 5)."""
+    g = grad_y.float()
+    if clipped:
+        g = g * clamp_mask(acc, out_range)
+    grad_b = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
+    grad_x = g @ weight.float()
+    grad_w = g.reshape(-1, g.shape[-1]).t() @ x.float().reshape(-1, x.shape[-1])
+    if clipped:
+        grad_x = grad_x * clamp_mask(x, x_range)
+        grad_w = grad_w * clamp_mask(weight, w_range)
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), (
+        grad_b.to(weight.dtype) if grad_b is not None else None
+    )
+
+
+class OpticalLinearFunction(torch.autograd.Function):
+    """Autograd wrapper of the reference linear, for tests and the CPU path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_range, w_range, out_range, levels, lut, seed, stream,
+                index_map, clipped):
+        y, acc = optical_linear_forward(
+            x, weight, bias, x_range, w_range, out_range,
+            levels=levels, lut=lut, seed=seed, stream=stream, index_map=index_map,
+        )
+        ctx.save_for_backward(x, weight, acc if clipped else None, x_range, w_range, out_range)
+        ctx.clipped = clipped
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, acc, x_range, w_range, out_range = ctx.saved_tensors
+        gx, gw, gb = optical_linear_backward(
+            grad_y, x, weight, acc, x_range, w_range, out_range,
+            clipped=ctx.clipped, has_bias=ctx.has_bias,
+        )
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Optical attention (section 3)
+# --------------------------------------------------------------------------------------------
+P_RANGE = (0.0, 1.0)
+
+
+def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rep = n_heads // t.shape[1]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
+    # Query i sees keys j <= i + (lk - lq): aligned at the end, as SDPA's is_causal does for lq==lk.
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + (lk - lq)
+
+
+def optical_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_range: torch.Tensor,
+    k_range: torch.Tensor,
+    v_range: torch.Tensor,
+    s_range: torch.Tensor,
+    y_range: torch.Tensor,
+    *,
+    levels: int,
+    lut: float | None,
+    seeds: torch.Tensor | tuple[int, int],
+    stream: int,
+    scale: float | None = None,
+    causal: bool = True,
+    s_index_map: IndexMap | None = None,
+    y_index_map: IndexMap | None = None,
+) -> dict[str, torch.Tensor]:
+    """Section 3 materialised. q: [B, H, L, D]; k, v: [B, Hkv, L, D] with H % Hkv == 0.
+
+    Q_s and Q_y are two noisy quantizers, each with its own seed: `seeds` holds (seed_s, seed_y).
+    S elements are keyed by their flat index in [B, H, L, L], Y elements by theirs in [B, H, L, D].
+    Returns y (input dtype) and the float32 intermediates the backward and the ranges need;
+    `s_obs` is the range of S over the unmasked (causal) positions, the only ones a fused kernel
+    computes.
+    """
+    B, H, L, D = q.shape
+    if H % k.shape[1] != 0:
+        raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
+    scale = D ** -0.5 if scale is None else scale
+    qq = quantize(q, q_range, levels).float()
+    kq = _expand_kv(quantize(k, k_range, levels, lut=lut).float(), H)
+    vq = _expand_kv(quantize(v, v_range, levels, lut=lut).float(), H)
+    s_raw = qq @ kq.transpose(-1, -2)
+    smap = s_index_map or IndexMap.whole(s_raw.shape)
+    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device))
+    s = quantize(s_raw, s_range, levels, noise=u_s)
+    logits = s * scale
+    lk = k.shape[2]
+    if causal:
+        mask = _causal_mask(L, lk, q.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    pq = quantize(p, torch.tensor(P_RANGE, device=p.device), levels)
+    y_raw = pq @ vq
+    ymap = y_index_map or IndexMap.whole(y_raw.shape)
+    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device))
+    y = quantize(y_raw, y_range, levels, noise=u_y)
+    s_obs = observe_range(s_raw[mask.expand_as(s_raw)] if causal else s_raw)
+    return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs}
+
+
+def optical_attention_backward(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fwd: dict[str, torch.Tensor],
+    q_range: torch.Tensor,
+    k_range: torch.Tensor,
+    s_range: torch.Tensor,
+    v_range: torch.Tensor,
+    *,
+    scale: float | None = None,
+    clipped: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straight-through gradients (section 5), as FlashAttention computes them.
+
+    Every quantizer's Jacobian is the identity and the matmul gradients use the unquantized q, k,
+    v and the forward's probabilities P; the softmax delta D_i = sum_j P_ij dP_ij is taken as
+    dY_i . Y_i with the forward output Y, as FlashAttention does (it differs from the exact sum by
+    the Q_y and Q_p rounding only). `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s
+    clamped; Q_p and Q_y stay straight-through.
+    """
+    B, H, L, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    g = grad_y.float()
+    p = fwd["p"]
+    kf = _expand_kv(k.float(), H)
+    vf = _expand_kv(v.float(), H)
+    dv = p.transpose(-1, -2) @ g
+    dp = g @ vf.transpose(-1, -2)
+    delta = (g * fwd["y"].float()).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    if clipped:
+        ds = ds * clamp_mask(fwd["s_raw"], s_range)
+    dq = ds @ kf
+    dk = ds.transpose(-1, -2) @ q.float()
+    hkv = k.shape[1]
+    if hkv != H:
+        dk = dk.view(B, hkv, H // hkv, *dk.shape[2:]).sum(2)
+        dv = dv.view(B, hkv, H // hkv, *dv.shape[2:]).sum(2)
+    if clipped:
+        dq = dq * clamp_mask(q, q_range)
+        dk = dk * clamp_mask(k, k_range)
+        dv = dv * clamp_mask(v, v_range)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class OpticalAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the reference attention, for tests and the CPU path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_range, k_range, v_range, s_range, y_range, levels, lut, seeds,
+                stream, scale, causal, s_index_map, y_index_map, clipped):
+        fwd = optical_attention_forward(
+            q, k, v, q_range, k_range, v_range, s_range, y_range, levels=levels, lut=lut,
+            seeds=seeds, stream=stream, scale=scale, causal=causal, s_index_map=s_index_map,
+            y_index_map=y_index_map,
+        )
+        ctx.save_for_backward(q, k, v, fwd["s_raw"], fwd["p"], fwd["y"], q_range, k_range,
+                              s_range, v_range)
+        ctx.scale, ctx.clipped = scale, clipped
+        return fwd["y"]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q, k, v, s_raw, p, y, q_range, k_range, s_range, v_range = ctx.saved_tensors
+        dq, dk, dv = optical_attention_backward(
+            grad_y, q, k, v, {"s_raw": s_raw, "p": p, "y": y}, q_range, k_range, s_range,
+            v_range, scale=ctx.scale, clipped=ctx.clipped,
+        )
+        return (dq, dk, dv) + (None,) * 14

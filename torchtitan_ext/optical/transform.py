@@ -1,0 +1,100 @@
+"""Swap a model's linears and inner attentions for optical modules, by the transform config.
+
+Candidates are every `nn.Linear` (by its fully-qualified name) and every module that owns an
+`inner_attention` child (a Llama attention block, by the block's name: a matching pattern makes
+its inner scaled-dot-product attention optical while its projections stay linears that their own
+patterns govern). Works on any device, the meta device included, and keeps parameter objects.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import TransformConfig
+from .modules import OpticalAttention, OpticalLinear
+
+__all__ = ["TransformReport", "candidate_modules", "transform_model", "format_histogram"]
+
+INNER_ATTENTION = "inner_attention"
+
+
+@dataclass
+class TransformReport:
+    """What was made optical: pattern -> module names (in model order)."""
+
+    by_pattern: "OrderedDict[str, list[str]]" = field(default_factory=OrderedDict)
+    digital: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_pattern.values())
+
+    def names(self) -> list[str]:
+        return [n for v in self.by_pattern.values() for n in v]
+
+
+def candidate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    out: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if isinstance(mod, nn.Linear) and not isinstance(mod, OpticalLinear):
+            out[name] = mod
+        elif hasattr(mod, INNER_ATTENTION) and not isinstance(
+            getattr(mod, INNER_ATTENTION), OpticalAttention
+        ):
+            out[name] = mod
+    return out
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def transform_model(model: nn.Module, config: TransformConfig) -> TransformReport:
+    """Swap the matched modules in place; raise `OpticalConfigError` for a pattern that matches
+    nothing, before anything is changed."""
+    candidates = candidate_modules(model)
+    config.check_patterns(candidates.keys())
+    report = TransformReport()
+    for name, mod in candidates.items():
+        pattern, qcfg = config.match(name)
+        if qcfg is None:
+            report.digital.append(name)
+            continue
+        if isinstance(mod, nn.Linear):
+            _set_submodule(model, name, OpticalLinear.from_linear(mod, qcfg))
+        else:
+            device = _module_device(mod)
+            setattr(mod, INNER_ATTENTION, OpticalAttention(qcfg, device=device))
+        report.by_pattern.setdefault(pattern, []).append(name)
+    return report
+
+
+def _module_device(mod: nn.Module):
+    for t in list(mod.parameters()) + list(mod.buffers()):
+        return t.device
+    return None
+
+
+def _compress(names: list[str], limit: int = 6) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    head = ", ".join(names[: limit // 2])
+    tail = ", ".join(names[-(limit // 2):])
+    return f"{head}, ... ({len(names) - limit} more) ..., {tail}"
+
+
+def format_histogram(report: TransformReport) -> str:
+    """A start-up log block: per pattern, how many modules and which, and what stayed digital."""
+    lines = [f"optical transform: {report.count} modules made optical"]
+    for pattern, names in report.by_pattern.items():
+        lines.append(f"  [{len(names):4d}] {pattern}")
+        lines.append(f"         {_compress(names)}")
+    lines.append(f"  [{len(report.digital):4d}] digital (null / default): {_compress(report.digital)}")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""The `[optical]` section, merged into torchtitan's JobConfig.
+
+torchtitan merges this dataclass into its own when `job.custom_config_module` names this module
+(`run.py` adds that argument itself, so TOML files need not). CLI overrides then work as for any
+section: `--optical.transform_config path.yaml`.
+"""
+
+
+from dataclasses import dataclass, field  # no `from __future__ import annotations`: tyro resolves these types at runtime
+
+__all__ = ["Optical", "JobConfig", "validate_optical"]
+
+
+@dataclass
+class Optical:
+    transform_config: str = ""
+    """Path of the transform file (.yaml/.yml/.json/.toml, the reference system's format) that
+    says which modules become optical and with which quantizer settings. Empty: the built-in
+    default (every linear of the transformer blocks and every block's attention at 8 bits;
+    embeddings and the output head digital). Used only when `model.converters` lists
+    "optical_transformer"; without it the same flavor trains digitally (the A/B twin)."""
+
+    kernels: str = "auto"
+    """"auto": Triton kernels on GPUs, the plain-torch reference on the CPU; "triton": kernels
+    everywhere (on the CPU only under TRITON_INTERPRET=1); "reference": reference everywhere."""
+
+    sync_ranges: bool = True
+    """Reduce observed ranges across all ranks after every optimizer step (one packed
+    all-reduce) so every rank quantizes with identical ranges. Turn off only for experiments."""
+
+    stop_on_nonfinite: bool = True
+    """Stop training with the step number when the loss is not finite, before a checkpoint of
+    that step is written (costs one scalar device-to-host read per step)."""
+
+
+@dataclass
+class JobConfig:
+    optical: Optical = field(default_factory=Optical)
+
+
+def validate_optical(optical: Optical) -> None:
+    """Value checks of the section (the transform file is checked by the converter's loader)."""
+    from torchtitan_ext.optical.config import OpticalConfigError
+    from torchtitan_ext.optical.ops import KERNEL_MODES
+
+    if optical.kernels not in KERNEL_MODES:
+        raise OpticalConfigError(
+            f"optical.kernels: must be one of {list(KERNEL_MODES)}, got {optical.kernels!r}"
+        )

@@ -1,0 +1,158 @@
+"""What `run.py` does: register everything, check the configuration, run torchtitan's trainer.
+
+The checks run before torchtitan initialises distributed state or touches a GPU, so a bad
+configuration ends within seconds with one line that names the key or pattern (exit code 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+
+from torchtitan_ext.optical.config import OpticalConfigError
+
+CUSTOM_CONFIG_MODULE = "torchtitan_ext.titan.job_config"
+_CUSTOM_KEYS = ("--job.custom_config_module", "--job.custom-config-module")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; raised before that step's checkpoint is written."""
+
+
+def with_custom_config(argv: list[str]) -> list[str]:
+    """Add `--job.custom_config_module` (the [optical] section) unless the user named one."""
+    if any(a.split("=")[0] in _CUSTOM_KEYS for a in argv):
+        return argv
+    toml_path = _toml_path(argv)
+    if toml_path:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(toml_path, "rb") as f:
+                job = tomllib.load(f).get("job", {})
+            if isinstance(job, dict) and job.get("custom_config_module"):
+                return argv
+        except (OSError, ValueError):
+            pass  # torchtitan reports an unreadable file itself
+    return argv + [f"--job.custom_config_module={CUSTOM_CONFIG_MODULE}"]
+
+
+def _toml_path(argv: list[str]) -> str | None:
+    keys = ("--job.config_file", "--job.config-file")
+    for i, a in enumerate(argv):
+        k, _, v = a.partition("=")
+        if k in keys:
+            return v if v else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def preflight(job_config) -> None:
+    """Validate what torchtitan does not: flavor, [optical], transform file and its patterns."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from torchtitan_ext.optical.transform import candidate_modules
+    from torchtitan_ext.titan.converter import CONVERTER_NAME, transform_config_of
+
+    try:
+        spec = get_train_spec(job_config.model.name)
+    except ValueError as e:
+        raise OpticalConfigError(f"model.name: {e}") from e
+    if job_config.model.flavor not in spec.model_args:
+        raise OpticalConfigError(
+            f"model.flavor: {job_config.model.flavor!r} is not a flavor of "
+            f"{job_config.model.name!r}; allowed: {sorted(spec.model_args)}"
+        )
+    if CONVERTER_NAME not in job_config.model.converters:
+        return
+    transform = transform_config_of(job_config)
+    ac = job_config.activation_checkpoint
+    if ac.mode != "none" and not ac.preserve_rng_state:
+        raise OpticalConfigError(
+            "activation_checkpoint.preserve_rng_state: must be true with optical layers (the "
+            "recomputed forward must redraw the same noise seeds); allowed: true"
+        )
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    transform.check_patterns(candidate_modules(model).keys())
+
+
+def build_trainer_class():
+    from torchtitan.train import Trainer
+
+    class OpticalTrainer(Trainer):
+        """torchtitan's Trainer, stopping on a non-finite loss with the step number."""
+
+        def forward_backward_step(self, *args, **kwargs):
+            loss = super().forward_backward_step(*args, **kwargs)
+            if self._check_finite():
+                self._finite_flags.append(torch.isfinite(loss.detach()).all())
+            return loss
+
+        def train_step(self, data_iterator):
+            self._finite_flags = []
+            super().train_step(data_iterator)
+            if self._check_finite() and self._finite_flags:
+                ok = torch.stack(self._finite_flags).all().to(torch.int32)
+                if torch.distributed.is_initialized():
+                    # Every rank must stop together, or the others would hang in the next
+                    # collective (the checkpoint save among them).
+                    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                if not bool(ok.item()):
+                    raise NonFiniteLossError(
+                        f"training stopped: the loss is not finite at step {self.step}; no "
+                        f"checkpoint of step {self.step} was written, the last one saved stays "
+                        "usable"
+                    )
+
+        def _check_finite(self) -> bool:
+            optical = getattr(self.job_config, "optical", None)
+            return optical is None or optical.stop_on_nonfinite
+
+    return OpticalTrainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torchtitan_ext.titan.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    import torchtitan_ext.titan  # noqa: F401  (registers the spec, converter, datasets)
+    from torchtitan.config import ConfigManager
+    from torchtitan.tools.logging import init_logger, logger
+
+    init_logger()
+    argv = with_custom_config(list(sys.argv[1:] if argv is None else argv))
+    try:
+        config = ConfigManager().parse_args(argv)
+        preflight(config)
+    except OpticalConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    # torchtitan's own `main` parses sys.argv itself (its default argument is bound at import
+    # time), so the extension drives the same steps with the config it already parsed.
+    trainer = None
+    try:
+        trainer = build_trainer_class()(config)
+        if config.checkpoint.create_seed_checkpoint:
+            if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+                raise ValueError("checkpoint.create_seed_checkpoint: run it on a single process")
+            if not config.checkpoint.enable:
+                raise ValueError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+        else:
+            trainer.train()
+    except Exception:
+        if trainer is not None:
+            trainer.close()
+        raise
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    logger.info("Process group destroyed")

@@ -221,11 +221,12 @@ class TransformConfig:
         return {"use_regex": self.use_regex, "layer_name_to_config": layers}
 
 
-def _sample_names(names: list[str], k: int = 8) -> list[str]:
-    if len(names) <= k:
-        return names
-    step = max(1, len(names) // k)
-    return names[::step][:k]
+def _sample_names(names: list[str], k: int = 12) -> list[str]:
+    """One name of each kind (names that differ only in layer numbers count as one kind)."""
+    seen: dict[str, str] = {}
+    for n in names:
+        seen.setdefault(re.sub(r"\d+", "N", n), n)
+    return list(seen.values())[:k]
 
 
 def load_transform_config(path: str | Path, key: str = "optical.transform_config") -> TransformConfig:

@@ -103,7 +103,7 @@ class OpticalLinear(nn.Linear, RangeState):
     def _linear(self, x, weight, bias, index, *, quantize_output):
         c = self.config
         y, obs = ops.optical_linear(
-            x, weight, bias, self.optical_ranges, _draw_seeds(1, x.device),
+            x, weight, bias, self.ranges(), _draw_seeds(1, x.device),
             levels=c.q_levels, lut=c.lut, stream=c.q_init_seed, index=index,
             observe=self.training, quantize_output=quantize_output,
             clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
@@ -165,7 +165,7 @@ class OpticalLinear(nn.Linear, RangeState):
                                      if acc_r.dim() >= 3 else None)
             c = self.config
             y, obs_out = ops.optical_quantize(
-                acc_r, self.optical_ranges[2], _draw_seeds(1, acc_r.device), levels=c.q_levels,
+                acc_r, self.ranges()[2], _draw_seeds(1, acc_r.device), levels=c.q_levels,
                 stream=c.q_init_seed, noisy=True, index=index, observe=self.training,
                 clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
             )
@@ -215,7 +215,7 @@ class OpticalAttention(nn.Module, RangeState):
         sh = self.shard
         index = [sh.dp_rank * b, sh.dp_size * b, sh.tp_rank * h, sh.tp_size * h]
         y, obs = ops.optical_attention(
-            q, k, v, self.optical_ranges, _draw_seeds(2, q.device), levels=c.q_levels,
+            q, k, v, self.ranges(), _draw_seeds(2, q.device), levels=c.q_levels,
             lut=c.lut, stream=c.q_init_seed, scale=scale, causal=is_causal, index=index,
             observe=self.training, clipped=c.q_grad == "clipped",
         )

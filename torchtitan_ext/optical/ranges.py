@@ -32,6 +32,14 @@ __all__ = [
 ]
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor behind a buffer: tensor-parallel styles replicate a module's buffers as
+    DTensors, but ranges are identical on every rank anyway, so all bookkeeping is local."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _unset(n: int, device=None) -> torch.Tensor:
     t = torch.empty(n, 2, dtype=torch.float32, device=device)
     t[:, 0] = float("inf")
@@ -52,17 +60,23 @@ class RangeState:
 
     def reset_ranges(self) -> None:
         """Back to uninitialised (values pass through until the first update)."""
+        n = len(self.RANGE_NAMES)
         with torch.no_grad():
-            self.optical_ranges.copy_(_unset(len(self.RANGE_NAMES), self.optical_ranges.device))
-            self.optical_observed.copy_(_unset(len(self.RANGE_NAMES), self.optical_observed.device))
+            for buf in (local(self.optical_ranges), local(self.optical_observed)):
+                buf.copy_(_unset(n, buf.device))
+
+    def ranges(self) -> torch.Tensor:
+        """The [n, 2] ranges the forward quantizes with (a plain local tensor)."""
+        return local(self.optical_ranges)
 
     def record(self, obs: torch.Tensor) -> None:
         """Merge one forward's observations (float32 [n, 2]) into the pending ones."""
+        observed = local(self.optical_observed)
         with torch.no_grad():
-            self.optical_observed.copy_(merge_observed(self.optical_observed, obs))
+            observed.copy_(merge_observed(observed, obs))
 
     def range_dict(self) -> dict[str, torch.Tensor]:
-        return {name: self.optical_ranges[i] for i, name in enumerate(self.RANGE_NAMES)}
+        return {name: self.ranges()[i] for i, name in enumerate(self.RANGE_NAMES)}
 
 
 def merge_observed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,7 +107,7 @@ def update_ranges(
     mods = optical_modules(model_parts)
     if not mods:
         return 0
-    observed = torch.cat([m.optical_observed for m in mods])
+    observed = torch.cat([local(m.optical_observed) for m in mods])
     if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         # One MIN reduction serves both ends: min of minima, and min of negated maxima.
         packed = torch.stack([observed[:, 0], -observed[:, 1]], -1).contiguous()
@@ -101,9 +115,10 @@ def update_ranges(
         observed = torch.stack([packed[:, 0], -packed[:, 1]], -1)
     offset = 0
     for m in mods:
-        n = m.optical_ranges.shape[0]
+        ranges = m.ranges()
+        n = ranges.shape[0]
         obs = observed[offset:offset + n]
         offset += n
-        m.optical_ranges.copy_(ema_update(m.optical_ranges, obs, m.smooth))
-        m.optical_observed.copy_(_unset(n, obs.device))
+        ranges.copy_(ema_update(ranges, obs, m.smooth))
+        local(m.optical_observed).copy_(_unset(n, obs.device))
     return len(mods)

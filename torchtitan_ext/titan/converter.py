@@ -9,6 +9,7 @@ materialises the weights with `init_weights`. The converter therefore
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
@@ -61,6 +62,11 @@ def _reset_ranges_after_init(model: nn.Module) -> None:
     def init_weights(*args, **kwargs):
         init(*args, **kwargs)
         reset_ranges(model)
+        # Noise seeds come from the default generators. torchtitan seeds them identically on
+        # every rank, but initialising DTensor weights can move them by rank-dependent amounts;
+        # re-seeding with the common initial seed makes every rank draw the same noise seeds
+        # from here on (semantics page, section 6).
+        torch.manual_seed(torch.initial_seed())
 
     # An instance attribute, so it survives FSDP's class swap and works for any model class.
     model.init_weights = init_weights

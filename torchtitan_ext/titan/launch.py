@@ -90,10 +90,25 @@ def build_trainer_class():
         """torchtitan's Trainer, stopping on a non-finite loss with the step number."""
 
         def forward_backward_step(self, *args, **kwargs):
+            self._restore_pending_rng()
             loss = super().forward_backward_step(*args, **kwargs)
             if self._check_finite():
-                self._finite_flags.append(torch.isfinite(loss.detach()).all())
+                from torchtitan_ext.optical.ranges import local
+
+                # Under loss parallelism the loss is a replicated DTensor.
+                self._finite_flags.append(torch.isfinite(local(loss.detach())).all())
             return loss
+
+        def _restore_pending_rng(self):
+            pending = getattr(self, "_pending_rng", None)
+            if pending is None:
+                return
+            cpu_state, cuda_state = pending
+            if cpu_state is not None:
+                torch.set_rng_state(cpu_state)
+            if cuda_state is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(cuda_state)
+            self._pending_rng = None
 
         def train_step(self, data_iterator):
             self._finite_flags = []
@@ -110,6 +125,22 @@ def build_trainer_class():
                         f"checkpoint of step {self.step} was written, the last one saved stays "
                         "usable"
                     )
+
+        # The noise seeds are drawn from the default generators, so a resumed run continues the
+        # same noise only if their states are checkpointed with the step (every rank's are equal).
+        def state_dict(self):
+            sd = super().state_dict()
+            sd["rng_state"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                sd["cuda_rng_state"] = torch.cuda.get_rng_state()
+            return sd
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            # Applied when the next step's first forward starts, not now: until then the trainer
+            # creates its data iterator (lazily, at the first batch), which draws from the CPU
+            # generator; the saved state is the one the uninterrupted run had at that point.
+            self._pending_rng = (state_dict.get("rng_state"), state_dict.get("cuda_rng_state"))
 
         def _check_finite(self) -> bool:
             optical = getattr(self.job_config, "optical", None)

@@ -28,10 +28,10 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallelize_llama
-from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.tools.logging import logger
 
+from torchtitan_ext.hf.import_hf import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible
@@ -144,7 +144,8 @@ def get_train_spec() -> TrainSpec:
         build_tokenizer_fn=build_hf_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
-        state_dict_adapter=Llama3StateDictAdapter,
+        # Llama3StateDictAdapter plus the optical range buffers (HF import/export of optical runs)
+        state_dict_adapter=OpticalLlama3StateDictAdapter,
     )
 
 

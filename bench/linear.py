@@ -1,0 +1,299 @@
+"""Optical linear (Triton fast path) vs nn.Linear vs mase-triton's OpticalTransformerLinear.
+
+Command (GPU host, repository root; the wheels in .whl are mase-triton 0.0.7 and colorlog, see
+below):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; \
+    PYTHONUNBUFFERED=1 python3 bench/linear.py --sweep --out $OUT/linear-h200.json
+
+``--sweep`` first times a few GEMM configs of the forward kernel at the large shapes (how the
+config table in kernels/linear.py was chosen), uses the best for the records, and writes
+{records, sweep, ...} instead of the plain list of records; bench/results/linear-h200.json holds
+the records of that run and linear-h200-sweep2.json its sweep. ``--no-mase`` skips mase-triton.
+Wheels: ``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+--implementation cp --platform any -d .whl mase-triton==0.0.7 colorlog`` (both pure Python).
+
+Every ratio is measured in the same process, on the same inputs: medians of CUDA-event timings
+(triton.testing.do_bench, which flushes L2 between runs) after warm-up. Times are milliseconds.
+- fwd_ratio: optical forward / F.linear forward.
+- fwdbwd_ratio: optical forward+backward (grads of x, W, b) / the same for F.linear.
+- peak_mem_ratio: torch.cuda.max_memory_allocated over one forward+backward (after reset, with
+  inputs and grad_output resident) for optical / for F.linear.
+- mase_fwdbwd_ratio_vs_linear, speedup_vs_mase: mase-triton's layer in training mode (it updates
+  its ranges with host syncs, as in training) fwd+bwd / F.linear's, and over ours.
+The optical layer runs in training mode too: ranges are observed in the forward and moved by EMA
+(device ops, no sync); ranges are initialised by one call before timing (steady state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchtitan_ext.optical.kernels import linear as klinear  # noqa: E402
+
+LARGE = [(16384, 2048, 8192), (16384, 4096, 4096), (8192, 4096, 14336)]
+SMALL = [(2048, 384, 1024), (2048, 768, 2048)]
+LEVELS, LUT, SMOOTH = 256, 0.02004, 0.9
+SWEEP_CONFIGS: dict = {}
+
+
+class OpticalLinearFn(torch.autograd.Function):
+    """Minimal training-mode wrapper over the launchers (the lead's custom ops do the same)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ranges, seed):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, obs, _ = klinear.linear_forward(
+            x2, weight, bias, ranges[0], ranges[1], ranges[2], seed, levels=LEVELS, lut=LUT,
+            stream=0, index=klinear.LinearIndex.whole(x2.shape[0], weight.shape[0]),
+            observe=True)
+        # EMA of the three ranges on the device (semantics s.4), no host sync.
+        valid_buf = (ranges[:, 0] <= ranges[:, 1])[:, None]
+        ranges.copy_(torch.where(valid_buf, SMOOTH * ranges + (1 - SMOOTH) * obs, obs))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = klinear.linear_backward(
+            gy.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, None, None, None,
+            clipped=False, has_bias=ctx.has_bias, needs_grad=tuple(ctx.needs_input_grad[:3]))
+        return (gx.reshape(x.shape) if gx is not None else None), gw, gb, None, None
+
+
+def _median_ms(fn, rep_ms=150):
+    return triton.testing.do_bench(fn, warmup=30, rep=rep_ms, return_mode="median")
+
+
+def _peak_bytes(fn):
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return peak, base
+
+
+def _mase_layer(K, N, w, b):
+    try:
+        from mase_triton.optical_compute.layers import OpticalTransformerLinear
+    except Exception as e:  # noqa: BLE001
+        print(f"mase-triton unavailable: {e!r}")
+        return None
+    layer = OpticalTransformerLinear(K, N, bias=True, device="cuda", dtype=w.dtype,
+                                     q_levels=LEVELS, q_lut_min=LUT)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    layer.train()
+    return layer
+
+
+def bench_shape(M, K, N, dtype, with_mase, case):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(M + K + N)
+    x = torch.randn(M, K, device=dev, dtype=dtype, generator=g).requires_grad_()
+    w = (torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K ** -0.5).requires_grad_()
+    b = (torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1).requires_grad_()
+    gy = torch.randn(M, N, device=dev, dtype=dtype, generator=g)
+    ranges = torch.tensor([[math.inf, -math.inf]] * 3, device=dev)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=dev, dtype=torch.int64)
+
+    def opt_fwd():
+        with torch.no_grad():
+            return OpticalLinearFn.apply(x, w, b, ranges, seed)
+
+    def lin_fwd():
+        with torch.no_grad():
+            return F.linear(x, w, b)
+
+    def opt_fwdbwd():
+        return torch.autograd.grad(OpticalLinearFn.apply(x, w, b, ranges, seed), (x, w, b), gy)
+
+    def lin_fwdbwd():
+        return torch.autograd.grad(F.linear(x, w, b), (x, w, b), gy)
+
+    opt_fwdbwd()  # compile + initialise the ranges (steady state: every quantizer is active)
+    torch.cuda.synchronize()
+    assert bool((ranges[:, 0] <= ranges[:, 1]).all()), ranges
+    rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
+    t = {}
+    # interleave the two, twice, and keep the medians' median: both see the same clocks
+    runs = {"lin_fwd": [], "opt_fwd": [], "lin_fwdbwd": [], "opt_fwdbwd": []}
+    for _ in range(2):
+        runs["lin_fwd"].append(_median_ms(lin_fwd))
+        runs["opt_fwd"].append(_median_ms(opt_fwd))
+        runs["lin_fwdbwd"].append(_median_ms(lin_fwdbwd))
+        runs["opt_fwdbwd"].append(_median_ms(opt_fwdbwd))
+    for k, v in runs.items():
+        t[k] = statistics.median(v)
+        t[k + "_runs"] = v
+    lin_peak, base = _peak_bytes(lin_fwdbwd)
+    opt_peak, _ = _peak_bytes(opt_fwdbwd)
+    rec.update(
+        fwd_ratio=t["opt_fwd"] / t["lin_fwd"],
+        fwdbwd_ratio=t["opt_fwdbwd"] / t["lin_fwdbwd"],
+        peak_mem_ratio=opt_peak / lin_peak,
+        peak_mem_bytes={"linear": lin_peak, "optical": opt_peak, "resident_inputs": base},
+    )
+    if with_mase:
+        layer = _mase_layer(K, N, w.detach(), b.detach())
+        if layer is not None:
+            xm = x.detach().clone().requires_grad_()
+
+            def mase_fwd():
+                with torch.no_grad():
+                    return layer(xm)
+
+            def mase_fwdbwd():
+                return torch.autograd.grad(layer(xm), (xm, layer.weight, layer.bias), gy)
+
+            mase_fwdbwd()  # autotune + initialise its ranges
+            torch.cuda.synchronize()
+            t["mase_fwd"] = _median_ms(mase_fwd)
+            t["mase_fwdbwd"] = _median_ms(mase_fwdbwd)
+            rec.update(
+                mase_fwd_ratio_vs_linear=t["mase_fwd"] / t["lin_fwd"],
+                mase_fwdbwd_ratio_vs_linear=t["mase_fwdbwd"] / t["lin_fwdbwd"],
+                speedup_vs_mase=t["mase_fwdbwd"] / t["opt_fwdbwd"],
+                speedup_vs_mase_fwd=t["mase_fwd"] / t["opt_fwd"],
+            )
+            del layer
+    rec["times_ms"] = t
+    flop = 2.0 * M * N * K
+    rec["tflops"] = {"linear_fwd": flop / t["lin_fwd"] * 1e-9,
+                     "optical_fwd": flop / t["opt_fwd"] * 1e-9}
+    del x, w, b, gy
+    return rec
+
+
+def sweep(dtype):
+    """Forward-only timings of GEMM configs (and of the epilogue's parts) at the large shapes."""
+    G = klinear.GemmConfig
+    configs = {
+        # (BM, BN, BK, GROUP_M, warps, stages, TMA, epilogue chunks, maxnreg). The first run
+        # (bench/results/linear-h200-sweep1.json) ruled out 4-warp tiles and 4 stages and showed
+        # the TMA mainloop ahead of the pointer one; these are the survivors.
+        "128x128x64 w8 s3 r128": G(128, 128, 64, 8, 8, 3, True, 8, 128),
+        "128x256x64 w16 s3 r128": G(128, 256, 64, 8, 16, 3, True, 8, 128),
+        "256x128x64 w16 s3 r128": G(256, 128, 64, 8, 16, 3, True, 8, 128),
+        "128x256x64 w8 s3": G(128, 256, 64, 8, 8, 3, True, 8),
+    }
+    nonoise = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}
+    SWEEP_CONFIGS.update(configs)
+    dev = torch.device("cuda")
+    out = []
+    for (M, K, N) in LARGE:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        w = torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5
+        b = torch.randn(N, device=dev, dtype=dtype) * 0.1
+        ranges = torch.tensor([[-4.0, 4.0], [-0.1, 0.1], [-3.0, 3.0]], device=dev)
+        seed = torch.tensor([12345], device=dev)
+        lin = _median_ms(lambda: F.linear(x, w, b))
+        row = {"M": M, "K": K, "N": N, "linear_ms": lin}
+        for name, cfg in configs.items():
+            klinear._OVERRIDE = cfg
+            for noise in (True, False):
+                key = name + ("" if noise else " nonoise")
+                if not noise and name not in nonoise:
+                    continue
+                try:
+                    fn = lambda: klinear.linear_forward(  # noqa: E731
+                        x, w, b, *ranges, seed, levels=LEVELS, lut=LUT, stream=0,
+                        index=klinear.LinearIndex.whole(M, N), observe=True, _noise=noise)
+                    fn()
+                    ms = _median_ms(fn, rep_ms=100)
+                    row[key] = ms / lin
+                except Exception as e:  # noqa: BLE001
+                    row[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
+            klinear._OVERRIDE = None
+        # the two memory-bound operand passes alone
+        xq = torch.empty_like(x)
+        wq = torch.empty_like(w)
+        obs = torch.empty(3, 2, device=dev)
+        row["quant_x_ms"] = _median_ms(lambda: klinear._quantize_into(
+            x, xq, ranges[0], None, obs[0], levels=LEVELS, lut=None, noisy=False, stream=0,
+            index=None))
+        row["quant_w_ms"] = _median_ms(lambda: klinear._quantize_into(
+            w, wq, ranges[1], None, obs[1], levels=LEVELS, lut=LUT, noisy=False, stream=0,
+            index=None))
+        gbs = lambda t, n: 2 * n * x.element_size() / (t * 1e-3) / 1e9  # noqa: E731
+        row["quant_x_GBps"] = gbs(row["quant_x_ms"], M * K)
+        row["quant_w_GBps"] = gbs(row["quant_w_ms"], N * K)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        del x, w, b, xq, wq
+        torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results/linear-h200.json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-mase", action="store_true")
+    ap.add_argument("--shapes", default="all", choices=["all", "large", "small"])
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "records": []}
+    t0 = time.time()
+    if args.sweep:
+        rows = sweep(dtype)
+        results["sweep"] = rows
+        # pick the config with the best worst-case forward ratio over the large shapes
+        names = [k for k in rows[0] if isinstance(rows[0][k], float) and "nonoise" not in k
+                 and k not in ("linear_ms",) and not k.startswith("quant_")]
+        worst = {k: max(r[k] if isinstance(r[k], float) else math.inf for r in rows)
+                 for k in names}
+        best = min(worst, key=worst.get)
+        results["sweep_worst_fwd_ratio"] = worst
+        results["sweep_choice"] = best
+        klinear._LARGE_CONFIG = SWEEP_CONFIGS[best]
+        print(f"sweep done in {time.time() - t0:.0f}s; worst fwd ratio per config: "
+              f"{json.dumps(worst)}; using {best}", flush=True)
+    results["large_config"] = repr(klinear._LARGE_CONFIG)
+    shapes = [("large", s) for s in LARGE] * (args.shapes != "small") + \
+             [("small", s) for s in SMALL] * (args.shapes != "large")
+    for case, (M, K, N) in shapes:
+        rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}")
+        results["records"].append(rec)
+        print(json.dumps(rec), flush=True)
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results if args.sweep else results["records"], f, indent=1)
+    print(f"\n{'case':28s} {'fwd':>6s} {'fwd+bwd':>8s} {'mem':>6s} {'mase/lin':>9s} "
+          f"{'vs mase':>8s}")
+    for r in results["records"]:
+        print(f"{r['case']:28s} {r['fwd_ratio']:6.3f} {r['fwdbwd_ratio']:8.3f} "
+              f"{r['peak_mem_ratio']:6.3f} "
+              f"{r.get('mase_fwdbwd_ratio_vs_linear', float('nan')):9.3f} "
+              f"{r.get('speedup_vs_mase', float('nan')):8.2f}")
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""End to end through `torchrun run.py` on the CPU: training, tensor parallel, bad configs, resume.
+
+These start real torchrun jobs (gloo), so they take a minute or two in all.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "train_configs/debug_model.toml"
+STEP_RE = re.compile(r"step:\s+(\d+)\s.*?loss:\s+([0-9.naninf]+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_port", str(29500 + (os.getpid() % 1000)), "run.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(output: str) -> dict[int, float]:
+    out = {}
+    for line in ANSI.sub("", output).splitlines():
+        m = STEP_RE.search(line)
+        if m:
+            out[int(m.group(1))] = float(m.group(2))
+    return out
+
+
+def test_debug_model_trains_20_steps_and_logs_the_histogram(tmp_path):
+    r = torchrun(1, "--job.config_file", CONFIG, "--job.dump_folder", str(tmp_path))
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "optical transform: 32 modules made optical" in log
+    assert r"layers\.[0-9]+\.attention" in log
+    seen = losses(log)
+    assert sorted(seen) == list(range(1, 21))
+    assert seen[20] < seen[1], seen
+
+
+def test_tensor_parallel_two_processes(tmp_path):
+    r = torchrun(2, "--job.config_file", CONFIG, "--job.dump_folder", str(tmp_path),
+                 "--parallelism.tensor_parallel_degree", "2", "--training.steps", "10")
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    seen = losses(log)
+    assert len(seen) == 10 and seen[10] < seen[1], seen
+
+
+BAD = {
+    "missing file": (["--optical.transform_config", "nope/missing.yaml"], "does not exist"),
+    "kernels": (["--optical.kernels", "cuda"], "optical.kernels"),
+    "flavor": (["--model.flavor", "3B"], "model.flavor"),
+}
+
+
+def _bad_yaml(tmp_path: Path, name: str, text: str) -> list[str]:
+    p = tmp_path / name
+    p.write_text(text)
+    return ["--optical.transform_config", str(p)]
+
+
+@pytest.mark.parametrize("case", ["missing file", "kernels", "flavor", "unparsable", "levels",
+                                  "lut", "quantiles", "smooth", "unknown key", "no match"])
+def test_bad_config_exits_fast_naming_the_key(tmp_path, case):
+    yaml_cases = {
+        "unparsable": ("use_regex: [true\n", "does not parse"),
+        "levels": ("layer_name_to_config:\n  'layers\\.0\\.attention': {q_levels: 1}\n", "q_levels"),
+        "lut": ("layer_name_to_config:\n  'layers\\.0\\.attention': {q_lut_min: 1.5}\n", "q_lut_min"),
+        "quantiles": ("layer_name_to_config:\n  'layers\\.0\\.attention': {q_quantiles: [0.9, 0.1]}\n",
+                      "q_quantiles"),
+        "smooth": ("layer_name_to_config:\n  'layers\\.0\\.attention': {q_smooth_factor: 1}\n",
+                   "q_smooth_factor"),
+        "unknown key": ("layer_name_to_config:\n  'layers\\.0\\.attention': {q_bits: 8}\n", "q_bits"),
+        "no match": ("layer_name_to_config:\n  'model\\.layers\\.[0-9]+\\.mlp': {}\n",
+                     "matches no module"),
+    }
+    if case in BAD:
+        extra, needle = BAD[case]
+    else:
+        text, needle = yaml_cases[case]
+        extra = _bad_yaml(tmp_path, "bad.yaml", text)
+    start = time.monotonic()
+    cmd = [sys.executable, "run.py", "--job.config_file", CONFIG, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert needle in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert elapsed < 60
+    if case == "no match":
+        assert "layers.0.attention.wq" in r.stderr  # shows real module names
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path):
+    common = ["--job.config_file", CONFIG, "--training.steps", "6", "--checkpoint.enable",
+              "--checkpoint.interval", "3", "--debug.seed", "7", "--training.seq_len", "64",
+              "--training.local_batch_size", "2"]
+    a = torchrun(1, *common, "--job.dump_folder", str(tmp_path / "a"))
+    assert a.returncode == 0, (a.stdout + a.stderr)[-4000:]
+    full = losses(a.stdout + a.stderr)
+    (tmp_path / "b" / "checkpoint").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoint" / "step-3", tmp_path / "b" / "checkpoint" / "step-3")
+    b = torchrun(1, *common, "--job.dump_folder", str(tmp_path / "b"))
+    log = b.stdout + b.stderr
+    assert b.returncode == 0, log[-4000:]
+    assert "Loading the checkpoint" in log
+    resumed = losses(log)
+    assert sorted(resumed) == [4, 5, 6]
+    # Weights, optimizer, data position, range buffers and the noise generators all resume.
+    assert all(resumed[s] == full[s] for s in (4, 5, 6)), (full, resumed)

@@ -1,0 +1,567 @@
+"""Triton fast path of the optical linear  y = Q_out(Q_x(x) @ Q_w(W)^T) + b  (semantics page s.2).
+
+Design, and why
+---------------
+Forward = three launches of real work (plus a [3, 2] clone that initialises the range
+observations):
+
+1. ``_quantize_2d_kernel`` over x and over W (one memory-bound pass each): Q_x / Q_w in float32,
+   rounded back to the *input* dtype (exactly the reference's operand values), written once into
+   scratch buffers, with the min/max of the unquantized tensor observed in the same pass (one
+   float atomic per program). Quantizing inside the GEMM's mainloop instead (prologue fusion, what
+   mase-triton does) re-quantizes every operand tile once per output tile -- N/BN times for x and
+   M/BM times for W -- and puts IEEE divisions between the loads and the tensor cores. A separate
+   pass costs one read and one write of x and W and leaves the mainloop a plain, pipelined bf16
+   GEMM (TMA loads + wgmma on Hopper).
+2. ``_linear_fwd_kernel``: the GEMM on the quantized operands with float32 accumulation over the
+   complete K, and an epilogue that (a) observes min/max of the accumulator (one atomic per tile,
+   no extra pass and no extra matmul to initialise the output range), (b) applies Q_out with one
+   Philox-4x32-10 draw per output element keyed by (seed, stream, 64-bit global index), (c) adds
+   the bias, (d) optionally stores the clipped-gradient mask, (e) stores y in the input dtype.
+   The accumulator never goes to memory, so the memory footprint is nn.Linear's plus the two
+   transient quantized operands.
+
+The noise is the expensive part of the epilogue: the contract fixes one full Philox-4x32-10
+evaluation per output element (the first of its four words), about 20 integer multiplies, which at
+K=2048 is of the order of the GEMM's own time. Three things keep it in check:
+- the epilogue runs on column chunks of the tile (``EPI_SPLIT``): Triton emits elementwise code op
+  by op over a thread's whole share of the tile, so a Philox over the full tile kept every
+  element's state live at once (4 KB of spills per thread); 8 chunks bring that to zero;
+- 128x128 tiles with 8 warps and a 128-register cap, so two programs share a multiprocessor and
+  one's integer-heavy epilogue overlaps the other's tensor-core mainloop (4-warp tiles and
+  128x256 tiles, which put twice the elements on a thread, ran the noise 2x slower);
+- the quantizer's divisions by a per-call scalar use a reciprocal and a Markstein correction and
+  the Philox multiplies are 32x32->64-bit (both bit-identical, in quantizer.py).
+The config table (``_gemm_config``) comes from two sweeps on an H200 (bench/linear.py --sweep,
+bench/results/linear-h200-sweep{1,2}.json); it is fixed and keyed on shape and dtype, so there is
+no autotuning stall inside a trainer (one compile per dtype/config, cached by Triton).
+
+Measured (H200, bf16, bench/results/linear-h200.json; ratios to nn.Linear in one run):
+forward 1.75x / 1.60x / 1.46x, forward+backward 1.26x / 1.19x / 1.19x, peak memory 1.00x at
+16384x2048->8192 / 16384x4096->4096 / 8192x4096->14336; 2.3-2.7x faster forward+backward and
+3.7-4.7x faster forward than mase-triton 0.0.7's layer. Where the forward's time goes at
+16384x2048->8192 (sweep2, in units of nn.Linear's forward): the two operand passes 0.18 (they run
+at ~1.5 TB/s, well under bandwidth), the Triton GEMM with the deterministic part of the epilogue
+1.27, the Philox noise 0.48 -- so the 1.3x forward target is not met; the next steps would be a
+persistent, warp-specialised GEMM whose epilogue overlaps the next tile's mainloop, and operand
+passes at bandwidth.
+
+Host syncs: none. The seed and all ranges are device tensors read inside the kernels; whether a
+range is initialised is decided per program on the device (an uninitialised output range skips
+the Philox work entirely); observations are reduced with atomics into a [3, 2] device tensor.
+
+Backward (semantics s.5, straight-through or clipped, on the *unquantized* x and W) is two
+cuBLAS matmuls -- nothing optical happens there, and cuBLAS is the fastest GEMM available. The
+clipped variant zeroes grad_y outside the saved output mask (one elementwise op) and multiplies
+the input gradients by in_range(x) / in_range(W) in place with ``_clip_grad_kernel`` (one pass,
+no float32 copies of x or W).
+
+Index arithmetic: the noise index and every pointer offset that scales with M*N or M*K is 64-bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantizer import cast_rne, in_range, philox_uniform, quantize
+
+try:  # host-side TMA descriptors (Triton >= 3.4); the pointer path below is the fallback.
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+__all__ = [
+    "LinearIndex",
+    "linear_forward",
+    "linear_backward",
+    "quantize_tensor",
+    "observe_minmax",
+]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Global flat index of an output element
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearIndex:
+    """Global flat index of element (m, n) of a local 2-D [M, N] output:
+
+        ((m // s_local) * s_global + (m % s_local) + row_base) * n_global + n + col_offset
+
+    A 3-D [B, S, N] output whose local block sits at (b_off, s_off, n_off) in the global
+    [Bg, Sg, Ng] has s_local=S, s_global=Sg, row_base=b_off*Sg+s_off, n_global=Ng,
+    col_offset=n_off; an unsharded 2-D [M, N] is (M, M, 0, N, 0).
+    """
+
+    s_local: int
+    s_global: int
+    row_base: int
+    n_global: int
+    col_offset: int
+
+    @staticmethod
+    def whole(M: int, N: int) -> "LinearIndex":
+        return LinearIndex(max(int(M), 1), max(int(M), 1), 0, int(N), 0)
+
+    def args(self) -> tuple[int, int, int, int, int]:
+        if self.s_local < 1 or self.s_global < self.s_local:
+            raise ValueError(f"LinearIndex: need 1 <= s_local <= s_global, got {self}")
+        return (int(self.s_local), int(self.s_global), int(self.row_base), int(self.n_global),
+                int(self.col_offset))
+
+
+@triton.jit
+def _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset):
+    """int64 [R, C] global flat indices of local rows [R] x cols [C] (see LinearIndex)."""
+    r = rows.to(tl.int64)
+    g_row = (r // s_local) * s_global + (r % s_local) + row_base
+    return (g_row * n_global)[:, None] + (cols.to(tl.int64) + col_offset)[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise quantizer over a 2-D tensor (operands of the GEMM, and Q_out after a TP reduction)
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["stream", "s_local", "s_global", "row_base", "n_global",
+                               "col_offset"])
+def _quantize_2d_kernel(
+    src_ptr, dst_ptr, rng_ptr, seed_ptr, obs_ptr,
+    R, C, stride_sr, stride_sc, stride_dr,
+    lut, stream, s_local, s_global, row_base, n_global, col_offset,
+    LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr, OBSERVE: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(C, BC)
+    rows = (pid // n_cb) * BR + tl.arange(0, BR)
+    cols = (pid % n_cb) * BC + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(src_ptr + r64[:, None] * stride_sr + cols.to(tl.int64)[None, :] * stride_sc,
+                mask=mask, other=0.0)
+    if OBSERVE:
+        xf = x.to(tl.float32)
+        tl.atomic_min(obs_ptr, tl.min(tl.where(mask, xf, float("inf"))))
+        tl.atomic_max(obs_ptr + 1, tl.max(tl.where(mask, xf, float("-inf"))))
+    lo = tl.load(rng_ptr)
+    hi = tl.load(rng_ptr + 1)
+    if NOISY:
+        idx = _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
+        u = philox_uniform(tl.load(seed_ptr), stream, idx)
+    else:
+        u = 0.0
+    y = quantize(x, lo, hi, LEVELS, lut, HAS_LUT, u, NOISY)
+    tl.store(dst_ptr + r64[:, None] * stride_dr + cols[None, :],
+             cast_rne(y, dst_ptr.dtype.element_ty), mask=mask)
+
+
+def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, index):
+    """dst[:R, :C] = Q(src) (dst row-contiguous, any row stride); obs_row[0:2] gets min/max."""
+    R, C = src.shape
+    if R == 0 or C == 0:
+        return
+    # det: 8K elements a program on the GPU (32 a thread), few enough programs that the two
+    # observation atomics per program never contend. noisy: 2K, so that the Philox state of a
+    # thread's elements fits in registers (see the GEMM epilogue).
+    if _INTERPRET:
+        BR, BC = 32, 64
+    elif noisy:
+        BR, BC = (16, 128) if C >= 128 else (64, 32)
+    else:
+        BR, BC = (32, 256) if C >= 256 else (128, 64)
+    il = index.args() if index is not None else (1, 1, 0, 0, 0)
+    grid = (triton.cdiv(R, BR) * triton.cdiv(C, BC),)
+    _quantize_2d_kernel[grid](
+        src, dst, rng, seed if seed is not None else rng, obs_row if obs_row is not None else rng,
+        R, C, src.stride(0), src.stride(1), dst.stride(0),
+        float(lut or 0.0), int(stream) & 0xFFFFFFFF, *il,
+        LEVELS=int(levels), HAS_LUT=bool(lut), NOISY=bool(noisy), OBSERVE=obs_row is not None,
+        BR=BR, BC=BC, num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM with the optical epilogue
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["stream", "s_local", "s_global", "row_base", "n_global",
+                               "col_offset"])
+def _linear_fwd_kernel(
+    a_src, b_src, y_ptr, bias_ptr, out_rng_ptr, seed_ptr, obs_ptr, mask_ptr,
+    M, N, K, stride_am, stride_bn,
+    stream, s_local, s_global, row_base, n_global, col_offset,
+    LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OBSERVE: tl.constexpr, SAVE_MASK: tl.constexpr, USE_TMA: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles sweep the columns together so the W tiles they share
+    # stay in L2.
+    pid = tl.program_id(0)
+    n_pm = tl.cdiv(M, BM)
+    n_pn = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_pn
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(n_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if USE_TMA:
+        # a_src/b_src are descriptors over the quantized operands; TMA zero-fills out of bounds.
+        for k in range(0, tl.cdiv(K, BK)):
+            a = a_src.load([off_m, k * BK])
+            b = b_src.load([off_n, k * BK])
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE_DOT:
+                acc = tl.dot(a, b.T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+    else:
+        # Rows past M / columns past N wrap around (valid memory, results masked at the store), so
+        # only the K tail needs a load mask. The operands are unit-stride along K (we wrote them).
+        rm = ((off_m + tl.arange(0, BM)) % M).to(tl.int64)
+        rn = ((off_n + tl.arange(0, BN)) % N).to(tl.int64)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_src + rm[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_src + rn[None, :] * stride_bn + rk[:, None]
+        for k in range(0, tl.cdiv(K, BK)):
+            k_left = K - k * BK
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE_DOT:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            b_ptrs += BK
+
+    rows = off_m + tl.arange(0, BM)
+    row_ok = rows < M
+    if OBSERVE:
+        cols = off_n + tl.arange(0, BN)
+        ok = row_ok[:, None] & (cols < N)[None, :]
+        tl.atomic_min(obs_ptr + 4, tl.min(tl.where(ok, acc, float("inf"))))
+        tl.atomic_max(obs_ptr + 5, tl.max(tl.where(ok, acc, float("-inf"))))
+    r64 = rows.to(tl.int64)
+    # Row part of the global noise index, once per row: ((m // S) * Sg + m % S + base) * Ng.
+    g_row = ((r64 // s_local) * s_global + (r64 % s_local) + row_base) * n_global
+    lo = tl.load(out_rng_ptr)
+    hi = tl.load(out_rng_ptr + 1)
+    seed = tl.load(seed_ptr)
+    # Triton emits elementwise code op by op over a thread's whole share of the tile, so a
+    # Philox over the full tile keeps every element's 4-word state live at once (hundreds of
+    # spilled registers). Splitting the tile into column chunks bounds that to one chunk.
+    if EPI_SPLIT == 1:
+        _epilogue(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  SAVE_MASK, BN)
+    elif EPI_SPLIT == 2:
+        a0, a1 = _halves(acc, BM, BN)
+        _epilogue(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  SAVE_MASK, BN // 2)
+        _epilogue(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
+                  col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  SAVE_MASK, BN // 2)
+    elif EPI_SPLIT == 4:
+        _epilogue_quarters(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                           SAVE_MASK, BM, BN)
+    else:  # 8 chunks
+        a0, a1 = _halves(acc, BM, BN)
+        _epilogue_quarters(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                           SAVE_MASK, BM, BN // 2)
+        _epilogue_quarters(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr,
+                           N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE,
+                           HAS_BIAS, SAVE_MASK, BM, BN // 2)
+
+
+@triton.jit
+def _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+                       lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
+                       NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
+                       R: tl.constexpr, C: tl.constexpr):
+    """_epilogue on the four column quarters of an [R, C] tile starting at column col0."""
+    a0, a1 = _halves(acc, R, C)
+    a00, a01 = _halves(a0, R, C // 2)
+    a10, a11 = _halves(a1, R, C // 2)
+    _epilogue(a00, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS, SAVE_MASK, C // 4)
+    _epilogue(a01, r64, row_ok, g_row, col0 + C // 4, y_ptr, bias_ptr, mask_ptr, N,
+              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              SAVE_MASK, C // 4)
+    _epilogue(a10, r64, row_ok, g_row, col0 + C // 2, y_ptr, bias_ptr, mask_ptr, N,
+              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              SAVE_MASK, C // 4)
+    _epilogue(a11, r64, row_ok, g_row, col0 + 3 * (C // 4), y_ptr, bias_ptr, mask_ptr,
+              N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              SAVE_MASK, C // 4)
+
+
+@triton.jit
+def _halves(t, R: tl.constexpr, C: tl.constexpr):
+    """Columns [0, C/2) and [C/2, C) of an [R, C] tile (a register-level split)."""
+    return tl.split(tl.permute(tl.reshape(t, (R, 2, C // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+              lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
+              NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
+              W: tl.constexpr):
+    """Q_out (noisy), bias, mask and store for the accumulator columns [col0, col0 + W)."""
+    cols = col0 + tl.arange(0, W)
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    y = acc
+    if QUANT_OUT:
+        if SAVE_MASK:
+            tl.store(mask_ptr + r64[:, None] * N + cols[None, :], in_range(acc, lo, hi), mask=ok)
+        # An uninitialised range passes through (calibration): skip the Philox work there.
+        if lo <= hi:
+            if NOISE:
+                idx = g_row[:, None] + (cols.to(tl.int64) + col_offset)[None, :]
+                u = philox_uniform(seed, stream, idx)
+                y = quantize(acc, lo, hi, LEVELS, 0.0, False, u, True)
+            else:  # benchmark-only variant: the epilogue without the noise (cost accounting)
+                y = quantize(acc, lo, hi, LEVELS, 0.0, False, 0.0, False)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + r64[:, None] * N + cols[None, :], cast_rne(y, y_ptr.dtype.element_ty),
+             mask=ok)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool
+    epi_split: int = 8  # column chunks of the epilogue (1, 2, 4 or 8)
+    maxnreg: int | None = None  # register cap: 128 lets two 8-warp programs share an SM
+
+
+def _gpu_has_tma(device: torch.device) -> bool:
+    if TensorDescriptor is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """Fixed config table (measured on an H200 with bench/linear.py --sweep)."""
+    if _INTERPRET or device.type != "cuda":
+        # The interpreter runs each program in numpy: small tiles keep the tests' padding cheap.
+        return GemmConfig(32, 32, 32, 4, 4, 1, False)
+    tma = _gpu_has_tma(device)
+    if dtype == torch.float32:
+        return GemmConfig(64, 64, 32, 8, 4, 3, False)
+    if M <= 64:
+        return GemmConfig(64, 64, 64, 8, 4, 4, tma)
+    if M * N <= 2048 * 2048:
+        return GemmConfig(128, 64, 64, 8, 4, 4, tma)
+    return _LARGE_CONFIG if tma else GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)
+
+
+# Chosen by the H200 sweep (see module docstring and bench/results/).
+_LARGE_CONFIG = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
+
+_OVERRIDE: GemmConfig | None = None  # set by the benchmark's config sweep only
+
+
+def _operand_buffer(R: int, C: int, dtype: torch.dtype, device, align: int) -> torch.Tensor:
+    """[R, C] view of a buffer whose row stride is a multiple of `align` elements (TMA needs
+    16-byte aligned strides)."""
+    cp = -(-C // align) * align if C > 0 else 0
+    buf = torch.empty((R, cp), dtype=dtype, device=device)
+    return buf[:, :C]
+
+
+@functools.lru_cache(maxsize=None)
+def _obs_template(device: torch.device) -> torch.Tensor:
+    t = torch.empty((3, 2), dtype=torch.float32, device=device)
+    t[:, 0] = float("inf")
+    t[:, 1] = float("-inf")
+    return t
+
+
+def _new_obs(device: torch.device) -> torch.Tensor:
+    return _obs_template(torch.device(device)).clone()
+
+
+def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, levels: int,
+                   lut: float | None, stream: int, index: LinearIndex, observe: bool,
+                   quantize_output: bool = True, save_out_mask: bool = False, _noise: bool = True):
+    """x2d [M, K] (any strides), weight [N, K], bias [N] or None; *_range float32 [2] device
+    tensors (lo, hi), lo > hi means uninitialised (passthrough); seed: int64 device tensor of shape
+    [] or [1] (read in-kernel, never .item()).
+
+    Returns (y [M, N] in x dtype -- or the float32 accumulator (no Q_out, no bias) when
+    quantize_output=False, obs float32 [3, 2]: observed (min, max) of x, of W, of the float32
+    accumulator -- all computed only if observe, else (+inf, -inf) rows, out_mask: bool [M, N] (True
+    where the accumulator lay inside out_range, or everywhere if it is uninitialised) if
+    save_out_mask else None). With quantize_output=False the mask refers to the local accumulator.
+    """
+    if x2d.dim() != 2 or weight.dim() != 2 or x2d.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_forward: x {tuple(x2d.shape)} and weight {tuple(weight.shape)}")
+    if x2d.dtype != weight.dtype:
+        raise ValueError(f"linear_forward: x dtype {x2d.dtype} != weight dtype {weight.dtype}")
+    M, K = x2d.shape
+    N = weight.shape[0]
+    dev = x2d.device
+    dtype = x2d.dtype
+    obs = _new_obs(dev)
+    y = torch.empty((M, N), dtype=dtype if quantize_output else torch.float32, device=dev)
+    mask = torch.empty((M, N), dtype=torch.bool, device=dev) if save_out_mask else None
+    if M == 0 or N == 0:
+        return y, obs, mask
+    cfg = _OVERRIDE or _gemm_config(M, N, K, dtype, dev)
+    align = max(16 // x2d.element_size(), 1)
+    xq = _operand_buffer(M, K, dtype, dev, align)
+    wq = _operand_buffer(N, K, dtype, dev, align)
+    _quantize_into(x2d, xq, x_range, None, obs[0] if observe else None, levels=levels, lut=None,
+                   noisy=False, stream=0, index=None)
+    _quantize_into(weight, wq, w_range, None, obs[1] if observe else None, levels=levels, lut=lut,
+                   noisy=False, stream=0, index=None)
+    use_tma = cfg.use_tma and K > 0
+    if use_tma:
+        a_src = TensorDescriptor(xq, [M, K], [xq.stride(0), 1], [cfg.BM, cfg.BK])
+        b_src = TensorDescriptor(wq, [N, K], [wq.stride(0), 1], [cfg.BN, cfg.BK])
+    else:
+        a_src, b_src = xq, wq
+    if seed is None:
+        if quantize_output:
+            raise ValueError("linear_forward: a seed tensor is required for Q_out")
+        seed = obs  # loaded by the kernel, never used without Q_out
+    il = index.args() if index is not None else LinearIndex.whole(M, N).args()
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
+    _linear_fwd_kernel[grid](
+        a_src, b_src, y, bias if bias is not None else y, out_range, seed, obs,
+        mask if mask is not None else y,
+        M, N, K, xq.stride(0), wq.stride(0),
+        int(stream) & 0xFFFFFFFF, *il,
+        LEVELS=int(levels), QUANT_OUT=bool(quantize_output), NOISE=bool(_noise),
+        HAS_BIAS=bias is not None and quantize_output, OBSERVE=bool(observe),
+        SAVE_MASK=mask is not None and quantize_output, USE_TMA=use_tma,
+        EPI_SPLIT=cfg.epi_split,
+        # The interpreter's 16-bit dot is broken (Triton 3.9 reads the raw bits); 16-bit
+        # products are exact in float32, so upcasting there computes the same sums.
+        IEEE_DOT=dtype == torch.float32 or _INTERPRET, UPCAST_DOT=_INTERPRET,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _INTERPRET else {}),
+    )
+    if mask is not None and not quantize_output:
+        # No Q_out here (partial sums under TP): the mask of the local accumulator, by torch ops.
+        lo, hi = out_range[0], out_range[1]
+        mask.copy_(((y >= lo) & (y <= hi)) | (lo > hi))
+    return y, obs, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _clip_grad_kernel(grad_ptr, src_ptr, rng_ptr, R, C, stride_gr, stride_sr, stride_sc,
+                      BR: tl.constexpr, BC: tl.constexpr):
+    """grad[r, c] = 0 where src[r, c] lies outside the range (in place; grad row-contiguous)."""
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(C, BC)
+    rows = ((pid // n_cb) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = (pid % n_cb) * BC + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(src_ptr + rows[:, None] * stride_sr + cols.to(tl.int64)[None, :] * stride_sc,
+                mask=mask, other=0.0)
+    g_ptrs = grad_ptr + rows[:, None] * stride_gr + cols[None, :]
+    g = tl.load(g_ptrs, mask=mask, other=0.0)
+    keep = in_range(x, tl.load(rng_ptr), tl.load(rng_ptr + 1))
+    tl.store(g_ptrs, tl.where(keep, g, tl.zeros_like(g)), mask=mask)
+
+
+def _clip_grad_(grad: torch.Tensor, src: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    R, C = src.shape
+    if R == 0 or C == 0:
+        return grad
+    if grad.stride(1) != 1:
+        grad = grad.contiguous()
+    BR, BC = (32, 64) if _INTERPRET else (16, 256)
+    grid = (triton.cdiv(R, BR) * triton.cdiv(C, BC),)
+    _clip_grad_kernel[grid](grad, src, rng, R, C, grad.stride(0), src.stride(0), src.stride(1),
+                            BR=BR, BC=BC, num_warps=4)
+    return grad
+
+
+def linear_backward(grad_y2d, x2d, weight, x_range, w_range, out_mask, *, clipped: bool,
+                    has_bias: bool, needs_grad: tuple[bool, bool, bool]):
+    """Straight-through (clipped=False) or clipped gradients, using the UNQUANTIZED x and W
+    (semantics s.5): g = grad_y * out_mask if clipped; grad_x = g @ W (* in_range(x) if clipped);
+    grad_w = g^T @ x (* in_range(W) if clipped); grad_b = g.sum(0).
+
+    Returns (grad_x [M, K] in x dtype or None, grad_w [N, K] in W dtype or None, grad_b or None).
+    """
+    need_x, need_w, need_b = needs_grad
+    g = grad_y2d
+    if g.dtype != x2d.dtype:
+        g = g.to(x2d.dtype)
+    if clipped and out_mask is not None:
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        g = torch.where(out_mask.reshape(g.shape), g, zero)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = g @ weight  # cuBLAS, float32 accumulation
+        if clipped:
+            grad_x = _clip_grad_(grad_x, x2d, x_range)
+    if need_w:
+        grad_w = g.t() @ x2d
+        if clipped:
+            grad_w = _clip_grad_(grad_w, weight, w_range)
+        grad_w = grad_w.to(weight.dtype)
+    if need_b and has_bias:
+        grad_b = g.sum(0, dtype=torch.float32).to(weight.dtype)
+    return grad_x, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-alone pieces
+# --------------------------------------------------------------------------------------------
+def quantize_tensor(x, rng, seed, *, levels: int, lut: float | None, stream: int, noisy: bool,
+                    index: LinearIndex | None) -> torch.Tensor:
+    """Elementwise Q on a 2-D [M, N] tensor (index only for noisy; default: the whole tensor);
+    used for Q_out after a TP reduction. Returns x's dtype."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_tensor: expected a 2-D tensor, got {tuple(x.shape)}")
+    M, N = x.shape
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if noisy:
+        if seed is None:
+            raise ValueError("quantize_tensor: noisy mode needs a seed tensor")
+        index = index if index is not None else LinearIndex.whole(M, N)
+    _quantize_into(x, out, rng, seed, None, levels=levels, lut=lut, noisy=noisy, stream=stream,
+                   index=index if noisy else None)
+    return out
+
+
+def observe_minmax(x) -> torch.Tensor:
+    """float32 [2] (min, max) of x, a sync-free device reduction; (+inf, -inf) for an empty x."""
+    if x.numel() == 0:
+        return _new_obs(x.device)[0].clone()
+    mn, mx = torch.aminmax(x.detach())
+    return torch.stack([mn, mx]).float()

@@ -97,13 +97,14 @@ class OpticalLinear(nn.Linear, RangeState):
         index = ops.linear_index(
             x.shape, self.out_features, batch_offset=self.shard.dp_rank * _batch_extent(x.shape)
         )
-        y, obs = self._linear(x, self.weight, self.bias, index, quantize_output=True)
+        y, obs = self._linear(x, self.weight, self.bias, index, _draw_seeds(1, x.device),
+                              quantize_output=True)
         return y
 
-    def _linear(self, x, weight, bias, index, *, quantize_output):
+    def _linear(self, x, weight, bias, index, seed, *, quantize_output):
         c = self.config
         y, obs = ops.optical_linear(
-            x, weight, bias, self.ranges(), _draw_seeds(1, x.device),
+            x, weight, bias, self.ranges(), seed,
             levels=c.q_levels, lut=c.lut, stream=c.q_init_seed, index=index,
             observe=self.training, quantize_output=quantize_output,
             clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
@@ -138,6 +139,8 @@ class OpticalLinear(nn.Linear, RangeState):
         placement = w.placements[-1]
         x_local = x.to_local() if isinstance(x, DTensor) else x
         w_local = w.to_local()
+        # One seed per call whatever the sharding, so every layout draws the same sequence.
+        seed = _draw_seeds(1, x_local.device)
         b_local = self.bias.to_local() if isinstance(self.bias, DTensor) else self.bias
         batch_offset = self.shard.dp_rank * _batch_extent(x_local.shape)
         if placement == Shard(0):
@@ -146,13 +149,13 @@ class OpticalLinear(nn.Linear, RangeState):
             _, offset = compute_local_shape_and_global_offset(w.shape, mesh, w.placements)
             index = ops.linear_index(x_local.shape, w_local.shape[0], batch_offset=batch_offset,
                                      col_offset=int(offset[0]), n_global=self.out_features)
-            y, _ = self._linear(x_local, w_local, b_local, index, quantize_output=True)
+            y, _ = self._linear(x_local, w_local, b_local, index, seed, quantize_output=True)
             return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
         if placement == Shard(1):
             # Row-wise: each rank holds a partial sum over its K slice. Reduce the float32 partial
             # sums first (straight into the placement the output wants), then Q_out.
             unused_index = ops.linear_index(x_local.shape, w_local.shape[0])  # no noise here
-            acc_local, obs = self._linear(x_local, w_local, None, unused_index,
+            acc_local, obs = self._linear(x_local, w_local, None, unused_index, seed,
                                           quantize_output=False)
             out_placement = self.tp_output_placement or Replicate()
             acc = DTensor.from_local(acc_local, mesh, [Partial()], run_check=False)
@@ -165,7 +168,7 @@ class OpticalLinear(nn.Linear, RangeState):
                                      if acc_r.dim() >= 3 else None)
             c = self.config
             y, obs_out = ops.optical_quantize(
-                acc_r, self.ranges()[2], _draw_seeds(1, acc_r.device), levels=c.q_levels,
+                acc_r, self.ranges()[2], seed, levels=c.q_levels,
                 stream=c.q_init_seed, noisy=True, index=index, observe=self.training,
                 clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
             )

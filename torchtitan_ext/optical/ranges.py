@@ -29,6 +29,7 @@ __all__ = [
     "reset_ranges",
     "update_ranges",
     "merge_observed",
+    "assert_ranges_synced",
 ]
 
 
@@ -122,3 +123,30 @@ def update_ranges(
         ranges.copy_(ema_update(ranges, obs, m.smooth))
         local(m.optical_observed).copy_(_unset(n, obs.device))
     return len(mods)
+
+
+@torch.no_grad()
+def assert_ranges_synced(model_parts: nn.Module | Iterable[nn.Module],
+                         group: dist.ProcessGroup | None = None) -> None:
+    """Raise if any rank's range buffers differ from another's (a debugging aid: it syncs)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+    names = [n for part in parts for n, m in part.named_modules() if isinstance(m, RangeState)]
+    mods = optical_modules(parts)
+    if not mods:
+        return
+    # +-inf (unset ranges) compare equal to themselves; map them to finite sentinels so the
+    # MIN/MAX reductions below cannot produce nan.
+    packed = torch.nan_to_num(torch.cat([m.ranges() for m in mods]), posinf=3e38, neginf=-3e38)
+    lo, hi = packed.clone(), packed.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    differs = (lo != hi).any(-1).cpu()
+    if bool(differs.any()):
+        rows = torch.cat([torch.full((m.ranges().shape[0],), i) for i, m in enumerate(mods)])
+        first = names[int(rows[differs.nonzero()[0, 0]])]
+        raise RuntimeError(
+            f"optical ranges differ across ranks (first in {first}); every rank must quantize "
+            "with identical ranges"
+        )

@@ -22,7 +22,7 @@ from torchtitan_ext.optical.config import (
     load_transform_config,
 )
 from torchtitan_ext.optical.ops import set_kernel_mode
-from torchtitan_ext.optical.ranges import reset_ranges, update_ranges
+from torchtitan_ext.optical.ranges import assert_ranges_synced, reset_ranges, update_ranges
 from torchtitan_ext.optical.transform import format_histogram, transform_model
 
 from .job_config import Optical, validate_optical
@@ -54,6 +54,8 @@ class OpticalTransformerConverter:
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         update_ranges(model, reduce=self.optical.sync_ranges)
+        if self.optical.check_ranges_synced:
+            assert_ranges_synced(model)
 
 
 def _reset_ranges_after_init(model: nn.Module) -> None:

@@ -28,6 +28,10 @@ class Optical:
     """Reduce observed ranges across all ranks after every optimizer step (one packed
     all-reduce) so every rank quantizes with identical ranges. Turn off only for experiments."""
 
+    check_ranges_synced: bool = False
+    """Debug: after every range update, verify that every rank holds bit-identical ranges (two
+    extra all-reduces and a host read per step); raise naming the first differing module."""
+
     stop_on_nonfinite: bool = True
     """Stop training with the step number when the loss is not finite, before a checkpoint of
     that step is written (costs one scalar device-to-host read per step)."""

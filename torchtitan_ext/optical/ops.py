@@ -192,22 +192,24 @@ def _linear_backward(
             clipped=clipped, has_bias=has_bias, needs_grad=(needs_x, needs_w, has_bias),
         )
     else:
-        gx, gw, gb = ref.optical_linear_backward(
-            g2, x2, weight, None, ranges[0], ranges[1], ranges[2], clipped=False, has_bias=has_bias
-        ) if not clipped else _ref_clipped_linear_backward(g2, x2, weight, ranges, out_mask, has_bias)
+        gx, gw, gb = _ref_linear_backward(g2, x2, weight, ranges, out_mask if clipped else None,
+                                          has_bias)
     gx = gx.reshape(x.shape) if (needs_x and gx is not None) else x.new_empty((0,))
     gw = gw if (needs_w and gw is not None) else weight.new_empty((0,))
     gb = gb if (has_bias and gb is not None) else weight.new_empty((0,))
     return gx, gw, gb
 
 
-def _ref_clipped_linear_backward(g2, x2, weight, ranges, out_mask, has_bias):
-    # The reference takes the accumulator to rebuild the output mask; here the forward saved the
-    # mask itself, so apply it first and call the straight-through formula with the input masks.
+def _ref_linear_backward(g2, x2, weight, ranges, out_mask, has_bias):
+    """Straight-through, or clipped when the forward saved the output's in-range mask."""
+    if out_mask is None:
+        return ref.optical_linear_backward(g2, x2, weight, None, ranges[0], ranges[1], ranges[2],
+                                           clipped=False, has_bias=has_bias)
+    # The reference rebuilds the output mask from the accumulator; the op saved the mask itself,
+    # so apply it, then the input masks.
     g = g2.float() * out_mask.reshape(g2.shape)
-    gx, gw, gb = ref.optical_linear_backward(
-        g, x2, weight, None, ranges[0], ranges[1], ranges[2], clipped=False, has_bias=has_bias
-    )
+    gx, gw, gb = ref.optical_linear_backward(g, x2, weight, None, ranges[0], ranges[1], ranges[2],
+                                             clipped=False, has_bias=has_bias)
     gx = (gx.float() * ref.clamp_mask(x2, ranges[0])).to(x2.dtype)
     gw = (gw.float() * ref.clamp_mask(weight, ranges[1])).to(weight.dtype)
     return gx, gw, gb

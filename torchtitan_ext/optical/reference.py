@@ -161,7 +161,9 @@ def quantize(
     if noise is not None:
         t = t + noise - 0.5
     k = torch.round(t)  # round half to even
-    y = k / float(levels - 1) * (hi - lo) + lo
+    # Divide by a tensor, not a Python float: CUDA turns division by a scalar into multiplication
+    # by its reciprocal, which is not the IEEE quotient the semantics (and the kernels) use.
+    y = k / torch.full_like(k, float(levels - 1)) * (hi - lo) + lo
     if lut is not None and lut > 0:
         pos_floor = lut * hi
         neg_floor = -lut * torch.abs(lo)

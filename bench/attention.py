@@ -1,0 +1,271 @@
+"""Fused optical attention vs flash SDPA: fwd+bwd time and peak memory, measured in one run.
+
+Command (H200, from the repository root):
+
+    PYTHONPATH=$PWD python bench/attention.py --sweep --out bench/results/attention-h200.json
+
+Cases: B * L = 32768 held constant (B = 32768 // L), L in 2048 ... 32768, H = 16, D = 128, bf16,
+causal. For each L, in the same process and on the same inputs:
+- `optical`: torchtitan_ext.optical.kernels.attention.attention_forward + attention_backward
+  (ranges initialised, observation on, straight-through gradients: what a training step runs);
+- `flash`: F.scaled_dot_product_attention(is_causal=True) forced onto the flash backend, with
+  autograd (enable_gqa when Hkv < H);
+- `reference`: the materialised plain-torch path (reference.OpticalAttentionFunction), where it fits
+  in memory (an out-of-memory error is caught and recorded).
+Times: CUDA events around each iteration after warm-up, median of the repeats (METHOD.md).
+Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus what was allocated before it
+(the inputs and dY), so the figure counts outputs, saved tensors, temporaries and gradients.
+`--sweep` first times a few kernel configurations at L=4096 and benchmarks with the fastest.
+Each record: {case, B, L, H, D, fwdbwd_ratio, fwd_ratio, peak_mem_ratio, raw times (ms) and peaks}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchtitan_ext.optical import reference as R  # noqa: E402
+from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
+
+LEVELS, LUT, STREAM = 256, 0.05, 3
+
+
+def _events_median(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _peak_extra_mb(fn) -> float:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+class Inputs:
+    def __init__(self, B, H, HKV, L, D, dtype, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        mk = lambda h: torch.randn(B, h, L, D, device="cuda", dtype=dtype, generator=g)
+        self.q, self.k, self.v, self.dy = mk(H), mk(HKV), mk(HKV), mk(H)
+        self.B, self.H, self.HKV, self.L, self.D = B, H, HKV, L, D
+        self.scale = D ** -0.5
+        rng = lambda t: torch.stack([t.float().amin(), t.float().amax()]) * 0.95
+        self.q_range, self.k_range, self.v_range = rng(self.q), rng(self.k), rng(self.v)
+        # |S| ~ sqrt(D) * |q| * |k| for unit normals: a range that clamps only the far tails
+        s_hi = 4.5 * math.sqrt(D)
+        self.s_range = torch.tensor([-s_hi, s_hi], device="cuda")
+        self.y_range = torch.tensor([-2.0, 2.0], device="cuda")
+        self.seeds = torch.tensor([12345, 67890], device="cuda", dtype=torch.int64)
+        self.kw = dict(levels=LEVELS, lut=LUT, stream=STREAM, scale=self.scale, causal=True,
+                       batch_offset=0, batch_global=B, head_offset=0, heads_global=H)
+
+    def optical_fwd(self):
+        return A.attention_forward(self.q, self.k, self.v, self.q_range, self.k_range,
+                                   self.v_range, self.s_range, self.y_range, self.seeds,
+                                   observe=True, **self.kw)
+
+    def optical_fwdbwd(self):
+        y, stats, obs = self.optical_fwd()
+        return A.attention_backward(self.dy, self.q, self.k, self.v, y, stats, self.q_range,
+                                    self.k_range, self.v_range, self.s_range, self.seeds,
+                                    clipped=False, **self.kw)
+
+    def _leaves(self):
+        return [t.detach().requires_grad_(True) for t in (self.q, self.k, self.v)]
+
+    def flash_fwd(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q, k, v = self._leaves()
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  enable_gqa=self.HKV != self.H)
+
+    def flash_fwdbwd(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q, k, v = self._leaves()
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=self.HKV != self.H)
+        out.backward(self.dy)
+        return q.grad, k.grad, v.grad
+
+    def reference_fwdbwd(self):
+        q, k, v = self._leaves()
+        y = R.OpticalAttentionFunction.apply(
+            q, k, v, self.q_range, self.k_range, self.v_range, self.s_range, self.y_range, LEVELS,
+            LUT, self.seeds, STREAM, self.scale, True, None, None, False)
+        y.backward(self.dy)
+        return q.grad, k.grad, v.grad
+
+
+def tail_check(x: Inputs, rows: int = 64) -> dict:
+    """The kernel's last `rows` query rows of (batch 0, head 0) against the materialised reference
+    on that slice alone (IndexMap offsets place it in the global S / Y index spaces): evidence that
+    the 64-bit noise indices are right at lengths the full reference cannot hold. The reference
+    runs on the CPU: on CUDA, torch divides by a Python scalar as a multiply by the reciprocal, so
+    its k / (levels - 1) is 1 ulp off for some k, which moves bf16 roundings of y by one ulp."""
+    y, _, _ = x.optical_fwd()
+    L, i0 = x.L, x.L - rows
+    smap = R.IndexMap((0, 0, i0, 0), (x.B, x.H, L, L))
+    ymap = R.IndexMap((0, 0, i0, 0), (x.B, x.H, L, x.D))
+    c = lambda t: t.cpu()
+    ref = R.optical_attention_forward(
+        c(x.q[:1, :1, i0:]), c(x.k[:1, :1]), c(x.v[:1, :1]), c(x.q_range), c(x.k_range),
+        c(x.v_range), c(x.s_range), c(x.y_range), levels=LEVELS, lut=LUT, seeds=c(x.seeds),
+        stream=STREAM, scale=x.scale, causal=True, s_index_map=smap, y_index_map=ymap)
+    level = (x.y_range[1] - x.y_range[0]).item() / (LEVELS - 1)
+    d = (y[0, 0, i0:].float().cpu() - ref["y"][0, 0].float()).abs()
+    return {"tail_check_mismatch_frac": (d > 0).float().mean().item(),
+            "tail_check_max_diff_levels": d.max().item() / level,
+            "tail_check_max_s_index": x.B * x.H * L * L - 1}
+
+
+def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
+    """Time candidate (BM, BN, warps, stages) configurations; return the fastest fwd and bwd."""
+    B = 32768 // L
+    x = Inputs(B, H, H, L, D, dtype, seed=1)
+    fwd_cands = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+    bwd_cands = [(32, 128, 8, 2), (16, 64, 4, 2), (32, 128, 8, 3)]
+    res = {"fwd": {}, "bwd": {}}
+    y, stats, _ = x.optical_fwd()
+    for cfg in fwd_cands:
+        try:
+            with A.override_configs(fwd=cfg):
+                t = _events_median(x.optical_fwd, 2, 5)
+        except Exception as e:  # a config that does not compile or fit: skip it
+            log(f"sweep fwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+            continue
+        res["fwd"][cfg] = t
+        log(f"sweep fwd {cfg}: {t:.3f} ms")
+    for cfg in bwd_cands:
+        def bwd():
+            return A.attention_backward(x.dy, x.q, x.k, x.v, y, stats, x.q_range, x.k_range,
+                                        x.v_range, x.s_range, x.seeds, clipped=False, **x.kw)
+        try:
+            with A.override_configs(bwd=cfg):
+                t = _events_median(bwd, 2, 5)
+        except Exception as e:
+            log(f"sweep bwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+            continue
+        res["bwd"][cfg] = t
+        log(f"sweep bwd {cfg}: {t:.3f} ms")
+    best = {k: min(v, key=v.get) for k, v in res.items() if v}
+    log(f"sweep best: {best}")
+    return best, {k: {str(c): t for c, t in v.items()} for k, v in res.items()}
+
+
+def bench_case(L, H=16, HKV=16, D=128, dtype=torch.bfloat16, reference=True, warmup=3, reps=10,
+               log=print):
+    B = 32768 // L
+    x = Inputs(B, H, HKV, L, D, dtype)
+    rec = {"case": f"B{B}-L{L}-H{H}-Hkv{HKV}-D{D}-{str(dtype).split('.')[-1]}", "B": B, "L": L,
+           "H": H, "Hkv": HKV, "D": D}
+    rec["optical_fwdbwd_ms"] = _events_median(x.optical_fwdbwd, warmup, reps)
+    rec["flash_fwdbwd_ms"] = _events_median(x.flash_fwdbwd, warmup, reps)
+    rec["optical_fwd_ms"] = _events_median(x.optical_fwd, warmup, reps)
+    rec["flash_fwd_ms"] = _events_median(x.flash_fwd, warmup, reps)
+    rec["optical_peak_extra_mib"] = _peak_extra_mb(x.optical_fwdbwd)
+    rec["flash_peak_extra_mib"] = _peak_extra_mb(x.flash_fwdbwd)
+    inputs_mib = sum(t.numel() * t.element_size() for t in (x.q, x.k, x.v, x.dy)) / 2**20
+    rec["inputs_mib"] = inputs_mib
+    rec["fwdbwd_ratio"] = rec["optical_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
+    rec["fwd_ratio"] = rec["optical_fwd_ms"] / rec["flash_fwd_ms"]
+    rec["peak_mem_ratio"] = rec["optical_peak_extra_mib"] / rec["flash_peak_extra_mib"]
+    rec["peak_total_ratio"] = ((rec["optical_peak_extra_mib"] + inputs_mib)
+                               / (rec["flash_peak_extra_mib"] + inputs_mib))
+    # causal fwd+bwd FLOPs of the flash algorithm (fwd 2 matmuls, bwd 5 incl. recompute) / 2
+    flops = 7 * 2 * B * H * L * L * D / 2
+    rec["flash_fwdbwd_tflops"] = flops / rec["flash_fwdbwd_ms"] / 1e9
+    rec["s_elements_per_ns_optical"] = B * H * L * (L + 1) / 2 / rec["optical_fwdbwd_ms"] / 1e6
+    rec.update(tail_check(x))
+    if reference:
+        try:
+            rec["reference_fwdbwd_ms"] = _events_median(x.reference_fwdbwd, 1, 2)
+            rec["reference_peak_extra_mib"] = _peak_extra_mb(x.reference_fwdbwd)
+            rec["reference_fwdbwd_ratio"] = rec["reference_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
+            rec["reference_peak_mem_ratio"] = (rec["reference_peak_extra_mib"]
+                                               / rec["flash_peak_extra_mib"])
+        except torch.OutOfMemoryError as e:
+            rec["reference_fwdbwd_ms"] = "OOM"
+            rec["reference_error"] = str(e).splitlines()[0][:200]
+        gc.collect()
+        torch.cuda.empty_cache()
+    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/attention-h200.json")
+    ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--hkv", type=int, default=16)
+    ap.add_argument("--sweep", action="store_true", help="pick the kernel configs by timing first")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--reference-max-len", type=int, default=4096,
+                    help="skip the materialised reference above this L (O(B H L^2) memory)")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__}
+    print(json.dumps(meta))
+    fwd_cfg = bwd_cfg = None
+    sweep_res = None
+    if args.sweep:
+        best, sweep_res = sweep()
+        fwd_cfg, bwd_cfg = best.get("fwd"), best.get("bwd")
+    records = []
+    with A.override_configs(fwd=fwd_cfg, bwd=bwd_cfg):
+        for L in [int(s) for s in args.lengths.split(",")]:
+            rec = bench_case(L, HKV=args.hkv, reps=args.reps,
+                             reference=not args.no_reference and L <= args.reference_max_len)
+            rec.update(meta)
+            rec["fwd_config"] = list(fwd_cfg or A._FWD_CFG[128])
+            rec["bwd_config"] = list(bwd_cfg or A._BWD_CFG[128])
+            records.append(rec)
+            gc.collect()
+            torch.cuda.empty_cache()
+    if sweep_res is not None:
+        records.append({"case": "sweep-L4096", **sweep_res})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=1)
+    print("\n L      B   fwd+bwd ratio  fwd ratio  peak-mem ratio  optical ms  flash ms  reference")
+    for r in records:
+        if "L" not in r:
+            continue
+        ref = r.get("reference_fwdbwd_ratio", r.get("reference_fwdbwd_ms", "-"))
+        ref = f"{ref:.1f}x" if isinstance(ref, float) else ref
+        print(f" {r['L']:<6} {r['B']:<3} {r['fwdbwd_ratio']:>10.2f}x {r['fwd_ratio']:>9.2f}x "
+              f"{r['peak_mem_ratio']:>12.2f}x {r['optical_fwdbwd_ms']:>11.2f} "
+              f"{r['flash_fwdbwd_ms']:>9.2f}  {ref}")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,928 @@
+"""Fused optical attention (semantics page, section 3), forward and backward, never L x L in memory.
+
+What is computed, per batch and head (causal or not):
+    S = Q_s(Q_q(q) @ Q_k(k)^T)              Q_q det, Q_k det + lut, Q_s noisy (seed seeds[0])
+    P = softmax(S * scale + mask)            float32
+    Y = Q_y(Q_p(P) @ Q_v(v))                 Q_p det on [0, 1], Q_v det + lut, Q_y noisy (seeds[1])
+and the straight-through (optionally clipped) gradients of `reference.optical_attention_backward`.
+H200, bf16, H=16, D=128, causal, B*L=32768: fwd+bwd 2.67-2.86x flash SDPA for L = 2048..32768,
+peak memory 0.75-0.87x (bench/attention.py, bench/results/attention-h200.json).
+
+Why the design looks like this
+------------------------------
+* The noise, not the matmuls, is the cost. Every S element needs its own Philox-4x32-10 call (the
+  contract keys each element by its global index, so nothing is amortised over Philox's four output
+  words): ~40 integer instructions, ~80 with Q_s and the softmax, against 2*D tensor-core FLOPs.
+  Everything below minimises how often S is generated and what each generation costs.
+* Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
+  before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
+  the online max/sum and writes each element's Q_s level index (1 byte for levels <= 256) to a
+  per-program scratch; pass 2 reads the codes back, dequantizes them with the same expression (same
+  bits), forms P = exp(S - m) / l, quantizes it and accumulates Q_p(P) @ Q_v(v): no second S dot
+  and no second Philox, so pass 2 costs ~1/4 of pass 1. The forward grid is persistent (one or two
+  programs per SM, items longest-first) so the scratch is per resident program ([BM, L] codes,
+  capped at 512 MiB in all: 69 MB at L=4096) instead of L x L. Past the cap (L > ~64k), with
+  more than 32768 levels, or while the S range is unset (S passes through), pass 2 regenerates S.
+* One S generation in the backward: a single FlashAttention-2 style kernel (one program per key
+  block, looping over the query blocks of every query head of its GQA group) recomputes P, keeps
+  dK, dV in registers and adds dQ into a float32 buffer with atomics, instead of the two-kernel form
+  (dK/dV, then dQ) that would generate S twice.
+* Philox is done with 64-bit products (one IMAD.WIDE per mulhilo instead of IMAD.HI + IMAD: ~15%
+  fewer hot-loop instructions), returning the 24-bit word so that "+ u" is one exact fma.
+* The quantizer's two divisions use Markstein's correction (q = x * r, e = fma(-q, d, x),
+  q' = fma(e, r, q), r = RN(1/d) precomputed once per launch), which returns the correctly rounded
+  quotient -- the bits of the shared quantizer's `div_rn` -- without the IEEE-division subroutine,
+  whose call makes ptxas spill in these register-bound kernels. The shared `quantize` is used where
+  cost does not matter (elementwise pre-passes).
+* Operands are quantized once, outside the hot loops: a forward pre-pass writes Q_k(k), Q_v(v) to
+  temporaries (re-read by every query block) and each program quantizes its Q tile in registers; a
+  backward pre-pass writes Q_q(q) (re-read by every key block) and D_i = rowsum(dY * Y), and each
+  backward program quantizes its K block in registers.
+* Q_p is exact on the tensor cores: Q_p(P) = k / (levels - 1) with an integer k, which bf16
+  (levels <= 257) and fp16 (levels <= 2049) hold exactly (larger levels: k = 256 a + b, two dots).
+  The accumulator is divided by levels - 1 once at the end, so Q_p(P) @ Q_v(v) matches the
+  reference's float32 product up to accumulation order.
+* Bit-compatibility with the reference: kernels are launched with mul+add -> fma contraction off
+  (Triton contracts by default on the GPU, never in the interpreter). Contracted, the dequantization
+  k / (L-1) * (hi - lo) + lo leaves ~1e-8 where the reference computes an exact 0, and the lut then
+  raises that to its floor: whole-floor errors in Q_k/Q_v, seen on the H200. The explicit fmas above
+  are exact by construction.
+* Global noise indices are int64: (((b + b_off) * Hg + h + h_off) * L + i) * L + j for S and
+  (... + i) * D + d for Y; pointer offsets of the batch/head/row parts are int64 as well.
+* Range observation is fused: each program writes the (min, max) of what it saw (q rows, unmasked S
+  before Q_s, y_raw before Q_y; k/v in the pre-pass) to a small partial buffer that device
+  reductions fold; no host synchronisation anywhere.
+* Rows and keys past L are masked; padded keys in the backward get P = 0 so that no inf * 0 can
+  reach dQ. Tile configurations are a small table per head dim (chosen by bench/attention.py
+  --sweep on an H200), no autotuning: one compile per shape family, no stalls in a trainer.
+
+Under TRITON_INTERPRET=1 (CPU tests) two workarounds are switched on by the INTERP flag: bf16 dots
+are done on float32 copies (the interpreter's bf16 dot multiplies raw bit patterns; the upcast is
+exact since bf16 products are exact in float32), and float32 -> bf16 casts of matmul operands round
+to nearest even (`cast_rne`) instead of truncating.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .quantizer import cast_rne, in_range, philox_uniform, quantize
+
+__all__ = ["attention_forward", "attention_backward", "override_configs", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# 1.5 * 2^23, as in quantizer.py: (t + C) - C rounds t half to even
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _div_rcp(x, d, r):
+    """RN(x / d) given r = RN(1 / d) (Markstein): one multiply and two fmas, same bits as div_rn."""
+    q = x * r
+    e = tl.fma(-q, d, x)
+    return tl.fma(e, r, q)
+
+
+@triton.jit
+def _quant(x, lo, hi, rng, inv_rng, inv_lm1, LEVELS: tl.constexpr, lut, HAS_LUT: tl.constexpr, u,
+           NOISY: tl.constexpr):
+    """quantizer.quantize with the divisions by max(hi - lo, 1e-12) and by (levels - 1) done by
+    `_div_rcp` (reciprocals precomputed: `inv_rng`, `inv_lm1`): the same bits, but no IEEE-division
+    subroutine call, whose calling convention makes ptxas spill in these register-heavy kernels."""
+    xf = x.to(tl.float32)
+    c = tl.minimum(tl.maximum(xf, lo), hi)
+    t = _div_rcp(c - lo, rng, inv_rng) * (LEVELS - 1.0)
+    if NOISY:
+        t = t + u - 0.5
+    k = (t + _ROUND_MAGIC) - _ROUND_MAGIC
+    y = _div_rcp(k, LEVELS - 1.0, inv_lm1) * (hi - lo) + lo
+    if HAS_LUT:
+        pos_floor = lut * hi
+        neg_floor = -lut * tl.abs(lo)
+        y = tl.where((y > 0) & (y < pos_floor), pos_floor, y)
+        y = tl.where((y < 0) & (y > neg_floor), neg_floor, y)
+    return tl.where(lo <= hi, y, xf)
+
+
+@triton.jit
+def _range_consts(rng_ptr, inv_ptr):
+    """(lo, hi, max(hi - lo, 1e-12), RN(1 / that)) of a range; the reciprocal comes precomputed."""
+    lo = tl.load(rng_ptr)
+    hi = tl.load(rng_ptr + 1)
+    return lo, hi, tl.maximum(hi - lo, 1e-12), tl.load(inv_ptr)
+
+
+@triton.jit
+def _store_inv_ranges(INV, r0, r1, r2, r3, r4):
+    """INV[i] = RN(1 / max(hi_i - lo_i, 1e-12)) (IEEE division, once per launch, by program 0 of a
+    pre-pass kernel where the division subroutine costs nothing)."""
+    one = tl.full([], 1.0, tl.float32)
+    tl.store(INV + 0, tl.math.div_rn(one, tl.maximum(tl.load(r0 + 1) - tl.load(r0), 1e-12)))
+    tl.store(INV + 1, tl.math.div_rn(one, tl.maximum(tl.load(r1 + 1) - tl.load(r1), 1e-12)))
+    tl.store(INV + 2, tl.math.div_rn(one, tl.maximum(tl.load(r2 + 1) - tl.load(r2), 1e-12)))
+    tl.store(INV + 3, tl.math.div_rn(one, tl.maximum(tl.load(r3 + 1) - tl.load(r3), 1e-12)))
+    tl.store(INV + 4, tl.math.div_rn(one, tl.maximum(tl.load(r4 + 1) - tl.load(r4), 1e-12)))
+
+
+@triton.jit
+def _mulhilo_wide(a, B: tl.constexpr):
+    # one 32x32->64 multiply (IMAD.WIDE.U32) instead of separate mul.hi and mul.lo
+    p = a.to(tl.uint64) * B
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox_bits24(seed, stream, index):
+    """quantizer.philox_uniform(seed, stream, index) * 2^24, i.e. the 24-bit integer (as float32,
+    exact) whose u = w * 2^-24 the contract uses. Same Philox-4x32-10, with each mulhilo done as
+    one 64-bit product: ~15% fewer instructions in the hot loops, where this is the main cost.
+    Returning w lets the caller fold "+ u" into an exact fma (w * 2^-24 is exact)."""
+    idx = index.to(tl.int64)
+    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros(c0.shape, tl.uint32)
+    c3 = tl.zeros(c0.shape, tl.uint32)
+    k0 = (seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (stream.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi_a, lo_a = _mulhilo_wide(c0, 0xD2511F53)
+        hi_b, lo_b = _mulhilo_wide(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return (c0 >> 8).to(tl.float32)
+
+
+@triton.jit
+def _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS: tl.constexpr):
+    """Noisy Q_s of float32 S (no lut), given the Philox word w (u = w * 2^-24): returns
+    (Q_s(S), its level index k as float32). Same operations and roundings as
+    quantizer.quantize(..., NOISY=True); "t + u" is one exact-product fma, hence one rounding
+    of t + u as in the reference."""
+    c = tl.minimum(tl.maximum(s_raw, slo), shi)
+    t = _div_rcp(c - slo, s_rng, s_inv) * (LEVELS - 1.0)
+    t = tl.fma(w, 1.0 / 16777216.0, t) - 0.5
+    lvl = (t + _ROUND_MAGIC) - _ROUND_MAGIC
+    s_q = _div_rcp(lvl, LEVELS - 1.0, inv_lm1) * (shi - slo) + slo
+    return tl.where(slo <= shi, s_q, s_raw), lvl
+
+
+@triton.jit
+def _dot(a, b, INTERP: tl.constexpr):
+    if INTERP:
+        # The interpreter's bf16 dot multiplies the raw uint16 bit patterns; float32 is exact here.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _to_dt(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """float32 -> matmul operand dtype, round to nearest even (by hand under the interpreter)."""
+    if INTERP:
+        return cast_rne(x, DT)
+    else:
+        return x.to(DT)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["lut"])
+def _prep_kv_kernel(
+    K, V, KQ, VQ, PART, INV, q_rng, k_rng, v_rng, s_rng, y_rng,
+    skb, skh, skl, skd, svb, svh, svl, svd,
+    HKV, L, lut,
+    LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
+    OBSERVE: tl.constexpr,
+):
+    """Q_k(k) and Q_v(v) into contiguous temporaries (input dtype), their observed ranges, and the
+    range reciprocals of the forward kernel."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    if (pid == 0) & (hk == 0) & (b == 0):
+        _store_inv_ranges(INV, q_rng, k_rng, v_rng, s_rng, y_rng)
+    rows = pid * BLK + tl.arange(0, BLK)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < L
+    m2 = row_ok[:, None]
+    r64 = rows.to(tl.int64)[:, None]
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+                + r64 * skl + offs_d[None, :] * skd,
+                mask=m2, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+                + r64 * svl + offs_d[None, :] * svd,
+                mask=m2, other=0.0)
+    klo = tl.load(k_rng)
+    khi = tl.load(k_rng + 1)
+    vlo = tl.load(v_rng)
+    vhi = tl.load(v_rng + 1)
+    kq = cast_rne(quantize(k, klo, khi, LEVELS, lut, HAS_LUT, 0.0, False), KQ.dtype.element_ty)
+    vq = cast_rne(quantize(v, vlo, vhi, LEVELS, lut, HAS_LUT, 0.0, False), VQ.dtype.element_ty)
+    out = ((b * HKV + hk).to(tl.int64) * L + r64) * D + offs_d[None, :]
+    tl.store(KQ + out, kq, mask=m2)
+    tl.store(VQ + out, vq, mask=m2)
+    if OBSERVE:
+        kf = k.to(tl.float32)
+        vf = v.to(tl.float32)
+        part = PART + ((b * HKV + hk) * tl.num_programs(0) + pid).to(tl.int64) * 4
+        tl.store(part + 0, tl.min(tl.where(m2, kf, float("inf"))))
+        tl.store(part + 1, tl.max(tl.where(m2, kf, float("-inf"))))
+        tl.store(part + 2, tl.min(tl.where(m2, vf, float("inf"))))
+        tl.store(part + 3, tl.max(tl.where(m2, vf, float("-inf"))))
+
+
+@triton.jit
+def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+                slo, shi, s_rng, s_inv, inv_lm1,
+                LEVELS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                INTERP: tl.constexpr):
+    """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
+    index k (float32) and the valid-element mask (MASK tiles only)."""
+    cols = start_n + offs_n
+    kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
+    if MASK:
+        k = tl.load(kp, mask=(cols < L)[:, None], other=0.0)
+    else:
+        k = tl.load(kp)
+    s_raw = _dot(qq, tl.trans(k), INTERP)
+    w = _philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
+    s_q, lvl = _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+    valid = _valid(offs_m, cols, L, CAUSAL, MASK)
+    return s_raw, s_q, lvl, valid, cols
+
+
+@triton.jit
+def _valid(rows, cols, L, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    """Unmasked (causal, in-bounds key) positions of a tile; only MASK tiles need one."""
+    if MASK:
+        valid = (cols < L)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+    else:
+        valid = cols[None, :] >= 0  # all true: shape-only placeholder, never used
+    return valid
+
+
+@triton.jit
+def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, code_base, W, lo, hi, offs_m, offs_n, offs_d,
+               row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, OBSERVE: tl.constexpr,
+               CODES: tl.constexpr, INTERP: tl.constexpr):
+    """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
+    Q_s's level indices written to this program's scratch rows for pass 2."""
+    rl = tl.arange(0, BM)
+    for start_n in range(lo, hi, BN):
+        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+            qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
+            s_rng, s_inv, inv_lm1, LEVELS, D, CAUSAL, MASK, INTERP)
+        x = s_q * scale_log2
+        if MASK:
+            x = tl.where(valid, x, float("-inf"))
+        if CODES:
+            if INTERP:  # unset S range: the codes are unused; keep numpy's cast warning quiet
+                lvl = tl.where(slo <= shi, lvl, 0.0)
+            code = lvl.to(code_base.dtype.element_ty)
+            tl.store(code_base + rl[:, None] * W + cols[None, :], code)
+        if OBSERVE:
+            if MASK:
+                smin = tl.minimum(smin, tl.min(tl.where(valid, s_raw, float("inf")), 1))
+                smax = tl.maximum(smax, tl.max(tl.where(valid, s_raw, float("-inf")), 1))
+            else:
+                smin = tl.minimum(smin, tl.min(s_raw, 1))
+                smax = tl.maximum(smax, tl.max(s_raw, 1))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+        m_i = m_new
+    return m_i, l_i, smin, smax
+
+
+@triton.jit
+def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, scale_log2,
+             LEVELS: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
+             INTERP: tl.constexpr):
+    """acc += Q_p(P) @ Q_v(v) for one tile of Q_s(S). P_MODE 0: the integer level indices k
+    (exact in the operand dtype), 1: k split as 256 * a + b, two dots with exact operands,
+    2: k / (levels - 1) rounded to the operand dtype (levels > 65536 only)."""
+    DT: tl.constexpr = vq_base.dtype.element_ty
+    # the softmax itself is approximate anyway (exp2): S * c - m in one fma
+    p = tl.math.exp2(tl.fma(s_q, scale_log2, -m_i[:, None])) * inv_l[:, None]
+    if MASK:
+        p = tl.where(valid, p, 0.0)
+    # Q_p over the fixed range [0, 1]: t = clamp(p, 0, 1) * (levels - 1) exactly (the division
+    # by hi - lo = 1 is exact), k = round-half-even(t). p >= 0 by construction.
+    kp = (tl.minimum(p, 1.0) * (LEVELS - 1.0) + _ROUND_MAGIC) - _ROUND_MAGIC
+    vp = vq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
+    if MASK:
+        v = tl.load(vp, mask=(cols < L)[:, None], other=0.0)
+    else:
+        v = tl.load(vp)
+    if P_MODE == 0:
+        acc += _dot(kp.to(DT), v, INTERP)
+    elif P_MODE == 1:
+        k_hi = tl.floor(kp * (1.0 / 256.0)) * 256.0
+        acc += _dot(k_hi.to(DT), v, INTERP)
+        acc += _dot((kp - k_hi).to(DT), v, INTERP)
+    else:
+        acc += _dot(_to_dt(_div_rcp(kp, LEVELS - 1.0, inv_lm1), DT, INTERP), v, INTERP)
+    return acc
+
+
+@triton.jit
+def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, vq_base, lo, hi, offs_m, offs_n, offs_d,
+                         row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+                         LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                         CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
+                         INTERP: tl.constexpr):
+    """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
+    range, levels > 65536, or no room for the scratch)."""
+    for start_n in range(lo, hi, BN):
+        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+            qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
+            s_rng, s_inv, inv_lm1, LEVELS, D, CAUSAL, MASK, INTERP)
+        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
+                       scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
+    return acc
+
+
+@triton.jit
+def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, lo, hi, offs_m, offs_n, offs_d, L,
+                     slo, shi, inv_lm1, scale_log2,
+                     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
+                     INTERP: tl.constexpr):
+    """Pass 2 from the level codes pass 1 wrote: Q_s(S) = k / (levels - 1) * (hi - lo) + lo by
+    the same expression as in `_fwd_s_tile`, hence the same bits, without the S dot or Philox."""
+    rl = tl.arange(0, BM)
+    for start_n in range(lo, hi, BN):
+        cols = start_n + offs_n
+        lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
+        s_q = _div_rcp(lvl, LEVELS - 1.0, inv_lm1) * (shi - slo) + slo
+        valid = _valid(offs_m, cols, L, CAUSAL, MASK)
+        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
+                       scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
+    return acc
+
+
+@triton.jit
+def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
+              H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
+              qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv, seed_s, seed_y,
+              LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
+              USE_CODES: tl.constexpr, INTERP: tl.constexpr):
+    """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
+    longest first (the last causal row block of every head, then the one before, ...)."""
+    pid_m = num_m - 1 - t // BH
+    bh = t % BH
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    start_m = pid_m * BM
+    offs_m = start_m + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < L
+    DT: tl.constexpr = KQ.dtype.element_ty
+
+    # Q tile: quantized once, in registers.
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+                + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    qq = cast_rne(_quant(q, qlo, qhi, q_w, q_inv, inv_lm1, LEVELS, 0.0, False, 0.0, False), DT)
+    if OBSERVE:
+        qf = q.to(tl.float32)
+        q_min = tl.min(tl.where(row_ok[:, None], qf, float("inf")))
+        q_max = tl.max(tl.where(row_ok[:, None], qf, float("-inf")))
+
+    bh_g = (b + b_off).to(tl.int64) * Hg + (h + h_off)
+    row_idx = (bh_g * L + offs_m) * L  # global S index of (i, 0), int64
+    kv_off = (b * HKV + hk).to(tl.int64) * L * D
+    kq_base = KQ + kv_off
+    vq_base = VQ + kv_off
+
+    if CAUSAL:
+        n_full = start_m  # keys j < start_m <= i: no mask needed
+        n_end = tl.minimum(start_m + BM, L)
+    else:
+        n_full = (L // BN) * BN
+        n_end = L
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    smin = tl.full([BM], float("inf"), tl.float32)
+    smax = tl.full([BM], float("-inf"), tl.float32)
+    m_i, l_i, smin, smax = _fwd_pass1(
+        m_i, l_i, smin, smax, qq, kq_base, CODES, W, 0, n_full, offs_m, offs_n, offs_d, row_idx,
+        L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, INTERP)
+    m_i, l_i, smin, smax = _fwd_pass1(
+        m_i, l_i, smin, smax, qq, kq_base, CODES, W, n_full, n_end, offs_m, offs_n, offs_d,
+        row_idx, L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, INTERP)
+
+    inv_l = 1.0 / l_i
+    acc = tl.zeros([BM, D], tl.float32)
+    if USE_CODES:
+        # Pass 2 reads codes other threads of this program wrote (the load layout is not the MMA
+        # layout of the stores): a CTA barrier orders those global writes before the reads.
+        tl.debug_barrier()
+    # Codes hold Q_s's level index, meaningless when the S range is unset (S passes through):
+    # then, and when no codes are kept, S is regenerated.
+    if USE_CODES and (slo <= shi):
+        acc = _fwd_pass2_codes(
+            acc, m_i, inv_l, CODES, W, vq_base, 0, n_full, offs_m, offs_n, offs_d, L,
+            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False, P_MODE, INTERP)
+        acc = _fwd_pass2_codes(
+            acc, m_i, inv_l, CODES, W, vq_base, n_full, n_end, offs_m, offs_n, offs_d, L,
+            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True, P_MODE, INTERP)
+    else:
+        acc = _fwd_pass2_recompute(
+            acc, m_i, inv_l, qq, kq_base, vq_base, 0, n_full, offs_m, offs_n, offs_d, row_idx, L,
+            seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            LEVELS, D, BN, CAUSAL, False, P_MODE, INTERP)
+        acc = _fwd_pass2_recompute(
+            acc, m_i, inv_l, qq, kq_base, vq_base, n_full, n_end, offs_m, offs_n, offs_d, row_idx,
+            L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            LEVELS, D, BN, CAUSAL, True, P_MODE, INTERP)
+    if P_MODE < 2:
+        y_raw = _div_rcp(acc, LEVELS - 1.0, inv_lm1)
+    else:
+        y_raw = acc
+
+    u_y = philox_uniform(seed_y, stream, (bh_g * L + offs_m)[:, None] * D + offs_d[None, :])
+    y = _quant(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    row_lin = bh.to(tl.int64) * L + offs_m
+    tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
+    tl.store(LSE + row_lin, m_i + tl.math.log2(l_i), mask=row_ok)
+
+    if OBSERVE:
+        part = PART + (bh * num_m + pid_m).to(tl.int64) * 6
+        tl.store(part + 0, q_min)
+        tl.store(part + 1, q_max)
+        tl.store(part + 2, tl.min(tl.where(row_ok, smin, float("inf"))))
+        tl.store(part + 3, tl.max(tl.where(row_ok, smax, float("-inf"))))
+        tl.store(part + 4, tl.min(tl.where(row_ok[:, None], y_raw, float("inf"))))
+        tl.store(part + 5, tl.max(tl.where(row_ok[:, None], y_raw, float("-inf"))))
+
+
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off"])
+def _fwd_kernel(
+    Q, KQ, VQ, Y, LSE, PART, CODES, INV, q_rng, s_rng_ptr, y_rng, seeds,
+    sqb, sqh, sql, sqd,
+    H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
+    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
+    USE_CODES: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
+    first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    qlo, qhi, q_w, q_inv = _range_consts(q_rng, INV + 0)
+    slo, shi, s_rng, s_inv = _range_consts(s_rng_ptr, INV + 3)
+    ylo, yhi, y_w, y_inv = _range_consts(y_rng, INV + 4)
+    seed_s = tl.load(seeds)
+    seed_y = tl.load(seeds + 1)
+    code_base = CODES + pid.to(tl.int64) * BM * W
+    for t in range(pid, BH * num_m, n_prog):
+        if USE_CODES:
+            # no thread may overwrite the scratch (pass 1 of this item) while another still
+            # reads the previous item's codes (its pass 2)
+            tl.debug_barrier()
+        _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, sqb, sqh, sql, sqd,
+                  H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
+                  qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
+                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, OBSERVE, P_MODE, USE_CODES, INTERP)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _prep_bwd_kernel(
+    Q, DY, Y, QQ, DELTA, INV, q_rng, k_rng, v_rng, s_rng,
+    sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd,
+    H, L,
+    LEVELS: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
+):
+    """Q_q(q) into a contiguous temporary, D_i = rowsum(dY_i * Y_i) in float32, and the range
+    reciprocals of the backward kernel."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if (pid == 0) & (h == 0) & (b == 0):
+        _store_inv_ranges(INV, q_rng, k_rng, v_rng, s_rng, s_rng)
+    rows = pid * BLK + tl.arange(0, BLK)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < L
+    m2 = row_ok[:, None]
+    r64 = rows.to(tl.int64)[:, None]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+                + r64 * sql + offs_d[None, :] * sqd,
+                mask=m2, other=0.0)
+    qlo = tl.load(q_rng)
+    qhi = tl.load(q_rng + 1)
+    row_lin = (b * H + h).to(tl.int64) * L + rows
+    qq = cast_rne(quantize(q, qlo, qhi, LEVELS, 0.0, False, 0.0, False), QQ.dtype.element_ty)
+    tl.store(QQ + row_lin[:, None] * D + offs_d[None, :], qq, mask=m2)
+    dy = tl.load(DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+                 + r64 * sdl + offs_d[None, :] * sdd,
+                 mask=m2, other=0.0)
+    y = tl.load(Y + row_lin[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
+    tl.store(DELTA + row_lin, tl.sum(dy.to(tl.float32) * y.to(tl.float32), 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, L,
+               sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed, stream,
+               slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr,
+               MASK: tl.constexpr, CLIPPED: tl.constexpr, INTERP: tl.constexpr):
+    """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
+    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled)."""
+    DT: tl.constexpr = kq.dtype
+    for start_m in range(lo, hi, BM):
+        rows = start_m + tl.arange(0, BM)
+        row_ok = rows < L
+        r64 = rows.to(tl.int64)
+        m2 = row_ok[:, None]
+        qq = tl.load(QQ_h + r64[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
+        q = tl.load(Q_h + r64[:, None] * sql + offs_d[None, :] * sqd, mask=m2, other=0.0)
+        dy = tl.load(DY_h + r64[:, None] * sdl + offs_d[None, :] * sdd, mask=m2, other=0.0)
+        # Rows past L get lse = +inf, hence P = 0: they add nothing to dK, dV.
+        lse = tl.load(LSE_h + r64, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
+
+        s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
+        w = _philox_bits24(seed, stream, (row_idx0 + r64 * L)[None, :] + offs_n[:, None])
+        s_q, lvl = _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+        p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
+        if MASK:
+            valid = col_ok[:, None]
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= rows[None, :])
+            p = tl.where(valid, p, 0.0)
+        else:
+            p = tl.where(col_ok[:, None], p, 0.0)
+
+        dv += _dot(_to_dt(p, DT, INTERP), dy, INTERP)
+        dp = _dot(v, tl.trans(dy), INTERP)
+        ds = p * (dp - delta[None, :])
+        if CLIPPED:
+            ds = tl.where(in_range(s_raw, slo, shi), ds, 0.0)
+        ds_c = _to_dt(ds, DT, INTERP)
+        dk += _dot(ds_c, q, INTERP)
+        dq = _dot(tl.trans(ds_c), k, INTERP)  # [BM, D]
+        tl.atomic_add(DQA_h + r64[:, None] * D + offs_d[None, :], dq, mask=m2, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "lut"])
+def _bwd_kernel(
+    QQ, Q, K, V, DY, LSE, DELTA, DQA, DK, DV, INV, k_rng, v_rng, s_rng_ptr, seeds,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV, L, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
+    LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    start_n = pid_n * BN
+    offs_n = start_n + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < L
+    n64 = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+                + n64 * skl + offs_d[None, :] * skd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+                + n64 * svl + offs_d[None, :] * svd,
+                mask=col_ok[:, None], other=0.0)
+    DT: tl.constexpr = k.dtype
+    klo, khi, k_w, k_inv = _range_consts(k_rng, INV + 1)
+    kq = cast_rne(_quant(k, klo, khi, k_w, k_inv, inv_lm1, LEVELS, lut, HAS_LUT, 0.0, False), DT)
+
+    slo, shi, s_rng, s_inv = _range_consts(s_rng_ptr, INV + 3)
+    seed_s = tl.load(seeds)
+
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    if CAUSAL:
+        diag_end = tl.minimum(start_n + BN, L)  # query blocks that straddle the diagonal
+        full_lo = start_n + BN
+    else:
+        diag_end = 0
+        full_lo = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = (b * H + h).to(tl.int64)
+        QQ_h = QQ + bh * L * D
+        Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        DY_h = DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        LSE_h = LSE + bh * L
+        DELTA_h = DELTA + bh * L
+        DQA_h = DQA + bh * L * D
+        row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
+        dk, dv = _bwd_tiles(
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, start_n, diag_end, row_idx0,
+            L, sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed_s, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, CAUSAL, True, CLIPPED,
+            INTERP)
+        dk, dv = _bwd_tiles(
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, L, row_idx0,
+            L, sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed_s, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, CAUSAL, False, CLIPPED,
+            INTERP)
+
+    dk = dk * scale
+    if CLIPPED:
+        vlo = tl.load(v_rng)
+        vhi = tl.load(v_rng + 1)
+        dk = tl.where(in_range(k, klo, khi), dk, 0.0)
+        dv = tl.where(in_range(v, vlo, vhi), dv, 0.0)
+    out = ((b * HKV + hk).to(tl.int64) * L + n64) * D + offs_d[None, :]
+    tl.store(DK + out, cast_rne(dk, DT), mask=col_ok[:, None])
+    tl.store(DV + out, cast_rne(dv, DT), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
+                      D: tl.constexpr, BLK: tl.constexpr, CLIPPED: tl.constexpr):
+    """dq = scale * accumulated dS k (zeroed where q was clamped in `clipped` mode), cast."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = pid * BLK + tl.arange(0, BLK)
+    offs_d = tl.arange(0, D)
+    m2 = (rows < L)[:, None]
+    row_lin = (b * H + h).to(tl.int64) * L + rows
+    dq = tl.load(DQA + row_lin[:, None] * D + offs_d[None, :], mask=m2, other=0.0) * scale
+    if CLIPPED:
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+                    + rows.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd, mask=m2, other=0.0)
+        qlo = tl.load(q_rng)
+        qhi = tl.load(q_rng + 1)
+        dq = tl.where(in_range(q, qlo, qhi), dq, 0.0)
+    tl.store(DQ + row_lin[:, None] * D + offs_d[None, :], cast_rne(dq, DQ.dtype.element_ty),
+             mask=m2)
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+# (BM, BN, num_warps, num_stages) per head dim. Forward: BM query rows per program, BN keys per
+# tile (BM % BN == 0). Backward: BN keys per program, BM queries per tile (BN % BM == 0).
+# The per-element Philox and quantizer work (~75 instructions per S element and pass) lives in
+# registers next to the accumulators; these shapes keep the hot loops free of spills on sm_90
+# (checked in the SASS: no local loads/stores inside the loops). bench/attention.py --sweep times
+# the alternatives on the GPU.
+_FWD_CFG = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (128, 64, 8, 2),
+    128: (64, 32, 4, 2),  # H200 sweep at L=4096: 9.5 ms vs 10.2 (128, 64, 8) and 10.7 (128, 32, 8)
+}
+_BWD_CFG = {
+    16: (32, 64, 4, 2),
+    32: (32, 64, 4, 2),
+    64: (32, 128, 8, 2),
+    128: (32, 128, 8, 3),  # H200 sweep at L=4096: 10.15 ms vs 10.28 (2 stages), 10.5 (16, 64, 4)
+}
+# Under the interpreter: small tiles so that tiny test shapes still span several tiles.
+_INTERP_FWD_CFG = (32, 16, 4, 1)
+_INTERP_BWD_CFG = (16, 32, 4, 1)
+_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None}
+
+
+@contextlib.contextmanager
+def override_configs(fwd: tuple[int, int, int, int] | None = None,
+                     bwd: tuple[int, int, int, int] | None = None):
+    """Temporarily force (BM, BN, num_warps, num_stages) of the forward/backward (tests, sweeps)."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(fwd=fwd, bwd=bwd)
+    try:
+        yield
+    finally:
+        _OVERRIDE.update(old)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(kind: str, D: int, interp: bool) -> tuple[int, int, int, int]:
+    if _OVERRIDE[kind] is not None:
+        cfg = _OVERRIDE[kind]
+    elif interp:
+        cfg = _INTERP_FWD_CFG if kind == "fwd" else _INTERP_BWD_CFG
+    else:
+        cfg = (_FWD_CFG if kind == "fwd" else _BWD_CFG)[D]
+    bm, bn = cfg[0], cfg[1]
+    if kind == "fwd" and bm % bn:
+        raise ValueError(f"forward config needs BM % BN == 0, got {cfg}")
+    if kind == "bwd" and bn % bm:
+        raise ValueError(f"backward config needs BN % BM == 0, got {cfg}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _inv_lm1(levels: int) -> float:
+    # RN(1 / (levels - 1)) in float32, exactly representable, so the kernel argument is exact.
+    return float(np.float32(1.0) / np.float32(levels - 1))
+
+
+# Pass 1 of the forward stores Q_s's level index of every S element it computes into a per-program
+# scratch ([BM, W] codes, reused by the program's next item) so that pass 2 reads S back instead of
+# regenerating it (no second S dot, no second Philox: pass 2 costs ~5x less). The scratch of all
+# resident programs is capped; past the cap (very long L) pass 2 regenerates S instead.
+_CODE_SCRATCH_CAP = 512 * 2**20
+# Every launch disables Triton's mul+add -> fma contraction (on by default on the GPU, absent in
+# the interpreter): the reference rounds k / (levels-1) * (hi - lo) and "+ lo" separately, and a
+# fused version leaves 1e-8 where the reference gets an exact 0, which the lut then raises to its
+# floor (seen on the H200: whole lut-floor errors in Q_k, Q_v). Explicit tl.fma stays fused.
+_OPTS = {"enable_fp_fusion": False}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _fwd_grid(n_items: int, codes_per_prog: int, levels: int, warps: int, dev: torch.device,
+              interp: bool):
+    """(number of persistent programs, level-code dtype or None when pass 2 regenerates S)."""
+    code_dtype = torch.uint8 if levels <= 256 else (torch.int16 if levels <= 32768 else None)
+    if interp:  # a few programs, so that tests run the persistent loop over several items
+        return min(n_items, 3), code_dtype
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    # one 8-warp program or two 4-warp programs per SM (registers allow no more)
+    resident = _SM_COUNT[idx] * max(1, 8 // warps)
+    n_prog = min(n_items, resident)
+    if code_dtype is not None:
+        per_prog = codes_per_prog * (1 if code_dtype == torch.uint8 else 2)
+        fit = _CODE_SCRATCH_CAP // per_prog
+        if fit >= n_prog:
+            pass
+        elif fit * 2 >= resident:  # keeping at least half the machine busy beats regenerating S
+            n_prog = fit
+        else:
+            code_dtype = None
+    return n_prog, code_dtype
+
+
+def _p_mode(levels: int, dtype: torch.dtype) -> int:
+    """How Q_p(P) enters the P @ V product (see `_fwd_pass2`): 0 when every level index
+    0..levels-1 is exact in the operand dtype, 1 when it is after a split in two bytes, else 2."""
+    if levels - 1 <= (256 if dtype == torch.bfloat16 else 2048):
+        return 0
+    return 1 if levels - 1 <= 65535 else 2
+
+
+def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_global):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, H, L, D]")
+    B, H, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+        raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} do not match q "
+                         f"{tuple(q.shape)}"
+                         " (same batch, length and head dim required)")
+    if H % k.shape[1] != 0:
+        raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported by the fused optical attention "
+                         f"(supported: {SUPPORTED_HEAD_DIMS})")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fused optical attention supports bfloat16 and float16, got {q.dtype}; "
+                         "use the reference path for float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError("q, k, v must share a dtype")
+    if not (isinstance(levels, int) and levels >= 2):
+        raise ValueError(f"levels must be an integer >= 2, got {levels}")
+    if lut is not None and not (0.0 <= lut < 1.0):
+        raise ValueError(f"lut must be in [0, 1), got {lut}")
+    if batch_offset < 0 or batch_offset + B > batch_global:
+        raise ValueError(f"batch shard [{batch_offset}, {batch_offset + B}) exceeds {batch_global}")
+    if head_offset < 0 or head_offset + H > heads_global:
+        raise ValueError(f"head shard [{head_offset}, {head_offset + H}) exceeds {heads_global}")
+    return B, H, k.shape[1], L, D
+
+
+def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seeds, *, levels: int,
+                      lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
+                      batch_global: int, head_offset: int, heads_global: int, observe: bool):
+    """q [B,H,L,D], k/v [B,Hkv,L,D] (any strides); *_range float32 [2] device tensors (lo > hi =
+    uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host).
+
+    Returns (y [B,H,L,D] in q's dtype, stats float32 [B,H,L] = log2-domain log-sum-exp of the
+    scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e - stats)), obs float32 [5,2]:
+    observed (min, max) of q, k, v, S (causal positions, before Q_s), y_raw (before Q_y); rows are
+    (+inf, -inf) when not `observe`).
+    """
+    B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
+                             heads_global)
+    dev = q.device
+    interp = _interpreting()
+    BM, BN, warps, stages = _config("fwd", D, interp)
+    has_lut = lut is not None and lut > 0
+
+    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
+    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    blk = 32  # elementwise pre-pass: small blocks keep register use (and occupancy) sane
+    n_prep = triton.cdiv(L, blk)
+    part_kv = torch.empty((max(B * HKV * n_prep, 1), 4) if observe else (1, 4),
+                          dtype=torch.float32, device=dev)
+    inv = torch.empty(5, dtype=torch.float32, device=dev)
+    _prep_kv_kernel[(n_prep, HKV, B)](
+        k, v, kq, vq, part_kv, inv, q_range, k_range, v_range, s_range, y_range,
+        *k.stride(), *v.stride(), HKV, L,
+        float(lut) if has_lut else 0.0,
+        LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe, num_warps=4, **_OPTS)
+
+    y = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+    num_m = triton.cdiv(L, BM)
+    n_items = B * H * num_m
+    part = torch.empty((n_items, 6) if observe else (1, 6), dtype=torch.float32, device=dev)
+    W = triton.cdiv(L, BN) * BN  # row length of the level-code scratch
+    n_prog, code_dtype = _fwd_grid(n_items, BM * W, levels, warps, dev, interp)
+    codes = torch.empty((n_prog * BM * W,) if code_dtype is not None else (1,),
+                        dtype=code_dtype or torch.uint8, device=dev)
+    _fwd_kernel[(n_prog,)](
+        q, kq, vq, y, lse, part, codes, inv, q_range, s_range, y_range, seeds, *q.stride(),
+        H, HKV, L, W, num_m, B * H, int(stream), int(batch_offset), int(head_offset),
+        int(heads_global), float(scale) * _LOG2E, _inv_lm1(levels),
+        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), OBSERVE=observe,
+        P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, INTERP=interp,
+        num_warps=warps, num_stages=stages, **_OPTS)
+    del codes, kq, vq
+
+    if observe:
+        fwd_mm = torch.stack([part[:, 0::2].amin(0), part[:, 1::2].amax(0)], dim=1)  # q, s, y
+        kv_mm = torch.stack([part_kv[:, 0::2].amin(0), part_kv[:, 1::2].amax(0)], dim=1)  # k, v
+        obs = torch.cat([fwd_mm[:1], kv_mm, fwd_mm[1:]])
+    else:
+        # Built with fills, not from a host list: no host-to-device copy.
+        obs = torch.empty((5, 2), dtype=torch.float32, device=dev)
+        obs[:, 0].fill_(float("inf"))
+        obs[:, 1].fill_(float("-inf"))
+    return y, lse, obs
+
+
+def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
+                       lut, stream, scale, causal, batch_offset, batch_global, head_offset,
+                       heads_global, clipped: bool):
+    """Straight-through (or `clipped`) gradients of `attention_forward`, as
+    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes."""
+    B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
+                             heads_global)
+    if dy.shape != q.shape or y.shape != q.shape:
+        raise ValueError("dy and y must have q's shape")
+    dev = q.device
+    interp = _interpreting()
+    BM, BN, warps, stages = _config("bwd", D, interp)
+    has_lut = lut is not None and lut > 0
+    if dy.dtype != q.dtype:
+        dy = dy.to(q.dtype)
+    y = y.contiguous()
+    stats = stats.contiguous()
+
+    qq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+    blk = 32
+    inv = torch.empty(5, dtype=torch.float32, device=dev)
+    _prep_bwd_kernel[(triton.cdiv(L, blk), H, B)](
+        q, dy, y, qq, delta, inv, q_range, k_range, v_range, s_range, *q.stride(), *dy.stride(),
+        H, L,
+        LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
+
+    dqa = torch.zeros((B, H, L, D), dtype=torch.float32, device=dev)
+    dk = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    _bwd_kernel[(triton.cdiv(L, BN), HKV, B)](
+        qq, q, k, v, dy, stats, delta, dqa, dk, dv, inv, k_range, v_range, s_range, seeds,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
+        H, HKV, L, int(stream), int(batch_offset), int(head_offset), int(heads_global),
+        float(scale), float(scale) * _LOG2E, _inv_lm1(levels), float(lut) if has_lut else 0.0,
+        LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
+        CLIPPED=bool(clipped), INTERP=interp, num_warps=warps, num_stages=stages, **_OPTS)
+    del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
+
+    dq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
+    _dq_finish_kernel[(triton.cdiv(L, blk), H, B)](
+        dqa, q, dq, q_range, *q.stride(), H, L, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
+        num_warps=4, **_OPTS)
+    return dq, dk, dv

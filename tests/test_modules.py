@@ -186,3 +186,22 @@ def test_update_ranges_handles_many_modules_at_once():
     model(torch.randn(3, 4))
     assert update_ranges(model) == 2
     assert all(torch.isfinite(m.optical_ranges).all() for m in optical_modules(model))
+
+
+def test_autocast_casts_inputs_like_the_layers_replaced_and_keeps_float32_inside():
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=64))
+    lin.eval()
+    torch.manual_seed(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    # Same as calling it on bf16 operands outside autocast: the quantizers and the float32
+    # accumulation inside the op are not lowered by the surrounding autocast region.
+    bf16 = OpticalLinear(12, 6, config=QuantizerConfig(q_levels=64))
+    bf16.load_state_dict(lin.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    assert bf16.optical_ranges.dtype == torch.float32  # ranges stay float32 through dtype casts
+    assert torch.equal(bf16.optical_ranges, lin.optical_ranges)
+    bf16.eval()
+    torch.manual_seed(9)
+    assert torch.equal(y, bf16(x.to(torch.bfloat16)))

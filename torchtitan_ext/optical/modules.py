@@ -45,11 +45,21 @@ class ShardContext:
     tp_size: int = 1
 
 
+def _autocast(*tensors):
+    """Apply autocast's input cast by hand: the custom ops are opaque to autocast, but under
+    torchtitan's mixed precision (AMP) the layers they replace would run in the autocast dtype."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def _batch_extent(shape: torch.Size) -> int:
     return int(torch.Size(shape[:-2]).numel()) if len(shape) >= 3 else int(shape[0])
 
 
-class OpticalLinear(nn.Linear, RangeState):
+class OpticalLinear(RangeState, nn.Linear):
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b (semantics page, section 2)."""
 
     RANGE_NAMES = ("x", "w", "out")
@@ -94,10 +104,11 @@ class OpticalLinear(nn.Linear, RangeState):
 
         if isinstance(self.weight, DTensor):
             return self._forward_tensor_parallel(x)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         index = ops.linear_index(
             x.shape, self.out_features, batch_offset=self.shard.dp_rank * _batch_extent(x.shape)
         )
-        y, obs = self._linear(x, self.weight, self.bias, index, _draw_seeds(1, x.device),
+        y, obs = self._linear(x, weight, bias, index, _draw_seeds(1, x.device),
                               quantize_output=True)
         return y
 
@@ -184,7 +195,7 @@ class OpticalLinear(nn.Linear, RangeState):
         )
 
 
-class OpticalAttention(nn.Module, RangeState):
+class OpticalAttention(RangeState, nn.Module):
     """Drop-in for the inner scaled-dot-product attention call (semantics page, section 3)."""
 
     RANGE_NAMES = ("q", "k", "v", "s", "y")
@@ -204,6 +215,7 @@ class OpticalAttention(nn.Module, RangeState):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 scale: float | None = None, enable_gqa: bool = False,
                 is_causal: bool = True) -> torch.Tensor:
+        q, k, v = _autocast(q, k, v)
         b, h, _, d = q.shape
         scale = d ** -0.5 if scale is None else scale
         c = self.config

@@ -64,6 +64,31 @@ def _use_kernels(t: Tensor) -> bool:
     return _kernel_mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _use_attention_kernel(q: Tensor) -> bool:
+    """The fused attention covers bf16/fp16 and the usual head dims; anything else (float32
+    training, unusual heads) takes the materialised reference, which is exact but O(L^2)."""
+    if not _use_kernels(q):
+        return False
+    from .kernels.attention import SUPPORTED_HEAD_DIMS
+
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+def _no_autocast(fn):
+    """Run an op's implementation with autocast off: the ops fix their own precisions (float32
+    quantizer math and accumulation), and a surrounding autocast region would otherwise lower
+    the reference's matmuls to bf16. The modules apply autocast's input casts themselves."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = args[0].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def linear_index(
     x_shape: torch.Size | tuple[int, ...],
     n_local: int,
@@ -110,6 +135,7 @@ def _lut(lut: float) -> float | None:
 # Linear
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("optical::linear", mutates_args=())
+@_no_autocast
 def _linear(
     x: Tensor,
     weight: Tensor,
@@ -169,6 +195,7 @@ def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, obse
 
 
 @torch.library.custom_op("optical::linear_backward", mutates_args=())
+@_no_autocast
 def _linear_backward(
     grad_y: Tensor,
     x: Tensor,
@@ -276,6 +303,7 @@ def optical_linear(
 # Stand-alone quantizer (Q_out after a tensor-parallel reduction)
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("optical::quantize", mutates_args=())
+@_no_autocast
 def _quantize(
     x: Tensor,
     rng: Tensor,
@@ -376,6 +404,7 @@ def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, i
 
 
 @torch.library.custom_op("optical::attention", mutates_args=())
+@_no_autocast
 def _attention(
     q: Tensor,
     k: Tensor,
@@ -392,7 +421,7 @@ def _attention(
     clipped: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # `clipped` changes only the backward; it is an argument so the autograd context sees it.
-    if _use_kernels(q):
+    if _use_attention_kernel(q):
         from .kernels import attention as kattn
 
         b_off, b_glob, h_off, h_glob = index
@@ -421,7 +450,7 @@ def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, 
     b, h, lq, _ = q.shape
     # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
     # compiler must know the real size, which depends on the path the eager op will take.
-    stats_shape = (b, h, lq) if _use_kernels(q) else (0,)
+    stats_shape = (b, h, lq) if _use_attention_kernel(q) else (0,)
     return (
         torch.empty_like(q),
         q.new_empty(stats_shape, dtype=torch.float32),
@@ -430,6 +459,7 @@ def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, 
 
 
 @torch.library.custom_op("optical::attention_backward", mutates_args=())
+@_no_autocast
 def _attention_backward(
     grad_y: Tensor,
     q: Tensor,
@@ -447,7 +477,7 @@ def _attention_backward(
     index: List[int],
     clipped: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    if _use_kernels(q):
+    if _use_attention_kernel(q):
         from .kernels import attention as kattn
 
         b_off, b_glob, h_off, h_glob = index

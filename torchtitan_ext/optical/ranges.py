@@ -49,7 +49,10 @@ def _unset(n: int, device=None) -> torch.Tensor:
 
 
 class RangeState:
-    """Mixin for optical modules: owns the two range buffers and the EMA factor."""
+    """Mixin for optical modules: owns the two range buffers and the EMA factor.
+
+    List it before the nn.Module base (`class OpticalLinear(RangeState, nn.Linear)`) so its
+    `_apply` takes part in the module's dtype and device moves."""
 
     RANGE_NAMES: tuple[str, ...] = ()
     smooth: float
@@ -59,6 +62,18 @@ class RangeState:
         self.register_buffer("optical_ranges", _unset(n, device), persistent=True)
         self.register_buffer("optical_observed", _unset(n, device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Ranges are float32 by contract. A dtype cast of the whole module (module.to(bf16),
+        # .half()) would round them to the cast's precision; keep the float32 values, moved.
+        saved = {n: self._buffers[n] for n in ("optical_ranges", "optical_observed")
+                 if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for name, orig in saved.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = orig.to(device=new.device)
+        return out
+
     def reset_ranges(self) -> None:
         """Back to uninitialised (values pass through until the first update)."""
         n = len(self.RANGE_NAMES)
@@ -67,8 +82,9 @@ class RangeState:
                 buf.copy_(_unset(n, buf.device))
 
     def ranges(self) -> torch.Tensor:
-        """The [n, 2] ranges the forward quantizes with (a plain local tensor)."""
-        return local(self.optical_ranges)
+        """The [n, 2] float32 ranges the forward quantizes with (a plain local tensor; a copy
+        only if something cast the module's buffers to another dtype, e.g. `module.to(bf16)`)."""
+        return local(self.optical_ranges).float()
 
     def record(self, obs: torch.Tensor) -> None:
         """Merge one forward's observations (float32 [n, 2]) into the pending ones."""
@@ -116,11 +132,11 @@ def update_ranges(
         observed = torch.stack([packed[:, 0], -packed[:, 1]], -1)
     offset = 0
     for m in mods:
-        ranges = m.ranges()
+        ranges = local(m.optical_ranges)
         n = ranges.shape[0]
         obs = observed[offset:offset + n]
         offset += n
-        ranges.copy_(ema_update(ranges, obs, m.smooth))
+        ranges.copy_(ema_update(ranges.float(), obs, m.smooth))
         local(m.optical_observed).copy_(_unset(n, obs.device))
     return len(mods)
 

@@ -1,0 +1,390 @@
+"""Make a Hugging Face `LlamaForCausalLM` optical with the same core modules as torchtitan.
+
+`transform_hf_model(model, config, ranges=None)`:
+
+- every `nn.Linear` whose name the transform config selects becomes an `OpticalLinear`
+  (`OpticalLinear.from_linear`: same parameter objects, the same custom ops as in torchtitan);
+- every selected attention block (`model.layers.N.self_attn`, the HF counterpart of torchtitan's
+  `layers.N.attention`) gets an `OpticalAttention` as attribute `optical_attention`, and the
+  model's attention implementation becomes "optical": a function registered on transformers'
+  `AttentionInterface` that hands (q, k, v) to that module, and falls back to SDPA for blocks
+  without one (those whose pattern is null);
+- ranges (a path to `optical_ranges.safetensors` or a dict) are loaded into the range buffers.
+
+Noise order. The noise of an optical linear output is keyed by the element's index in the output
+tensor. HF stores the rows of q_proj/k_proj permuted against torchtitan's wq/wk (HF's rotate-half
+RoPE layout; torchtitan's `Llama3StateDictAdapter._permute`), so the same element of the
+computation sits at another index. The q/k projections are therefore `RopeOrderedOpticalLinear`:
+they compute in torchtitan's row order and permute the result, so an exported model draws exactly
+the noise it drew in torchtitan (given the same seeds; both frameworks call the optical modules in
+the same order: q, k, v, attention, o, gate(w1), up(w3), down(w2) per layer).
+
+Limits of the "optical" attention function: causal self-attention over whole sequences, as in
+training. Padding masks and KV-cache decoding raise an error, so the transform turns the model's
+`use_cache` off (`generate()` then recomputes the whole sequence per token); attention dropout is
+not applied (Llama's is 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from torchtitan_ext.optical import ops
+from torchtitan_ext.optical.config import (
+    OpticalConfigError,
+    TransformConfig,
+    load_transform_config,
+)
+from torchtitan_ext.optical.modules import (
+    OpticalAttention,
+    OpticalLinear,
+    _batch_extent,
+    _draw_seeds,
+)
+from torchtitan_ext.optical.transform import (
+    TransformReport,
+    _module_device,
+    _set_submodule,
+    format_histogram,
+)
+
+from .import_hf import (
+    HF_OPTICAL_ATTENTION,
+    RANGE_SUFFIX,
+    RANGES_FILE,
+    TOKENIZER_FILES,
+    TRANSFORM_FILE,
+)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "HFTransformReport",
+    "RopeOrderedOpticalLinear",
+    "hf_candidate_modules",
+    "transform_hf_model",
+    "load_ranges",
+    "optical_state_dict",
+    "format_hf_histogram",
+    "optical_attention_forward",
+    "register_optical_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "optical"
+_FALLBACK_ATTN = "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention function
+
+
+def optical_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                              dropout=0.0, **kwargs):
+    """transformers attention function: q [B,H,L,D], k/v [B,Hkv,L,D] -> ([B,L,H,D], None)."""
+    opt = getattr(module, HF_OPTICAL_ATTENTION, None)
+    if opt is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            "optical attention computes causal self-attention over whole sequences (as in "
+            "training): pass unpadded inputs without an attention mask, and generate with "
+            "use_cache=False"
+        )
+    y = opt(query, key, value, scale=scaling, is_causal=True)
+    return y.transpose(1, 2).contiguous(), None
+
+
+def register_optical_attention() -> None:
+    """Register "optical" on transformers' attention and mask interfaces (idempotent).
+
+    The mask function is SDPA's, which gives no mask (None) for plain causal attention.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, optical_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# q/k projections in torchtitan's row order
+
+
+def _rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
+    """perm with W_hf = W_titan[perm] (torchtitan's `Llama3StateDictAdapter._permute`)."""
+    return torch.arange(n_heads * head_dim).view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+class RopeOrderedOpticalLinear(OpticalLinear):
+    """An OpticalLinear for HF q_proj/k_proj that numbers output elements as torchtitan's wq/wk.
+
+    y_titan = optical_linear(x, W_hf[inv]) with torchtitan's noise indices; y_hf = y_titan[..., perm].
+    Ranges are per tensor, so the permutation changes nothing else.
+    """
+
+    @classmethod
+    def from_linear_heads(cls, linear: nn.Linear, config, n_heads: int, head_dim: int):
+        new = cls.from_linear(linear, config)
+        perm = _rope_permutation(n_heads, head_dim).to(linear.weight.device)
+        new.register_buffer("hf_rows", perm, persistent=False)
+        new.register_buffer("titan_rows", torch.argsort(perm), persistent=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        if self.config.q_bypass or isinstance(self.weight, DTensor):
+            return super().forward(x)
+        w = self.weight.index_select(0, self.titan_rows)
+        b = None if self.bias is None else self.bias.index_select(0, self.titan_rows)
+        index = ops.linear_index(
+            x.shape, self.out_features, batch_offset=self.shard.dp_rank * _batch_extent(x.shape)
+        )
+        # Exactly OpticalLinear.forward's single-device path, with permuted operands.
+        y, _ = self._linear(x, w, b, index, _draw_seeds(1, x.device), quantize_output=True)
+        return y.index_select(-1, self.hf_rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transform
+
+
+@dataclass
+class HFTransformReport(TransformReport):
+    """TransformReport plus what happened to the ranges."""
+
+    ranges_loaded: list[str] = field(default_factory=list)
+    ranges_missing: list[str] = field(default_factory=list)  # optical, but no range given
+    ranges_unused: list[str] = field(default_factory=list)  # given, but the module is not optical
+    ranges_source: str | None = None
+
+
+def _is_attention_block(mod: nn.Module) -> bool:
+    return all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+
+
+def hf_candidate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """What can be made optical, in model order: linears and attention blocks (by block name)."""
+    out: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if isinstance(mod, nn.Linear) and not isinstance(mod, OpticalLinear):
+            out[name] = mod
+        elif _is_attention_block(mod) and getattr(mod, HF_OPTICAL_ATTENTION, None) is None:
+            out[name] = mod
+    return out
+
+
+def _as_transform_config(config) -> TransformConfig:
+    if isinstance(config, TransformConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load_transform_config(config, key="transform_config")
+    return TransformConfig.from_dict(config)
+
+
+def transform_hf_model(model: nn.Module, config, ranges=None, *,
+                       set_attn_implementation: bool = True) -> HFTransformReport:
+    """Swap the modules the transform config selects, in place; load `ranges` if given.
+
+    config: a TransformConfig, a path (.yaml/.yml/.json/.toml) or a dict of the transform format
+        with transformers' module names (`model\\.layers\\.[0-9]+\\.self_attn\\.(q|k|v|o)_proj`, ...).
+    ranges: a path to an `optical_ranges.safetensors`, or a dict {key: float32 [n, 2]} keyed
+        `<optical module>.optical_ranges` (an attention block's own name is accepted for its
+        `optical_attention`). Modules it has no range for stay uninitialised (calibration).
+    Raises `OpticalConfigError` for a pattern that matches no candidate, before any change.
+    """
+    tcfg = _as_transform_config(config)
+    candidates = hf_candidate_modules(model)
+    tcfg.check_patterns(candidates.keys())
+    report = HFTransformReport()
+    any_attention = False
+    for name, mod in candidates.items():
+        pattern, qcfg = tcfg.match(name)
+        if qcfg is None:
+            report.digital.append(name)
+            continue
+        if isinstance(mod, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if child in ("q_proj", "k_proj") and _is_attention_block(parent):
+                n_heads = mod.out_features // parent.head_dim
+                new = RopeOrderedOpticalLinear.from_linear_heads(mod, qcfg, n_heads, parent.head_dim)
+            else:
+                new = OpticalLinear.from_linear(mod, qcfg)
+            _set_submodule(model, name, new)
+        else:
+            opt = OpticalAttention(qcfg, device=_module_device(mod))
+            opt.train(mod.training)
+            setattr(mod, HF_OPTICAL_ATTENTION, opt)
+            any_attention = True
+        report.by_pattern.setdefault(pattern, []).append(name)
+    if any_attention and set_attn_implementation:
+        _use_optical_attention(model)
+        # The optical attention recomputes whole sequences: generate() without a KV cache.
+        for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+            if cfg is not None and hasattr(cfg, "use_cache"):
+                cfg.use_cache = False
+    if ranges is not None:
+        load_ranges(model, ranges, report)
+    return report
+
+
+def _use_optical_attention(model: nn.Module) -> None:
+    register_optical_attention()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if getattr(model, "config", None) is not None:
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    for mod in model.modules():  # attention blocks read their own (usually shared) config
+        cfg = getattr(mod, "config", None)
+        if _is_attention_block(mod) and cfg is not None and cfg._attn_implementation != ATTN_IMPLEMENTATION:
+            cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def _optical_range_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    return OrderedDict(
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, (OpticalLinear, OpticalAttention))
+    )
+
+
+def _canonical_range_key(key: str) -> str:
+    if key.endswith(".self_attn" + RANGE_SUFFIX):  # the block's name for its optical_attention
+        return key[: -len(RANGE_SUFFIX)] + f".{HF_OPTICAL_ATTENTION}{RANGE_SUFFIX}"
+    return key
+
+
+def load_ranges(model: nn.Module, ranges, report: HFTransformReport | None = None) -> HFTransformReport:
+    """Copy range buffers into the model's optical modules (see `transform_hf_model`)."""
+    report = report if report is not None else HFTransformReport()
+    if isinstance(ranges, (str, os.PathLike)):
+        path = Path(ranges)
+        if path.is_dir():
+            path = path / RANGES_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"ranges: {str(path)!r} does not exist")
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+        report.ranges_source = str(path)
+    elif isinstance(ranges, Mapping):
+        data = dict(ranges)
+        report.ranges_source = "<dict>"
+    else:
+        raise TypeError(f"ranges: expected a path or a dict of tensors, got {type(ranges).__name__}")
+    given = {_canonical_range_key(k): v for k, v in data.items()}
+    modules = _optical_range_modules(model)
+    with torch.no_grad():
+        for name, mod in modules.items():
+            key = name + RANGE_SUFFIX
+            if key not in given:
+                report.ranges_missing.append(name)
+                continue
+            value = given[key]
+            target = mod.ranges()
+            if tuple(value.shape) != tuple(target.shape):
+                raise OpticalConfigError(
+                    f"ranges: {key} has shape {list(value.shape)}, the module "
+                    f"({type(mod).__name__}, rows {list(mod.RANGE_NAMES)}) needs {list(target.shape)}"
+                )
+            target.copy_(value.to(target))
+            report.ranges_loaded.append(name)
+    wanted = {n + RANGE_SUFFIX for n in modules}
+    report.ranges_unused = [k for k in given if k not in wanted]
+    if report.ranges_missing:
+        logger.warning(
+            f"optical ranges: no range for {len(report.ranges_missing)} optical modules (they "
+            f"calibrate on the first training step): {report.ranges_missing[:4]}"
+        )
+    if report.ranges_unused:
+        logger.warning(
+            f"optical ranges: {len(report.ranges_unused)} ranges in {report.ranges_source} belong to "
+            f"no optical module and were ignored: {report.ranges_unused[:4]}"
+        )
+    return report
+
+
+def optical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The range buffers of a transformed model, keyed as in `optical_ranges.safetensors`."""
+    return {n + RANGE_SUFFIX: m.ranges().detach().float().cpu().clone()
+            for n, m in _optical_range_modules(model).items()}
+
+
+def format_hf_histogram(report: TransformReport) -> str:
+    """`format_histogram` plus, for an HFTransformReport, a line on the ranges."""
+    text = format_histogram(report)
+    if isinstance(report, HFTransformReport) and report.ranges_source is not None:
+        text += (
+            f"\n  ranges from {report.ranges_source}: {len(report.ranges_loaded)} loaded, "
+            f"{len(report.ranges_missing)} uninitialised (calibrate), "
+            f"{len(report.ranges_unused)} unused"
+        )
+    return text
+
+
+def save_optical_hf(model: nn.Module, out_dir: str | os.PathLike, *, transform_config=None,
+                    tokenizer: Any = None, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Save a (transformed) HF model as an export-style folder: plain HF weights and config,
+    `optical_ranges.safetensors`, the transform file (`optical_transform.yaml`), and the tokenizer
+    (its files copied verbatim from `tokenizer_dir`, else `tokenizer.save_pretrained`)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(RANGE_SUFFIX)}
+    impl, use_cache = model.config._attn_implementation, model.config.use_cache
+    try:
+        # A plain transformers folder: loadable without this package (transform_hf_model sets
+        # both again when the folder is made optical).
+        model.config._attn_implementation = _FALLBACK_ATTN
+        model.config.use_cache = True
+        model.save_pretrained(out, state_dict=state)
+    finally:
+        model.config._attn_implementation, model.config.use_cache = impl, use_cache
+    if (out / "config.json").is_file() and "rope_parameters" in json.loads((out / "config.json").read_text()):
+        from .export import _add_legacy_rope_keys
+
+        _add_legacy_rope_keys(out / "config.json")
+    copied = []
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+                copied.append(name)
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    ranges = optical_state_dict(model)
+    if ranges:
+        save_file(ranges, str(out / RANGES_FILE), metadata={
+            "format": "pt",
+            "rows.OpticalLinear": ",".join(OpticalLinear.RANGE_NAMES),
+            "rows.OpticalAttention": ",".join(OpticalAttention.RANGE_NAMES),
+        })
+    if isinstance(transform_config, (str, os.PathLike)):
+        src = Path(transform_config)
+        if src.resolve() != (out / TRANSFORM_FILE).resolve():
+            shutil.copyfile(src, out / TRANSFORM_FILE)
+    elif transform_config is not None:
+        tcfg = _as_transform_config(transform_config)
+        (out / TRANSFORM_FILE).write_text(yaml.safe_dump(tcfg.to_dict(), sort_keys=False))
+    for f in out.glob("*.safetensors"):
+        os.chmod(f, 0o644)  # safetensors writes 0600 files
+    return out

@@ -27,7 +27,7 @@ def _block(dtype=torch.bfloat16):
     args.n_layers = 2
     args.max_seq_len = 512
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda"), torch.no_grad():
         model = Transformer(args)
         model.init_weights()
     transform_model(model, TransformConfig.from_dict(DEFAULT_TRANSFORM_CONFIG))

@@ -77,3 +77,42 @@ def test_candidates_name_linears_and_attention_blocks():
     names = list(candidate_modules(debug_llama()))
     assert "layers.0.attention" in names and "layers.0.feed_forward.w3" in names
     assert "output" in names and "layers.0" not in names
+
+
+@pytest.mark.slow
+def test_transformed_llama_block_compiles_with_inductor_fullgraph():
+    """torch.compile(fullgraph=True) with inductor through a whole optical block (CPU): the fake
+    implementations must agree with the real ops, strides included."""
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.optical.ranges import update_ranges
+    from torchtitan_ext.titan.spec import optical_llama3_args
+
+    torch._dynamo.reset()
+    args = copy.deepcopy(optical_llama3_args["debugmodel"])
+    args.n_layers, args.max_seq_len = 1, 64
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        model.init_weights()
+    transform_model(model, TransformConfig.from_dict(DEFAULT_TRANSFORM_CONFIG))
+    tokens = torch.randint(0, 8192, (2, 64))
+    model(tokens).sum().backward()
+    update_ranges(model)
+    block = model.layers["0"]
+    h = model.tok_embeddings(tokens).detach().requires_grad_(True)
+    out = torch.compile(block, fullgraph=True)(h, model.freqs_cis, None)
+    torch.manual_seed(1)
+    out.sum().backward()
+    assert torch.isfinite(h.grad).all()
+    # The compiled block computes what the eager block computes, noise included, once inductor
+    # draws the seeds as eager does (by default it has its own generator for random ops).
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    eager = block(h, model.freqs_cis, None)
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(2)
+        compiled = torch.compile(block, fullgraph=True)(h, model.freqs_cis, None)
+    assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)

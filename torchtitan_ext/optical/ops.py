@@ -165,7 +165,7 @@ def _linear(
         )
         if mask is None:
             mask = x.new_empty((0,), dtype=torch.bool)
-        return y.reshape(*x.shape[:-1], n), obs, mask.to(torch.bool)
+        return y.reshape(*x.shape[:-1], n).contiguous(), obs, mask.to(torch.bool)
     xq = ref.quantize(x2, ranges[0], levels).float()
     wq = ref.quantize(weight, ranges[1], levels, lut=_lut(lut)).float()
     acc = xq @ wq.t()
@@ -221,8 +221,8 @@ def _linear_backward(
     else:
         gx, gw, gb = _ref_linear_backward(g2, x2, weight, ranges, out_mask if clipped else None,
                                           has_bias)
-    gx = gx.reshape(x.shape) if (needs_x and gx is not None) else x.new_empty((0,))
-    gw = gw if (needs_w and gw is not None) else weight.new_empty((0,))
+    gx = gx.reshape(x.shape).contiguous() if (needs_x and gx is not None) else x.new_empty((0,))
+    gw = gw.contiguous() if (needs_w and gw is not None) else weight.new_empty((0,))
     gb = gb if (has_bias and gb is not None) else weight.new_empty((0,))
     return gx, gw, gb
 
@@ -244,8 +244,9 @@ def _ref_linear_backward(g2, x2, weight, ranges, out_mask, has_bias):
 
 @_linear_backward.register_fake
 def _linear_backward_fake(grad_y, x, weight, ranges, out_mask, clipped, has_bias, needs_x, needs_w):
-    gx = torch.empty_like(x) if needs_x else x.new_empty((0,))
-    gw = torch.empty_like(weight) if needs_w else weight.new_empty((0,))
+    # Every op returns contiguous tensors; the fakes say so (inductor checks the strides).
+    gx = x.new_empty(x.shape) if needs_x else x.new_empty((0,))
+    gw = weight.new_empty(weight.shape) if needs_w else weight.new_empty((0,))
     gb = weight.new_empty((weight.shape[0],) if has_bias else (0,))
     return gx, gw, gb
 
@@ -332,14 +333,14 @@ def _quantize(
     else:
         u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device)) if noisy else None
         y = ref.quantize(x2, rng, levels, lut=_lut(lut), noise=u)
-    return y.reshape(x.shape), obs, mask
+    return y.reshape(x.shape).contiguous(), obs, mask
 
 
 @_quantize.register_fake
 def _quantize_fake(x, rng, seed, levels, lut, stream, noisy, index, observe, save_mask, quantiles):
     m = x.numel() // x.shape[-1]
     return (
-        torch.empty_like(x),
+        x.new_empty(x.shape),
         x.new_empty((2,), dtype=torch.float32),
         x.new_empty((m, x.shape[-1]) if save_mask else (0,), dtype=torch.bool),
     )
@@ -431,7 +432,7 @@ def _attention(
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             observe=observe,
         )
-        return y, stats, obs
+        return y.contiguous(), stats, obs
     fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
     if observe:
         obs = torch.stack([
@@ -441,7 +442,7 @@ def _attention(
     else:
         obs = _empty_obs(5, q.device)
     # The reference recomputes everything in the backward, so it keeps no statistics.
-    return fwd["y"], q.new_empty((0,), dtype=torch.float32), obs
+    return fwd["y"].contiguous(), q.new_empty((0,), dtype=torch.float32), obs
 
 
 @_attention.register_fake
@@ -452,7 +453,7 @@ def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, 
     # compiler must know the real size, which depends on the path the eager op will take.
     stats_shape = (b, h, lq) if _use_attention_kernel(q) else (0,)
     return (
-        torch.empty_like(q),
+        q.new_empty(q.shape),
         q.new_empty(stats_shape, dtype=torch.float32),
         q.new_empty((5, 2), dtype=torch.float32),
     )
@@ -481,24 +482,26 @@ def _attention_backward(
         from .kernels import attention as kattn
 
         b_off, b_glob, h_off, h_glob = index
-        return kattn.attention_backward(
+        grads = kattn.attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             clipped=clipped,
         )
-    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
-    fwd["y"] = y
-    return ref.optical_attention_backward(
-        grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
-        clipped=clipped,
-    )
+    else:
+        fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
+        fwd["y"] = y
+        grads = ref.optical_attention_backward(
+            grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
+            clipped=clipped,
+        )
+    return tuple(g.contiguous() for g in grads)
 
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale,
                              causal, index, clipped):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):

@@ -20,20 +20,8 @@ from torchtitan_ext.data.datasets import (
     register_datasets,
 )
 
+from . import datasets as _datasets  # noqa: E402
+
 REGISTERED_DATASETS = register_datasets()
 
-__all__ = [
-    "ASSETS_DIR",
-    "CORPUS_DIR",
-    "DEFAULT_DATASET",
-    "DEFAULT_TOKENIZER_PATH",
-    "DEFAULT_VALIDATION_DATASET",
-    "FINEWEB_EDU_CONFIG",
-    "FINEWEB_EDU_REPO",
-    "LOCAL_EXTENSIONS",
-    "REGISTERED_DATASETS",
-    "load_embedded_corpus",
-    "load_fineweb_edu",
-    "load_local_text_files",
-    "register_datasets",
-]
+__all__ = [*_datasets.__all__, "REGISTERED_DATASETS"]

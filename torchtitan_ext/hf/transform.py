@@ -51,11 +51,14 @@ from torchtitan_ext.optical.modules import (
     _batch_extent,
     _draw_seeds,
 )
+from torchtitan_ext.optical.ranges import local
 from torchtitan_ext.optical.transform import (
+    ModelLayout,
     TransformReport,
     _module_device,
-    _set_submodule,
+    candidate_modules,
     format_histogram,
+    transform_model,
 )
 
 from .import_hf import (
@@ -177,17 +180,35 @@ def _is_attention_block(mod: nn.Module) -> bool:
     return all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
 
 
+class HFLlamaLayout(ModelLayout):
+    """transformers' Llama: attention blocks are `self_attn` (they get an `optical_attention`
+    attribute that the "optical" attention function calls); q/k projections keep torchtitan's
+    noise order (see the module docstring)."""
+
+    def is_attention_block(self, mod: nn.Module) -> bool:
+        return _is_attention_block(mod) and getattr(mod, HF_OPTICAL_ATTENTION, None) is None
+
+    def optical_linear(self, model, name, linear, config):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child in ("q_proj", "k_proj") and _is_attention_block(parent):
+            n_heads = linear.out_features // parent.head_dim
+            return RopeOrderedOpticalLinear.from_linear_heads(linear, config, n_heads,
+                                                              parent.head_dim)
+        return OpticalLinear.from_linear(linear, config)
+
+    def attach_attention(self, block, config):
+        opt = OpticalAttention(config, device=_module_device(block))
+        opt.train(block.training)
+        setattr(block, HF_OPTICAL_ATTENTION, opt)
+
+
+HF_LLAMA = HFLlamaLayout()
+
+
 def hf_candidate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     """What can be made optical, in model order: linears and attention blocks (by block name)."""
-    out: "OrderedDict[str, nn.Module]" = OrderedDict()
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-        if isinstance(mod, nn.Linear) and not isinstance(mod, OpticalLinear):
-            out[name] = mod
-        elif _is_attention_block(mod) and getattr(mod, HF_OPTICAL_ATTENTION, None) is None:
-            out[name] = mod
-    return out
+    return candidate_modules(model, HF_LLAMA)
 
 
 def _as_transform_config(config) -> TransformConfig:
@@ -210,30 +231,9 @@ def transform_hf_model(model: nn.Module, config, ranges=None, *,
     Raises `OpticalConfigError` for a pattern that matches no candidate, before any change.
     """
     tcfg = _as_transform_config(config)
-    candidates = hf_candidate_modules(model)
-    tcfg.check_patterns(candidates.keys())
-    report = HFTransformReport()
-    any_attention = False
-    for name, mod in candidates.items():
-        pattern, qcfg = tcfg.match(name)
-        if qcfg is None:
-            report.digital.append(name)
-            continue
-        if isinstance(mod, nn.Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if child in ("q_proj", "k_proj") and _is_attention_block(parent):
-                n_heads = mod.out_features // parent.head_dim
-                new = RopeOrderedOpticalLinear.from_linear_heads(mod, qcfg, n_heads, parent.head_dim)
-            else:
-                new = OpticalLinear.from_linear(mod, qcfg)
-            _set_submodule(model, name, new)
-        else:
-            opt = OpticalAttention(qcfg, device=_module_device(mod))
-            opt.train(mod.training)
-            setattr(mod, HF_OPTICAL_ATTENTION, opt)
-            any_attention = True
-        report.by_pattern.setdefault(pattern, []).append(name)
+    report = transform_model(model, tcfg, HF_LLAMA, report=HFTransformReport())
+    any_attention = any(getattr(m, HF_OPTICAL_ATTENTION, None) is not None
+                        for m in model.modules())
     if any_attention and set_attn_implementation:
         _use_optical_attention(model)
         # The optical attention recomputes whole sequences: generate() without a KV cache.
@@ -297,7 +297,7 @@ def load_ranges(model: nn.Module, ranges, report: HFTransformReport | None = Non
                 report.ranges_missing.append(name)
                 continue
             value = given[key]
-            target = mod.ranges()
+            target = local(mod.optical_ranges)
             if tuple(value.shape) != tuple(target.shape):
                 raise OpticalConfigError(
                     f"ranges: {key} has shape {list(value.shape)}, the module "

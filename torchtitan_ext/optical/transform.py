@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import TransformConfig
+from .config import QuantizerConfig, TransformConfig
 from .modules import OpticalAttention, OpticalLinear
 
-__all__ = ["TransformReport", "candidate_modules", "transform_model", "format_histogram"]
+__all__ = [
+    "ModelLayout",
+    "TORCHTITAN_LLAMA",
+    "TransformReport",
+    "candidate_modules",
+    "transform_model",
+    "format_histogram",
+]
 
 INNER_ATTENTION = "inner_attention"
 
@@ -36,16 +43,39 @@ class TransformReport:
         return [n for v in self.by_pattern.values() for n in v]
 
 
-def candidate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+class ModelLayout:
+    """How a model family exposes what can be made optical (torchtitan's Llama by default).
+
+    Subclass it for another model family: say which modules are attention blocks, how a linear
+    becomes optical, and how a block's attention is routed to an `OpticalAttention`.
+    """
+
+    def is_attention_block(self, mod: nn.Module) -> bool:
+        return hasattr(mod, INNER_ATTENTION) and not isinstance(
+            getattr(mod, INNER_ATTENTION), OpticalAttention
+        )
+
+    def optical_linear(self, model: nn.Module, name: str, linear: nn.Linear,
+                       config: QuantizerConfig) -> nn.Module:
+        return OpticalLinear.from_linear(linear, config)
+
+    def attach_attention(self, block: nn.Module, config: QuantizerConfig) -> None:
+        setattr(block, INNER_ATTENTION, OpticalAttention(config, device=_module_device(block)))
+
+
+TORCHTITAN_LLAMA = ModelLayout()
+
+
+def candidate_modules(model: nn.Module,
+                      layout: ModelLayout = TORCHTITAN_LLAMA) -> "OrderedDict[str, nn.Module]":
+    """What can be made optical, in model order: linears, and attention blocks by block name."""
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
     for name, mod in model.named_modules():
         if not name:
             continue
         if isinstance(mod, nn.Linear) and not isinstance(mod, OpticalLinear):
             out[name] = mod
-        elif hasattr(mod, INNER_ATTENTION) and not isinstance(
-            getattr(mod, INNER_ATTENTION), OpticalAttention
-        ):
+        elif layout.is_attention_block(mod):
             out[name] = mod
     return out
 
@@ -56,22 +86,25 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def transform_model(model: nn.Module, config: TransformConfig) -> TransformReport:
+def transform_model(model: nn.Module, config: TransformConfig,
+                    layout: ModelLayout = TORCHTITAN_LLAMA,
+                    report: TransformReport | None = None) -> TransformReport:
     """Swap the matched modules in place; raise `OpticalConfigError` for a pattern that matches
     nothing, before anything is changed."""
-    candidates = candidate_modules(model)
+    candidates = candidate_modules(model, layout)
     config.check_patterns(candidates.keys())
-    report = TransformReport()
+    report = report if report is not None else TransformReport()
     for name, mod in candidates.items():
         pattern, qcfg = config.match(name)
         if qcfg is None:
             report.digital.append(name)
             continue
         if isinstance(mod, nn.Linear):
-            _set_submodule(model, name, OpticalLinear.from_linear(mod, qcfg))
+            new = layout.optical_linear(model, name, mod, qcfg)
+            new.train(mod.training)
+            _set_submodule(model, name, new)
         else:
-            device = _module_device(mod)
-            setattr(mod, INNER_ATTENTION, OpticalAttention(qcfg, device=device))
+            layout.attach_attention(mod, qcfg)
         report.by_pattern.setdefault(pattern, []).append(name)
     return report
 

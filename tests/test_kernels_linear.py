@@ -21,7 +21,7 @@ import triton.language as tl
 from torchtitan_ext.optical import reference as ref
 from torchtitan_ext.optical.kernels import linear as klinear
 from torchtitan_ext.optical.kernels.linear import LinearIndex
-from torchtitan_ext.optical.kernels.quantizer import _div_rn_by
+from torchtitan_ext.optical.kernels.quantizer import div_rn_by
 
 UNSET = (float("inf"), float("-inf"))
 
@@ -290,7 +290,7 @@ def _div_kernel(a_ptr, d_ptr, out_ptr, n, BLOCK: tl.constexpr):
     m = offs < n
     a = tl.load(a_ptr + offs, mask=m, other=0.0)
     d = tl.load(d_ptr + offs, mask=m, other=1.0)
-    tl.store(out_ptr + offs, _div_rn_by(a, d, tl.math.div_rn(1.0, d)), mask=m)
+    tl.store(out_ptr + offs, div_rn_by(a, d, tl.math.div_rn(1.0, d)), mask=m)
 
 
 def test_division_is_correctly_rounded(kernel_device):

@@ -27,13 +27,17 @@ Why the design looks like this
   block, looping over the query blocks of every query head of its GQA group) recomputes P, keeps
   dK, dV in registers and adds dQ into a float32 buffer with atomics, instead of the two-kernel form
   (dK/dV, then dQ) that would generate S twice.
-* Philox is done with 64-bit products (one IMAD.WIDE per mulhilo instead of IMAD.HI + IMAD: ~15%
-  fewer hot-loop instructions), returning the 24-bit word so that "+ u" is one exact fma.
-* The quantizer's two divisions use Markstein's correction (q = x * r, e = fma(-q, d, x),
-  q' = fma(e, r, q), r = RN(1/d) precomputed once per launch), which returns the correctly rounded
-  quotient -- the bits of the shared quantizer's `div_rn` -- without the IEEE-division subroutine,
-  whose call makes ptxas spill in these register-bound kernels. The shared `quantize` is used where
-  cost does not matter (elementwise pre-passes).
+* All quantizer and Philox arithmetic is quantizer.py's (one copy for every kernel). The hot loops
+  use its `philox_bits24` (Philox with 64-bit products, one IMAD.WIDE per mulhilo instead of
+  IMAD.HI + IMAD: ~15% fewer hot-loop instructions, returning the 24-bit word) and
+  `quantize_with_bits24`, which folds "+ u" into one exact fma and returns Q_s's level index too.
+* The quantizer's two divisions are Markstein-corrected reciprocal multiplies (`div_rn_by`: the
+  correctly rounded quotient); the reciprocals RN(1 / (hi - lo)) and RN(1 / (levels - 1)) are
+  precomputed once per launch (`range_inv_span` by program 0 of the pre-pass, `range_consts` per
+  program, `inv_levels_minus_1` on the host) and handed to `quantize_with`, so no IEEE-division
+  subroutine is called in these register-bound kernels (its call makes ptxas spill). The plain
+  `quantize` (reciprocals by `div_rn`, same bits) is used where cost does not matter (elementwise
+  pre-passes).
 * Operands are quantized once, outside the hot loops: a forward pre-pass writes Q_k(k), Q_v(v) to
   temporaries (re-read by every query block) and each program quantizes its Q tile in registers; a
   backward pre-pass writes Q_q(q) (re-read by every key block) and D_i = rowsum(dY * Y), and each
@@ -66,18 +70,29 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .quantizer import cast_rne, in_range, philox_uniform, quantize
+from .quantizer import (
+    cast_rne,
+    dequantize,
+    div_rn_by,
+    in_range,
+    inv_levels_minus_1,
+    philox_bits24,
+    philox_uniform,
+    quantize,
+    quantize_with,
+    quantize_with_bits24,
+    range_consts,
+    range_inv_span,
+    round_half_even,
+)
 
 __all__ = ["attention_forward", "attention_backward", "override_configs", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-# 1.5 * 2^23, as in quantizer.py: (t + C) - C rounds t half to even
-_ROUND_MAGIC = tl.constexpr(12582912.0)
 _LOG2E = 1.4426950408889634
 
 
@@ -85,95 +100,14 @@ _LOG2E = 1.4426950408889634
 # Device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _div_rcp(x, d, r):
-    """RN(x / d) given r = RN(1 / d) (Markstein): one multiply and two fmas, same bits as div_rn."""
-    q = x * r
-    e = tl.fma(-q, d, x)
-    return tl.fma(e, r, q)
-
-
-@triton.jit
-def _quant(x, lo, hi, rng, inv_rng, inv_lm1, LEVELS: tl.constexpr, lut, HAS_LUT: tl.constexpr, u,
-           NOISY: tl.constexpr):
-    """quantizer.quantize with the divisions by max(hi - lo, 1e-12) and by (levels - 1) done by
-    `_div_rcp` (reciprocals precomputed: `inv_rng`, `inv_lm1`): the same bits, but no IEEE-division
-    subroutine call, whose calling convention makes ptxas spill in these register-heavy kernels."""
-    xf = x.to(tl.float32)
-    c = tl.minimum(tl.maximum(xf, lo), hi)
-    t = _div_rcp(c - lo, rng, inv_rng) * (LEVELS - 1.0)
-    if NOISY:
-        t = t + u - 0.5
-    k = (t + _ROUND_MAGIC) - _ROUND_MAGIC
-    y = _div_rcp(k, LEVELS - 1.0, inv_lm1) * (hi - lo) + lo
-    if HAS_LUT:
-        pos_floor = lut * hi
-        neg_floor = -lut * tl.abs(lo)
-        y = tl.where((y > 0) & (y < pos_floor), pos_floor, y)
-        y = tl.where((y < 0) & (y > neg_floor), neg_floor, y)
-    return tl.where(lo <= hi, y, xf)
-
-
-@triton.jit
-def _range_consts(rng_ptr, inv_ptr):
-    """(lo, hi, max(hi - lo, 1e-12), RN(1 / that)) of a range; the reciprocal comes precomputed."""
-    lo = tl.load(rng_ptr)
-    hi = tl.load(rng_ptr + 1)
-    return lo, hi, tl.maximum(hi - lo, 1e-12), tl.load(inv_ptr)
-
-
-@triton.jit
 def _store_inv_ranges(INV, r0, r1, r2, r3, r4):
     """INV[i] = RN(1 / max(hi_i - lo_i, 1e-12)) (IEEE division, once per launch, by program 0 of a
-    pre-pass kernel where the division subroutine costs nothing)."""
-    one = tl.full([], 1.0, tl.float32)
-    tl.store(INV + 0, tl.math.div_rn(one, tl.maximum(tl.load(r0 + 1) - tl.load(r0), 1e-12)))
-    tl.store(INV + 1, tl.math.div_rn(one, tl.maximum(tl.load(r1 + 1) - tl.load(r1), 1e-12)))
-    tl.store(INV + 2, tl.math.div_rn(one, tl.maximum(tl.load(r2 + 1) - tl.load(r2), 1e-12)))
-    tl.store(INV + 3, tl.math.div_rn(one, tl.maximum(tl.load(r3 + 1) - tl.load(r3), 1e-12)))
-    tl.store(INV + 4, tl.math.div_rn(one, tl.maximum(tl.load(r4 + 1) - tl.load(r4), 1e-12)))
-
-
-@triton.jit
-def _mulhilo_wide(a, B: tl.constexpr):
-    # one 32x32->64 multiply (IMAD.WIDE.U32) instead of separate mul.hi and mul.lo
-    p = a.to(tl.uint64) * B
-    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
-
-
-@triton.jit
-def _philox_bits24(seed, stream, index):
-    """quantizer.philox_uniform(seed, stream, index) * 2^24, i.e. the 24-bit integer (as float32,
-    exact) whose u = w * 2^-24 the contract uses. Same Philox-4x32-10, with each mulhilo done as
-    one 64-bit product: ~15% fewer instructions in the hot loops, where this is the main cost.
-    Returning w lets the caller fold "+ u" into an exact fma (w * 2^-24 is exact)."""
-    idx = index.to(tl.int64)
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros(c0.shape, tl.uint32)
-    c3 = tl.zeros(c0.shape, tl.uint32)
-    k0 = (seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (stream.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
-    for _ in tl.static_range(10):
-        hi_a, lo_a = _mulhilo_wide(c0, 0xD2511F53)
-        hi_b, lo_b = _mulhilo_wide(c2, 0xCD9E8D57)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return (c0 >> 8).to(tl.float32)
-
-
-@triton.jit
-def _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS: tl.constexpr):
-    """Noisy Q_s of float32 S (no lut), given the Philox word w (u = w * 2^-24): returns
-    (Q_s(S), its level index k as float32). Same operations and roundings as
-    quantizer.quantize(..., NOISY=True); "t + u" is one exact-product fma, hence one rounding
-    of t + u as in the reference."""
-    c = tl.minimum(tl.maximum(s_raw, slo), shi)
-    t = _div_rcp(c - slo, s_rng, s_inv) * (LEVELS - 1.0)
-    t = tl.fma(w, 1.0 / 16777216.0, t) - 0.5
-    lvl = (t + _ROUND_MAGIC) - _ROUND_MAGIC
-    s_q = _div_rcp(lvl, LEVELS - 1.0, inv_lm1) * (shi - slo) + slo
-    return tl.where(slo <= shi, s_q, s_raw), lvl
+    pre-pass kernel where the division subroutine costs nothing), for `range_consts`."""
+    tl.store(INV + 0, range_inv_span(r0))
+    tl.store(INV + 1, range_inv_span(r1))
+    tl.store(INV + 2, range_inv_span(r2))
+    tl.store(INV + 3, range_inv_span(r3))
+    tl.store(INV + 4, range_inv_span(r4))
 
 
 @triton.jit
@@ -256,8 +190,8 @@ def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, 
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = _philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
-    s_q, lvl = _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+    w = philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
+    s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
     valid = _valid(offs_m, cols, L, CAUSAL, MASK)
     return s_raw, s_q, lvl, valid, cols
 
@@ -322,7 +256,7 @@ def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, sca
         p = tl.where(valid, p, 0.0)
     # Q_p over the fixed range [0, 1]: t = clamp(p, 0, 1) * (levels - 1) exactly (the division
     # by hi - lo = 1 is exact), k = round-half-even(t). p >= 0 by construction.
-    kp = (tl.minimum(p, 1.0) * (LEVELS - 1.0) + _ROUND_MAGIC) - _ROUND_MAGIC
+    kp = round_half_even(tl.minimum(p, 1.0) * (LEVELS - 1.0))
     vp = vq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
         v = tl.load(vp, mask=(cols < L)[:, None], other=0.0)
@@ -335,7 +269,7 @@ def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, sca
         acc += _dot(k_hi.to(DT), v, INTERP)
         acc += _dot((kp - k_hi).to(DT), v, INTERP)
     else:
-        acc += _dot(_to_dt(_div_rcp(kp, LEVELS - 1.0, inv_lm1), DT, INTERP), v, INTERP)
+        acc += _dot(_to_dt(div_rn_by(kp, LEVELS - 1.0, inv_lm1), DT, INTERP), v, INTERP)
     return acc
 
 
@@ -368,7 +302,7 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, lo, hi, offs_m, off
     for start_n in range(lo, hi, BN):
         cols = start_n + offs_n
         lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
-        s_q = _div_rcp(lvl, LEVELS - 1.0, inv_lm1) * (shi - slo) + slo
+        s_q = dequantize(lvl, slo, shi, inv_lm1, LEVELS)
         valid = _valid(offs_m, cols, L, CAUSAL, MASK)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
@@ -400,7 +334,8 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
                 + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd,
                 mask=row_ok[:, None], other=0.0)
-    qq = cast_rne(_quant(q, qlo, qhi, q_w, q_inv, inv_lm1, LEVELS, 0.0, False, 0.0, False), DT)
+    qq = cast_rne(quantize_with(q, qlo, qhi, q_w, q_inv, inv_lm1, LEVELS, 0.0, False, 0.0, False),
+                  DT)
     if OBSERVE:
         qf = q.to(tl.float32)
         q_min = tl.min(tl.where(row_ok[:, None], qf, float("inf")))
@@ -457,12 +392,12 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
             L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
             LEVELS, D, BN, CAUSAL, True, P_MODE, INTERP)
     if P_MODE < 2:
-        y_raw = _div_rcp(acc, LEVELS - 1.0, inv_lm1)
+        y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
     else:
         y_raw = acc
 
     u_y = philox_uniform(seed_y, stream, (bh_g * L + offs_m)[:, None] * D + offs_d[None, :])
-    y = _quant(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
     row_lin = bh.to(tl.int64) * L + offs_m
     tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
     tl.store(LSE + row_lin, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -490,9 +425,9 @@ def _fwd_kernel(
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    qlo, qhi, q_w, q_inv = _range_consts(q_rng, INV + 0)
-    slo, shi, s_rng, s_inv = _range_consts(s_rng_ptr, INV + 3)
-    ylo, yhi, y_w, y_inv = _range_consts(y_rng, INV + 4)
+    qlo, qhi, q_w, q_inv = range_consts(q_rng, INV + 0)
+    slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
+    ylo, yhi, y_w, y_inv = range_consts(y_rng, INV + 4)
     seed_s = tl.load(seeds)
     seed_y = tl.load(seeds + 1)
     code_base = CODES + pid.to(tl.int64) * BM * W
@@ -566,8 +501,8 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
-        w = _philox_bits24(seed, stream, (row_idx0 + r64 * L)[None, :] + offs_n[:, None])
-        s_q, lvl = _quant_s(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+        w = philox_bits24(seed, stream, (row_idx0 + r64 * L)[None, :] + offs_n[:, None])
+        s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -613,10 +548,11 @@ def _bwd_kernel(
                 + n64 * svl + offs_d[None, :] * svd,
                 mask=col_ok[:, None], other=0.0)
     DT: tl.constexpr = k.dtype
-    klo, khi, k_w, k_inv = _range_consts(k_rng, INV + 1)
-    kq = cast_rne(_quant(k, klo, khi, k_w, k_inv, inv_lm1, LEVELS, lut, HAS_LUT, 0.0, False), DT)
+    klo, khi, k_w, k_inv = range_consts(k_rng, INV + 1)
+    kq = cast_rne(quantize_with(k, klo, khi, k_w, k_inv, inv_lm1, LEVELS, lut, HAS_LUT, 0.0, False),
+                   DT)
 
-    slo, shi, s_rng, s_inv = _range_consts(s_rng_ptr, INV + 3)
+    slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
     seed_s = tl.load(seeds)
 
     dk = tl.zeros([BN, D], tl.float32)
@@ -742,11 +678,6 @@ def _config(kind: str, D: int, interp: bool) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _inv_lm1(levels: int) -> float:
-    # RN(1 / (levels - 1)) in float32, exactly representable, so the kernel argument is exact.
-    return float(np.float32(1.0) / np.float32(levels - 1))
-
-
 # Pass 1 of the forward stores Q_s's level index of every S element it computes into a per-program
 # scratch ([BM, W] codes, reused by the program's next item) so that pass 2 reads S back instead of
 # regenerating it (no second S dot, no second Philox: pass 2 costs ~5x less). The scratch of all
@@ -864,7 +795,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     _fwd_kernel[(n_prog,)](
         q, kq, vq, y, lse, part, codes, inv, q_range, s_range, y_range, seeds, *q.stride(),
         H, HKV, L, W, num_m, B * H, int(stream), int(batch_offset), int(head_offset),
-        int(heads_global), float(scale) * _LOG2E, _inv_lm1(levels),
+        int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), OBSERVE=observe,
         P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, INTERP=interp,
         num_warps=warps, num_stages=stages, **_OPTS)
@@ -916,7 +847,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         qq, q, k, v, dy, stats, delta, dqa, dk, dv, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
         H, HKV, L, int(stream), int(batch_offset), int(head_offset), int(heads_global),
-        float(scale), float(scale) * _LOG2E, _inv_lm1(levels), float(lut) if has_lut else 0.0,
+        float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         CLIPPED=bool(clipped), INTERP=interp, num_warps=warps, num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor

@@ -1,19 +1,34 @@
-"""The one quantizer device function every optical kernel uses (semantics page, section 1).
+"""The one quantizer and Philox device code every optical kernel uses (semantics page, section 1).
 
 Kept bit-compatible with `torchtitan_ext.optical.reference.quantize` / `philox_uniform`:
-- float32 arithmetic in the same order as the reference ((c - lo) / max(hi - lo, 1e-12) * (L-1));
-  every division is correctly rounded, as torch's is, because Triton's plain `/` on float32 may
-  lower to an approximate divide, which would move values that sit near a rounding boundary.
-  Both divisors are per-call scalars, so the quotients come from one IEEE reciprocal per thread
-  and a Markstein correction (`_div_rn_by`), not from a per-element `div_rn` (whose slow-path
-  branches made the quantizer instruction-bound in a memory-bound pass);
-- launch kernels that use `quantize` with `enable_fp_fusion=False`: contracting its multiplies
-  and adds into FMAs would round differently from the reference (torch rounds every op);
-- round-half-to-even through the 1.5 * 2^23 magic constant, exact for |t| <= 2^22 (t is at most L-1);
+- float32 arithmetic in the same order as the reference ((c - lo) / max(hi - lo, 1e-12) * (L-1),
+  then k / (L-1) * (hi - lo) + lo); every division is correctly rounded, as torch's is, because
+  Triton's plain `/` on float32 may lower to an approximate divide, which would move values that sit
+  near a rounding boundary. Both divisors are per-call scalars, so the quotients come from the
+  divisor's IEEE reciprocal and a Markstein correction (`div_rn_by`), not from a per-element
+  `div_rn` (whose slow-path branches made the quantizer instruction-bound in a memory-bound pass);
+- launch kernels that use these functions with `enable_fp_fusion=False`: contracting their
+  multiplies and adds into FMAs would round differently from the reference (torch rounds every
+  op); the explicit `tl.fma`s below are exact by construction and stay fused;
+- round-half-to-even through the 1.5 * 2^23 magic constant, exact for |t| <= 2^22 (t is at most
+  L - 1);
 - Philox-4x32-10 keyed by (seed, stream) on the 64-bit global element index, the index split in
-  two 32-bit counter words so that index spaces past 2^31 (long attention) stay distinct.
+  two 32-bit counter words so that index spaces past 2^31 (long attention) stay distinct; each
+  mulhilo is one 32x32->64-bit product.
+
+One arithmetic, three entry points (they differ only in where the constants come from):
+- `quantize`: computes the two reciprocals, RN(1 / max(hi - lo, 1e-12)) and RN(1 / (L - 1)), with
+  `div_rn` itself (once per call and thread). For elementwise passes and the linear epilogue.
+- `quantize_with`: takes span = max(hi - lo, 1e-12) and both reciprocals precomputed
+  (`range_inv_span` once, e.g. in a pre-pass, then `range_consts`; `inv_levels_minus_1` on the
+  host): no IEEE-division subroutine call, whose calling convention makes ptxas spill in
+  register-bound kernels (fused attention).
+- `quantize_with_bits24`: noisy `quantize_with` fed Philox's 24-bit word w (`philox_bits24`)
+  instead of u = w * 2^-24, folding "+ u" into one exact fma; also returns the level index k.
+All three give the same bits as the reference (and as each other) for the same inputs.
 """
 
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -23,17 +38,26 @@ import triton.language as tl
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
+# --------------------------------------------------------------------------------------------
+# Philox-4x32-10
+# --------------------------------------------------------------------------------------------
 @triton.jit
 def _mulhilo32(a, b: tl.constexpr):
     # One 32x32->64-bit multiply (IMAD.WIDE.U32) gives both halves: measured faster on an H200
-    # than separate mul.hi / mul.lo, with the same bits.
+    # than separate mul.hi / mul.lo (~15% fewer instructions in attention's hot loops), same bits.
+    # (`a.to(tl.uint64) * b`, with the constant promoted implicitly, compiles to the same PTX.)
     p = a.to(tl.uint64) * tl.full(a.shape, b, tl.uint64)
     return (p >> 32).to(tl.uint32), p.to(tl.uint32)
 
 
 @triton.jit
-def philox_uniform(seed, stream, index):
-    """u in [0, 1) (float32) for int64 `index`, keyed by (seed, stream); same as the reference."""
+def philox_bits24(seed, stream, index):
+    """The 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24.
+
+    Philox-4x32-10 of counter (index lo, index hi, 0, 0), key (seed, stream): the first output word
+    shifted right by 8, as the reference. Returning w lets a hot loop fold "+ u" into one exact fma
+    (`quantize_with_bits24`).
+    """
     idx = index.to(tl.int64)
     c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -47,11 +71,20 @@ def philox_uniform(seed, stream, index):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    return (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return (c0 >> 8).to(tl.float32)
 
 
 @triton.jit
-def _div_rn_by(a, d, r):
+def philox_uniform(seed, stream, index):
+    """u in [0, 1) (float32) for int64 `index`, keyed by (seed, stream); same as the reference."""
+    return philox_bits24(seed, stream, index) * (1.0 / 16777216.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Division and range constants
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def div_rn_by(a, d, r):
     """a / d correctly rounded (as `div_rn`), for d > 0 finite and r = div_rn(1, d).
 
     Markstein's theorem: with r the correctly rounded reciprocal, q0 = RN(a * r) lies within one
@@ -66,20 +99,85 @@ def _div_rn_by(a, d, r):
 
 
 @triton.jit
-def quantize(x, lo, hi, LEVELS: tl.constexpr, lut, HAS_LUT: tl.constexpr, u,
-             NOISY: tl.constexpr):
-    """Q(x) in float32. lo/hi are float32 scalars; an uninitialised range (lo > hi) passes x.
+def range_span(lo, hi):
+    """max(hi - lo, 1e-12): the quantizer's first divisor."""
+    return tl.maximum(hi - lo, 1e-12)
 
-    `u` (noisy mode) is the per-element uniform from `philox_uniform`; ignored when not NOISY.
-    """
-    xf = x.to(tl.float32)
+
+@triton.jit
+def range_inv_span(rng_ptr):
+    """RN(1 / max(hi - lo, 1e-12)) of the (lo, hi) range at `rng_ptr`, by an IEEE division: compute
+    it once (e.g. in a pre-pass) and hand it to `quantize_with` through `range_consts`."""
+    one = tl.full([], 1.0, tl.float32)
+    hi = tl.load(rng_ptr + 1)
+    lo = tl.load(rng_ptr)
+    return tl.math.div_rn(one, range_span(lo, hi))
+
+
+@triton.jit
+def range_consts(rng_ptr, inv_ptr):
+    """(lo, hi, span, inv_span) of a range for `quantize_with`; `inv_ptr` holds the precomputed
+    `range_inv_span(rng_ptr)`."""
+    lo = tl.load(rng_ptr)
+    hi = tl.load(rng_ptr + 1)
+    return lo, hi, range_span(lo, hi), tl.load(inv_ptr)
+
+
+def inv_levels_minus_1(levels: int) -> float:
+    """Host side: RN(1 / (levels - 1)) in float32 (what `quantize` computes with div_rn), exactly
+    representable as a Python float, so passing it as a kernel argument keeps it exact."""
+    return float(np.float32(1.0) / np.float32(levels - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The quantizer
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def round_half_even(t):
+    """t rounded half to even (|t| <= 2^22), in float32."""
+    return (t + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def _level_position(xf, lo, hi, span, inv_span, LEVELS: tl.constexpr):
+    """t = (clamp(x, lo, hi) - lo) / span * (L - 1), before noise and rounding. span = None (with
+    inv_span = None): both computed here, after the clamp, by `quantize`."""
     c = tl.minimum(tl.maximum(xf, lo), hi)
-    span = tl.maximum(hi - lo, 1e-12)
-    t = _div_rn_by(c - lo, span, tl.math.div_rn(1.0, span)) * (LEVELS - 1.0)
+    # The None branch keeps `quantize`'s instruction order (the division emitted after the clamp):
+    # its kernels compile to the same PTX as the H200-verified code did before this was shared.
+    if span is None:
+        span = range_span(lo, hi)
+        t = div_rn_by(c - lo, span, tl.math.div_rn(1.0, span))
+    else:
+        t = div_rn_by(c - lo, span, inv_span)
+    return t * (LEVELS - 1.0)
+
+
+@triton.jit
+def dequantize(k, lo, hi, inv_lm1, LEVELS: tl.constexpr):
+    """y = k / (L - 1) * (hi - lo) + lo for level index k (float32), inv_lm1 = RN(1 / (L - 1))
+    (None: computed here by div_rn). The only dequantization expression: level codes stored and
+    dequantized later give the same bits as `quantize_with_bits24`'s own output."""
+    if inv_lm1 is None:
+        q = div_rn_by(k, LEVELS - 1.0, tl.math.div_rn(1.0, LEVELS - 1.0))
+    else:
+        q = div_rn_by(k, LEVELS - 1.0, inv_lm1)
+    return q * (hi - lo) + lo
+
+
+@triton.jit
+def quantize_with(x, lo, hi, span, inv_span, inv_lm1, LEVELS: tl.constexpr, lut,
+                  HAS_LUT: tl.constexpr, u, NOISY: tl.constexpr):
+    """Q(x) in float32 with the range constants precomputed: span = max(hi - lo, 1e-12),
+    inv_span = RN(1 / span), inv_lm1 = RN(1 / (LEVELS - 1)); span, inv_span = None, None and
+    inv_lm1 = None compute them here (that is `quantize`). An uninitialised range (lo > hi) passes
+    x. `u` (noisy mode) is the per-element uniform from `philox_uniform`; ignored when not NOISY."""
+    xf = x.to(tl.float32)
+    t = _level_position(xf, lo, hi, span, inv_span, LEVELS)
     if NOISY:
         t = t + u - 0.5
-    k = (t + _ROUND_MAGIC) - _ROUND_MAGIC
-    y = _div_rn_by(k, LEVELS - 1.0, tl.math.div_rn(1.0, LEVELS - 1.0)) * (hi - lo) + lo
+    k = round_half_even(t)
+    y = dequantize(k, lo, hi, inv_lm1, LEVELS)
     if HAS_LUT:
         pos_floor = lut * hi
         neg_floor = -lut * tl.abs(lo)
@@ -88,6 +186,33 @@ def quantize(x, lo, hi, LEVELS: tl.constexpr, lut, HAS_LUT: tl.constexpr, u,
     return tl.where(lo <= hi, y, xf)
 
 
+@triton.jit
+def quantize(x, lo, hi, LEVELS: tl.constexpr, lut, HAS_LUT: tl.constexpr, u,
+             NOISY: tl.constexpr):
+    """Q(x) in float32. lo/hi are float32 scalars; an uninitialised range (lo > hi) passes x.
+
+    `quantize_with` with its range constants computed inside, the reciprocals by `div_rn` (the
+    same values as the precomputed ones). `u` (noisy mode) is the per-element uniform from
+    `philox_uniform`; ignored when not NOISY.
+    """
+    return quantize_with(x, lo, hi, None, None, None, LEVELS, lut, HAS_LUT, u, NOISY)
+
+
+@triton.jit
+def quantize_with_bits24(x, lo, hi, span, inv_span, inv_lm1, w, LEVELS: tl.constexpr):
+    """Noisy Q of float32 x (no lut) given the Philox word w = `philox_bits24(...)`: returns
+    (Q(x), its level index k as float32). The same bits as `quantize_with(..., u, NOISY=True)`
+    with u = w * 2^-24: since w * 2^-24 is exact, fma(w, 2^-24, t) is t + u with one rounding,
+    as the reference's "t + u"; it saves the multiply (and the u register) in hot loops."""
+    t = _level_position(x, lo, hi, span, inv_span, LEVELS)
+    t = tl.fma(w, 1.0 / 16777216.0, t) - 0.5
+    k = round_half_even(t)
+    return tl.where(lo <= hi, dequantize(k, lo, hi, inv_lm1, LEVELS), x), k
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient mask and output cast
+# --------------------------------------------------------------------------------------------
 @triton.jit
 def in_range(x, lo, hi):
     """True where the gradient passes in `clipped` mode (inside the range, or range unset)."""

@@ -31,7 +31,9 @@ def _block(dtype=torch.bfloat16):
         model = Transformer(args)
         model.init_weights()
     transform_model(model, TransformConfig.from_dict(DEFAULT_TRANSFORM_CONFIG))
-    return model.to(dtype)
+    for p in model.parameters():  # not model.to(dtype): that would drop RoPE's complex buffer
+        p.data = p.data.to(dtype)
+    return model
 
 
 def _calibrate(model, tokens):

@@ -33,8 +33,9 @@ class Optical:
     extra all-reduces and a host read per step); raise naming the first differing module."""
 
     stop_on_nonfinite: bool = True
-    """Stop training with the step number when the loss is not finite, before a checkpoint of
-    that step is written (costs one scalar device-to-host read per step)."""
+    """Stop training with the step number when the loss or a gradient is not finite, before that
+    step's optimizer update and checkpoint (costs one fused gradient norm, one scalar all-reduce
+    and one device-to-host read per step)."""
 
 
 @dataclass

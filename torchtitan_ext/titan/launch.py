@@ -19,7 +19,8 @@ _CUSTOM_KEYS = ("--job.custom_config_module", "--job.custom-config-module")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss; raised before that step's checkpoint is written."""
+    """Training produced a non-finite loss or gradient; raised before that step's optimizer
+    step and checkpoint."""
 
 
 def with_custom_config(argv: list[str]) -> list[str]:
@@ -87,7 +88,16 @@ def build_trainer_class():
     from torchtitan.train import Trainer
 
     class OpticalTrainer(Trainer):
-        """torchtitan's Trainer, stopping on a non-finite loss with the step number."""
+        """torchtitan's Trainer, stopping before an optimizer step that would apply a non-finite
+        loss or gradient, with the step number (so every checkpoint written holds finite state)."""
+
+        def __init__(self, job_config):
+            super().__init__(job_config)
+            self._finite_flags = []
+            if self._check_finite():
+                self.optimizers.register_step_pre_hook(
+                    lambda *args, **kwargs: self._stop_if_nonfinite()
+                )
 
         def forward_backward_step(self, *args, **kwargs):
             self._restore_pending_rng()
@@ -99,6 +109,31 @@ def build_trainer_class():
                 self._finite_flags.append(torch.isfinite(local(loss.detach())).all())
             return loss
 
+        def _stop_if_nonfinite(self):
+            """Runs before each optimizer step: one fused norm over the gradients, one
+            all-reduce so that every rank stops together (the others would hang in the next
+            collective otherwise), one host read."""
+            from torchtitan_ext.optical.ranges import local
+
+            flags, self._finite_flags = self._finite_flags, []
+            grads = [local(p.grad) for m in self.model_parts for p in m.parameters()
+                     if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g
+                                             for g in grads])
+                flags.append(torch.isfinite(torch.stack(norms)).all())
+            if not flags:
+                return
+            ok = torch.stack([f.to(self.device) for f in flags]).all().to(torch.int32)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if not bool(ok.item()):
+                raise NonFiniteLossError(
+                    f"training stopped: the loss or the gradients are not finite at step "
+                    f"{self.step}; the optimizer step was not taken and no checkpoint of step "
+                    f"{self.step} was written, so the last checkpoint saved holds finite state"
+                )
+
         def _restore_pending_rng(self):
             pending = getattr(self, "_pending_rng", None)
             if pending is None:
@@ -109,22 +144,6 @@ def build_trainer_class():
             if cuda_state is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(cuda_state)
             self._pending_rng = None
-
-        def train_step(self, data_iterator):
-            self._finite_flags = []
-            super().train_step(data_iterator)
-            if self._check_finite() and self._finite_flags:
-                ok = torch.stack(self._finite_flags).all().to(torch.int32)
-                if torch.distributed.is_initialized():
-                    # Every rank must stop together, or the others would hang in the next
-                    # collective (the checkpoint save among them).
-                    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-                if not bool(ok.item()):
-                    raise NonFiniteLossError(
-                        f"training stopped: the loss is not finite at step {self.step}; no "
-                        f"checkpoint of step {self.step} was written, the last one saved stays "
-                        "usable"
-                    )
 
         # The noise seeds are drawn from the default generators, so a resumed run continues the
         # same noise only if their states are checkpointed with the step (every rank's are equal).

@@ -87,6 +87,7 @@ def _worker(rank, world, port, state, x, steps, out_q):
             buf = io.BytesIO()  # plain bytes: shared-memory tensors die with this process
             torch.save((outs, ranges), buf)
             out_q.put(buf.getvalue())
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer vanished mid-exit
     finally:
         dist.destroy_process_group()
 
@@ -119,5 +120,7 @@ def test_tensor_parallel_equals_single_device():
         assert (h - he).abs().max() <= level_h * 1.01 + 1e-6, i
         assert ((h - he).abs() > 1e-5).float().mean() < 0.02, i
         assert torch.allclose(a, ae, atol=1e-5), i
+    # The observed ranges reduce to the unsharded ones (row-wise outputs are observed after the
+    # reduction, never as partial sums).
     for name, r in ranges.items():
-        assert torch.allclose(r, dict(ref.named_buffers())[name], rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(r, dict(ref.named_buffers())[name], rtol=1e-6, atol=1e-7), name

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .config import QuantizerConfig
-from .ranges import RangeState
+from .ranges import RangeState, local
 
 __all__ = ["ShardContext", "OpticalLinear", "OpticalAttention"]
 
@@ -112,7 +112,7 @@ class OpticalLinear(RangeState, nn.Linear):
                               quantize_output=True)
         return y
 
-    def _linear(self, x, weight, bias, index, seed, *, quantize_output):
+    def _linear(self, x, weight, bias, index, seed, *, quantize_output, record=True):
         c = self.config
         y, obs = ops.optical_linear(
             x, weight, bias, self.ranges(), seed,
@@ -120,18 +120,13 @@ class OpticalLinear(RangeState, nn.Linear):
             observe=self.training, quantize_output=quantize_output,
             clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
         )
-        if self.training:
+        if self.training and record:
             self.record(obs)
         return y, obs
 
     def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.training:
-            from torch.distributed.tensor import DTensor
-
-            def local(t):
-                return t.to_local() if isinstance(t, DTensor) else t
-
             q = self.config.q_quantiles
             obs = torch.stack([
                 ops.ref.observe_range(local(x), q),
@@ -167,7 +162,7 @@ class OpticalLinear(RangeState, nn.Linear):
             # sums first (straight into the placement the output wants), then Q_out.
             unused_index = ops.linear_index(x_local.shape, w_local.shape[0])  # no noise here
             acc_local, obs = self._linear(x_local, w_local, None, unused_index, seed,
-                                          quantize_output=False)
+                                          quantize_output=False, record=False)
             out_placement = self.tp_output_placement or Replicate()
             acc = DTensor.from_local(acc_local, mesh, [Partial()], run_check=False)
             acc = acc.redistribute(mesh, [out_placement])

@@ -51,20 +51,25 @@ def _write(path: Path, docs: list[str]) -> str:
     return str(path)
 
 
+def dp2_layout(docs: list[str], steps: int, global_batch: int) -> list[str]:
+    """Order documents for 2 data-parallel ranks so they see the one-process global batches:
+    ranks take contiguous halves of the file, and rank r's s-th local batch must be the r-th
+    half of global batch s."""
+    half = global_batch // 2
+    shards = [[], []]
+    for s in range(steps):
+        for r in range(2):
+            start = global_batch * s + r * half
+            shards[r] += docs[start:start + half]
+    return shards[0] + shards[1]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     docs = _documents(STEPS * GLOBAL_BATCH)
     single = _write(tmp / "single.jsonl", docs)
-    # Data parallel ranks take contiguous halves of the file; rank r's s-th local batch must be
-    # the r-th half of global batch s.
-    half = GLOBAL_BATCH // 2
-    shards = [[], []]
-    for s in range(STEPS):
-        for r in range(2):
-            start = GLOBAL_BATCH * s + r * half
-            shards[r] += docs[start:start + half]
-    dp2 = _write(tmp / "dp2.jsonl", shards[0] + shards[1])
+    dp2 = _write(tmp / "dp2.jsonl", dp2_layout(docs, STEPS, GLOBAL_BATCH))
     common = ["--job.config_file", "train_configs/debug_model.toml", "--training.steps", str(STEPS),
               "--training.seq_len", str(SEQ), "--training.dataset", "local", "--debug.seed", "3",
               "--optical.check_ranges_synced", "--metrics.log_freq", "1"]

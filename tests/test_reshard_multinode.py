@@ -22,7 +22,7 @@ import uuid
 import pytest
 import torch
 
-from test_distributed import SEQ, _documents, _write
+from test_distributed import SEQ, _documents, _write, dp2_layout
 from test_e2e import CONFIG, losses, torchrun
 from test_faults import Job, _reap_strays, copy_checkpoint, free_port, ok, wait_all  # noqa: F401
 
@@ -41,13 +41,7 @@ N_OPTICAL = 32  # debugmodel: 4 blocks x (7 linears + 1 attention)
 def resharding(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reshard")
     docs = _documents(STEPS * GLOBAL_BATCH)
-    half = GLOBAL_BATCH // 2
-    shards = [[], []]
-    for s in range(STEPS):
-        for r in range(2):
-            start = GLOBAL_BATCH * s + r * half
-            shards[r] += docs[start:start + half]
-    dp2 = _write(tmp / "dp2.jsonl", shards[0] + shards[1])
+    dp2 = _write(tmp / "dp2.jsonl", dp2_layout(docs, STEPS, GLOBAL_BATCH))
     tail = _write(tmp / "tail.jsonl", docs[GLOBAL_BATCH * RESUME_AT:])
     common = ["--job.config_file", CONFIG, "--training.steps", str(STEPS), "--training.seq_len",
               str(SEQ), "--training.dataset", "local", "--debug.seed", "3", "--metrics.log_freq",

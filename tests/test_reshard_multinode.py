@@ -48,7 +48,7 @@ def resharding(tmp_path_factory):
               "1", "--checkpoint.enable", "--checkpoint.interval", str(RESUME_AT),
               "--checkpoint.no-last-save-model-only", "--optical.check_ranges_synced"]
     full = losses(ok(torchrun(
-        2, *common, "--training.dataset_path", dp2, "--training.local_batch_size", str(half),
+        2, *common, "--training.dataset_path", dp2, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
         "--parallelism.data_parallel_shard_degree", "2", "--job.dump_folder", str(tmp / "fsdp"),
         timeout=300)))
     assert sorted(full) == list(range(1, STEPS + 1)), full

@@ -116,3 +116,11 @@ def test_transformed_llama_block_compiles_with_inductor_fullgraph():
         torch.manual_seed(2)
         compiled = torch.compile(block, fullgraph=True)(h, model.freqs_cis, None)
     assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
+
+
+def test_quantile_ranges_on_attention_are_refused_by_name():
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {
+        r"layers\.0\.attention": {"q_quantiles": [0.01, 0.99]}}})
+    with pytest.raises(OpticalConfigError, match=r"q_quantiles.*layers\.0\.attention"):
+        transform_model(model, cfg)

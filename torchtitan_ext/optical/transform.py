@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import QuantizerConfig, TransformConfig
+from .config import OpticalConfigError, QuantizerConfig, TransformConfig
 from .modules import OpticalAttention, OpticalLinear
 
 __all__ = [
@@ -63,6 +63,15 @@ class ModelLayout:
         setattr(block, INNER_ATTENTION, OpticalAttention(config, device=_module_device(block)))
 
 
+def _check_attention_config(name: str, pattern: str, config: QuantizerConfig) -> None:
+    if config.q_quantiles is not None:
+        raise OpticalConfigError(
+            f"layer_name_to_config['{pattern}'].q_quantiles: quantile ranges are supported for "
+            f"linear layers only, but the pattern matches attention block {name}; allowed for "
+            "attention: null"
+        )
+
+
 TORCHTITAN_LLAMA = ModelLayout()
 
 
@@ -104,6 +113,7 @@ def transform_model(model: nn.Module, config: TransformConfig,
             new.train(mod.training)
             _set_submodule(model, name, new)
         else:
+            _check_attention_config(name, pattern, qcfg)
             layout.attach_attention(mod, qcfg)
         report.by_pattern.setdefault(pattern, []).append(name)
     return report

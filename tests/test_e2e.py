@@ -64,7 +64,28 @@ def test_tensor_parallel_two_processes(tmp_path):
     assert len(seen) == 10 and seen[10] < seen[1], seen
 
 
+def test_digital_warmup_then_optical_with_range_statistics(tmp_path):
+    r = torchrun(1, "--job.config_file", CONFIG, "--job.dump_folder", str(tmp_path),
+                 "--training.steps", "4", "--training.seq_len", "64",
+                 "--optical.quant_warmup_steps", "2", "--optical.stats_every", "2",
+                 "--metrics.enable_tensorboard")
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "optical simulation on from step 3" in log
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, list(tmp_path.rglob("*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "optical/layers.0.attention.wq/w_clamped_frac" in tags, tags[:20]
+    assert "optical/layers.0.attention.inner_attention/s_hi" in tags
+    assert [e.step for e in acc.Scalars("optical/layers.0.attention.wq/x_hi")] == [2, 4]
+
+
 BAD = {
+    "warmup": (["--optical.quant_warmup_steps", "-1"], "optical.quant_warmup_steps"),
     "missing file": (["--optical.transform_config", "nope/missing.yaml"], "does not exist"),
     "kernels": (["--optical.kernels", "cuda"], "optical.kernels"),
     "flavor": (["--model.flavor", "3B"], "model.flavor"),
@@ -77,7 +98,7 @@ def _bad_yaml(tmp_path: Path, name: str, text: str) -> list[str]:
     return ["--optical.transform_config", str(p)]
 
 
-@pytest.mark.parametrize("case", ["missing file", "kernels", "flavor", "unparsable", "levels",
+@pytest.mark.parametrize("case", ["missing file", "kernels", "warmup", "flavor", "unparsable", "levels",
                                   "lut", "quantiles", "smooth", "unknown key", "no match"])
 def test_bad_config_exits_fast_naming_the_key(tmp_path, case):
     yaml_cases = {

@@ -205,3 +205,21 @@ def test_autocast_casts_inputs_like_the_layers_replaced_and_keeps_float32_inside
     bf16.eval()
     torch.manual_seed(9)
     assert torch.equal(y, bf16(x.to(torch.bfloat16)))
+
+
+def test_digital_warmup_switch_observes_ranges_and_computes_digitally():
+    from torchtitan_ext.optical.ranges import range_statistics, set_optical_enabled
+
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=4))
+    att = OpticalAttention(QuantizerConfig(q_levels=4))
+    q = torch.randn(1, 2, 5, 8)
+    assert set_optical_enabled([lin, att], False) == 2
+    assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+    assert torch.allclose(att(q, q, q), nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert torch.isfinite(lin.optical_observed).all()  # still calibrating
+    set_optical_enabled([lin, att], True)
+    assert not torch.allclose(lin(x), nn.functional.linear(x, lin.weight, lin.bias), atol=1e-3)
+    stats = range_statistics(lin)
+    assert {"optical/OpticalLinear/x_lo", "optical/OpticalLinear/w_hi",
+            "optical/OpticalLinear/w_clamped_frac"} <= set(stats)
+    assert 0 <= stats["optical/OpticalLinear/w_clamped_frac"] <= 1

@@ -98,7 +98,7 @@ class OpticalLinear(RangeState, nn.Linear):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.q_bypass:
+        if self.config.q_bypass or not self.optical_enabled:
             return self._forward_bypass(x)
         from torch.distributed.tensor import DTensor
 
@@ -214,7 +214,7 @@ class OpticalAttention(RangeState, nn.Module):
         b, h, _, d = q.shape
         scale = d ** -0.5 if scale is None else scale
         c = self.config
-        if c.q_bypass:
+        if c.q_bypass or not self.optical_enabled:
             y = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                                enable_gqa=k.shape[1] != h)
             if self.training:

@@ -30,6 +30,8 @@ __all__ = [
     "update_ranges",
     "merge_observed",
     "assert_ranges_synced",
+    "set_optical_enabled",
+    "range_statistics",
 ]
 
 
@@ -56,6 +58,9 @@ class RangeState:
 
     RANGE_NAMES: tuple[str, ...] = ()
     smooth: float
+    # False: compute digitally while still observing ranges (a recipe's digital warm-up). A
+    # plain attribute, switched between steps by the trainer (see `set_optical_enabled`).
+    optical_enabled: bool = True
 
     def _init_range_buffers(self, device=None) -> None:
         n = len(self.RANGE_NAMES)
@@ -103,6 +108,44 @@ def merge_observed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def optical_modules(model_parts: nn.Module | Iterable[nn.Module]) -> list[RangeState]:
     parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
     return [m for part in parts for m in part.modules() if isinstance(m, RangeState)]
+
+
+def set_optical_enabled(model_parts: nn.Module | Iterable[nn.Module], enabled: bool) -> int:
+    """Switch every optical module between optical and digital (ranges keep being observed)."""
+    mods = optical_modules(model_parts)
+    for m in mods:
+        m.optical_enabled = enabled
+    return len(mods)
+
+
+@torch.no_grad()
+def range_statistics(model_parts: nn.Module | Iterable[nn.Module]) -> dict[str, float]:
+    """Per-module ranges and, for linears, the fraction of weights their quantizer clamps.
+
+    Keys look like `optical/<module>/<quantizer>_lo`; meant for TensorBoard every N steps (it
+    reads values on the host).
+    """
+    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+    out: dict[str, float] = {}
+    for part in parts:
+        for name, m in part.named_modules():
+            if not isinstance(m, RangeState):
+                continue
+            # Wrapper names (activation checkpointing, compile) are not part of the layer's name.
+            name = name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+            name = name or type(m).__name__
+            r = m.ranges().cpu()
+            for i, q in enumerate(m.RANGE_NAMES):
+                if r[i, 0] <= r[i, 1]:
+                    out[f"optical/{name}/{q}_lo"] = float(r[i, 0])
+                    out[f"optical/{name}/{q}_hi"] = float(r[i, 1])
+            weight = getattr(m, "weight", None)
+            if weight is not None and "w" in m.RANGE_NAMES:
+                lo, hi = m.ranges()[m.RANGE_NAMES.index("w")]
+                if lo <= hi:
+                    w = local(weight).float()
+                    out[f"optical/{name}/w_clamped_frac"] = float(((w < lo) | (w > hi)).float().mean())
+    return out
 
 
 def reset_ranges(model_parts: nn.Module | Iterable[nn.Module]) -> None:

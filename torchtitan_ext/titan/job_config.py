@@ -28,6 +28,16 @@ class Optical:
     """Reduce observed ranges across all ranks after every optimizer step (one packed
     all-reduce) so every rank quantizes with identical ranges. Turn off only for experiments."""
 
+    quant_warmup_steps: int = 0
+    """Recipe: the first N steps compute digitally while the ranges calibrate; the optical
+    simulation switches on at step N+1 (0 = optical from the start; the very first step still
+    passes values through, as the ranges start unset)."""
+
+    stats_every: int = 0
+    """Every N steps, log each optical module's ranges and the fraction of weights its
+    quantizer clamps (TensorBoard with metrics.enable_tensorboard); 0 = off. Reads values on
+    the host at those steps."""
+
     check_ranges_synced: bool = False
     """Debug: after every range update, verify that every rank holds bit-identical ranges (two
     extra all-reduces and a host read per step); raise naming the first differing module."""
@@ -52,3 +62,7 @@ def validate_optical(optical: Optical) -> None:
         raise OpticalConfigError(
             f"optical.kernels: must be one of {list(KERNEL_MODES)}, got {optical.kernels!r}"
         )
+    for key in ("quant_warmup_steps", "stats_every"):
+        value = getattr(optical, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise OpticalConfigError(f"optical.{key}: must be an integer >= 0, got {value!r}")

@@ -86,6 +86,7 @@ def preflight(job_config) -> None:
 
 
 def build_trainer_class():
+    from torchtitan.tools.logging import logger
     from torchtitan.train import Trainer
 
     class OpticalTrainer(Trainer):
@@ -109,6 +110,25 @@ def build_trainer_class():
                 # Under loss parallelism the loss is a replicated DTensor.
                 self._finite_flags.append(torch.isfinite(local(loss.detach())).all())
             return loss
+
+        def train_step(self, data_iterator):
+            from torchtitan_ext.optical.ranges import range_statistics, set_optical_enabled
+
+            optical = getattr(self.job_config, "optical", None)
+            if optical is not None and optical.quant_warmup_steps:
+                # The recipe's digital warm-up: decided from the step alone, so a resumed run
+                # switches at the same step as an uninterrupted one.
+                enabled = self.step > optical.quant_warmup_steps
+                if enabled != getattr(self, "_optical_enabled", True):
+                    set_optical_enabled(self.model_parts, enabled)
+                    self._optical_enabled = enabled
+                    logger.info(f"optical simulation {'on' if enabled else 'off (digital warm-up)'}"
+                                f" from step {self.step}")
+            super().train_step(data_iterator)
+            if optical is not None and optical.stats_every and self.step % optical.stats_every == 0:
+                stats = range_statistics(self.model_parts)
+                if stats:
+                    self.metrics_processor.logger.log(stats, self.step)
 
         def _stop_if_nonfinite(self):
             """Runs before each optimizer step: one fused norm over the gradients, one

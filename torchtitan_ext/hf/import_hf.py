@@ -80,30 +80,33 @@ _BLOCK_FROM_HF = {v: k for k, v in _BLOCK_TO_HF.items()}
 _TOP_FROM_HF = {v: k for k, v in _TOP_TO_HF.items()}
 
 
-def titan_to_hf_module(name: str) -> str:
-    """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj` (ValueError if unknown)."""
-    m = re.fullmatch(r"layers\.(\d+)(?:\.(.+))?", name)
+def _map_module(name: str, src_layers: str, dst_layers: str, block: dict[str, str],
+                top: dict[str, str]) -> str | None:
+    """Rename one module between the two frameworks' Llama layouts (None if unknown)."""
+    m = re.fullmatch(re.escape(src_layers) + r"\.(\d+)(?:\.(.+))?", name)
     if m:
         if m.group(2) is None:
-            return f"model.layers.{m.group(1)}"
-        if m.group(2) in _BLOCK_TO_HF:
-            return f"model.layers.{m.group(1)}.{_BLOCK_TO_HF[m.group(2)]}"
-    elif name in _TOP_TO_HF:
-        return _TOP_TO_HF[name]
-    raise ValueError(f"no Hugging Face counterpart known for torchtitan Llama module {name!r}")
+            return f"{dst_layers}.{m.group(1)}"
+        if m.group(2) in block:
+            return f"{dst_layers}.{m.group(1)}.{block[m.group(2)]}"
+        return None
+    return top.get(name)
+
+
+def titan_to_hf_module(name: str) -> str:
+    """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj` (ValueError if unknown)."""
+    out = _map_module(name, "layers", "model.layers", _BLOCK_TO_HF, _TOP_TO_HF)
+    if out is None:
+        raise ValueError(f"no Hugging Face counterpart known for torchtitan Llama module {name!r}")
+    return out
 
 
 def hf_to_titan_module(name: str) -> str:
     """`model.layers.3.self_attn.q_proj` -> `layers.3.attention.wq` (ValueError if unknown)."""
-    m = re.fullmatch(r"model\.layers\.(\d+)(?:\.(.+))?", name)
-    if m:
-        if m.group(2) is None:
-            return f"layers.{m.group(1)}"
-        if m.group(2) in _BLOCK_FROM_HF:
-            return f"layers.{m.group(1)}.{_BLOCK_FROM_HF[m.group(2)]}"
-    elif name in _TOP_FROM_HF:
-        return _TOP_FROM_HF[name]
-    raise ValueError(f"no torchtitan counterpart known for Hugging Face Llama module {name!r}")
+    out = _map_module(name, "model.layers", "layers", _BLOCK_FROM_HF, _TOP_FROM_HF)
+    if out is None:
+        raise ValueError(f"no torchtitan counterpart known for Hugging Face Llama module {name!r}")
+    return out
 
 
 def _split_range_key(key: str) -> str:

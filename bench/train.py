@@ -50,6 +50,9 @@ def run_case(flavor: str, mode: str, args) -> dict:
            "--training.steps", str(args.steps), "--metrics.log_freq", "1",
            "--metrics.no-enable-tensorboard", "--checkpoint.no-enable",
            "--validation.no-enable", "--job.dump_folder", str(dump),
+           # Throughput of the optical path itself: no digital warm-up, no statistics steps.
+           *(["--optical.quant_warmup_steps", "0", "--optical.stats_every", "0"]
+             if mode == "optical" else []),
            *shlex.split(args.parallel), *shlex.split(args.extra)]
     start = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)

@@ -1,6 +1,7 @@
 """Transform-config loading and validation: every bad input names its key or pattern."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,20 @@ def test_round_trip_to_dict():
                                                               "x": {"q_quantiles": [0.01, 0.99]}}})
     again = TransformConfig.from_dict(cfg.to_dict())
     assert again.rules == cfg.rules and again.default == cfg.default
+
+
+@pytest.mark.parametrize("toml", sorted(Path("train_configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_train_config_passes_preflight(toml):
+    """Each committed job file parses in torchtitan's config manager with the [optical] section
+    and passes run.py's checks (the whole transform on the meta device)."""
+    import torchtitan_ext.titan  # noqa: F401  (registers the spec, converter, datasets)
+    from torchtitan.config import ConfigManager
+
+    from torchtitan_ext.titan.launch import preflight, with_custom_config
+
+    config = ConfigManager().parse_args(with_custom_config(["--job.config_file", str(toml)]))
+    preflight(config)
+    optical = "optical_transformer" in config.model.converters
+    assert optical == toml.name.startswith(("optical_", "debug_model.toml"))
+    if toml.name.startswith("optical_"):
+        assert config.optical.quant_warmup_steps == 100  # the recipe (docs/results.md)

@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS_DIR = REPO_ROOT / "scripts"
@@ -309,3 +310,28 @@ def test_fineweb_edu_hub_call(monkeypatch):
     assert DATASETS["fineweb_edu_10bt"].path == "HuggingFaceFW/fineweb-edu"
     assert DATASETS["fineweb_edu_10bt"].loader(DATASETS["fineweb_edu_10bt"].path) == "sentinel"
     assert calls == [(("HuggingFaceFW/fineweb-edu",), {"name": "sample-10BT", "split": "train", "streaming": True})]
+
+
+def test_every_validation_scores_the_same_tokens(tokenizer):
+    """The trainer rewinds the validation data before each validation (launch.py)."""
+    from types import SimpleNamespace
+
+    from torchtitan.components.dataloader import ParallelAwareDataloader
+
+    from torchtitan_ext.titan.launch import _rewind_validation_data
+
+    ds = HuggingFaceTextDataset("optical_stdlib_validation", None, tokenizer, seq_len=SEQ_LEN,
+                                infinite=True)
+    loader = ParallelAwareDataloader(ds, dp_rank=0, dp_world_size=1, batch_size=2)
+    validator = SimpleNamespace(validation_dataloader=loader)
+
+    def one_validation():
+        # As torchtitan's validator: a fresh `for` over the loader, stopped after 3 batches.
+        return [labels.clone() for _, labels in islice(iter(loader), 3)]
+
+    first = one_validation()
+    drifted = one_validation()
+    assert not torch.equal(first[0], drifted[0])  # without the rewind the window moves on
+    _rewind_validation_data(validator)
+    again = one_validation()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

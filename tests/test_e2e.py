@@ -79,7 +79,16 @@ def test_digital_warmup_then_optical_with_range_statistics(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert "optical/layers.0.attention.wq/w_clamped_frac" in tags, tags[:20]
+    for tag in ("optical/layers.0.attention.wq/out_clamp_frac",
+                "optical/layers.0.attention.inner_attention/p_zeroed_clamp_frac",
+                "optical_clamp/linear_x", "optical_clamp/attention_s"):
+        assert tag in tags, (tag, tags[:20])
+    line = next(l for l in log.splitlines() if "optical clamp fractions step 4:" in l)
+    fractions = {k: float(v) for k, v in (kv.split("=") for kv in line.split(": ", 2)[-1].split())}
+    assert set(fractions) >= {"attention_k", "attention_p_zeroed", "linear_out"}, line
+    # Buffers of a model built on the meta device start as garbage unless reset at init.
+    assert all(0 <= v <= 1 for v in fractions.values()), line
+    assert all(0 <= v <= 1 for v in (e.value for e in acc.Scalars("optical_clamp/linear_x")))
     assert "optical/layers.0.attention.inner_attention/s_hi" in tags
     assert [e.step for e in acc.Scalars("optical/layers.0.attention.wq/x_hi")] == [2, 4]
 

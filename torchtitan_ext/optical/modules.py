@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from . import stats as clamp_stats
 from .config import QuantizerConfig
 from .ranges import RangeState, local
 
@@ -63,6 +64,7 @@ class OpticalLinear(RangeState, nn.Linear):
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b (semantics page, section 2)."""
 
     RANGE_NAMES = ("x", "w", "out")
+    CLAMP_NAMES = clamp_stats.LINEAR_CLAMP_NAMES
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  config: QuantizerConfig | None = None, device=None, dtype=None):
@@ -98,6 +100,8 @@ class OpticalLinear(RangeState, nn.Linear):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.collect_clamp_stats:
+            self._measure_clamping(x)
         if self.config.q_bypass or not self.optical_enabled:
             return self._forward_bypass(x)
         from torch.distributed.tensor import DTensor
@@ -123,6 +127,24 @@ class OpticalLinear(RangeState, nn.Linear):
         if self.training and record:
             self.record(obs)
         return y, obs
+
+    def _measure_clamping(self, x: torch.Tensor) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        w = self.weight
+        if isinstance(w, DTensor) and w.placements[-1] == Shard(1):
+            # Row-wise shards hold partial sums: only the operands' fractions mean anything.
+            x_local, w_local = local(x), w.to_local()
+            fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
+                                                    levels=self.config.q_levels,
+                                                    lut=self.config.lut)
+            fr = torch.cat([fr[:2], torch.zeros_like(fr[2:])])
+        else:
+            x_local, w_local = _autocast(local(x), local(w))
+            fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
+                                                    levels=self.config.q_levels,
+                                                    lut=self.config.lut)
+        self.record_clamp(fr)
 
     def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -194,6 +216,7 @@ class OpticalAttention(RangeState, nn.Module):
     """Drop-in for the inner scaled-dot-product attention call (semantics page, section 3)."""
 
     RANGE_NAMES = ("q", "k", "v", "s", "y")
+    CLAMP_NAMES = clamp_stats.ATTENTION_CLAMP_NAMES
 
     def __init__(self, config: QuantizerConfig | None = None, device=None):
         super().__init__()
@@ -214,6 +237,10 @@ class OpticalAttention(RangeState, nn.Module):
         b, h, _, d = q.shape
         scale = d ** -0.5 if scale is None else scale
         c = self.config
+        if self.training and self.collect_clamp_stats:
+            self.record_clamp(clamp_stats.attention_clamp_fractions(
+                q, k, v, self.ranges(), levels=c.q_levels, lut=c.lut, scale=scale,
+                causal=is_causal))
         if c.q_bypass or not self.optical_enabled:
             y = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                                enable_gqa=k.shape[1] != h)

@@ -31,6 +31,7 @@ __all__ = [
     "merge_observed",
     "assert_ranges_synced",
     "set_optical_enabled",
+    "set_clamp_stats",
     "range_statistics",
 ]
 
@@ -57,20 +58,29 @@ class RangeState:
     `_apply` takes part in the module's dtype and device moves."""
 
     RANGE_NAMES: tuple[str, ...] = ()
+    # Names of the clamp statistics the module reports (see `stats.py`).
+    CLAMP_NAMES: tuple[str, ...] = ()
     smooth: float
     # False: compute digitally while still observing ranges (a recipe's digital warm-up). A
     # plain attribute, switched between steps by the trainer (see `set_optical_enabled`).
     optical_enabled: bool = True
+    # True on the steps a trainer wants clamp statistics for (switched between steps, like
+    # `optical_enabled`); the forward then adds them to the `optical_clamped` buffer.
+    collect_clamp_stats: bool = False
 
     def _init_range_buffers(self, device=None) -> None:
         n = len(self.RANGE_NAMES)
         self.register_buffer("optical_ranges", _unset(n, device), persistent=True)
         self.register_buffer("optical_observed", _unset(n, device), persistent=False)
+        # (sum of fractions, number of forwards) per clamp statistic, since the last read.
+        self.register_buffer("optical_clamped",
+                             torch.zeros(len(self.CLAMP_NAMES), 2, dtype=torch.float32,
+                                         device=device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Ranges are float32 by contract. A dtype cast of the whole module (module.to(bf16),
         # .half()) would round them to the cast's precision; keep the float32 values, moved.
-        saved = {n: self._buffers[n] for n in ("optical_ranges", "optical_observed")
+        saved = {n: self._buffers[n] for n in ("optical_ranges", "optical_observed", "optical_clamped")
                  if self._buffers.get(n) is not None}
         out = super()._apply(fn, recurse)
         for name, orig in saved.items():
@@ -85,6 +95,8 @@ class RangeState:
         with torch.no_grad():
             for buf in (local(self.optical_ranges), local(self.optical_observed)):
                 buf.copy_(_unset(n, buf.device))
+            # Models built on the meta device get this buffer as uninitialised memory.
+            local(self.optical_clamped).zero_()
 
     def ranges(self) -> torch.Tensor:
         """The [n, 2] float32 ranges the forward quantizes with (a plain local tensor; a copy
@@ -96,6 +108,20 @@ class RangeState:
         observed = local(self.optical_observed)
         with torch.no_grad():
             observed.copy_(merge_observed(observed, obs))
+
+    def record_clamp(self, fractions: torch.Tensor) -> None:
+        """Add one forward's clamp fractions (float32 [len(CLAMP_NAMES)])."""
+        acc = local(self.optical_clamped)
+        with torch.no_grad():
+            acc.add_(torch.stack([fractions.to(acc.device), torch.ones_like(fractions)], -1))
+
+    def take_clamp_stats(self) -> dict[str, torch.Tensor]:
+        """Mean fraction per statistic since the last call (forwards that collected), then reset."""
+        acc = local(self.optical_clamped)
+        out = {name: acc[i, 0] / acc[i, 1] for i, name in enumerate(self.CLAMP_NAMES)
+               if acc[i, 1] > 0}
+        acc.zero_()
+        return out
 
     def range_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.ranges()[i] for i, name in enumerate(self.RANGE_NAMES)}
@@ -118,15 +144,24 @@ def set_optical_enabled(model_parts: nn.Module | Iterable[nn.Module], enabled: b
     return len(mods)
 
 
+def set_clamp_stats(model_parts: nn.Module | Iterable[nn.Module], enabled: bool) -> None:
+    """Make every optical module's training forwards measure clamp fractions (or stop)."""
+    for m in optical_modules(model_parts):
+        m.collect_clamp_stats = enabled
+
+
 @torch.no_grad()
 def range_statistics(model_parts: nn.Module | Iterable[nn.Module]) -> dict[str, float]:
-    """Per-module ranges and, for linears, the fraction of weights their quantizer clamps.
+    """Per-module ranges and the clamp fractions its forwards measured since the last call
+    (while `set_clamp_stats` was on), with their means over modules of a kind.
 
-    Keys look like `optical/<module>/<quantizer>_lo`; meant for TensorBoard every N steps (it
-    reads values on the host).
+    Keys look like `optical/<module>/<quantizer>_lo`, `optical/<module>/<name>_clamp_frac` and
+    `optical_clamp/<linear|attention>_<name>`; meant for TensorBoard every N steps (it reads
+    values on the host).
     """
     parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
     out: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
     for part in parts:
         for name, m in part.named_modules():
             if not isinstance(m, RangeState):
@@ -139,12 +174,12 @@ def range_statistics(model_parts: nn.Module | Iterable[nn.Module]) -> dict[str, 
                 if r[i, 0] <= r[i, 1]:
                     out[f"optical/{name}/{q}_lo"] = float(r[i, 0])
                     out[f"optical/{name}/{q}_hi"] = float(r[i, 1])
-            weight = getattr(m, "weight", None)
-            if weight is not None and "w" in m.RANGE_NAMES:
-                lo, hi = m.ranges()[m.RANGE_NAMES.index("w")]
-                if lo <= hi:
-                    w = local(weight).float()
-                    out[f"optical/{name}/w_clamped_frac"] = float(((w < lo) | (w > hi)).float().mean())
+            for q, frac in m.take_clamp_stats().items():
+                kind = "attention" if "p_zeroed" in m.CLAMP_NAMES else "linear"
+                out[f"optical/{name}/{q}_clamp_frac"] = float(frac)
+                means.setdefault(f"optical_clamp/{kind}_{q}", []).append(float(frac))
+    for key, values in means.items():
+        out[key] = sum(values) / len(values)
     return out
 
 

@@ -85,6 +85,20 @@ def preflight(job_config) -> None:
         transform_model(model, transform)
 
 
+def _rewind_validation_data(validator) -> None:
+    """Start every validation at the beginning of the validation split.
+
+    torchtitan's validation loader is infinite when `validation.steps` is set, and its text
+    dataset carries its position from one validation to the next, so successive validations
+    would score different windows. Rewinding makes every validation of a run (and of every run
+    with the same data settings) score exactly the same tokens, so losses compare across steps
+    and runs. Datasets without that position state are left alone."""
+    dataset = getattr(getattr(validator, "validation_dataloader", None), "dataset", None)
+    if dataset is not None and hasattr(dataset, "_sample_idx") and hasattr(dataset, "_token_buffer"):
+        dataset._sample_idx = 0
+        dataset._token_buffer = []
+
+
 def build_trainer_class():
     from torchtitan.tools.logging import logger
     from torchtitan.train import Trainer
@@ -96,6 +110,15 @@ def build_trainer_class():
         def __init__(self, job_config):
             super().__init__(job_config)
             self._finite_flags = []
+            validator = getattr(self, "validator", None)
+            if validator is not None and hasattr(validator, "validate"):
+                validate = validator.validate
+
+                def validate_from_start(*args, **kwargs):
+                    _rewind_validation_data(validator)
+                    return validate(*args, **kwargs)
+
+                validator.validate = validate_from_start
             if self._check_finite():
                 self.optimizers.register_step_pre_hook(
                     lambda *args, **kwargs: self._stop_if_nonfinite()
@@ -112,7 +135,9 @@ def build_trainer_class():
             return loss
 
         def train_step(self, data_iterator):
-            from torchtitan_ext.optical.ranges import range_statistics, set_optical_enabled
+            from torchtitan_ext.optical.ranges import (
+                range_statistics, set_clamp_stats, set_optical_enabled,
+            )
 
             optical = getattr(self.job_config, "optical", None)
             if optical is not None and optical.quant_warmup_steps:
@@ -124,11 +149,22 @@ def build_trainer_class():
                     self._optical_enabled = enabled
                     logger.info(f"optical simulation {'on' if enabled else 'off (digital warm-up)'}"
                                 f" from step {self.step}")
-            super().train_step(data_iterator)
-            if optical is not None and optical.stats_every and self.step % optical.stats_every == 0:
+            stats_step = bool(optical is not None and optical.stats_every
+                              and self.step % optical.stats_every == 0)
+            if stats_step:
+                set_clamp_stats(self.model_parts, True)
+            try:
+                super().train_step(data_iterator)
+            finally:
+                if stats_step:
+                    set_clamp_stats(self.model_parts, False)
+            if stats_step:
                 stats = range_statistics(self.model_parts)
                 if stats:
                     self.metrics_processor.logger.log(stats, self.step)
+                    summary = "  ".join(f"{k.split('/', 1)[1]}={v:.2e}" for k, v in
+                                        sorted(stats.items()) if k.startswith("optical_clamp/"))
+                    logger.info(f"optical clamp fractions step {self.step}: {summary}")
 
         def _stop_if_nonfinite(self):
             """Runs before each optimizer step: one fused norm over the gradients, one

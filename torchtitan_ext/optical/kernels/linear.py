@@ -363,7 +363,15 @@ class GemmConfig:
 def _gpu_has_tma(device: torch.device) -> bool:
     if TensorDescriptor is None or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _capability_major(device.index if device.index is not None
+                             else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    # Asked once per device: the query costs ~12 us of host time per call on the H200 host,
+    # which small, launch-bound linears pay on every forward (bench/overhead.py).
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:

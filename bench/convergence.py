@@ -1,0 +1,188 @@
+"""Convergence experiments of docs/results.md: optical 60M against its digital twin, a precision
+sweep and a recipe ablation, each a plain `run.py` training run on the same tokens.
+
+Every run is `torchrun --standalone --nproc_per_node=1 run.py --job.config_file
+train_configs/<digital|optical>_60M.toml` plus the overrides listed in RUNS (nothing else
+differs: same data order, same seed, same validation tokens). Runs execute concurrently on
+one GPU: a 60M model leaves most of an H200 idle, so sharing it costs each run little.
+
+    python3 bench/convergence.py start --workdir /tmp/conv            # returns at once
+    python3 bench/convergence.py watch --workdir /tmp/conv --seconds 500 --out $OUT/convergence.json
+    python3 bench/convergence.py stop --workdir /tmp/conv --runs q16  # end runs early
+
+`start` launches the runs in their own process sessions (they outlive the command); `watch`
+prints progress and writes what the logs hold so far: train loss, validation loss, clamp
+fractions, tokens/s, and each run's exit status. `bench/plot_convergence.py` turns the JSON
+into the plots and tables of the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T = "train_configs/transforms/"
+
+# name -> (mode, overrides, what it tests). The recipe is optical_60M.toml as committed.
+RUNS: dict[str, tuple[str, list[str], str]] = {
+    "digital": ("digital", [], "digital twin"),
+    "optical": ("optical", [], "optical recipe, 256 levels"),
+    "q64": ("optical", ["--optical.transform_config", T + "optical_64levels.yaml"],
+            "optical recipe, 64 levels"),
+    "q16": ("optical", ["--optical.transform_config", T + "optical_16levels.yaml"],
+            "optical recipe, 16 levels"),
+    "no_warmup": ("optical", ["--optical.quant_warmup_steps", "0"],
+                  "recipe without the digital warm-up"),
+    "no_grad_clip": ("optical", ["--training.max_norm", "1e9"],
+                     "recipe without gradient-norm clipping"),
+    "unsmoothed": ("optical", ["--optical.transform_config", T + "optical_8bit_unsmoothed.yaml"],
+                   "recipe without range smoothing (EMA factor 0)"),
+    "clipped_grad": ("optical", ["--optical.transform_config", T + "optical_8bit_clipped.yaml"],
+                     "recipe with clipped instead of straight-through gradients"),
+    "q16_no_warmup": ("optical", ["--optical.transform_config", T + "optical_16levels.yaml",
+                                  "--optical.quant_warmup_steps", "0"],
+                      "16 levels without the digital warm-up"),
+}
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEP = re.compile(r"\bstep:\s+(\d+)\s+loss:\s+([-0-9.naninf]+).*?tps:\s+([0-9,]+)")
+VAL = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([-0-9.naninf]+)")
+CLAMP = re.compile(r"optical clamp fractions step (\d+): (.*)")
+
+
+def command(name: str, args) -> list[str]:
+    mode, overrides, _ = RUNS[name]
+    run_dir = Path(args.workdir) / name
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            "run.py", "--job.config_file", f"train_configs/{mode}_60M.toml",
+            "--training.steps", str(args.steps), "--job.dump_folder", str(run_dir),
+            "--checkpoint.no-enable", "--debug.seed", "0", *overrides, *shlex.split(args.extra)]
+
+
+def start(args) -> None:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in args.runs:
+        run_dir = work / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = command(name, args)
+        (run_dir / "command.txt").write_text(shlex.join(cmd[1:]) + "\n")
+        shell = f"{shlex.join(cmd)} > {shlex.quote(str(run_dir / 'log.txt'))} 2>&1; " \
+                f"echo $? > {shlex.quote(str(run_dir / 'rc'))}"
+        # Several runs share the host: one CPU thread each for ops, a few compile workers.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "4"}
+        proc = subprocess.Popen(["bash", "-c", shell], cwd=ROOT, start_new_session=True, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        (run_dir / "pid").write_text(str(proc.pid))
+        print(f"started {name}: {shlex.join(cmd[1:])}", flush=True)
+
+
+def parse_run(run_dir: Path) -> dict:
+    name = run_dir.name
+    log = ANSI.sub("", (run_dir / "log.txt").read_text(errors="replace")) \
+        if (run_dir / "log.txt").exists() else ""
+    rec: dict = {"name": name, "what": RUNS.get(name, ("", [], ""))[2],
+                 "command": (run_dir / "command.txt").read_text().strip()
+                 if (run_dir / "command.txt").exists() else None,
+                 "steps": [], "loss": [], "tps": [], "val_steps": [], "val_loss": [],
+                 "clamp": {}}
+    for line in log.splitlines():
+        if m := VAL.search(line):
+            rec["val_steps"].append(int(m.group(1)))
+            rec["val_loss"].append(float(m.group(2)))
+        elif m := STEP.search(line):
+            rec["steps"].append(int(m.group(1)))
+            rec["loss"].append(float(m.group(2)))
+            rec["tps"].append(float(m.group(3).replace(",", "")))
+        elif m := CLAMP.search(line):
+            rec["clamp"][m.group(1)] = {k: float(v) for k, v in
+                                        (kv.split("=") for kv in m.group(2).split())}
+    rc = run_dir / "rc"
+    rec["returncode"] = int(rc.read_text()) if rc.exists() and rc.read_text().strip() else None
+    rec["status"] = ("running" if rec["returncode"] is None
+                     else "done" if rec["returncode"] == 0 else "failed")
+    rec["nonfinite_stop"] = "training stopped: the loss or the gradients are not finite" in log
+    if rec["tps"][2:]:
+        rec["tps_median"] = statistics.median(rec["tps"][2:])
+    if rec["status"] == "failed":
+        rec["log_tail"] = log[-2500:]
+    return rec
+
+
+def collect(args) -> dict:
+    work = Path(args.workdir)
+    runs = {d.name: parse_run(d) for d in sorted(work.iterdir()) if (d / "command.txt").exists()}
+    return {"tokens_per_step": 16 * 1024, "runs": runs}
+
+
+def watch(args) -> None:
+    deadline = time.time() + args.seconds
+    while True:
+        data = collect(args)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(data, indent=1))
+        line = []
+        for name, r in data["runs"].items():
+            step = r["steps"][-1] if r["steps"] else 0
+            val = f"{r['val_loss'][-1]:.3f}" if r["val_loss"] else "-"
+            tps = f"{r['tps'][-1] / 1000:.0f}k" if r["tps"] else "-"
+            line.append(f"{name}:{r['status'][0]}{step}/v{val}/{tps}")
+        print(time.strftime("%H:%M:%S"), " ".join(line), flush=True)
+        if all(r["status"] != "running" for r in data["runs"].values()) or time.time() >= deadline:
+            break
+        time.sleep(min(args.interval, max(1.0, deadline - time.time())))
+    for name, r in data["runs"].items():
+        if r["status"] == "failed":
+            print(f"--- {name} failed:\n{r['log_tail']}", flush=True)
+    if args.archive:
+        # TensorBoard event files (per-layer ranges and clamp fractions) and the logs.
+        import tarfile
+
+        work = Path(args.workdir)
+        with tarfile.open(args.archive, "w:gz") as tar:
+            for f in sorted(work.glob("*/tb/**/events.out.tfevents.*")) + sorted(work.glob("*/log.txt")):
+                tar.add(f, arcname=str(f.relative_to(work)))
+        print(f"wrote {args.archive}", flush=True)
+
+
+def stop(args) -> None:
+    for name in args.runs:
+        pid_file = Path(args.workdir) / name / "pid"
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+                print(f"stopped {name}")
+            except ProcessLookupError:
+                pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("start", "watch", "stop"))
+    p.add_argument("--workdir", default="/tmp/optical-convergence")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--steps", type=int, default=2000, help="16384 tokens each (2000: 32.8M)")
+    p.add_argument("--extra", default="", help="more torchtitan flags for every run")
+    p.add_argument("--seconds", type=float, default=500, help="watch: how long")
+    p.add_argument("--interval", type=float, default=60, help="watch: seconds between reports")
+    p.add_argument("--out", default="", help="watch: JSON of everything parsed so far")
+    p.add_argument("--archive", default="", help="watch: .tar.gz of the TensorBoard logs and logs")
+    args = p.parse_args()
+    {"start": start, "watch": watch, "stop": stop}[args.action](args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

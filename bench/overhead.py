@@ -1,0 +1,148 @@
+"""Host (CPU) cost per call of the optical layers, against plain PyTorch, in one run.
+
+Small models train launch-bound: at the 60M flavor one optical run alone left most of an H200
+idle (nine runs sharing it did 3.5x the optical work of one). This script measures where the
+host time of one layer call goes, layer by layer of the stack (kernel launcher, custom op,
+module, autograd), on shapes so small that the GPU work is negligible: the wall time per call
+is then the host's cost of issuing it.
+
+    python3 bench/overhead.py --out $OUT/overhead-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+ITERS, WARMUP, REPEATS = 300, 30, 5
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def per_call_us(fn) -> float:
+    for _ in range(WARMUP):
+        fn()
+    _sync()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(ITERS):
+            fn()
+        _sync()
+        times.append((time.perf_counter() - start) / ITERS * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    global ITERS, WARMUP, REPEATS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench/results/overhead-h200.json")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
+    p.add_argument("--iters", type=int, default=ITERS)
+    args = p.parse_args()
+    if args.iters != ITERS:
+        ITERS, WARMUP, REPEATS = args.iters, max(1, args.iters // 10), 1
+
+    from torchtitan_ext.optical import ops
+    from torchtitan_ext.optical.config import QuantizerConfig
+    from torchtitan_ext.optical.kernels import linear as klinear
+    from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
+    from torchtitan_ext.optical.ranges import update_ranges
+
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        ops.set_kernel_mode("triton")
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(16, 384, device=dev, dtype=dt)
+    lin = torch.nn.Linear(384, 1152, bias=False, device=dev, dtype=dt)
+    opt = OpticalLinear(384, 1152, bias=False, config=QuantizerConfig(), device=dev, dtype=dt)
+    opt(x)
+    update_ranges(opt)
+    ranges = opt.ranges()
+    seed = torch.zeros(1, dtype=torch.int64, device=dev)
+    index = ops.linear_index(x.shape, 1152)
+    xg = x.clone().requires_grad_(True)
+
+    rec: dict[str, float] = {}
+    rec["nn.Linear fwd"] = per_call_us(lambda: lin(x))
+    rec["kernels.linear_forward (3 launches)"] = per_call_us(lambda: klinear.linear_forward(
+        x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256, lut=0.02,
+        stream=0, index=klinear.LinearIndex(*index), observe=True))
+    # The pieces of linear_forward's host path, one at a time.
+    xq = torch.empty_like(x)
+    rec["  one Triton launch: operand quantize pass"] = per_call_us(lambda: klinear._quantize_into(
+        x, xq, ranges[0], None, None, levels=256, lut=None, noisy=False, stream=0, index=None))
+    g = torch.randn(16, 1152, device=dev, dtype=dt)
+    src = torch.randn(16, 1152, device=dev, dtype=dt)
+    rec["  one Triton launch: clip-grad (6 args)"] = per_call_us(
+        lambda: klinear._clip_grad_(g, src, ranges[2]))
+    rec["  config lookup"] = per_call_us(
+        lambda: klinear._gemm_config(16, 1152, 384, dt, dev))
+    rec["  allocations (obs clone, y, 2 operand buffers)"] = per_call_us(lambda: (
+        klinear._new_obs(dev), torch.empty(16, 1152, dtype=dt, device=dev),
+        klinear._operand_buffer(16, 384, dt, dev, 8), klinear._operand_buffer(1152, 384, dt, dev, 8)))
+    if dev.type == "cuda":
+        klinear._OVERRIDE = klinear.GemmConfig(64, 64, 64, 8, 4, 4, False)
+        rec["kernels.linear_forward without TMA descriptors"] = per_call_us(
+            lambda: klinear.linear_forward(
+                x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256,
+                lut=0.02, stream=0, index=klinear.LinearIndex(*index), observe=True))
+        klinear._OVERRIDE = None
+    with torch.no_grad():
+        rec["torch.ops.optical.linear (no grad)"] = per_call_us(lambda: torch.ops.optical.linear(
+            x, opt.weight, None, ranges, seed, 256, 0.02, 0, index, True, True, False, None))
+    rec["torch.ops.optical.linear"] = per_call_us(lambda: torch.ops.optical.linear(
+        x, opt.weight, None, ranges, seed, 256, 0.02, 0, index, True, True, False, None))
+    with torch.no_grad():
+        opt.eval()
+        rec["OpticalLinear fwd (eval, no grad)"] = per_call_us(lambda: opt(x))
+        opt.train()
+        rec["OpticalLinear fwd (train, no grad: + seed draw, record)"] = per_call_us(lambda: opt(x))
+
+    def nn_fb():
+        lin(xg).sum().backward()
+
+    def opt_fb():
+        opt(xg).sum().backward()
+
+    rec["nn.Linear fwd+bwd"] = per_call_us(nn_fb)
+    rec["OpticalLinear fwd+bwd"] = per_call_us(opt_fb)
+
+    q = torch.randn(1, 6, 64, 64, device=dev, dtype=dt, requires_grad=True)
+    kv = torch.randn(1, 2, 64, 64, device=dev, dtype=dt, requires_grad=True)
+    att = OpticalAttention(QuantizerConfig()).to(dev)
+    att(q, kv, kv)
+    update_ranges(att)
+    rec["SDPA fwd+bwd (GQA)"] = per_call_us(lambda: F.scaled_dot_product_attention(
+        q, kv, kv, is_causal=True, enable_gqa=True).sum().backward())
+    rec["OpticalAttention fwd+bwd"] = per_call_us(lambda: att(q, kv, kv).sum().backward())
+
+    if not args.no_compile:
+        clin = torch.compile(lin, fullgraph=True)
+        copt = torch.compile(opt, fullgraph=True)
+        rec["compiled nn.Linear fwd+bwd"] = per_call_us(lambda: clin(xg).sum().backward())
+        rec["compiled OpticalLinear fwd+bwd"] = per_call_us(lambda: copt(xg).sum().backward())
+
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "shape": "x [16, 384] bf16 -> 1152; attention B=1 H=6 Hkv=2 L=64 D=64",
+           "us_per_call": {k: round(v, 1) for k, v in rec.items()}}
+    print(json.dumps(out, indent=1))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Plots and tables of docs/results.md from the JSON `bench/convergence.py watch` writes.
+
+    python3 bench/plot_convergence.py bench/results/convergence-h200.json --outdir docs/results
+
+Needs matplotlib (`pip install matplotlib`); prints the markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MAIN = ("digital", "optical")
+LEVELS = (("digital", "digital"), ("optical", "256 levels"), ("q64", "64 levels"),
+          ("q16", "16 levels"))
+ABLATION = (("optical", "recipe"), ("no_warmup", "- digital warm-up"),
+            ("no_grad_clip", "- gradient clipping"),
+            ("unsmoothed", "range EMA 0.9 -> 0"), ("clipped_grad", "STE -> clipped gradients"))
+CLAMPS = ("linear_x", "linear_w", "linear_out", "attention_q", "attention_k", "attention_v",
+          "attention_s", "attention_y")
+
+
+def smooth(values: list[float], k: int = 5) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - k + 1):i + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def plot(data: dict, outdir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    tokens = data["tokens_per_step"] / 1e6
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def curves(ax, names, val=True, train=False):
+        for name, label in names:
+            r = runs.get(name)
+            if not r:
+                continue
+            if val and r["val_steps"]:
+                xs = [s * tokens for s in r["val_steps"][1:]]
+                ax.plot(xs, r["val_loss"][1:], marker="o", ms=2.5, label=f"{label} (validation)")
+            if train and r["steps"]:
+                xs = [s * tokens for s in r["steps"]]
+                ax.plot(xs, smooth(r["loss"]), alpha=0.45, lw=1, label=f"{label} (train)")
+        ax.set_xlabel("tokens (M)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    figures = (
+        ("loss-optical-vs-digital.png", [(n, n) for n in MAIN], True, (2.6, 6.0),
+         "60M from scratch: optical (256 levels, recipe) vs digital twin"),
+        ("loss-levels.png", LEVELS, False, (2.6, 8.0),
+         "Precision: levels per quantizer (recipe otherwise unchanged)"),
+        ("loss-ablation.png", ABLATION, False, (2.75, 4.5),
+         "Ablation at 256 levels: one part of the recipe changed at a time"),
+    )
+    for filename, names, train, ylim, title in figures:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        curves(ax, names, train=train)
+        ax.set_ylim(*ylim)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(outdir / filename, dpi=120)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    r = runs["optical"]
+    steps = sorted(int(s) for s in r["clamp"])
+    for key in CLAMPS:
+        ys = [max(r["clamp"][str(s)].get(key, 0.0), 1e-9) for s in steps]
+        axes[0].semilogy([s * tokens for s in steps], ys, label=key, lw=1)
+    axes[0].set_title("recipe, 256 levels: fraction clamped per quantizer\n(mean over layers)")
+    axes[0].set_xlabel("tokens (M)")
+    axes[0].set_ylabel("fraction outside the range")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    for name, label in LEVELS[1:] + (("no_warmup", "256 levels, no warm-up"),):
+        rr = runs.get(name)
+        if not rr:
+            continue
+        st = sorted(int(s) for s in rr["clamp"])
+        axes[1].plot([s * tokens for s in st],
+                     [rr["clamp"][str(s)]["attention_p_zeroed"] for s in st], label=label)
+    axes[1].set_title("attention: fraction of non-zero probabilities\nthat Q_p rounds to zero")
+    axes[1].set_xlabel("tokens (M)")
+    axes[1].set_ylim(0.5, 1.0)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "clamp-fractions.png", dpi=120)
+
+
+def tables(data: dict) -> str:
+    runs = data["runs"]
+    tokens = data["tokens_per_step"]
+    digital = runs["digital"]["val_loss"][-1]
+    lines = ["| run | what | tokens | final val loss | vs digital | best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = ["digital", "optical", "q64", "q16", "no_warmup", "no_grad_clip", "unsmoothed",
+             "clipped_grad", "q16_no_warmup"]
+    for name in order + sorted(set(runs) - set(order)):
+        r = runs.get(name)
+        if not r or not r["val_loss"]:
+            continue
+        final = r["val_loss"][-1]
+        nan = any(v != v for v in r["loss"] + r["val_loss"]) or r["nonfinite_stop"]
+        lines.append(
+            f"| `{name}` | {r['what']} | {r['steps'][-1] * tokens / 1e6:.1f}M | {final:.4f} | "
+            f"{(final / digital - 1) * 100:+.1f}% | "
+            f"{min(v for s, v in zip(r['val_steps'], r['val_loss']) if s > 100):.4f} | "
+            f"{'yes' if nan else 'none'} | {r.get('tps_median', 0) / 1000:.1f}k |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json")
+    p.add_argument("--outdir", default="docs/results")
+    args = p.parse_args()
+    data = json.loads(Path(args.json).read_text())
+    plot(data, Path(args.outdir))
+    print(tables(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ Same seed checkpoint, same global batch (the data files are laid out so that eve
 the same global batches), 10 steps:
 - full activation checkpointing vs none: bit-identical losses (recompute redraws the same noise);
 - FSDP=2 vs one process: equal within float32 accumulation tolerance;
+- HSDP (replicate 2 across two torchrun "nodes" x shard 2) vs one process: the same tolerance;
 - TP=2 vs one process: the first (calibration) step equal; later steps within 1%: the forward is
   the same function up to accumulation order (tests/test_tensor_parallel.py checks that exactly),
   and quantization turns last-bit differences of trained weights into whole-level differences,
@@ -15,6 +16,7 @@ the same global batches), 10 steps:
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,17 +53,21 @@ def _write(path: Path, docs: list[str]) -> str:
     return str(path)
 
 
-def dp2_layout(docs: list[str], steps: int, global_batch: int) -> list[str]:
-    """Order documents for 2 data-parallel ranks so they see the one-process global batches:
-    ranks take contiguous halves of the file, and rank r's s-th local batch must be the r-th
-    half of global batch s."""
-    half = global_batch // 2
-    shards = [[], []]
+def dp_layout(docs: list[str], steps: int, global_batch: int, ranks: int) -> list[str]:
+    """Order documents for `ranks` data-parallel ranks so they see the one-process global
+    batches: ranks take contiguous parts of the file, and rank r's s-th local batch must be the
+    r-th part of global batch s."""
+    part = global_batch // ranks
+    shards = [[] for _ in range(ranks)]
     for s in range(steps):
-        for r in range(2):
-            start = global_batch * s + r * half
-            shards[r] += docs[start:start + half]
-    return shards[0] + shards[1]
+        for r in range(ranks):
+            start = global_batch * s + r * part
+            shards[r] += docs[start:start + part]
+    return [d for shard in shards for d in shard]
+
+
+def dp2_layout(docs: list[str], steps: int, global_batch: int) -> list[str]:
+    return dp_layout(docs, steps, global_batch, 2)
 
 
 @pytest.fixture(scope="module")
@@ -88,34 +94,63 @@ def setup(tmp_path_factory):
         assert sorted(got) == list(range(1, STEPS + 1)), got
         return got
 
-    return run, single, dp2
+    def run_two_nodes(name, nproc_per_node, data, *extra):
+        """Two torchrun agents (`--nnodes 2`, c10d rendezvous on localhost), as two hosts would
+        be launched."""
+        from test_faults import two_node_jobs, wait_all
+
+        nodes = two_node_jobs(
+            nproc_per_node,
+            lambda n: [*common, *load, "--training.dataset_path", data,
+                       "--job.dump_folder", str(tmp / f"{name}{n}"), *extra],
+            lambda n: tmp / f"{name}{n}.log")
+        rcs = wait_all(nodes, timeout=600)
+        logs = [j.output() for j in nodes]
+        for n in (0, 1):
+            assert rcs[n] == 0, (n, logs[n][-4000:])
+        got = losses(logs[0])
+        assert sorted(got) == list(range(1, STEPS + 1)), got
+        return got, logs
+
+    dp4 = _write(tmp / "dp4.jsonl", dp_layout(docs, STEPS, GLOBAL_BATCH, 4))
+    return SimpleNamespace(run=run, run_two_nodes=run_two_nodes, single=single, dp2=dp2, dp4=dp4)
 
 
 @pytest.fixture(scope="module")
 def single_run(setup):
-    run, single, _ = setup
-    return run("single", 1, single, "--training.local_batch_size", str(GLOBAL_BATCH))
+    return setup.run("single", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH))
 
 
 def test_full_activation_checkpointing_is_bit_identical(setup, single_run):
-    run, single, _ = setup
-    ac = run("ac", 1, single, "--training.local_batch_size", str(GLOBAL_BATCH),
+    ac = setup.run("ac", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH),
              "--activation_checkpoint.mode", "full")
     assert ac == single_run
 
 
 def test_fsdp2_equals_single_device(setup, single_run):
-    run, _, dp2 = setup
-    fsdp = run("fsdp", 2, dp2, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
+    fsdp = setup.run("fsdp", 2, setup.dp2, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
                "--parallelism.data_parallel_shard_degree", "2")
     for s in range(1, STEPS + 1):
         assert abs(fsdp[s] - single_run[s]) <= 1e-3 * single_run[s], (s, fsdp, single_run)
 
 
 def test_tp2_equals_single_device(setup, single_run):
-    run, single, _ = setup
-    tp = run("tp", 2, single, "--training.local_batch_size", str(GLOBAL_BATCH),
+    tp = setup.run("tp", 2, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH),
              "--parallelism.tensor_parallel_degree", "2")
     assert abs(tp[1] - single_run[1]) <= 1e-5 * single_run[1]
     for s in range(1, STEPS + 1):
         assert abs(tp[s] - single_run[s]) <= 1e-2 * single_run[s], (s, tp, single_run)
+
+
+def test_hsdp_across_two_nodes_equals_single_device(setup, single_run):
+    """HSDP as on two hosts: two torchrun agents of 2 processes each, replicate 2 (across the
+    "nodes") x shard 2 (within each), 4 data-parallel ranks of one sample each."""
+    hsdp, logs = setup.run_two_nodes(
+        "hsdp", 2, setup.dp4, "--training.local_batch_size", str(GLOBAL_BATCH // 4),
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "2")
+    assert "dp_replicate=2, dp_shard=2" in logs[0], logs[0][-3000:]
+    assert "Applied HSDP to the model" in logs[0], logs[0][-3000:]
+    for s in range(1, STEPS + 1):
+        assert abs(hsdp[s] - single_run[s]) <= 1e-3 * single_run[s], (s, hsdp, single_run)
+

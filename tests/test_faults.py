@@ -140,6 +140,22 @@ class Job:
         return out
 
 
+def two_node_jobs(nproc_per_node: int, args_of_node, log_of_node) -> list[Job]:
+    """Two torchrun agents (`--nnodes 2`, c10d rendezvous on a free localhost port), launched as
+    two hosts would be; `args_of_node(n)` and `log_of_node(n)` give node n's run.py arguments
+    and log file."""
+    import uuid
+
+    port, run_id = free_port(), f"optical-{uuid.uuid4().hex[:12]}"
+    return [
+        Job(["--nnodes=2", f"--nproc_per_node={nproc_per_node}", f"--node_rank={n}",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
+             "--rdzv_conf=join_timeout=120", "--local_addr=127.0.0.1"],
+            args_of_node(n), log_of_node(n))
+        for n in (0, 1)
+    ]
+
+
 def wait_all(jobs: list[Job], timeout: float, grace: float = 60.0) -> list[int]:
     """Wait for every job; once one fails, give the others `grace` seconds, then kill them."""
     deadline = time.monotonic() + timeout

@@ -17,14 +17,12 @@ the same losses as one `--nproc_per_node 2` launch of the same configuration.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 
 from test_distributed import SEQ, _documents, _write, dp2_layout
 from test_e2e import CONFIG, losses, torchrun
-from test_faults import Job, _reap_strays, copy_checkpoint, free_port, ok, wait_all  # noqa: F401
+from test_faults import _reap_strays, copy_checkpoint, ok, two_node_jobs, wait_all  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -129,15 +127,8 @@ def test_two_node_launch_matches_one_launch(tmp_path):
               "--training.local_batch_size", "2", "--debug.seed", "9", "--metrics.log_freq", "1",
               "--optical.check_ranges_synced", "--parallelism.data_parallel_replicate_degree",
               "2", "--parallelism.data_parallel_shard_degree", "1"]
-    port, run_id = free_port(), f"optical-{uuid.uuid4().hex[:12]}"
-    nodes = [
-        Job(["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--rdzv_backend=c10d",
-             f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
-             "--rdzv_conf=join_timeout=120", "--local_addr=127.0.0.1"],
-            [*common, "--job.dump_folder", str(tmp_path / f"node{n}")],
-            tmp_path / f"node{n}.log")
-        for n in (0, 1)
-    ]
+    nodes = two_node_jobs(1, lambda n: [*common, "--job.dump_folder", str(tmp_path / f"node{n}")],
+                          lambda n: tmp_path / f"node{n}.log")
     rcs = wait_all(nodes, timeout=300)
     logs = [j.output() for j in nodes]
     for n in (0, 1):

@@ -2,7 +2,9 @@
 
 Same seed checkpoint, same global batch (the data files are laid out so that every layout sees
 the same global batches), 10 steps:
-- full activation checkpointing vs none: bit-identical losses (recompute redraws the same noise);
+- full and selective (op-level, every-2nd-layer) activation checkpointing vs none: bit-identical
+  losses (recompute redraws the same noise);
+- gradient accumulation (2 micro-batches) vs one batch: equal up to the noise draws;
 - FSDP=2 vs one process: equal within float32 accumulation tolerance;
 - HSDP (replicate 2 across two torchrun "nodes" x shard 2) vs one process: the same tolerance;
 - TP=2 vs one process: the first (calibration) step equal; later steps within 1%: the forward is
@@ -127,9 +129,32 @@ def test_full_activation_checkpointing_is_bit_identical(setup, single_run):
     assert ac == single_run
 
 
-def test_fsdp2_equals_single_device(setup, single_run):
-    fsdp = setup.run("fsdp", 2, setup.dp2, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
-               "--parallelism.data_parallel_shard_degree", "2")
+@pytest.mark.parametrize("option", ["op", "2"], ids=["selective-op", "selective-every-2nd-layer"])
+def test_selective_activation_checkpointing_is_bit_identical(setup, single_run, option):
+    # Op-level SAC saves matmul outputs but recomputes the optical ops, which must redraw the
+    # seeds they drew the first time.
+    sac = setup.run(f"sac_{option}", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH),
+                    "--activation_checkpoint.mode", "selective",
+                    "--activation_checkpoint.selective_ac_option", option)
+    assert sac == single_run
+
+
+def test_gradient_accumulation_matches_the_full_batch(setup, single_run):
+    """Two micro-batches of 2 per step against one batch of 4. The micro-batches are separate
+    forwards: each draws its own noise seeds (the full batch draws one per layer), and ranges
+    observe both, min/max alike, so the steps agree up to the noise draws."""
+    accum = setup.run("accum", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
+                      "--training.global_batch_size", str(GLOBAL_BATCH))
+    assert accum[1] == single_run[1]  # calibration step: no noise yet
+    for s in range(1, STEPS + 1):
+        assert abs(accum[s] - single_run[s]) <= 2e-3 * single_run[s], (s, accum, single_run)
+
+
+@pytest.mark.parametrize("reshard", ["default", "never"])
+def test_fsdp2_equals_single_device(setup, single_run, reshard):
+    fsdp = setup.run(f"fsdp_{reshard}", 2, setup.dp2, "--training.local_batch_size",
+                     str(GLOBAL_BATCH // 2), "--parallelism.data_parallel_shard_degree", "2",
+                     "--parallelism.fsdp_reshard_after_forward", reshard)
     for s in range(1, STEPS + 1):
         assert abs(fsdp[s] - single_run[s]) <= 1e-3 * single_run[s], (s, fsdp, single_run)
 

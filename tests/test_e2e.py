@@ -93,6 +93,25 @@ def test_digital_warmup_then_optical_with_range_statistics(tmp_path):
     assert [e.step for e in acc.Scalars("optical/layers.0.attention.wq/x_hi")] == [2, 4]
 
 
+def test_compiled_blocks_train_like_eager_with_statistics_steps(tmp_path):
+    """torch.compile per block (inductor on the CPU) through the optical ops, including the
+    statistics steps (a module flag flips, so the blocks recompile once) and the digital
+    warm-up switch: the same losses as eager up to inductor's fused float rounding."""
+    common = ["--job.config_file", CONFIG, "--training.steps", "6", "--training.seq_len", "64",
+              "--training.local_batch_size", "4", "--debug.seed", "3", "--metrics.log_freq", "1",
+              "--optical.stats_every", "3", "--optical.quant_warmup_steps", "1"]
+    compiled = torchrun(1, *common, "--compile.enable", "--job.dump_folder", str(tmp_path / "c"))
+    log = compiled.stdout + compiled.stderr
+    assert compiled.returncode == 0, log[-4000:]
+    assert "optical clamp fractions step 6:" in log
+    eager = torchrun(1, *common, "--job.dump_folder", str(tmp_path / "e"))
+    assert eager.returncode == 0, (eager.stdout + eager.stderr)[-4000:]
+    got, want = losses(log), losses(eager.stdout + eager.stderr)
+    assert sorted(got) == list(range(1, 7)) and sorted(want) == list(range(1, 7)), (got, want)
+    for s in got:
+        assert abs(got[s] - want[s]) <= 1e-3 * want[s], (s, got, want)
+
+
 BAD = {
     "warmup": (["--optical.quant_warmup_steps", "-1"], "optical.quant_warmup_steps"),
     "missing file": (["--optical.transform_config", "nope/missing.yaml"], "does not exist"),

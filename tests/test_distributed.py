@@ -68,16 +68,12 @@ def dp_layout(docs: list[str], steps: int, global_batch: int, ranks: int) -> lis
     return [d for shard in shards for d in shard]
 
 
-def dp2_layout(docs: list[str], steps: int, global_batch: int) -> list[str]:
-    return dp_layout(docs, steps, global_batch, 2)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     docs = _documents(STEPS * GLOBAL_BATCH)
     single = _write(tmp / "single.jsonl", docs)
-    dp2 = _write(tmp / "dp2.jsonl", dp2_layout(docs, STEPS, GLOBAL_BATCH))
+    dp2 = _write(tmp / "dp2.jsonl", dp_layout(docs, STEPS, GLOBAL_BATCH, 2))
     common = ["--job.config_file", "train_configs/debug_model.toml", "--training.steps", str(STEPS),
               "--training.seq_len", str(SEQ), "--training.dataset", "local", "--debug.seed", "3",
               "--optical.check_ranges_synced", "--metrics.log_freq", "1"]

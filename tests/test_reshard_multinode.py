@@ -1,13 +1,14 @@
 """Checkpoints across layouts and a two-"node" launch, through `torchrun run.py` on the CPU (gloo).
 
-Resharding: 6 steps under FSDP=2 with a full checkpoint at step 3; the step-3 checkpoint resumed
-under TP=2 and on one process (each in a fresh dump folder) continues the FSDP run: steps 4-6
+Resharding: 6 steps under FSDP=4 with a full checkpoint at step 3; the step-3 checkpoint resumed
+under FSDP=2 x TP=2, under TP=2 and on one process (each in a fresh dump folder) continues the
+FSDP run: steps 4-6
 within 1% (the layouts differ in accumulation order, see tests/test_distributed.py). DCP reshards
 weights, optimizer state and the range buffers; torchtitan does not reshard the data loader
 ("dp_degree is inconsistent before and after checkpoint, dataloader resharding is not supported
 yet"), so the resumed runs skip it (`--checkpoint.exclude_from_loading dataloader`) and read a
 file that starts at global batch 4. The data files are laid out so that every layout sees the
-same global batches (FSDP ranks read contiguous halves of theirs).
+same global batches (data-parallel ranks read contiguous parts of theirs).
 
 Multi-node on one host: two torchrun agents (`--nnodes 2 --nproc_per_node 1`, c10d rendezvous
 on a free port) replicating across the "nodes" (`data_parallel_replicate_degree 2`,
@@ -20,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import SEQ, _documents, _write, dp2_layout
+from test_distributed import SEQ, _documents, _write, dp_layout
 from test_e2e import CONFIG, losses, torchrun
 from test_faults import _reap_strays, copy_checkpoint, ok, two_node_jobs, wait_all  # noqa: F401
 
@@ -39,25 +40,28 @@ N_OPTICAL = 32  # debugmodel: 4 blocks x (7 linears + 1 attention)
 def resharding(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reshard")
     docs = _documents(STEPS * GLOBAL_BATCH)
-    dp2 = _write(tmp / "dp2.jsonl", dp2_layout(docs, STEPS, GLOBAL_BATCH))
-    tail = _write(tmp / "tail.jsonl", docs[GLOBAL_BATCH * RESUME_AT:])
+    dp4 = _write(tmp / "dp4.jsonl", dp_layout(docs, STEPS, GLOBAL_BATCH, 4))
+    tail_docs = docs[GLOBAL_BATCH * RESUME_AT:]
+    tails = {1: _write(tmp / "tail.jsonl", tail_docs),
+             2: _write(tmp / "tail_dp2.jsonl", dp_layout(tail_docs, STEPS - RESUME_AT, GLOBAL_BATCH, 2))}
     common = ["--job.config_file", CONFIG, "--training.steps", str(STEPS), "--training.seq_len",
               str(SEQ), "--training.dataset", "local", "--debug.seed", "3", "--metrics.log_freq",
               "1", "--checkpoint.enable", "--checkpoint.interval", str(RESUME_AT),
               "--checkpoint.no-last-save-model-only", "--optical.check_ranges_synced"]
     full = losses(ok(torchrun(
-        2, *common, "--training.dataset_path", dp2, "--training.local_batch_size", str(GLOBAL_BATCH // 2),
-        "--parallelism.data_parallel_shard_degree", "2", "--job.dump_folder", str(tmp / "fsdp"),
-        timeout=300)))
+        4, *common, "--training.dataset_path", dp4, "--training.local_batch_size", str(GLOBAL_BATCH // 4),
+        "--parallelism.data_parallel_shard_degree", "4", "--job.dump_folder", str(tmp / "fsdp"),
+        timeout=600)))
     assert sorted(full) == list(range(1, STEPS + 1)), full
 
-    def resume(name: str, nproc: int, *extra: str) -> dict[int, float]:
+    def resume(name: str, nproc: int, dp: int, *extra: str) -> dict[int, float]:
         dump = tmp / name
         copy_checkpoint(tmp / "fsdp", RESUME_AT, dump)
-        log = ok(torchrun(nproc, *common, "--training.dataset_path", tail,
-                          "--training.local_batch_size", str(GLOBAL_BATCH),
+        log = ok(torchrun(nproc, *common, "--training.dataset_path", tails[dp],
+                          "--training.local_batch_size", str(GLOBAL_BATCH // dp),
+                          "--parallelism.data_parallel_shard_degree", str(dp),
                           "--checkpoint.exclude_from_loading", "dataloader",
-                          "--job.dump_folder", str(dump), *extra, timeout=300))
+                          "--job.dump_folder", str(dump), *extra, timeout=600))
         assert f"Loading the checkpoint from {dump / 'checkpoint' / f'step-{RESUME_AT}'}" in log
         got = losses(log)
         assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1)), got
@@ -88,13 +92,15 @@ def check_ranges(ranges: dict[str, torch.Tensor]) -> None:
         assert torch.isfinite(r).all() and (r[:, 0] <= r[:, 1]).all(), (name, r)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "single"])
+@pytest.mark.parametrize("layout", ["fsdp2_tp2", "tp2", "single"])
 def test_fsdp_checkpoint_resumes_under_another_layout(resharding, layout):
     tmp, full, resume = resharding
-    if layout == "tp2":
-        got = resume("tp2", 2, "--parallelism.tensor_parallel_degree", "2")
+    if layout == "fsdp2_tp2":
+        got = resume(layout, 4, 2, "--parallelism.tensor_parallel_degree", "2")
+    elif layout == "tp2":
+        got = resume(layout, 2, 1, "--parallelism.tensor_parallel_degree", "2")
     else:
-        got = resume("single", 1)
+        got = resume(layout, 1, 1)
     print(f"{layout}: max relative loss difference to FSDP at steps 4-6: "
           f"{max(abs(got[s] - full[s]) / full[s] for s in got):.2e}")
     for s in got:

@@ -1,0 +1,41 @@
+"""The experiment driver's log parsing (bench/convergence.py), on a synthetic torchtitan log."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+LOG = """\
+[titan] 2026-11-28 23:14:33,752 - root - INFO - \x1b[31mstep:  1  \x1b[32mloss:  9.43088  \x1b[38;2;180;60;0mgrad_norm:  0.7109  memory:  9.56GiB(6.84%)  \x1b[34mtps: 1,313  tflops: 11.01  mfu: 1.11%\x1b[39m
+[titan] 2026-11-28 23:14:34,000 - root - INFO - \x1b[33mvalidate step:  1  \x1b[32mloss:  9.4687  memory:  9.56GiB(6.84%)  tps: 184,519\x1b[39m
+[titan] 2026-11-28 23:14:35,143 - root - INFO - step: 10  loss:  3.62289  grad_norm:  0.5084  memory:  9.56GiB(6.84%)  tps: 30,403  tflops: 11.82  mfu: 1.20%
+[titan] 2026-11-28 23:14:36,000 - root - INFO - optical clamp fractions step 10: attention_k=1.39e-06  attention_p_zeroed=8.49e-01  linear_out=2.80e-06
+[titan] 2026-11-28 23:14:37,000 - root - INFO - validate step: 10  loss:  3.5000  memory:  9.56GiB(6.84%)  tps: 184,519
+"""
+
+
+def test_parse_run_reads_losses_validation_clamps_and_status(tmp_path):
+    conv = _driver()
+    run = tmp_path / "optical"
+    run.mkdir()
+    (run / "log.txt").write_text(LOG)
+    (run / "command.txt").write_text("-m torch.distributed.run ... run.py\n")
+    rec = conv.parse_run(run)
+    assert rec["status"] == "running" and rec["returncode"] is None
+    assert rec["steps"] == [1, 10] and rec["loss"] == [9.43088, 3.62289]
+    assert rec["tps"] == [1313.0, 30403.0]
+    assert rec["val_steps"] == [1, 10] and rec["val_loss"] == [9.4687, 3.5]
+    assert rec["clamp"] == {"10": {"attention_k": 1.39e-06, "attention_p_zeroed": 0.849,
+                                   "linear_out": 2.8e-06}}
+    (run / "rc").write_text("1\n")
+    failed = conv.parse_run(run)
+    assert failed["status"] == "failed" and "log_tail" in failed
+    assert set(conv.RUNS) >= {"digital", "optical", "q64", "q16", "no_warmup"}

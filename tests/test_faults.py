@@ -150,7 +150,11 @@ def two_node_jobs(nproc_per_node: int, args_of_node, log_of_node) -> list[Job]:
     return [
         Job(["--nnodes=2", f"--nproc_per_node={nproc_per_node}", f"--node_rank={n}",
              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
-             "--rdzv_conf=join_timeout=120", "--local_addr=127.0.0.1"],
+             # Both agents resolve the endpoint as their own host and race to serve the store
+             # (the loser's fallback to a client can fail under load): name the host, as on
+             # real machines only the endpoint's host matches it.
+             f"--rdzv_conf=join_timeout=120,is_host={'true' if n == 0 else 'false'}",
+             "--local_addr=127.0.0.1"],
             args_of_node(n), log_of_node(n))
         for n in (0, 1)
     ]

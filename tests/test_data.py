@@ -313,17 +313,17 @@ def test_fineweb_edu_hub_call(monkeypatch):
 
 
 def test_every_validation_scores_the_same_tokens(tokenizer):
-    """The trainer rewinds the validation data before each validation (launch.py)."""
-    from types import SimpleNamespace
-
+    """The spec's validator rewinds the validation data before each validation (validate.py)."""
     from torchtitan.components.dataloader import ParallelAwareDataloader
+    from torchtitan.protocols.train_spec import get_train_spec
 
-    from torchtitan_ext.titan.launch import _rewind_validation_data
+    import torchtitan_ext.titan  # noqa: F401  (registers the spec)
+    from torchtitan_ext.titan.validate import build_fixed_window_validator, rewind_validation_data
 
+    assert get_train_spec("optical_llama3").build_validator_fn is build_fixed_window_validator
     ds = HuggingFaceTextDataset("optical_stdlib_validation", None, tokenizer, seq_len=SEQ_LEN,
                                 infinite=True)
     loader = ParallelAwareDataloader(ds, dp_rank=0, dp_world_size=1, batch_size=2)
-    validator = SimpleNamespace(validation_dataloader=loader)
 
     def one_validation():
         # As torchtitan's validator: a fresh `for` over the loader, stopped after 3 batches.
@@ -332,6 +332,6 @@ def test_every_validation_scores_the_same_tokens(tokenizer):
     first = one_validation()
     drifted = one_validation()
     assert not torch.equal(first[0], drifted[0])  # without the rewind the window moves on
-    _rewind_validation_data(validator)
+    rewind_validation_data(loader)
     again = one_validation()
     assert all(torch.equal(a, b) for a, b in zip(first, again))

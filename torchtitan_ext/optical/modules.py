@@ -132,18 +132,15 @@ class OpticalLinear(RangeState, nn.Linear):
         from torch.distributed.tensor import DTensor, Shard
 
         w = self.weight
-        if isinstance(w, DTensor) and w.placements[-1] == Shard(1):
+        row_wise = isinstance(w, DTensor) and w.placements[-1] == Shard(1)
+        x_local, w_local = local(x), local(w)
+        if not row_wise:
+            x_local, w_local = _autocast(x_local, w_local)
+        fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
+                                                levels=self.config.q_levels, lut=self.config.lut)
+        if row_wise:
             # Row-wise shards hold partial sums: only the operands' fractions mean anything.
-            x_local, w_local = local(x), w.to_local()
-            fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
-                                                    levels=self.config.q_levels,
-                                                    lut=self.config.lut)
             fr = torch.cat([fr[:2], torch.zeros_like(fr[2:])])
-        else:
-            x_local, w_local = _autocast(local(x), local(w))
-            fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
-                                                    levels=self.config.q_levels,
-                                                    lut=self.config.lut)
         self.record_clamp(fr)
 
     def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:

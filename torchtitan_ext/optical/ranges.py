@@ -115,13 +115,14 @@ class RangeState:
         with torch.no_grad():
             acc.add_(torch.stack([fractions.to(acc.device), torch.ones_like(fractions)], -1))
 
-    def take_clamp_stats(self) -> dict[str, torch.Tensor]:
-        """Mean fraction per statistic since the last call (forwards that collected), then reset."""
-        acc = local(self.optical_clamped)
-        out = {name: acc[i, 0] / acc[i, 1] for i, name in enumerate(self.CLAMP_NAMES)
-               if acc[i, 1] > 0}
-        acc.zero_()
-        return out
+    def take_clamp_stats(self) -> dict[str, float]:
+        """Mean fraction per statistic since the last call (forwards that collected), then reset
+        (one device-to-host read)."""
+        buf = local(self.optical_clamped)
+        acc = buf.to("cpu", copy=True)  # a copy also when buf already lives on the CPU
+        buf.zero_()
+        return {name: float(acc[i, 0] / acc[i, 1]) for i, name in enumerate(self.CLAMP_NAMES)
+                if acc[i, 1] > 0}
 
     def range_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.ranges()[i] for i, name in enumerate(self.RANGE_NAMES)}
@@ -176,8 +177,8 @@ def range_statistics(model_parts: nn.Module | Iterable[nn.Module]) -> dict[str, 
                     out[f"optical/{name}/{q}_hi"] = float(r[i, 1])
             for q, frac in m.take_clamp_stats().items():
                 kind = "attention" if "p_zeroed" in m.CLAMP_NAMES else "linear"
-                out[f"optical/{name}/{q}_clamp_frac"] = float(frac)
-                means.setdefault(f"optical_clamp/{kind}_{q}", []).append(float(frac))
+                out[f"optical/{name}/{q}_clamp_frac"] = frac
+                means.setdefault(f"optical_clamp/{kind}_{q}", []).append(frac)
     for key, values in means.items():
         out[key] = sum(values) / len(values)
     return out

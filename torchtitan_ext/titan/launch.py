@@ -85,20 +85,6 @@ def preflight(job_config) -> None:
         transform_model(model, transform)
 
 
-def _rewind_validation_data(validator) -> None:
-    """Start every validation at the beginning of the validation split.
-
-    torchtitan's validation loader is infinite when `validation.steps` is set, and its text
-    dataset carries its position from one validation to the next, so successive validations
-    would score different windows. Rewinding makes every validation of a run (and of every run
-    with the same data settings) score exactly the same tokens, so losses compare across steps
-    and runs. Datasets without that position state are left alone."""
-    dataset = getattr(getattr(validator, "validation_dataloader", None), "dataset", None)
-    if dataset is not None and hasattr(dataset, "_sample_idx") and hasattr(dataset, "_token_buffer"):
-        dataset._sample_idx = 0
-        dataset._token_buffer = []
-
-
 def build_trainer_class():
     from torchtitan.tools.logging import logger
     from torchtitan.train import Trainer
@@ -110,15 +96,6 @@ def build_trainer_class():
         def __init__(self, job_config):
             super().__init__(job_config)
             self._finite_flags = []
-            validator = getattr(self, "validator", None)
-            if validator is not None and hasattr(validator, "validate"):
-                validate = validator.validate
-
-                def validate_from_start(*args, **kwargs):
-                    _rewind_validation_data(validator)
-                    return validate(*args, **kwargs)
-
-                validator.validate = validate_from_start
             if self._check_finite():
                 self.optimizers.register_step_pre_hook(
                     lambda *args, **kwargs: self._stop_if_nonfinite()

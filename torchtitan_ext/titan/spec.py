@@ -23,7 +23,6 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
-from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
@@ -35,6 +34,7 @@ from torchtitan_ext.hf.import_hf import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible
+from .validate import build_fixed_window_validator
 
 __all__ = ["OpticalLlamaArgs", "optical_llama3_args", "parallelize_optical_llama", "SPEC_NAME"]
 
@@ -143,7 +143,7 @@ def get_train_spec() -> TrainSpec:
         build_dataloader_fn=build_text_dataloader,
         build_tokenizer_fn=build_hf_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=build_validator,
+        build_validator_fn=build_fixed_window_validator,
         # Llama3StateDictAdapter plus the optical range buffers (HF import/export of optical runs)
         state_dict_adapter=OpticalLlama3StateDictAdapter,
     )

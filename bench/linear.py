@@ -22,8 +22,9 @@ Every ratio is measured in the same process, on the same inputs: medians of CUDA
   inputs and grad_output resident) for optical / for F.linear.
 - mase_fwdbwd_ratio_vs_linear, speedup_vs_mase: mase-triton's layer in training mode (it updates
   its ranges with host syncs, as in training) fwd+bwd / F.linear's, and over ours.
-The optical layer runs in training mode too: ranges are observed in the forward and moved by EMA
-(device ops, no sync); ranges are initialised by one call before timing (steady state).
+The optical layer runs as OpticalLinear does in training: the shipped op (ops.optical_linear), a
+seed drawn on the device, the observed ranges merged into the pending buffer (device ops, no
+sync); ranges are initialised by one call before timing (steady state).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torchtitan_ext.optical import ops  # noqa: E402
 from torchtitan_ext.optical.kernels import linear as klinear  # noqa: E402
+from torchtitan_ext.optical.ranges import merge_observed  # noqa: E402
 
 LARGE = [(16384, 2048, 8192), (16384, 4096, 4096), (8192, 4096, 14336)]
 SMALL = [(2048, 384, 1024), (2048, 768, 2048)]
@@ -51,30 +54,28 @@ LEVELS, LUT, SMOOTH = 256, 0.02004, 0.9
 SWEEP_CONFIGS: dict = {}
 
 
-class OpticalLinearFn(torch.autograd.Function):
-    """Minimal training-mode wrapper over the launchers (the lead's custom ops do the same)."""
+def _optical_layer(x, w, b):
+    """The shipped op path in training mode (ops.optical_linear: the torch.library op with its
+    registered autograd), plus what OpticalLinear.forward adds: a seed drawn on the device and the
+    observation merged into the pending range buffer. Ranges are initialised by `calibrate`."""
+    ranges = torch.tensor([[math.inf, -math.inf]] * 3, device=x.device)
+    pending = ranges.clone()
+    index = ops.linear_index(x.shape, w.shape[0])
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, ranges, seed):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, obs, _ = klinear.linear_forward(
-            x2, weight, bias, ranges[0], ranges[1], ranges[2], seed, levels=LEVELS, lut=LUT,
-            stream=0, index=klinear.LinearIndex.whole(x2.shape[0], weight.shape[0]),
-            observe=True)
-        # EMA of the three ranges on the device (semantics s.4), no host sync.
-        valid_buf = (ranges[:, 0] <= ranges[:, 1])[:, None]
-        ranges.copy_(torch.where(valid_buf, SMOOTH * ranges + (1 - SMOOTH) * obs, obs))
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+    def layer():
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+        y, obs = ops.optical_linear(x, w, b, ranges, seed, levels=LEVELS, lut=LUT, stream=0,
+                                    index=index, observe=True)
+        with torch.no_grad():
+            pending.copy_(merge_observed(pending, obs))
+        return y
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        gx, gw, gb = klinear.linear_backward(
-            gy.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, None, None, None,
-            clipped=False, has_bias=ctx.has_bias, needs_grad=tuple(ctx.needs_input_grad[:3]))
-        return (gx.reshape(x.shape) if gx is not None else None), gw, gb, None, None
+    def calibrate():  # one call, then the ranges take the observation (update_ranges' first step)
+        with torch.no_grad():
+            layer()
+            ranges.copy_(pending)
+
+    return layer, calibrate, ranges
 
 
 def _median_ms(fn, rep_ms=150):
@@ -116,24 +117,24 @@ def bench_shape(M, K, N, dtype, with_mase, case):
     w = (torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K ** -0.5).requires_grad_()
     b = (torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1).requires_grad_()
     gy = torch.randn(M, N, device=dev, dtype=dtype, generator=g)
-    ranges = torch.tensor([[math.inf, -math.inf]] * 3, device=dev)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=dev, dtype=torch.int64)
+    optical, calibrate, ranges = _optical_layer(x, w, b)
 
     def opt_fwd():
         with torch.no_grad():
-            return OpticalLinearFn.apply(x, w, b, ranges, seed)
+            return optical()
 
     def lin_fwd():
         with torch.no_grad():
             return F.linear(x, w, b)
 
     def opt_fwdbwd():
-        return torch.autograd.grad(OpticalLinearFn.apply(x, w, b, ranges, seed), (x, w, b), gy)
+        return torch.autograd.grad(optical(), (x, w, b), gy)
 
     def lin_fwdbwd():
         return torch.autograd.grad(F.linear(x, w, b), (x, w, b), gy)
 
-    opt_fwdbwd()  # compile + initialise the ranges (steady state: every quantizer is active)
+    calibrate()  # steady state: every quantizer is active
+    opt_fwdbwd()  # compile
     torch.cuda.synchronize()
     assert bool((ranges[:, 0] <= ranges[:, 1]).all()), ranges
     rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}

@@ -77,34 +77,44 @@ def main() -> None:
 
     rec: dict[str, float] = {}
     rec["nn.Linear fwd"] = per_call_us(lambda: lin(x))
-    rec["kernels.linear_forward (3 launches)"] = per_call_us(lambda: klinear.linear_forward(
-        x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256, lut=0.02,
-        stream=0, index=klinear.LinearIndex(*index), observe=True))
-    # The pieces of linear_forward's host path, one at a time.
+    packed = opt.ranges()
+    rec["kernels.forward_packed (2 launches)"] = per_call_us(lambda: klinear.forward_packed(
+        x, opt.weight, None, packed, seed, 256, 0.02, 0, index, True, True, False))
+    rec["kernels.linear_forward (public: ranges stacked, index checked)"] = per_call_us(
+        lambda: klinear.linear_forward(
+            x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256, lut=0.02,
+            stream=0, index=klinear.LinearIndex(*index), observe=True))
+    # The pieces of the forward's host path, one at a time.
     xq = torch.empty_like(x)
-    rec["  one Triton launch: operand quantize pass"] = per_call_us(lambda: klinear._quantize_into(
+    rec["  one Triton launch: quantize pass (18 args)"] = per_call_us(lambda: klinear._quantize_into(
         x, xq, ranges[0], None, None, levels=256, lut=None, noisy=False, stream=0, index=None))
     g = torch.randn(16, 1152, device=dev, dtype=dt)
     src = torch.randn(16, 1152, device=dev, dtype=dt)
-    rec["  one Triton launch: clip-grad (6 args)"] = per_call_us(
+    rec["  one Triton launch: clip-grad (8 args)"] = per_call_us(
         lambda: klinear._clip_grad_(g, src, ranges[2]))
-    rec["  config lookup"] = per_call_us(
+    rec["  config lookup (cached)"] = per_call_us(
         lambda: klinear._gemm_config(16, 1152, 384, dt, dev))
     rec["  allocations (obs clone, y, 2 operand buffers)"] = per_call_us(lambda: (
-        klinear._new_obs(dev), torch.empty(16, 1152, dtype=dt, device=dev),
+        klinear._obs_template(dev).clone(), torch.empty(16, 1152, dtype=dt, device=dev),
         klinear._operand_buffer(16, 384, dt, dev, 8), klinear._operand_buffer(1152, 384, dt, dev, 8)))
-    if dev.type == "cuda":
+    if dev.type == "cuda" and klinear._gpu_has_tma(dev):
         klinear._OVERRIDE = klinear.GemmConfig(64, 64, 64, 8, 4, 4, False)
-        rec["kernels.linear_forward without TMA descriptors"] = per_call_us(
-            lambda: klinear.linear_forward(
-                x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256,
-                lut=0.02, stream=0, index=klinear.LinearIndex(*index), observe=True))
+        rec["kernels.forward_packed, pointer mainloop"] = per_call_us(
+            lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02, 0, index,
+                                           True, True, False))
+        # What the host-side TMA descriptors add (against the pointer mainloop of the same tiles).
+        klinear._OVERRIDE = klinear.GemmConfig(64, 64, 64, 8, 4, 4, True)
+        rec["kernels.forward_packed with TMA descriptors"] = per_call_us(
+            lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02, 0, index,
+                                           True, True, False))
         klinear._OVERRIDE = None
     with torch.no_grad():
-        rec["torch.ops.optical.linear (no grad)"] = per_call_us(lambda: torch.ops.optical.linear(
-            x, opt.weight, None, ranges, seed, 256, 0.02, 0, index, True, True, False, None))
-    rec["torch.ops.optical.linear"] = per_call_us(lambda: torch.ops.optical.linear(
-        x, opt.weight, None, ranges, seed, 256, 0.02, 0, index, True, True, False, None))
+        rec["torch.ops.optical.linear (the op alone)"] = per_call_us(
+            lambda: torch.ops.optical.linear(x, opt.weight, None, packed, seed, 256, 0.02, 0,
+                                             index, True, True, False, None))
+    rec["ops.optical_linear (the op with autograd)"] = per_call_us(lambda: ops.optical_linear(
+        xg, opt.weight, None, packed, seed, levels=256, lut=0.02, stream=0, index=index,
+        observe=True))
     with torch.no_grad():
         opt.eval()
         rec["OpticalLinear fwd (eval, no grad)"] = per_call_us(lambda: opt(x))

@@ -83,10 +83,46 @@ def _no_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = args[0].device.type
+        if not torch.is_autocast_enabled(device_type):  # the usual case: no context to enter
+            return fn(*args, **kwargs)
         with torch.autocast(device_type=device_type, enabled=False):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+# The ops are defined with the low-level torch.library API: `torch.library.custom_op` would wrap
+# each call in a Python layer more (an output-aliasing check), and small models are launch-bound
+# (bench/overhead.py), every linear of every layer paying it twice per step. Their autograd is
+# registered on the op itself (`torch.library.register_autograd`), not put in an autograd.Function
+# around it: under torch.compile, an autograd.Function's forward inside an activation-checkpointed
+# block was saved instead of recomputed on the GPU (1.1B: +6.6 GiB, bench/results/README.md).
+_LIB = torch.library.Library("optical", "FRAGMENT")
+
+
+class _Op:
+    """One `optical::<name>` op: schema inferred from `impl`'s annotations, `impl` registered for
+    CPU and CUDA tensors, a fake (shape) implementation added with `register_fake`."""
+
+    def __init__(self, name: str, impl):
+        self.name = f"optical::{name}"
+        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+        kernel = _no_autocast(impl)
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, kernel, key)
+        self.impl = impl
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.name, fn, lib=_LIB)
+        return fn
+
+    def register_autograd(self, backward, *, setup_context):
+        torch.library.register_autograd(self.name, backward, setup_context=setup_context,
+                                        lib=_LIB)
+
+
+def _op(name: str):
+    return lambda impl: _Op(name, impl)
 
 
 def linear_index(
@@ -134,8 +170,7 @@ def _lut(lut: float) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Linear
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("optical::linear", mutates_args=())
-@_no_autocast
+@_op("linear")
 def _linear(
     x: Tensor,
     weight: Tensor,
@@ -158,14 +193,15 @@ def _linear(
     if _use_kernels(x) and not quantiles:
         from .kernels import linear as klinear
 
-        y, obs, mask = klinear.linear_forward(
-            x2, weight, bias if quantize_output else None, ranges[0], ranges[1], ranges[2], seed,
-            levels=levels, lut=_lut(lut), stream=stream, index=klinear.LinearIndex(*index),
-            observe=observe, quantize_output=quantize_output, save_out_mask=save_mask,
+        if ranges.dtype != torch.float32 or not ranges.is_contiguous():
+            ranges = ranges.float().contiguous()
+        y, obs, mask = klinear.forward_packed(
+            x2, weight, bias if quantize_output else None, ranges, seed, levels, _lut(lut),
+            stream, index, observe, quantize_output, save_mask,
         )
         if mask is None:
             mask = x.new_empty((0,), dtype=torch.bool)
-        return y.reshape(*x.shape[:-1], n).contiguous(), obs, mask.to(torch.bool)
+        return y.view(*x.shape[:-1], n), obs, mask
     xq = ref.quantize(x2, ranges[0], levels).float()
     wq = ref.quantize(weight, ranges[1], levels, lut=_lut(lut)).float()
     acc = xq @ wq.t()
@@ -194,8 +230,7 @@ def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, obse
     return y, obs, mask
 
 
-@torch.library.custom_op("optical::linear_backward", mutates_args=())
-@_no_autocast
+@_op("linear_backward")
 def _linear_backward(
     grad_y: Tensor,
     x: Tensor,
@@ -214,8 +249,9 @@ def _linear_backward(
     if _use_kernels(x):
         from .kernels import linear as klinear
 
-        gx, gw, gb = klinear.linear_backward(
-            g2, x2, weight, ranges[0], ranges[1], out_mask if clipped else None,
+        gx, gw, gb = klinear.linear_backward(  # the ranges matter to the clipped mode only
+            g2, x2, weight, ranges[0] if clipped else None, ranges[1] if clipped else None,
+            out_mask if clipped else None,
             clipped=clipped, has_bias=has_bias, needs_grad=(needs_x, needs_w, has_bias),
         )
     else:
@@ -303,8 +339,7 @@ def optical_linear(
 # --------------------------------------------------------------------------------------------
 # Stand-alone quantizer (Q_out after a tensor-parallel reduction)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("optical::quantize", mutates_args=())
-@_no_autocast
+@_op("quantize")
 def _quantize(
     x: Tensor,
     rng: Tensor,
@@ -404,8 +439,7 @@ def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, i
     )
 
 
-@torch.library.custom_op("optical::attention", mutates_args=())
-@_no_autocast
+@_op("attention")
 def _attention(
     q: Tensor,
     k: Tensor,
@@ -459,8 +493,7 @@ def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, 
     )
 
 
-@torch.library.custom_op("optical::attention_backward", mutates_args=())
-@_no_autocast
+@_op("attention_backward")
 def _attention_backward(
     grad_y: Tensor,
     q: Tensor,

@@ -1,0 +1,108 @@
+"""The op layer (torchtitan_ext.optical.ops): registration, fake implementations, autograd.
+
+The ops are defined with the low-level torch.library API, with autograd registered on the ops
+(see ops.py for why). `torch.library.opcheck` checks each op's schema against what its
+implementation does, its fake implementation against the real one (shapes, dtypes, strides) and
+its autograd registration, on the reference path and, under the interpreter or on a GPU, on the
+Triton kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchtitan_ext.optical import ops
+
+OPCHECKS = ("test_schema", "test_faketensor")
+# For the differentiable ops, with inputs that require grad.
+OPCHECKS_AUTOGRAD = OPCHECKS + ("test_autograd_registration",)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def mode(request, kernel_device):
+    ops.set_kernel_mode(request.param if kernel_device.type == "cpu" else "auto")
+    yield request.param
+    ops.set_kernel_mode("auto")
+
+
+def _ranges(n, device, lo=-2.0, hi=2.0):
+    return torch.tensor([[lo, hi]] * n, dtype=torch.float32, device=device)
+
+
+def _seed(device, n=1):
+    return torch.arange(7, 7 + n, dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("save_mask", [False, True])
+@pytest.mark.parametrize("quantize_output", [True, False])
+def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output):
+    dev = kernel_device
+    x = torch.randn(2, 5, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(7, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(7, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    index = ops.linear_index(x.shape, 7)
+    clipped = save_mask and quantize_output  # the mask exists only with Q_out
+    args = (x, w, b, _ranges(3, dev), _seed(dev), 16, 0.02, 3, index, True, quantize_output,
+            clipped, None)
+    torch.library.opcheck(torch.ops.optical.linear.default, args, test_utils=OPCHECKS_AUTOGRAD)
+    with torch.no_grad():
+        _, _, mask = torch.ops.optical.linear(*args)
+    x, w = x.detach(), w.detach()
+    gy = torch.randn(2, 5, 7, device=dev, dtype=torch.bfloat16)
+    for needs_x, needs_w in ((True, True), (True, False), (False, True)):
+        bargs = (gy, x, w, _ranges(3, dev), mask, clipped, True, needs_x, needs_w)
+        torch.library.opcheck(torch.ops.optical.linear_backward.default, bargs,
+                              test_utils=OPCHECKS)
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_quantize_op_passes_opcheck(mode, kernel_device, noisy):
+    dev = kernel_device
+    x = torch.randn(3, 4, 9, device=dev, requires_grad=True)
+    args = (x, _ranges(1, dev)[0], _seed(dev), 256, 0.0, 1, noisy, ops.linear_index(x.shape, 9),
+            True, True, None)
+    torch.library.opcheck(torch.ops.optical.quantize.default, args, test_utils=OPCHECKS_AUTOGRAD)
+
+
+def test_attention_ops_pass_opcheck(mode, kernel_device):
+    dev = kernel_device
+    dt = torch.bfloat16 if (mode == "triton" or dev.type == "cuda") else torch.float32
+    q, k, v = (torch.randn(1, h, 24, 64, device=dev, dtype=dt, requires_grad=True)
+               for h in (4, 2, 2))
+    args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 1, 0, 4],
+            True, False)
+    torch.library.opcheck(torch.ops.optical.attention.default, args,
+                          test_utils=OPCHECKS_AUTOGRAD)
+    with torch.no_grad():
+        y, stats, _ = torch.ops.optical.attention(*args)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    bargs = (torch.randn_like(y), q, k, v, y, stats, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0,
+             0.125, True, [0, 1, 0, 4], False)
+    torch.library.opcheck(torch.ops.optical.attention_backward.default, bargs,
+                          test_utils=OPCHECKS)
+
+
+def test_straight_through_gradients_through_the_op():
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    y, obs = ops.optical_linear(x, w, b, _ranges(3, "cpu"), _seed("cpu"), levels=256, lut=None,
+                                stream=0, index=ops.linear_index(x.shape, 5), observe=True)
+    y.sum().backward()
+    # Straight-through: the gradients of the plain linear on the unquantized operands.
+    gy = torch.ones(4, 5)
+    assert torch.allclose(x.grad, gy @ w.detach(), atol=1e-6)
+    assert torch.allclose(w.grad, gy.t() @ x.detach(), atol=1e-6)
+    assert torch.allclose(b.grad, gy.sum(0))
+
+
+def test_only_the_needed_gradients_are_computed():
+    # A frozen input (no requires_grad): the backward op is told so and returns no gradient.
+    x = torch.randn(4, 6)
+    w = torch.randn(5, 6, requires_grad=True)
+    y, _ = ops.optical_linear(x, w, None, _ranges(3, "cpu"), _seed("cpu"), levels=256, lut=None,
+                              stream=0, index=ops.linear_index(x.shape, 5), observe=False)
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert torch.allclose(gw, torch.ones(4, 5).t() @ x, atol=1e-6)
+    assert x.grad is None

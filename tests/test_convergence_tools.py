@@ -39,3 +39,34 @@ def test_parse_run_reads_losses_validation_clamps_and_status(tmp_path):
     failed = conv.parse_run(run)
     assert failed["status"] == "failed" and "log_tail" in failed
     assert set(conv.RUNS) >= {"digital", "optical", "q64", "q16", "no_warmup"}
+
+
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench/train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_summary_unions_overlapping_kernels_within_the_last_step(tmp_path):
+    """bench/train.py --profile: GPU busy time is the union of kernel intervals clipped to the
+    last ProfilerStep (kernels of two streams overlap; one runs past the step's end)."""
+    import json
+
+    events = [
+        {"ph": "X", "name": "ProfilerStep#3", "ts": 0, "dur": 100, "cat": "user_annotation"},
+        {"ph": "X", "name": "ProfilerStep#4", "ts": 1000, "dur": 1000, "cat": "user_annotation"},
+        {"ph": "X", "name": "_linear_fwd_kernel", "ts": 10, "dur": 50, "cat": "kernel"},  # step 3
+        {"ph": "X", "name": "_linear_fwd_kernel", "ts": 1100, "dur": 200, "cat": "kernel"},
+        {"ph": "X", "name": "nvjet_gemm", "ts": 1200, "dur": 200, "cat": "kernel"},  # overlaps
+        {"ph": "X", "name": "_linear_fwd_kernel", "ts": 1900, "dur": 300, "cat": "kernel"},
+        {"ph": "X", "name": "cudaLaunchKernel", "ts": 1000, "dur": 900, "cat": "cuda_runtime"},
+    ]
+    trace = tmp_path / "rank0_trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    p = _bench_train().profile_summary(trace)
+    assert p["step_ms"] == 1.0
+    assert p["gpu_busy_ms"] == 0.4  # [1100, 1400) and [1900, 2000)
+    assert p["gpu_busy_fraction"] == 0.4
+    assert p["kernel_launches"] == 3
+    assert p["top_kernels_ms"][0] == ["_linear_fwd_kernel", 2, 0.3]

@@ -488,18 +488,15 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
     if seed is None and quantize_output:
         raise ValueError("linear_forward: a seed tensor is required for Q_out")
     ranges = torch.stack([x_range, w_range, out_range]).float()
-    il = index.args() if index is not None else LinearIndex.whole(*_mn(x2d, weight)).args()
+    whole = LinearIndex.whole(x2d.shape[0], weight.shape[0])
+    il = (index if index is not None else whole).args()
     return forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, il, observe,
                           quantize_output, save_out_mask, _noise)
 
 
-def _mn(x2d, weight):
-    return x2d.shape[0], weight.shape[0]
-
-
 def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, observe,
                    quantize_output, save_out_mask, noise=True):
-    """`linear_forward` on the operands the custom op already holds: ranges a contiguous float32
+    """`linear_forward` on the operands the op already holds: ranges a contiguous float32
     [3, 2] tensor (x, W, output), index the five integers of `LinearIndex.args()` (unchecked).
 
     The host path is kept short on purpose: small models are launch-bound (bench/overhead.py),

@@ -65,6 +65,7 @@ class OpticalLinear(RangeState, nn.Linear):
 
     RANGE_NAMES = ("x", "w", "out")
     CLAMP_NAMES = clamp_stats.LINEAR_CLAMP_NAMES
+    CLAMP_KIND = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  config: QuantizerConfig | None = None, device=None, dtype=None):
@@ -214,6 +215,7 @@ class OpticalAttention(RangeState, nn.Module):
 
     RANGE_NAMES = ("q", "k", "v", "s", "y")
     CLAMP_NAMES = clamp_stats.ATTENTION_CLAMP_NAMES
+    CLAMP_KIND = "attention"
 
     def __init__(self, config: QuantizerConfig | None = None, device=None):
         super().__init__()

@@ -58,8 +58,10 @@ class RangeState:
     `_apply` takes part in the module's dtype and device moves."""
 
     RANGE_NAMES: tuple[str, ...] = ()
-    # Names of the clamp statistics the module reports (see `stats.py`).
+    # Names of the clamp statistics the module reports (see `stats.py`), and the kind of module
+    # they are averaged with in `range_statistics` ("linear" or "attention").
     CLAMP_NAMES: tuple[str, ...] = ()
+    CLAMP_KIND: str = ""
     smooth: float
     # False: compute digitally while still observing ranges (a recipe's digital warm-up). A
     # plain attribute, switched between steps by the trainer (see `set_optical_enabled`).
@@ -176,9 +178,8 @@ def range_statistics(model_parts: nn.Module | Iterable[nn.Module]) -> dict[str, 
                     out[f"optical/{name}/{q}_lo"] = float(r[i, 0])
                     out[f"optical/{name}/{q}_hi"] = float(r[i, 1])
             for q, frac in m.take_clamp_stats().items():
-                kind = "attention" if "p_zeroed" in m.CLAMP_NAMES else "linear"
                 out[f"optical/{name}/{q}_clamp_frac"] = frac
-                means.setdefault(f"optical_clamp/{kind}_{q}", []).append(frac)
+                means.setdefault(f"optical_clamp/{m.CLAMP_KIND}_{q}", []).append(frac)
     for key, values in means.items():
         out[key] = sum(values) / len(values)
     return out

@@ -488,8 +488,9 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
     if seed is None and quantize_output:
         raise ValueError("linear_forward: a seed tensor is required for Q_out")
     ranges = torch.stack([x_range, w_range, out_range]).float()
-    whole = LinearIndex.whole(x2d.shape[0], weight.shape[0])
-    il = (index if index is not None else whole).args()
+    if index is None:
+        index = LinearIndex.whole(x2d.shape[0], weight.shape[0])
+    il = index.args()
     return forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, il, observe,
                           quantize_output, save_out_mask, _noise)
 

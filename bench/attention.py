@@ -4,8 +4,8 @@ Command (H200, from the repository root):
 
     PYTHONPATH=$PWD python bench/attention.py --sweep --out bench/results/attention-h200.json
 
-Cases: B * L = 32768 held constant (B = 32768 // L), L in 2048 ... 32768, H = 16, D = 128, bf16,
-causal. For each L, in the same process and on the same inputs:
+Cases: B * L = 32768 held constant (B = 32768 // L), L in 2048 ... 32768, H = 16, D = 128
+(`--head-dim`), bf16, causal. For each L, in the same process and on the same inputs:
 - `optical`: torchtitan_ext.optical.kernels.attention.attention_forward + attention_backward
   (ranges initialised, observation on, straight-through gradients: what a training step runs);
 - `flash`: F.scaled_dot_product_attention(is_causal=True) forced onto the flash backend, with
@@ -148,8 +148,8 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
     """Time candidate (BM, BN, warps, stages) configurations; return the fastest fwd and bwd."""
     B = 32768 // L
     x = Inputs(B, H, H, L, D, dtype, seed=1)
-    fwd_cands = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
-    bwd_cands = [(32, 128, 8, 2), (16, 64, 4, 2), (32, 128, 8, 3)]
+    fwd_cands = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
+    bwd_cands = [(32, 128, 8, 2), (16, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2)]
     res = {"fwd": {}, "bwd": {}}
     y, stats, _ = x.optical_fwd()
     for cfg in fwd_cands:
@@ -228,6 +228,8 @@ def main():
     ap.add_argument("--reference-max-len", type=int, default=4096,
                     help="skip the materialised reference above this L (O(B H L^2) memory)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--head-dim", type=int, default=128, choices=A.SUPPORTED_HEAD_DIMS)
+    ap.add_argument("--sweep-len", type=int, default=4096)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -237,21 +239,21 @@ def main():
     fwd_cfg = bwd_cfg = None
     sweep_res = None
     if args.sweep:
-        best, sweep_res = sweep()
+        best, sweep_res = sweep(D=args.head_dim, L=args.sweep_len)
         fwd_cfg, bwd_cfg = best.get("fwd"), best.get("bwd")
     records = []
     with A.override_configs(fwd=fwd_cfg, bwd=bwd_cfg):
         for L in [int(s) for s in args.lengths.split(",")]:
-            rec = bench_case(L, HKV=args.hkv, reps=args.reps,
+            rec = bench_case(L, HKV=args.hkv, D=args.head_dim, reps=args.reps,
                              reference=not args.no_reference and L <= args.reference_max_len)
             rec.update(meta)
-            rec["fwd_config"] = list(fwd_cfg or A._FWD_CFG[128])
-            rec["bwd_config"] = list(bwd_cfg or A._BWD_CFG[128])
+            rec["fwd_config"] = list(fwd_cfg or A._FWD_CFG[args.head_dim])
+            rec["bwd_config"] = list(bwd_cfg or A._BWD_CFG[args.head_dim])
             records.append(rec)
             gc.collect()
             torch.cuda.empty_cache()
     if sweep_res is not None:
-        records.append({"case": "sweep-L4096", **sweep_res})
+        records.append({"case": f"sweep-L{args.sweep_len}-D{args.head_dim}", **sweep_res})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)

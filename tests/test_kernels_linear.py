@@ -91,6 +91,9 @@ FWD_CASES = [
     (1, 19, 33, torch.bfloat16, True, 0.05, 256),
     (53, 9, 7, torch.float32, False, None, 16),
     (21, 40, 66, torch.float16, False, 0.3, 16),
+    # N % 4 == 0: the epilogue draws one Philox block per four neighbouring outputs
+    (37, 70, 44, torch.bfloat16, True, 0.05, 256),
+    (19, 24, 64, torch.float32, False, None, 16),
 ]
 
 
@@ -174,7 +177,7 @@ def test_non_contiguous_input(kernel_device):
     _level_mismatches(y.cpu(), yr, ranges[2].cpu(), 256)
 
 
-@pytest.mark.parametrize("layout", ["2d", "3d"])
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d-runs4"])
 def test_global_index_maps(kernel_device, layout):
     """Noise keyed by the global index of a shard: equal to the reference's IndexMap, with
     offsets that push the flat index past 2^32."""
@@ -192,6 +195,8 @@ def test_global_index_maps(kernel_device, layout):
         B, S, N = 3, 7, 19
         Bg, Sg, Ng = 2**16, 4096, 2**12
         b_off, s_off, n_off = 2**15 + 1, 100, 17
+        if layout == "3d-runs4":  # a column shard at a multiple of 4 of a row length % 4 == 0
+            N, n_off = 20, 2**11 + 4
         M = B * S
         x, w, b = _inputs(M, K, N, torch.float32, dev, gen_seed=11)
         index = LinearIndex(S, Sg, b_off * Sg + s_off, Ng, n_off)

@@ -78,8 +78,9 @@ def test_noise_depends_only_on_seed_and_index():
     assert not torch.equal(R.philox_uniform(7, 3, torch.arange(1000)), a)
 
 
-def test_philox_matches_triton_randint():
-    """Our counter layout reduces to tl.randint's for indices below 2^32 and stream 0."""
+def test_philox_matches_triton_randint4x():
+    """Our counter layout reduces to tl.randint4x's for indices below 2^34 and stream 0: index
+    4 c + j takes word j of the Philox block at counter c."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -88,16 +89,22 @@ def test_philox_matches_triton_randint():
     import triton.language as tl
 
     @triton.jit
-    def _randint(out_ptr, seed, N: tl.constexpr):
+    def _randint4x(out_ptr, seed, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(out_ptr + offs, tl.randint(seed, offs))
+        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        tl.store(out_ptr + 4 * offs, r0)
+        tl.store(out_ptr + 4 * offs + 1, r1)
+        tl.store(out_ptr + 4 * offs + 2, r2)
+        tl.store(out_ptr + 4 * offs + 3, r3)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = torch.empty(256, dtype=torch.int32, device=dev)
-    _randint[(1,)](out, 4242, 256)
+    _randint4x[(1,)](out, 4242, 64)
     words = out.cpu().to(torch.int64) & 0xFFFFFFFF
     expect = R.philox_uniform(4242, 0, torch.arange(256))
     assert torch.equal((words >> 8).float() / 16777216.0, expect)
+    # Elements of one block draw different words (no repeats inside a block).
+    assert (expect.view(64, 4).diff(dim=1) != 0).all()
 
 
 def test_index_map_global_positions():

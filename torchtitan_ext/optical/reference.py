@@ -8,10 +8,11 @@ Conventions shared with the kernels:
 - A *range* is a float32 tensor of shape [2] holding (lo, hi). A range with lo > hi (the initial
   (+inf, -inf)) is *uninitialised* and the quantizer passes values through unchanged.
 - Noise (section 1.3) comes from Philox-4x32-10 (the generator `tl.rand` uses, same constants)
-  with counter (idx_lo, idx_hi, 0, 0) -- the 64-bit global element index split in two 32-bit words
-  -- and key (seed, stream): `seed` is drawn per call from the framework generator, `stream` is the
-  layer's `q_init_seed`. The first output word w gives u = (w >> 8) * 2^-24, exactly representable
-  in float32, in [0, 1).
+  with key (seed, stream): `seed` is drawn per call from the framework generator, `stream` is the
+  layer's `q_init_seed`. Element `idx` (its 64-bit global index) takes output word idx & 3 of the
+  block at counter (c_lo, c_hi, 0, 0), c = idx >> 2 -- as `tl.randint4x` lays out four draws --
+  so one Philox serves four consecutive elements (docs/semantics-notes.md says why). Word w gives
+  u = (w >> 8) * 2^-24, exactly representable in float32, in [0, 1).
 - The global index of an element is described by an `IndexMap`: the local tensor is a block of a
   larger logical tensor (data-, tensor- or sequence-parallel shards), at per-dimension offsets.
 """
@@ -112,10 +113,12 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream)."""
+    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream): word index & 3 of
+    the Philox-4x32-10 block at counter index >> 2."""
     index = index.to(torch.int64)
-    c0 = index & _M32
-    c1 = (index >> 32) & _M32
+    counter = index >> 2
+    c0 = counter & _M32
+    c1 = (counter >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     if isinstance(seed, torch.Tensor):
@@ -129,7 +132,9 @@ def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & _M32
         k1 = (k1 + PHILOX_KEY_B) & _M32
-    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    lane = index & 3
+    word = torch.where(lane < 2, torch.where(lane == 0, c0, c1), torch.where(lane == 2, c2, c3))
+    return (word >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,15 +5,18 @@ What is computed, per batch and head (causal or not):
     P = softmax(S * scale + mask)            float32
     Y = Q_y(Q_p(P) @ Q_v(v))                 Q_p det on [0, 1], Q_v det + lut, Q_y noisy (seeds[1])
 and the straight-through (optionally clipped) gradients of `reference.optical_attention_backward`.
-H200, bf16, H=16, D=128, causal, B*L=32768: fwd+bwd 2.67-2.86x flash SDPA for L = 2048..32768,
-peak memory 0.75-0.87x (bench/attention.py, bench/results/attention-h200.json).
+H200, bf16, H=16, causal, B*L=32768: fwd+bwd 2.17-2.44x flash SDPA for L = 2048..32768 at D=128,
+2.60-2.65x for L = 2048..8192 at D=64, peak memory 0.75-0.87x (bench/attention.py,
+bench/results/attention-h200*.json).
 
 Why the design looks like this
 ------------------------------
-* The noise, not the matmuls, is the cost. Every S element needs its own Philox-4x32-10 call (the
-  contract keys each element by its global index, so nothing is amortised over Philox's four output
-  words): ~40 integer instructions, ~80 with Q_s and the softmax, against 2*D tensor-core FLOPs.
-  Everything below minimises how often S is generated and what each generation costs.
+* The noise, not the matmuls, is the cost. A Philox-4x32-10 block is ~40 integer instructions,
+  against 2*D tensor-core FLOPs per S element. When L % 4 == 0 (`RUNS4`) every four consecutive
+  keys of a row share one block (element idx reads word idx & 3 of block idx >> 2, as the
+  reference), so a tile draws one block per four elements (`philox_bits24_runs`, whose words are
+  interleaved into the tile in registers); otherwise each element runs its own block. Everything
+  below minimises how often S is generated and what each generation costs.
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
   before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
   the online max/sum and writes each element's Q_s level index (1 byte for levels <= 256) to a
@@ -81,6 +84,7 @@ from .quantizer import (
     in_range,
     inv_levels_minus_1,
     philox_bits24,
+    philox_bits24_runs,
     philox_uniform,
     quantize,
     quantize_with,
@@ -179,8 +183,8 @@ def _prep_kv_kernel(
 @triton.jit
 def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
-                LEVELS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                INTERP: tl.constexpr):
+                LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
     index k (float32) and the valid-element mask (MASK tiles only)."""
     cols = start_n + offs_n
@@ -190,10 +194,22 @@ def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, 
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
+    w = _s_noise_bits(seed, stream, row_idx, start_n, cols, BN, RUNS4)
     s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
     valid = _valid(offs_m, cols, L, CAUSAL, MASK)
     return s_raw, s_q, lvl, valid, cols
+
+
+@triton.jit
+def _s_noise_bits(seed, stream, row_idx, start_n, cols, BN: tl.constexpr, RUNS4: tl.constexpr):
+    """Q_s's Philox words for the [rows, BN] tile of S at keys start_n + [0, BN); row_idx: the
+    global index of each row's key 0. RUNS4 (L % 4 == 0): row starts and key blocks are
+    multiples of 4, so every four keys share one Philox block -- one Philox per four elements."""
+    if RUNS4:
+        blocks = (start_n // 4 + tl.arange(0, BN // 4)).to(tl.int64)
+        return philox_bits24_runs(seed, stream, (row_idx // 4)[:, None] + blocks[None, :])
+    else:
+        return philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
 
 
 @triton.jit
@@ -213,14 +229,14 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, code_base, W, lo, hi, offs_m, 
                row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, OBSERVE: tl.constexpr,
-               CODES: tl.constexpr, INTERP: tl.constexpr):
+               CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2."""
     rl = tl.arange(0, BM)
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, CAUSAL, MASK, INTERP)
+            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -278,13 +294,13 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, vq_base, lo, hi, offs_m, 
                          row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
-                         INTERP: tl.constexpr):
+                         RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, CAUSAL, MASK, INTERP)
+            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
@@ -315,7 +331,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
               qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv, seed_s, seed_y,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-              USE_CODES: tl.constexpr, INTERP: tl.constexpr):
+              USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...)."""
     pid_m = num_m - 1 - t // BH
@@ -361,11 +377,11 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, CODES, W, 0, n_full, offs_m, offs_n, offs_d, row_idx,
         L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, RUNS4, INTERP)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, CODES, W, n_full, n_end, offs_m, offs_n, offs_d,
         row_idx, L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, RUNS4, INTERP)
 
     inv_l = 1.0 / l_i
     acc = tl.zeros([BM, D], tl.float32)
@@ -386,11 +402,11 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, vq_base, 0, n_full, offs_m, offs_n, offs_d, row_idx, L,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, P_MODE, INTERP)
+            LEVELS, D, BN, CAUSAL, False, P_MODE, RUNS4, INTERP)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, vq_base, n_full, n_end, offs_m, offs_n, offs_d, row_idx,
             L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, P_MODE, INTERP)
+            LEVELS, D, BN, CAUSAL, True, P_MODE, RUNS4, INTERP)
     if P_MODE < 2:
         y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
     else:
@@ -419,7 +435,7 @@ def _fwd_kernel(
     H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, INTERP: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2."""
@@ -439,7 +455,8 @@ def _fwd_kernel(
         _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, sqb, sqh, sql, sqd,
                   H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
                   qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
-                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, OBSERVE, P_MODE, USE_CODES, INTERP)
+                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, OBSERVE, P_MODE, USE_CODES, RUNS4,
+                  INTERP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,10 +498,11 @@ def _prep_bwd_kernel(
 
 @triton.jit
 def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, L,
-               sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed, stream,
+               sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK: tl.constexpr, CLIPPED: tl.constexpr, INTERP: tl.constexpr):
+               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
+               RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
     accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled)."""
     DT: tl.constexpr = kq.dtype
@@ -501,7 +519,8 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
-        w = philox_bits24(seed, stream, (row_idx0 + r64 * L)[None, :] + offs_n[:, None])
+        # S^T's words: those of the [BM, BN] tile of S, transposed.
+        w = tl.trans(_s_noise_bits(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN, RUNS4))
         s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
@@ -531,7 +550,7 @@ def _bwd_kernel(
     H, HKV, L, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
-    INTERP: tl.constexpr,
+    RUNS4: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -575,14 +594,14 @@ def _bwd_kernel(
         row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, start_n, diag_end, row_idx0,
-            L, sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed_s, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, CAUSAL, True, CLIPPED,
-            INTERP)
+            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True,
+            CLIPPED, RUNS4, INTERP)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, L, row_idx0,
-            L, sql, sqd, sdl, sdd, offs_n, col_ok, offs_d, seed_s, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, CAUSAL, False, CLIPPED,
-            INTERP)
+            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
+            CLIPPED, RUNS4, INTERP)
 
     dk = dk * scale
     if CLIPPED:
@@ -629,13 +648,13 @@ def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
 _FWD_CFG = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (128, 64, 8, 2),
+    64: (64, 32, 4, 2),  # H200 sweep, L=2048: 3.33 ms vs 3.38 (64, 64, 4), 4.07 (128, 64, 8)
     128: (64, 32, 4, 2),  # H200 sweep at L=4096: 9.5 ms vs 10.2 (128, 64, 8) and 10.7 (128, 32, 8)
 }
 _BWD_CFG = {
     16: (32, 64, 4, 2),
     32: (32, 64, 4, 2),
-    64: (32, 128, 8, 2),
+    64: (64, 128, 8, 2),  # H200 sweep, L=2048: 2.98 ms vs 3.38 (32, 64, 4), 3.88 (32, 128, 8)
     128: (32, 128, 8, 3),  # H200 sweep at L=4096: 10.15 ms vs 10.28 (2 stages), 10.5 (16, 64, 4)
 }
 # Under the interpreter: small tiles so that tiny test shapes still span several tiles.
@@ -797,7 +816,8 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         H, HKV, L, W, num_m, B * H, int(stream), int(batch_offset), int(head_offset),
         int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), OBSERVE=observe,
-        P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, INTERP=interp,
+        P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
+        INTERP=interp,
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -850,7 +870,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        CLIPPED=bool(clipped), INTERP=interp, num_warps=warps, num_stages=stages, **_OPTS)
+        CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp, num_warps=warps,
+        num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
     dq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)

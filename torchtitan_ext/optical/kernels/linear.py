@@ -17,15 +17,18 @@ observations):
    operands, not one each: small models are launch-bound (bench/overhead.py).
 2. ``_linear_fwd_kernel``: the GEMM on the quantized operands with float32 accumulation over the
    complete K, and an epilogue that (a) observes min/max of the accumulator (one atomic per tile,
-   no extra pass and no extra matmul to initialise the output range), (b) applies Q_out with one
-   Philox-4x32-10 draw per output element keyed by (seed, stream, 64-bit global index), (c) adds
+   no extra pass and no extra matmul to initialise the output range), (b) applies Q_out with
+   Philox-4x32-10 noise keyed by (seed, stream, 64-bit global index), (c) adds
    the bias, (d) optionally stores the clipped-gradient mask, (e) stores y in the input dtype.
    The accumulator never goes to memory, so the memory footprint is nn.Linear's plus the two
    transient quantized operands.
 
-The noise is the expensive part of the epilogue: the contract fixes one full Philox-4x32-10
-evaluation per output element (the first of its four words), about 20 integer multiplies, which at
-K=2048 is of the order of the GEMM's own time. Three things keep it in check:
+The noise is the expensive part of the epilogue: a Philox-4x32-10 evaluation is about 20 integer
+multiplies, of the order of the GEMM's own time at K=2048 if paid per output. Four things keep it
+in check:
+- one Philox block serves four neighbouring outputs (`RUNS4`: the global row length and the
+  shard's column offset are multiples of 4, so every aligned run of four columns is one block;
+  otherwise one Philox per output, reading its word);
 - the epilogue runs on column chunks of the tile (``EPI_SPLIT``): Triton emits elementwise code op
   by op over a thread's whole share of the tile, so a Philox over the full tile kept every
   element's state live at once (4 KB of spills per thread); 8 chunks bring that to zero;
@@ -39,15 +42,15 @@ bench/results/linear-h200-sweep{1,2}.json); it is fixed and keyed on shape and d
 no autotuning stall inside a trainer (one compile per dtype/config, cached by Triton).
 
 Measured (H200, bf16, bench/results/linear-h200.json; ratios to nn.Linear in one run):
-forward 1.72x / 1.57x / 1.46x, forward+backward 1.26x / 1.22x / 1.22x, peak memory 1.00x at
+forward 1.45x / 1.43x / 1.35x, forward+backward 1.18x / 1.17x / 1.18x, peak memory 1.00x at
 16384x2048->8192 / 16384x4096->4096 / 8192x4096->14336 (the shipped op with the seed draw and the
-range bookkeeping of a training forward); 2.4-2.6x faster forward+backward and 4.0-4.2x faster
-forward than mase-triton 0.0.7's layer. Where the forward's time goes at
-16384x2048->8192 (sweep2, in units of nn.Linear's forward): the two operand passes 0.18 (they run
-at ~1.5 TB/s, well under bandwidth), the Triton GEMM with the deterministic part of the epilogue
-1.27, the Philox noise 0.48 -- so the 1.3x forward target is not met; the next steps would be a
-persistent, warp-specialised GEMM whose epilogue overlaps the next tile's mainloop, and operand
-passes at bandwidth.
+range bookkeeping of a training forward); 2.4-2.7x faster forward+backward and 4.6-4.7x faster
+forward than mase-triton 0.0.7's layer. Before one Philox block served four outputs, the forward's
+time at 16384x2048->8192 split as (sweep2, in units of nn.Linear's forward): the two operand
+passes 0.18 (they run at ~1.5 TB/s, well under bandwidth), the Triton GEMM with the deterministic
+part of the epilogue 1.27, the Philox noise 0.48. The 1.3x forward target is still not met; the
+next steps would be a persistent, warp-specialised GEMM whose epilogue overlaps the next tile's
+mainloop, and operand passes at bandwidth.
 
 Host syncs: none. The seed and all ranges are device tensors read inside the kernels; whether a
 range is initialised is decided per program on the device (an uninitialised output range skips
@@ -72,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantizer import cast_rne, in_range, philox_uniform, quantize
+from .quantizer import cast_rne, in_range, philox_bits24_runs, philox_uniform, quantize
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the pointer path below is the fallback.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -245,7 +248,7 @@ def _linear_fwd_kernel(
     LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     OBSERVE: tl.constexpr, SAVE_MASK: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles sweep the columns together so the W tiles they share
@@ -315,49 +318,49 @@ def _linear_fwd_kernel(
     if EPI_SPLIT == 1:
         _epilogue(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-                  SAVE_MASK, BN)
+                  SAVE_MASK, RUNS4, BN)
     elif EPI_SPLIT == 2:
         a0, a1 = _halves(acc, BM, BN)
         _epilogue(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-                  SAVE_MASK, BN // 2)
+                  SAVE_MASK, RUNS4, BN // 2)
         _epilogue(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
                   col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-                  SAVE_MASK, BN // 2)
+                  SAVE_MASK, RUNS4, BN // 2)
     elif EPI_SPLIT == 4:
         _epilogue_quarters(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-                           SAVE_MASK, BM, BN)
+                           SAVE_MASK, RUNS4, BM, BN)
     else:  # 8 chunks
         a0, a1 = _halves(acc, BM, BN)
         _epilogue_quarters(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-                           SAVE_MASK, BM, BN // 2)
+                           SAVE_MASK, RUNS4, BM, BN // 2)
         _epilogue_quarters(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr,
                            N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE,
-                           HAS_BIAS, SAVE_MASK, BM, BN // 2)
+                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
 
 
 @triton.jit
 def _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                        lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
                        NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
-                       R: tl.constexpr, C: tl.constexpr):
+                       RUNS4: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """_epilogue on the four column quarters of an [R, C] tile starting at column col0."""
     a0, a1 = _halves(acc, R, C)
     a00, a01 = _halves(a0, R, C // 2)
     a10, a11 = _halves(a1, R, C // 2)
     _epilogue(a00, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
-              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS, SAVE_MASK, C // 4)
+              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
     _epilogue(a01, r64, row_ok, g_row, col0 + C // 4, y_ptr, bias_ptr, mask_ptr, N,
               col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-              SAVE_MASK, C // 4)
+              SAVE_MASK, RUNS4, C // 4)
     _epilogue(a10, r64, row_ok, g_row, col0 + C // 2, y_ptr, bias_ptr, mask_ptr, N,
               col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-              SAVE_MASK, C // 4)
+              SAVE_MASK, RUNS4, C // 4)
     _epilogue(a11, r64, row_ok, g_row, col0 + 3 * (C // 4), y_ptr, bias_ptr, mask_ptr,
               N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
-              SAVE_MASK, C // 4)
+              SAVE_MASK, RUNS4, C // 4)
 
 
 @triton.jit
@@ -370,7 +373,7 @@ def _halves(t, R: tl.constexpr, C: tl.constexpr):
 def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
               lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
               NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
-              W: tl.constexpr):
+              RUNS4: tl.constexpr, W: tl.constexpr):
     """Q_out (noisy), bias, mask and store for the accumulator columns [col0, col0 + W)."""
     cols = col0 + tl.arange(0, W)
     col_ok = cols < N
@@ -382,8 +385,15 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
         # An uninitialised range passes through (calibration): skip the Philox work there.
         if lo <= hi:
             if NOISE:
-                idx = g_row[:, None] + (cols.to(tl.int64) + col_offset)[None, :]
-                u = philox_uniform(seed, stream, idx)
+                if RUNS4 and (W % 4 == 0):
+                    # Global row starts and these columns are multiples of 4: one Philox block
+                    # serves four neighbouring outputs.
+                    blocks = ((col0 + col_offset) // 4 + tl.arange(0, W // 4)).to(tl.int64)
+                    u = philox_bits24_runs(seed, stream, (g_row // 4)[:, None] + blocks[None, :])
+                    u = u * (1.0 / 16777216.0)
+                else:
+                    idx = g_row[:, None] + (cols.to(tl.int64) + col_offset)[None, :]
+                    u = philox_uniform(seed, stream, idx)
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, u, True)
             else:  # benchmark-only variant: the epilogue without the noise (cost accounting)
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, 0.0, False)
@@ -541,7 +551,7 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
         LEVELS=int(levels), QUANT_OUT=bool(quantize_output), NOISE=bool(noise),
         HAS_BIAS=bias is not None and quantize_output, OBSERVE=bool(observe),
         SAVE_MASK=mask is not None and quantize_output, USE_TMA=use_tma,
-        EPI_SPLIT=cfg.epi_split,
+        EPI_SPLIT=cfg.epi_split, RUNS4=index[3] % 4 == 0 and index[4] % 4 == 0,
         # The interpreter's 16-bit dot is broken (Triton 3.9 reads the raw bits); 16-bit
         # products are exact in float32, so upcasting there computes the same sums.
         IEEE_DOT=dtype == torch.float32 or _INTERPRET, UPCAST_DOT=_INTERPRET,

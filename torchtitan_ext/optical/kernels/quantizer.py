@@ -12,9 +12,10 @@ Kept bit-compatible with `torchtitan_ext.optical.reference.quantize` / `philox_u
   op); the explicit `tl.fma`s below are exact by construction and stay fused;
 - round-half-to-even through the 1.5 * 2^23 magic constant, exact for |t| <= 2^22 (t is at most
   L - 1);
-- Philox-4x32-10 keyed by (seed, stream) on the 64-bit global element index, the index split in
-  two 32-bit counter words so that index spaces past 2^31 (long attention) stay distinct; each
-  mulhilo is one 32x32->64-bit product.
+- Philox-4x32-10 keyed by (seed, stream); element `idx` (64-bit global index) takes word idx & 3
+  of the block at counter idx >> 2 (split in two 32-bit counter words so that index spaces past
+  2^31 stay distinct): one Philox serves four consecutive elements where a kernel's tile holds
+  them together (`philox_bits24_runs`); each mulhilo is one 32x32->64-bit product.
 
 One arithmetic, three entry points (they differ only in where the constants come from):
 - `quantize`: computes the two reciprocals, RN(1 / max(hi - lo, 1e-12)) and RN(1 / (L - 1)), with
@@ -51,16 +52,12 @@ def _mulhilo32(a, b: tl.constexpr):
 
 
 @triton.jit
-def philox_bits24(seed, stream, index):
-    """The 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24.
-
-    Philox-4x32-10 of counter (index lo, index hi, 0, 0), key (seed, stream): the first output word
-    shifted right by 8, as the reference. Returning w lets a hot loop fold "+ u" into one exact fma
-    (`quantize_with_bits24`).
-    """
-    idx = index.to(tl.int64)
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
+def _philox4(seed, stream, counter):
+    """The four 32-bit output words of Philox-4x32-10 for int64 `counter` (counter words
+    (lo, hi, 0, 0)), key (seed, stream)."""
+    c = counter.to(tl.int64)
+    c0 = (c & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((c >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros(c0.shape, tl.uint32)
     c3 = tl.zeros(c0.shape, tl.uint32)
     k0 = (seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
@@ -71,7 +68,40 @@ def philox_bits24(seed, stream, index):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    return (c0 >> 8).to(tl.float32)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _bits24(word):
+    return (word >> 8).to(tl.float32)
+
+
+@triton.jit
+def philox_bits24(seed, stream, index):
+    """The 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24, for any
+    int64 `index` tensor: word (index & 3) of the Philox-4x32-10 block at counter index >> 2, key
+    (seed, stream), shifted right by 8, as the reference. One Philox per element (three of its
+    four words thrown away): for index sets without aligned runs of four; hot loops whose indices
+    come in aligned runs use `philox_bits24_runs`. Returning w lets a hot loop fold "+ u" into one
+    exact fma (`quantize_with_bits24`)."""
+    idx = index.to(tl.int64)
+    w0, w1, w2, w3 = _philox4(seed, stream, idx >> 2)
+    lane = idx & 3
+    w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
+    return _bits24(w)
+
+
+@triton.jit
+def philox_bits24_runs(seed, stream, block):
+    """`philox_bits24` of an [R, 4 * C] tile whose element (r, 4 c + j) has global index
+    4 * block[r, c] + j (block: int64 [R, C]), from one Philox per four elements: the tile's
+    indices run along its columns in aligned groups of four, each group one Philox block."""
+    w0, w1, w2, w3 = _philox4(seed, stream, block)
+    # join(x, y) adds a minor dim selecting x or y: join(join(a, b), join(c, d))[r, c, i, j] is
+    # (a, b)[i] at j = 0 and (c, d)[i] at j = 1. With (a, b, c, d) = words (0, 2, 1, 3) that is
+    # word 2 i + j, which the row-major reshape puts at column 4 c + 2 i + j.
+    w = tl.join(tl.join(_bits24(w0), _bits24(w2)), tl.join(_bits24(w1), _bits24(w3)))
+    return tl.reshape(w, (block.shape[0], 4 * block.shape[1]))
 
 
 @triton.jit

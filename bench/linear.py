@@ -199,6 +199,11 @@ def sweep(dtype):
         "128x256x64 w16 s3 r128": G(128, 256, 64, 8, 16, 3, True, 8, 128),
         "256x128x64 w16 s3 r128": G(256, 128, 64, 8, 16, 3, True, 8, 128),
         "128x256x64 w8 s3": G(128, 256, 64, 8, 8, 3, True, 8),
+        # Since stop 12 a Philox block serves four outputs: fewer, wider epilogue chunks and
+        # larger tiles hold less noise state per thread than before.
+        "128x128x64 w8 s3 r128 e4": G(128, 128, 64, 8, 8, 3, True, 4, 128),
+        "128x128x64 w8 s3 r128 e2": G(128, 128, 64, 8, 8, 3, True, 2, 128),
+        "128x256x64 w8 s3 e4": G(128, 256, 64, 8, 8, 3, True, 4),
     }
     nonoise = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}
     SWEEP_CONFIGS.update(configs)

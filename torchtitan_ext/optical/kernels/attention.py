@@ -14,8 +14,9 @@ Why the design looks like this
 * The noise, not the matmuls, is the cost. A Philox-4x32-10 block is ~40 integer instructions,
   against 2*D tensor-core FLOPs per S element. When L % 4 == 0 (`RUNS4`) every four consecutive
   keys of a row share one block (element idx reads word idx & 3 of block idx >> 2, as the
-  reference), so a tile draws one block per four elements (`philox_bits24_runs`, whose words are
-  interleaved into the tile in registers); otherwise each element runs its own block. Everything
+  reference), so a tile draws one block per four elements (quantizer.py's `philox_bits24_rows`,
+  whose words are interleaved into the tile in registers); otherwise each element runs its own
+  block. Everything
   below minimises how often S is generated and what each generation costs.
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
   before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
@@ -83,8 +84,7 @@ from .quantizer import (
     div_rn_by,
     in_range,
     inv_levels_minus_1,
-    philox_bits24,
-    philox_bits24_runs,
+    philox_bits24_rows,
     philox_uniform,
     quantize,
     quantize_with,
@@ -194,22 +194,10 @@ def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, 
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = _s_noise_bits(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+    w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
     s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
     valid = _valid(offs_m, cols, L, CAUSAL, MASK)
     return s_raw, s_q, lvl, valid, cols
-
-
-@triton.jit
-def _s_noise_bits(seed, stream, row_idx, start_n, cols, BN: tl.constexpr, RUNS4: tl.constexpr):
-    """Q_s's Philox words for the [rows, BN] tile of S at keys start_n + [0, BN); row_idx: the
-    global index of each row's key 0. RUNS4 (L % 4 == 0): row starts and key blocks are
-    multiples of 4, so every four keys share one Philox block -- one Philox per four elements."""
-    if RUNS4:
-        blocks = (start_n // 4 + tl.arange(0, BN // 4)).to(tl.int64)
-        return philox_bits24_runs(seed, stream, (row_idx // 4)[:, None] + blocks[None, :])
-    else:
-        return philox_bits24(seed, stream, row_idx[:, None] + cols[None, :])
 
 
 @triton.jit
@@ -520,7 +508,8 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(_s_noise_bits(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN, RUNS4))
+        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN,
+                                        RUNS4))
         s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:

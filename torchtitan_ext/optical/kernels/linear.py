@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantizer import cast_rne, in_range, philox_bits24_runs, philox_uniform, quantize
+from .quantizer import cast_rne, in_range, philox_bits24_rows, philox_uniform, quantize
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the pointer path below is the fallback.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -185,9 +185,7 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
         return
     # noisy: 2K elements a program, so that the Philox state of a thread's elements fits in
     # registers (see the GEMM epilogue); det: as the operand pass.
-    if _INTERPRET:
-        BR, BC = 32, 64
-    elif noisy:
+    if noisy and not _INTERPRET:
         BR, BC = (16, 128) if C >= 128 else (64, 32)
     else:
         BR, BC = _operand_tile(C)
@@ -385,15 +383,9 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
         # An uninitialised range passes through (calibration): skip the Philox work there.
         if lo <= hi:
             if NOISE:
-                if RUNS4 and (W % 4 == 0):
-                    # Global row starts and these columns are multiples of 4: one Philox block
-                    # serves four neighbouring outputs.
-                    blocks = ((col0 + col_offset) // 4 + tl.arange(0, W // 4)).to(tl.int64)
-                    u = philox_bits24_runs(seed, stream, (g_row // 4)[:, None] + blocks[None, :])
-                    u = u * (1.0 / 16777216.0)
-                else:
-                    idx = g_row[:, None] + (cols.to(tl.int64) + col_offset)[None, :]
-                    u = philox_uniform(seed, stream, idx)
+                u = philox_bits24_rows(seed, stream, g_row, col0 + col_offset,
+                                       cols.to(tl.int64) + col_offset, W, RUNS4)
+                u = u * (1.0 / 16777216.0)  # as philox_uniform
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, u, True)
             else:  # benchmark-only variant: the epilogue without the noise (cost accounting)
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, 0.0, False)

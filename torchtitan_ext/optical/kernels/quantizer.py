@@ -105,6 +105,19 @@ def philox_bits24_runs(seed, stream, block):
 
 
 @triton.jit
+def philox_bits24_rows(seed, stream, row_index, col0, cols, W: tl.constexpr, RUNS4: tl.constexpr):
+    """`philox_bits24` of an [R, W] tile of a row-major index space: `row_index` [R] is the global
+    index of each row's column 0, `cols` [W] = col0 + [0, W) the tile's global columns. RUNS4: the
+    row indices and col0 are multiples of 4, so (with W % 4 == 0) every aligned four columns share
+    one Philox block (`philox_bits24_runs`); otherwise one block per element."""
+    if RUNS4 and (W % 4 == 0):
+        blocks = (col0 // 4 + tl.arange(0, W // 4)).to(tl.int64)
+        return philox_bits24_runs(seed, stream, (row_index // 4)[:, None] + blocks[None, :])
+    else:
+        return philox_bits24(seed, stream, row_index[:, None] + cols[None, :])
+
+
+@triton.jit
 def philox_uniform(seed, stream, index):
     """u in [0, 1) (float32) for int64 `index`, keyed by (seed, stream); same as the reference."""
     return philox_bits24(seed, stream, index) * (1.0 / 16777216.0)

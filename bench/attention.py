@@ -228,9 +228,13 @@ def main():
     ap.add_argument("--reference-max-len", type=int, default=4096,
                     help="skip the materialised reference above this L (O(B H L^2) memory)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--head-dim", type=int, default=128, choices=A.SUPPORTED_HEAD_DIMS)
-    ap.add_argument("--sweep-len", type=int, default=4096)
+    ap.add_argument("--head-dim", type=int, default=128, choices=A.SUPPORTED_HEAD_DIMS,
+                    help="head dim D of every case and of the sweep")
+    ap.add_argument("--sweep-len", type=int, default=4096,
+                    help="sequence length L the --sweep times configs at (1..32768; B = 32768 // L)")
     args = ap.parse_args()
+    if not 1 <= args.sweep_len <= 32768:
+        ap.error(f"--sweep-len must be in 1..32768 (B = 32768 // L), got {args.sweep_len}")
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

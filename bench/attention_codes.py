@@ -30,7 +30,7 @@ SHAPES = [(16, 16, 16, 2048, 64), (8, 24, 8, 2048, 64), (8, 16, 16, 4096, 128)]
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="also write the records to this JSON file")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     timed = bench_attention._events_median

@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128, choices=A.SUPPORTED_HEAD_DIMS,
                     help="head dim D of every case and of the sweep")
     ap.add_argument("--sweep-len", type=int, default=4096,
-                    help="sequence length L the --sweep times configs at (1..32768; B = 32768 // L)")
+                    help="length L that --sweep times configs at (1..32768; B = 32768 // L)")
     args = ap.parse_args()
     if not 1 <= args.sweep_len <= 32768:
         ap.error(f"--sweep-len must be in 1..32768 (B = 32768 // L), got {args.sweep_len}")

@@ -542,37 +542,40 @@ def _prep_bwd_kernel(
 
 
 @triton.jit
-def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, L,
-               sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
+def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, LQ, LK,
+               q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
                RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
-    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled)."""
+    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled).
+    `col_ok`: keys in bounds and visible (hidden keys get P = 0 in every tile); query row r is
+    absolute position q_start + r (its causal limit and its S noise row)."""
     DT: tl.constexpr = kq.dtype
     for start_m in range(lo, hi, BM):
         rows = start_m + tl.arange(0, BM)
-        row_ok = rows < L
+        row_ok = rows < LQ
         r64 = rows.to(tl.int64)
         m2 = row_ok[:, None]
         qq = tl.load(QQ_h + r64[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
         q = tl.load(Q_h + r64[:, None] * sql + offs_d[None, :] * sqd, mask=m2, other=0.0)
         dy = tl.load(DY_h + r64[:, None] * sdl + offs_d[None, :] * sdd, mask=m2, other=0.0)
-        # Rows past L get lse = +inf, hence P = 0: they add nothing to dK, dV.
+        # Rows past Lq (and rows with no visible key) get lse = +inf, hence P = 0: they add
+        # nothing to dK, dV.
         lse = tl.load(LSE_h + r64, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN,
-                                        RUNS4))
+        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK, start_n,
+                                        offs_n, BN, RUNS4))
         s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
             if CAUSAL:
-                valid = valid & (offs_n[:, None] <= rows[None, :])
+                valid = valid & (offs_n[:, None] <= (q_start + rows)[None, :])
             p = tl.where(valid, p, 0.0)
         else:
             p = tl.where(col_ok[:, None], p, 0.0)
@@ -589,15 +592,18 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "lut"])
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "lut", "q_start"])
 def _bwd_kernel(
-    QQ, Q, K, V, DY, LSE, DELTA, DQA, DK, DV, INV, k_rng, v_rng, s_rng_ptr, seeds,
+    QQ, Q, K, V, DY, LSE, DELTA, DQA, DK, DV, KPM, INV, k_rng, v_rng, s_rng_ptr, seeds,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, HKV, L, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
+    H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
-    RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
 ):
+    """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
+    keys over every query row of its GQA group, dQ by atomics. L is the key length, LQ the
+    query length (row r at absolute position q_start + r); KPM uint8 [B, L] (HAS_KPM)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -605,6 +611,10 @@ def _bwd_kernel(
     offs_n = start_n + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < L
+    col_vis = col_ok
+    if HAS_KPM:
+        kvis = tl.load(KPM + b.to(tl.int64) * L + offs_n, mask=col_ok, other=0)
+        col_vis = col_ok & (kvis != 0)
     n64 = offs_n.to(tl.int64)[:, None]
     k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
                 + n64 * skl + offs_d[None, :] * skd,
@@ -622,30 +632,25 @@ def _bwd_kernel(
 
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    if CAUSAL:
-        diag_end = tl.minimum(start_n + BN, L)  # query blocks that straddle the diagonal
-        full_lo = start_n + BN
-    else:
-        diag_end = 0
-        full_lo = 0
+    diag_lo, diag_end, full_lo = _bwd_row_blocks(start_n, LQ, q_start, BM, BN, CAUSAL)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int64)
-        QQ_h = QQ + bh * L * D
+        QQ_h = QQ + bh * LQ * D
         Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         DY_h = DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        LSE_h = LSE + bh * L
-        DELTA_h = DELTA + bh * L
-        DQA_h = DQA + bh * L * D
+        LSE_h = LSE + bh * LQ
+        DELTA_h = DELTA + bh * LQ
+        DQA_h = DQA + bh * LQ * D
         row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
         dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, start_n, diag_end, row_idx0,
-            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True,
-            CLIPPED, RUNS4, INTERP)
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
+            row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
+            seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
+            CAUSAL, True, CLIPPED, RUNS4, INTERP)
         dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, L, row_idx0,
-            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
+            LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
             CLIPPED, RUNS4, INTERP)
 
@@ -658,6 +663,26 @@ def _bwd_kernel(
     out = ((b * HKV + hk).to(tl.int64) * L + n64) * D + offs_d[None, :]
     tl.store(DK + out, cast_rne(dk, DT), mask=col_ok[:, None])
     tl.store(DV + out, cast_rne(dv, DT), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_row_blocks(start_n, LQ, q_start, BM: tl.constexpr, BN: tl.constexpr,
+                    CAUSAL: tl.constexpr):
+    """Query row blocks (multiples of BM) a key block [start_n, start_n + BN) meets: diagonal
+    blocks [diag_lo, diag_end) need the causal mask, blocks from full_lo on see every key of it.
+    Row r is absolute position q_start + r; with q_start = 0 and BN % BM == 0 this is
+    [start_n, min(start_n + BN, LQ)) and start_n + BN, as before cached decoding existed."""
+    if CAUSAL:
+        first = tl.maximum(start_n - q_start, 0)  # first row that sees key start_n
+        diag_lo = (first // BM) * BM
+        last = tl.maximum(start_n + BN - q_start, 0)  # rows from here see the whole block
+        full_lo = ((last + BM - 1) // BM) * BM
+        diag_end = tl.minimum(full_lo, LQ)
+    else:
+        diag_lo = 0
+        diag_end = 0
+        full_lo = 0
+    return diag_lo, diag_end, full_lo
 
 
 @triton.jit
@@ -907,47 +932,50 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
-                       heads_global, clipped: bool):
-    """Straight-through (or `clipped`) gradients of `attention_forward`, as
-    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes."""
-    B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
-                             heads_global)
+                       heads_global, clipped: bool, key_padding_mask: torch.Tensor | None = None,
+                       q_start: int = 0):
+    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask and q_start),
+    as `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
+    hidden keys get dk = dv = 0, rows with no visible key dq = 0."""
+    B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
+                                 heads_global, key_padding_mask, q_start, causal)
     if dy.shape != q.shape or y.shape != q.shape:
         raise ValueError("dy and y must have q's shape")
     dev = q.device
     interp = _interpreting()
     BM, BN, warps, stages = _config("bwd", D, interp)
     has_lut = lut is not None and lut > 0
+    has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
     if dy.dtype != q.dtype:
         dy = dy.to(q.dtype)
     y = y.contiguous()
     stats = stats.contiguous()
 
-    qq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+    qq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    delta = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
     blk = 32
     inv = torch.empty(5, dtype=torch.float32, device=dev)
-    _prep_bwd_kernel[(triton.cdiv(L, blk), H, B)](
+    _prep_bwd_kernel[(triton.cdiv(LQ, blk), H, B)](
         q, dy, y, qq, delta, inv, q_range, k_range, v_range, s_range, *q.stride(), *dy.stride(),
-        H, L,
+        H, LQ,
         LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
 
-    dqa = torch.zeros((B, H, L, D), dtype=torch.float32, device=dev)
+    dqa = torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
     dk = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
     _bwd_kernel[(triton.cdiv(L, BN), HKV, B)](
-        qq, q, k, v, dy, stats, delta, dqa, dk, dv, inv, k_range, v_range, s_range, seeds,
+        qq, q, k, v, dy, stats, delta, dqa, dk, dv, kpm, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
-        H, HKV, L, int(stream), int(batch_offset), int(head_offset), int(heads_global),
-        float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp, num_warps=warps,
-        num_stages=stages, **_OPTS)
+        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
+        num_warps=warps, num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
-    dq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
-    _dq_finish_kernel[(triton.cdiv(L, blk), H, B)](
-        dqa, q, dq, q_range, *q.stride(), H, L, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
+    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    _dq_finish_kernel[(triton.cdiv(LQ, blk), H, B)](
+        dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
     return dq, dk, dv

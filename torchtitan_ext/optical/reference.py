@@ -229,19 +229,23 @@ def optical_linear_forward(
     stream: int,
     index_map: IndexMap | None = None,
     quantize_output: bool = True,
+    noise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b, and the float32 accumulator (for ranges and masks).
 
     `quantize_output=False` returns the float32 accumulator as y (a partial sum under row-wise
-    tensor parallelism, to be reduced and then quantized by `quantize`).
+    tensor parallelism, to be reduced and then quantized by `quantize`). `noise=False` is the
+    read-out noise switch off (`q_noise: false`): Q_out rounds deterministically.
     """
     xq = quantize(x, x_range, levels).float()
     wq = quantize(weight, w_range, levels, lut=lut).float()
     acc = xq @ wq.t()
     if not quantize_output:
         return acc, acc
-    imap = index_map or IndexMap.whole(acc.shape)
-    u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
+    u = None
+    if noise:
+        imap = index_map or IndexMap.whole(acc.shape)
+        u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
     y = quantize(acc, out_range, levels, noise=u)
     if bias is not None:
         y = y + bias.float()
@@ -337,11 +341,13 @@ def optical_attention_forward(
     causal: bool = True,
     s_index_map: IndexMap | None = None,
     y_index_map: IndexMap | None = None,
+    noise: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Section 3 materialised. q: [B, H, L, D]; k, v: [B, Hkv, L, D] with H % Hkv == 0.
 
     Q_s and Q_y are two noisy quantizers, each with its own seed: `seeds` holds (seed_s, seed_y).
     S elements are keyed by their flat index in [B, H, L, L], Y elements by theirs in [B, H, L, D].
+    `noise=False` (`q_noise: false`) makes Q_s and Q_y deterministic (the seeds are then unused).
     Returns y (input dtype) and the float32 intermediates the backward and the ranges need;
     `s_obs` is the range of S over the unmasked (causal) positions, the only ones a fused kernel
     computes.
@@ -355,7 +361,8 @@ def optical_attention_forward(
     vq = _expand_kv(quantize(v, v_range, levels, lut=lut).float(), H)
     s_raw = qq @ kq.transpose(-1, -2)
     smap = s_index_map or IndexMap.whole(s_raw.shape)
-    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device))
+    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device)) \
+        if noise else None
     s = quantize(s_raw, s_range, levels, noise=u_s)
     logits = s * scale
     lk = k.shape[2]
@@ -366,7 +373,8 @@ def optical_attention_forward(
     pq = quantize(p, torch.tensor(P_RANGE, device=p.device), levels)
     y_raw = pq @ vq
     ymap = y_index_map or IndexMap.whole(y_raw.shape)
-    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device))
+    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device)) \
+        if noise else None
     y = quantize(y_raw, y_range, levels, noise=u_y)
     s_obs = observe_range(s_raw[mask.expand_as(s_raw)] if causal else s_raw)
     return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs}

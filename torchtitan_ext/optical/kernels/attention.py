@@ -87,8 +87,8 @@ from .quantizer import (
     philox_bits24_rows,
     philox_uniform,
     quantize,
+    quantize_level,
     quantize_with,
-    quantize_with_bits24,
     range_consts,
     range_inv_span,
     round_half_even,
@@ -184,9 +184,11 @@ def _prep_kv_kernel(
 def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                MASK: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                NOISE: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
-    index k (float32) and the valid-element mask (MASK tiles only)."""
+    index k (float32) and the valid-element mask (MASK tiles only). NOISE=False (`q_noise`
+    off): Q_s rounds deterministically and no Philox runs."""
     cols = start_n + offs_n
     kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
@@ -194,8 +196,11 @@ def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, 
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
-    s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+    if NOISE:
+        w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+    else:
+        w = 0.0
+    s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
     valid = _valid(offs_m, cols, L, CAUSAL, MASK)
     return s_raw, s_q, lvl, valid, cols
 
@@ -217,14 +222,15 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, code_base, W, lo, hi, offs_m, 
                row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, OBSERVE: tl.constexpr,
-               CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+               CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+               NOISE: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2."""
     rl = tl.arange(0, BM)
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
+            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP, NOISE)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -282,13 +288,13 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, vq_base, lo, hi, offs_m, 
                          row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
-                         RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                         RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
+            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP, NOISE)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
@@ -319,7 +325,8 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
               qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv, seed_s, seed_y,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-              USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+              USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+              NOISE: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...)."""
     pid_m = num_m - 1 - t // BH
@@ -365,11 +372,11 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, CODES, W, 0, n_full, offs_m, offs_n, offs_d, row_idx,
         L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, CODES, W, n_full, n_end, offs_m, offs_n, offs_d,
         row_idx, L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
 
     inv_l = 1.0 / l_i
     acc = tl.zeros([BM, D], tl.float32)
@@ -390,18 +397,21 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, vq_base, 0, n_full, offs_m, offs_n, offs_d, row_idx, L,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, False, P_MODE, RUNS4, INTERP, NOISE)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, vq_base, n_full, n_end, offs_m, offs_n, offs_d, row_idx,
             L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, True, P_MODE, RUNS4, INTERP, NOISE)
     if P_MODE < 2:
         y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
     else:
         y_raw = acc
 
-    u_y = philox_uniform(seed_y, stream, (bh_g * L + offs_m)[:, None] * D + offs_d[None, :])
-    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    if NOISE:
+        u_y = philox_uniform(seed_y, stream, (bh_g * L + offs_m)[:, None] * D + offs_d[None, :])
+    else:
+        u_y = 0.0
+    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, NOISE)
     row_lin = bh.to(tl.int64) * L + offs_m
     tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
     tl.store(LSE + row_lin, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -423,7 +433,7 @@ def _fwd_kernel(
     H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2."""
@@ -444,7 +454,7 @@ def _fwd_kernel(
                   H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
                   qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
                   seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, OBSERVE, P_MODE, USE_CODES, RUNS4,
-                  INTERP)
+                  INTERP, NOISE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +500,7 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr):
+               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
     accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled)."""
     DT: tl.constexpr = kq.dtype
@@ -508,9 +518,12 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN,
-                                        RUNS4))
-        s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+        if NOISE:
+            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + r64 * L, start_n, offs_n,
+                                            BN, RUNS4))
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -539,7 +552,7 @@ def _bwd_kernel(
     H, HKV, L, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
-    RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -585,12 +598,12 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, start_n, diag_end, row_idx0,
             L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True,
-            CLIPPED, RUNS4, INTERP)
+            CLIPPED, RUNS4, INTERP, NOISE)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, L, row_idx0,
             L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP)
+            CLIPPED, RUNS4, INTERP, NOISE)
 
     dk = dk * scale
     if CLIPPED:
@@ -762,9 +775,11 @@ def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_
 
 def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seeds, *, levels: int,
                       lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
-                      batch_global: int, head_offset: int, heads_global: int, observe: bool):
+                      batch_global: int, head_offset: int, heads_global: int, observe: bool,
+                      noise: bool = True):
     """q [B,H,L,D], k/v [B,Hkv,L,D] (any strides); *_range float32 [2] device tensors (lo > hi =
     uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host).
+    noise=False (`q_noise: false`): Q_s and Q_y round deterministically, no Philox runs.
 
     Returns (y [B,H,L,D] in q's dtype, stats float32 [B,H,L] = log2-domain log-sum-exp of the
     scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e - stats)), obs float32 [5,2]:
@@ -806,7 +821,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), OBSERVE=observe,
         P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
-        INTERP=interp,
+        INTERP=interp, NOISE=bool(noise),
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -824,9 +839,10 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
-                       heads_global, clipped: bool):
+                       heads_global, clipped: bool, noise: bool = True):
     """Straight-through (or `clipped`) gradients of `attention_forward`, as
-    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes."""
+    `reference.optical_attention_backward` defines them (`noise` as the forward's: S is
+    recomputed with the same rounding). Returns (dq, dk, dv), input dtypes."""
     B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
                              heads_global)
     if dy.shape != q.shape or y.shape != q.shape:
@@ -859,7 +875,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp, num_warps=warps,
+        CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp, NOISE=bool(noise),
+        num_warps=warps,
         num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 

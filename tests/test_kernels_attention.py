@@ -51,10 +51,11 @@ class Case:
 
     def __init__(self, device, *, B=1, H=2, HKV=1, L=32, D=64, dtype=torch.bfloat16, causal=True,
                  bo=1, ho=2, levels=LEVELS, lut=LUT, ranges=True, seed=0, shrink=0.9, Lq=None,
-                 q_start=None, kpm=None):
+                 q_start=None, kpm=None, noise=True):
         """L is the key length; Lq query rows (default L) at q_start (default L - Lq); kpm a
         bool [B, L] key padding mask or None."""
         g = torch.Generator(device="cpu").manual_seed(seed)
+        self.noise = noise  # q_noise: false -> Q_s, Q_y deterministic
         Lq = L if Lq is None else Lq
         self.q_start = L - Lq if q_start is None else q_start
         self.Lq = Lq
@@ -97,7 +98,7 @@ class Case:
             cpu(self.q), cpu(self.k), cpu(self.v), cpu(self.q_range), cpu(self.k_range),
             cpu(self.v_range), cpu(self.s_range), cpu(self.y_range), levels=self.levels,
             lut=self.lut, seeds=cpu(self.seeds), stream=STREAM, scale=self.scale,
-            causal=self.causal, s_index_map=smap, y_index_map=ymap,
+            causal=self.causal, s_index_map=smap, y_index_map=ymap, noise=self.noise,
             key_padding_mask=None if self.kpm is None else cpu(self.kpm), q_start=self.q_start)
         self.ref_on_device = not on_cpu
         return {k: v.to(self.q.device) for k, v in out.items()}
@@ -110,7 +111,7 @@ class Case:
     def kw(self):
         kw = dict(levels=self.levels, lut=self.lut, stream=STREAM, scale=self.scale,
                   causal=self.causal, batch_offset=self.bo, batch_global=self.Bg,
-                  head_offset=self.ho, heads_global=self.Hg)
+                  head_offset=self.ho, heads_global=self.Hg, noise=self.noise)
         if self.kpm is not None or self.q_start:  # the training call passes neither
             kw.update(key_padding_mask=self.kpm, q_start=self.q_start)
         return kw
@@ -301,6 +302,42 @@ def test_seeds_and_determinism(kernel_device):
     y3, s3, _ = case.forward()
     assert torch.equal(s1, s3)  # Q_s noise unchanged
     assert not torch.equal(y1, y3)  # Q_y noise changed
+
+
+@pytest.mark.parametrize("dtype, L, group, causal", [
+    (torch.bfloat16, 37, 2, True), (torch.float16, 50, 1, False), (torch.bfloat16, 1, 1, True)])
+def test_q_noise_off_matches_reference(kernel_device, dtype, L, group, causal):
+    # q_noise: false -- Q_s and Q_y round deterministically in forward and backward.
+    case = Case(kernel_device, H=2, HKV=2 // group, L=L, dtype=dtype, causal=causal, seed=40 + L,
+                noise=False)
+    run_full(case)
+
+
+def test_q_noise_off_is_det_and_seed_free(kernel_device):
+    # 4 levels: with noise on, Q_y is mostly noise; off, kernel and reference agree exactly,
+    # differ from the noisy result, and the seeds change nothing.
+    case = Case(kernel_device, H=2, HKV=1, L=36, levels=4, seed=41, noise=False)
+    ref, y, stats, grads = run_full(case)
+    assert (y.float() == ref["y"].float()).float().mean() > 0.99
+    case.seeds = case.seeds + 12345
+    y2, stats2, _ = case.forward()
+    assert torch.equal(y, y2) and torch.equal(stats, stats2)
+    assert torch.equal(grads[0], case.backward(y2, stats2, False)[0])
+    case.noise = True
+    y_noisy, _, _ = case.forward()
+    assert (y_noisy.float() != y.float()).float().mean() > 0.2
+    # the reference's noise-off forward is the det computation of section 3, step by step
+    cpu = lambda t: t.detach().cpu()
+    q, k, v = cpu(case.q), cpu(case.k), cpu(case.v)
+    s = R.quantize(R.quantize(q, cpu(case.q_range), 4).float()
+                   @ R.quantize(k, cpu(case.k_range), 4, lut=LUT).float().transpose(-1, -2),
+                   cpu(case.s_range), 4)
+    mask = R._causal_mask(case.L, case.L, "cpu")
+    p = torch.softmax((s * case.scale).masked_fill(~mask, float("-inf")), -1)
+    pq = R.quantize(p, torch.tensor(R.P_RANGE), 4)
+    y_det = R.quantize(pq @ R.quantize(v, cpu(case.v_range), 4, lut=LUT).float(),
+                       cpu(case.y_range), 4).to(q.dtype)
+    assert torch.equal(ref["y"].cpu(), y_det)
 
 
 def test_observe_off(kernel_device):

@@ -136,6 +136,29 @@ def test_attention_module_matches_reference_and_gqa():
     assert torch.equal(y, fwd["y"])
 
 
+def test_q_noise_off_modules_round_deterministically():
+    # q_noise: false reaches the ops: outputs equal the det reference whatever the drawn seeds.
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=4, q_noise=False))
+    lin.eval()
+    y = lin(x)
+    assert torch.equal(y, lin(x))  # a second forward draws other seeds
+    xr, wr, outr = lin.optical_ranges
+    acc = R.quantize(x, xr, 4).float() @ R.quantize(lin.weight, wr, 4, lut=0.02004).float().t()
+    assert torch.equal(y, R.quantize(acc, outr, 4) + lin.bias)
+    torch.manual_seed(4)
+    att = OpticalAttention(QuantizerConfig(q_levels=4, q_noise=False))
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    att(q, k, v)
+    update_ranges(att)
+    att.eval()
+    y = att(q, k, v)
+    r = att.optical_ranges
+    fwd = R.optical_attention_forward(q, k, v, r[0], r[1], r[2], r[3], r[4], levels=4,
+                                      lut=0.02004, seeds=(1, 2), stream=0, noise=False)
+    assert torch.equal(y, fwd["y"]) and torch.equal(y, att(q, k, v))
+    assert "no noise" in repr(att)
+
+
 def test_module_forward_compiles_without_graph_breaks():
     torch._dynamo.reset()
     lin, x = calibrated_linear()

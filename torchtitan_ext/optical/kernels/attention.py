@@ -88,8 +88,8 @@ from .quantizer import (
     philox_bits24_rows,
     philox_uniform,
     quantize,
+    quantize_level,
     quantize_with,
-    quantize_with_bits24,
     range_consts,
     range_inv_span,
     round_half_even,
@@ -186,10 +186,11 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
-                INTERP: tl.constexpr):
+                INTERP: tl.constexpr, NOISE: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
     index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
-    absolute positions (q_start + r), `L` the key length."""
+    absolute positions (q_start + r), `L` the key length. NOISE=False (`q_noise` off): Q_s
+    rounds deterministically and no Philox runs."""
     cols = start_n + offs_n
     kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
@@ -197,8 +198,11 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
-    s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+    if NOISE:
+        w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+    else:
+        w = 0.0
+    s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
@@ -227,7 +231,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr):
+               INTERP: tl.constexpr, NOISE: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
     have seen no visible key yet (max -inf); it keeps l = 0 instead of a NaN."""
@@ -235,7 +239,8 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -299,13 +304,15 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
                          scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                         NOISE: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
@@ -338,7 +345,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-              INTERP: tl.constexpr):
+              INTERP: tl.constexpr, NOISE: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...). Row r is
     absolute position q_start + r of the full attention over LK keys (its noise indices too)."""
@@ -389,11 +396,11 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
         row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
         offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
 
     if HAS_KPM:
         alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
@@ -404,14 +411,17 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
                      inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
-                     RUNS4, INTERP)
+                     RUNS4, INTERP, NOISE)
     if P_MODE < 2:
         y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
     else:
         y_raw = acc
 
-    u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
-    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    if NOISE:
+        u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+    else:
+        u_y = 0.0
+    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, NOISE)
     y_ok = row_ok
     if HAS_KPM:
         l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
@@ -441,7 +451,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
                scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr):
+               INTERP: tl.constexpr, NOISE: tl.constexpr):
     """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
     codes when kept, else regenerating S."""
     acc = tl.zeros([BM, D], tl.float32)
@@ -464,11 +474,11 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
     return acc
 
 
@@ -479,7 +489,7 @@ def _fwd_kernel(
     H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2.
@@ -501,7 +511,7 @@ def _fwd_kernel(
                   H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
                   inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
                   seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE, USE_CODES,
-                  RUNS4, INTERP)
+                  RUNS4, INTERP, NOISE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +557,7 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr):
+               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
     accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled).
     `col_ok`: keys in bounds and visible (hidden keys get P = 0 in every tile); query row r is
@@ -568,9 +578,12 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK, start_n,
-                                        offs_n, BN, RUNS4))
-        s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+        if NOISE:
+            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
+                                            start_n, offs_n, BN, RUNS4))
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -599,7 +612,7 @@ def _bwd_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
 ):
     """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
     keys over every query row of its GQA group, dQ by atomics. L is the key length, LQ the
@@ -647,12 +660,12 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
             row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-            CAUSAL, True, CLIPPED, RUNS4, INTERP)
+            CAUSAL, True, CLIPPED, RUNS4, INTERP, NOISE)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
             LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP)
+            CLIPPED, RUNS4, INTERP, NOISE)
 
     dk = dk * scale
     if CLIPPED:
@@ -864,12 +877,14 @@ def _key_mask_arg(key_padding_mask, dev):
 def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seeds, *, levels: int,
                       lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
                       batch_global: int, head_offset: int, heads_global: int, observe: bool,
-                      key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+                      noise: bool = True, key_padding_mask: torch.Tensor | None = None,
+                      q_start: int = 0):
     """q [B,H,Lq,D], k/v [B,Hkv,Lk,D] (any strides); *_range float32 [2] device tensors (lo > hi =
     uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host);
     key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
-    [.., Lk, Lk] / [.., Lk, D] tensors.
+    [.., Lk, Lk] / [.., Lk, D] tensors. noise=False (`q_noise: false`): Q_s and Q_y round
+    deterministically, no Philox runs.
 
     Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =
     log2-domain log-sum-exp of the scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e
@@ -914,7 +929,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
         P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
-        INTERP=interp,
+        INTERP=interp, NOISE=bool(noise),
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -932,10 +947,11 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
-                       heads_global, clipped: bool, key_padding_mask: torch.Tensor | None = None,
-                       q_start: int = 0):
-    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask and q_start),
-    as `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
+                       heads_global, clipped: bool, noise: bool = True,
+                       key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask, q_start and
+    `noise`: S is recomputed with the same rounding), as
+    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
     hidden keys get dk = dv = 0, rows with no visible key dq = 0."""
     B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
                                  heads_global, key_padding_mask, q_start, causal)
@@ -971,7 +987,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
-        num_warps=warps, num_stages=stages, **_OPTS)
+        NOISE=bool(noise), num_warps=warps, num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)

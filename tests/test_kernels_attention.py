@@ -121,10 +121,10 @@ class Case:
                                    self.s_range, self.y_range, self.seeds, observe=observe,
                                    **self.kw())
 
-    def backward(self, y, stats, clipped):
+    def backward(self, y, stats, clipped, deterministic=None):
         return A.attention_backward(self.dy, self.q, self.k, self.v, y, stats, self.q_range,
                                     self.k_range, self.v_range, self.s_range, self.seeds,
-                                    clipped=clipped, **self.kw())
+                                    clipped=clipped, deterministic=deterministic, **self.kw())
 
     def y_level(self):
         lo, hi = self.y_range.tolist()
@@ -340,6 +340,50 @@ def test_q_noise_off_is_det_and_seed_free(kernel_device):
     assert torch.equal(ref["y"].cpu(), y_det)
 
 
+@pytest.mark.parametrize("L, H, HKV, causal, clipped, dtype, D, noise", [
+    (37, 4, 2, True, False, torch.bfloat16, 64, True),
+    (50, 2, 1, False, True, torch.float16, 128, True),
+    (1, 2, 2, True, False, torch.bfloat16, 32, True),
+    (33, 2, 1, True, True, torch.bfloat16, 64, False),
+])
+def test_deterministic_backward_matches_reference(kernel_device, L, H, HKV, causal, clipped,
+                                                  dtype, D, noise):
+    # The dQ pass without atomics (semantics 6b): the reference's gradients within the usual
+    # tolerances, dK and dV exactly those of the fast path, bit-identical from call to call.
+    case = Case(kernel_device, H=H, HKV=HKV, L=L, D=D, dtype=dtype, causal=causal,
+                seed=60 + L, shrink=0.7 if clipped else 0.9, noise=noise)
+    ref = case.reference()
+    y, stats, _ = case.forward()
+    grads = case.backward(y, stats, clipped, deterministic=True)
+    check_grads(grads, case.reference_backward(ref, clipped))
+    fast = case.backward(y, stats, clipped, deterministic=False)
+    assert torch.equal(grads[1], fast[1]) and torch.equal(grads[2], fast[2])
+    # the same terms summed in another order (a wrong S tile, e.g. other noise words, gives
+    # ~3e-3 here)
+    assert _relerr(grads[0].float(), fast[0].float()) < 1e-3
+    again = case.backward(y, stats, clipped, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+def test_deterministic_flag_is_read_at_call_time(kernel_device, monkeypatch):
+    # deterministic=None follows torch.are_deterministic_algorithms_enabled() at call time.
+    case = Case(kernel_device, H=2, HKV=1, L=24, seed=70)
+    y, stats, _ = case.forward()
+    calls = []
+    real = A._dq_deterministic
+    monkeypatch.setattr(A, "_dq_deterministic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case.backward(y, stats, False)
+    assert calls == []
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = case.backward(y, stats, False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert calls == [1]
+    assert torch.equal(det[0], case.backward(y, stats, False, deterministic=True)[0])
+
+
 def test_observe_off(kernel_device):
     case = Case(kernel_device, H=2, HKV=1, L=20, seed=13)
     y, _, obs = case.forward(observe=False)
@@ -464,6 +508,25 @@ def test_chunked_prefill_padded_noise_bits(kernel_device):
     assert (y.float() == ref["y"].float()).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("shape", ["left_pad", "decode", "chunk_pad", "chunk_non_causal"])
+def test_padding_and_cache_deterministic_dq(kernel_device, shape):
+    """The deterministic dQ pass (no atomics) with key mask and q_start: equals the reference
+    and the atomic path; dead rows get dq = 0."""
+    kpm = _pad_mask(2, 21, [4, 0], [0, 3])
+    kw = {"left_pad": dict(L=21, kpm=kpm), "decode": dict(L=21, Lq=1, kpm=kpm),
+          "chunk_pad": dict(L=21, Lq=5, q_start=13, kpm=kpm),
+          "chunk_non_causal": dict(L=21, Lq=6, q_start=2, kpm=kpm, causal=False)}[shape]
+    case = Case(kernel_device, B=2, H=4, HKV=2, seed=80, **kw)
+    ref = case.reference()
+    y, stats, _ = case.forward()
+    grads = case.backward(y, stats, False, deterministic=True)
+    check_grads(grads, case.reference_backward(ref, False))
+    check_padding(case, y, stats, grads)
+    fast = case.backward(y, stats, False, deterministic=False)
+    assert torch.equal(grads[1], fast[1]) and torch.equal(grads[2], fast[2])
+    assert _relerr(grads[0].float(), fast[0].float()) < 1e-2
+
+
 def test_training_path_unchanged_by_defaults(kernel_device):
     # explicit mask=None, q_start=0 is the training call, bit for bit
     case = Case(kernel_device, H=2, HKV=1, L=40, seed=71)
@@ -530,6 +593,29 @@ def test_gpu_recompute_bit_identical():
     # dK, dV are accumulated in registers: identical. dQ uses float32 atomics: order may vary.
     assert torch.equal(g1[1], g2[1]) and torch.equal(g1[2], g2[2])
     assert _relerr(g1[0].float(), g2[0].float()) < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("hkv, clipped", [(16, False), (4, True)])
+def test_gpu_deterministic_backward_bit_identical(hkv, clipped):
+    # Semantics 6b on the GPU: two backward calls of the deterministic path give the same bits
+    # (the fast path's dQ atomics need not), and match the reference within tolerance.
+    case = Case(torch.device("cuda"), B=2, H=16, HKV=hkv, L=2048, D=128, seed=25)
+    ref = case.reference()
+    y, s, _ = case.forward()
+    g1 = case.backward(y, s, clipped, deterministic=True)
+    torch.cuda.synchronize()
+    g2 = case.backward(y, s, clipped, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    check_grads(g1, case.reference_backward(ref, clipped))
+    fast = case.backward(y, s, clipped, deterministic=False)
+    assert torch.equal(g1[1], fast[1]) and torch.equal(g1[2], fast[2])
+    assert _relerr(g1[0].float(), fast[0].float()) < 1e-3
+    torch.cuda.set_sync_debug_mode("error")  # the deterministic path syncs no more than the fast
+    try:
+        case.backward(y, s, clipped, deterministic=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @gpu

@@ -30,7 +30,10 @@ Why the design looks like this
 * One S generation in the backward: a single FlashAttention-2 style kernel (one program per key
   block, looping over the query blocks of every query head of its GQA group) recomputes P, keeps
   dK, dV in registers and adds dQ into a float32 buffer with atomics, instead of the two-kernel form
-  (dK/dV, then dQ) that would generate S twice.
+  (dK/dV, then dQ) that would generate S twice. The atomics add in a run-dependent order, so
+  under `torch.use_deterministic_algorithms(True)` (read by `attention_backward` at call time)
+  that kernel skips dQ and `_bwd_dq_kernel` computes it instead: one program per query block
+  summing over key blocks in increasing order, S regenerated once more (semantics 6b).
 * All quantizer and Philox arithmetic is quantizer.py's (one copy for every kernel). The hot loops
   use its `philox_bits24` (Philox with 64-bit products, one IMAD.WIDE per mulhilo instead of
   IMAD.HI + IMAD: ~15% fewer hot-loop instructions, returning the 24-bit word) and
@@ -557,9 +560,11 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr):
+               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+               DQ: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
-    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled).
+    accumulate dV += P^T dY, dK += dS^T q (unscaled), and (DQ) dQ (atomically) += dS k
+    (unscaled); without DQ the deterministic dQ pass `_bwd_dq_kernel` computes dQ.
     `col_ok`: keys in bounds and visible (hidden keys get P = 0 in every tile); query row r is
     absolute position q_start + r (its causal limit and its S noise row)."""
     DT: tl.constexpr = kq.dtype
@@ -600,8 +605,10 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
             ds = tl.where(in_range(s_raw, slo, shi), ds, 0.0)
         ds_c = _to_dt(ds, DT, INTERP)
         dk += _dot(ds_c, q, INTERP)
-        dq = _dot(tl.trans(ds_c), k, INTERP)  # [BM, D]
-        tl.atomic_add(DQA_h + r64[:, None] * D + offs_d[None, :], dq, mask=m2, sem="relaxed")
+        if DQ:
+            dq = _dot(tl.trans(ds_c), k, INTERP)  # [BM, D]
+            tl.atomic_add(DQA_h + r64[:, None] * D + offs_d[None, :], dq, mask=m2,
+                          sem="relaxed")
     return dk, dv
 
 
@@ -613,6 +620,7 @@ def _bwd_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+    DQ: tl.constexpr,
 ):
     """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
     keys over every query row of its GQA group, dQ by atomics. L is the key length, LQ the
@@ -660,12 +668,12 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
             row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-            CAUSAL, True, CLIPPED, RUNS4, INTERP, NOISE)
+            CAUSAL, True, CLIPPED, RUNS4, INTERP, NOISE, DQ)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
             LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP, NOISE)
+            CLIPPED, RUNS4, INTERP, NOISE, DQ)
 
     dk = dk * scale
     if CLIPPED:
@@ -720,6 +728,105 @@ def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
              mask=m2)
 
 
+# Deterministic dQ (semantics 6b): with `torch.use_deterministic_algorithms(True)` the dQ atomics
+# above (whose float additions land in a run-dependent order) are replaced by one program per
+# query block that sums over the key blocks itself, in increasing order. It regenerates every S
+# tile once more (the forward's `_fwd_s_tile`, same Philox words): the price of bitwise
+# reproducibility, measured by bench/attention.py --deterministic.
+@triton.jit
+def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, lo, hi,
+              offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
+              scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+              CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+              CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+              NOISE: tl.constexpr):
+    """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
+    `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`)."""
+    DT: tl.constexpr = kq_base.dtype.element_ty
+    for start_n in range(lo, hi, BN):
+        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+            qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
+        # rows past Lq and rows with no visible key have lse = +inf, hence P = 0
+        p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[:, None]))
+        c64 = cols.to(tl.int64)[:, None]
+        if MASK:
+            p = tl.where(valid, p, 0.0)  # also zero on padded keys: no inf * 0 below
+            k = tl.load(K_h + c64 * skl + offs_d[None, :] * skd, mask=(cols < L)[:, None],
+                        other=0.0)
+            v = tl.load(V_h + c64 * svl + offs_d[None, :] * svd, mask=(cols < L)[:, None],
+                        other=0.0)
+        else:
+            k = tl.load(K_h + c64 * skl + offs_d[None, :] * skd)
+            v = tl.load(V_h + c64 * svl + offs_d[None, :] * svd)
+        ds = p * (_dot(dy, tl.trans(v), INTERP) - delta[:, None])
+        if CLIPPED:
+            ds = tl.where(in_range(s_raw, slo, shi), ds, 0.0)
+        dq += _dot(_to_dt(ds, DT, INTERP), k, INTERP)
+    return dq
+
+
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "q_start"])
+def _bwd_dq_kernel(
+    QQ, KQ, Q, K, V, DY, LSE, DELTA, DQ, KPM, INV, q_rng, s_rng_ptr, seeds,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1,
+    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS4: tl.constexpr,
+    INTERP: tl.constexpr, NOISE: tl.constexpr,
+):
+    """dq of query rows [pid * BM, pid * BM + BM) of one (batch, head), scaled, clipped, cast.
+    L is the key length; row r is absolute position q_start + r; KPM uint8 [B, L] (HAS_KPM)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start_m = tl.program_id(0) * BM
+    offs_m = start_m + tl.arange(0, BM)
+    pos = q_start + offs_m
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < LQ
+    r64 = offs_m.to(tl.int64)
+    row_lin = (b * H + h).to(tl.int64) * LQ + r64
+    qq = tl.load(QQ + row_lin[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    dy = tl.load(DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64[:, None] * sdl
+                 + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + row_lin, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_lin, mask=row_ok, other=0.0)
+    slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
+    seed_s = tl.load(seeds)
+    hk = h // (H // HKV)
+    row_idx = (((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L + pos) * L  # as the forward
+    kq_base = KQ + (b * HKV + hk).to(tl.int64) * L * D
+    kvis_base = KPM + b.to(tl.int64) * L
+    K_h = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V_h = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    if CAUSAL:  # the forward's split: unmasked tiles end at a BN multiple below the diagonal
+        n_full = ((q_start + start_m) // BN) * BN
+        n_end = tl.minimum(q_start + start_m + BM, L)
+    else:
+        n_full = (L // BN) * BN
+        n_end = L
+    if HAS_KPM:
+        n_full = 0
+    dq = tl.zeros([BM, D], tl.float32)
+    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
+                   n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
+                   s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
+                   RUNS4, INTERP, NOISE)
+    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
+                   n_full, n_end, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi,
+                   s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
+                   CLIPPED, RUNS4, INTERP, NOISE)
+    dq = dq * scale
+    if CLIPPED:
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64[:, None] * sql
+                    + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        dq = tl.where(in_range(q, tl.load(q_rng), tl.load(q_rng + 1)), dq, 0.0)
+    tl.store(DQ + row_lin[:, None] * D + offs_d[None, :], cast_rne(dq, DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------
@@ -750,15 +857,19 @@ _DECODE_MAX_LQ = 16
 _INTERP_FWD_CFG = (32, 16, 4, 1)
 _INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
-_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None}
+# The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
+# the forward's table (not swept on its own yet).
+_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None, "dq": None}
 
 
 @contextlib.contextmanager
 def override_configs(fwd: tuple[int, int, int, int] | None = None,
-                     bwd: tuple[int, int, int, int] | None = None):
-    """Temporarily force (BM, BN, num_warps, num_stages) of the forward/backward (tests, sweeps)."""
+                     bwd: tuple[int, int, int, int] | None = None,
+                     dq: tuple[int, int, int, int] | None = None):
+    """Temporarily force (BM, BN, num_warps, num_stages) of the forward / backward / deterministic
+    dQ pass (tests, sweeps)."""
     old = dict(_OVERRIDE)
-    _OVERRIDE.update(fwd=fwd, bwd=bwd)
+    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq)
     try:
         yield
     finally:
@@ -772,14 +883,14 @@ def _interpreting() -> bool:
 def _config(kind: str, D: int, interp: bool, lq: int | None = None) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages); the forward of at most _DECODE_MAX_LQ query rows (`lq`)
     takes the small-row decode table."""
-    decode = kind == "fwd" and lq is not None and lq <= _DECODE_MAX_LQ
+    decode = kind != "bwd" and lq is not None and lq <= _DECODE_MAX_LQ
     if _OVERRIDE[kind] is not None:
         cfg = _OVERRIDE[kind]
     elif interp:
         cfg = _INTERP_BWD_CFG if kind == "bwd" else (
             _INTERP_DECODE_FWD_CFG if decode else _INTERP_FWD_CFG)
     else:
-        cfg = (_DECODE_FWD_CFG if decode else _FWD_CFG if kind == "fwd" else _BWD_CFG)[D]
+        cfg = (_BWD_CFG if kind == "bwd" else _DECODE_FWD_CFG if decode else _FWD_CFG)[D]
     bm, bn = cfg[0], cfg[1]
     if kind == "bwd" and bn % bm:
         raise ValueError(f"backward config needs BN % BM == 0, got {cfg}")
@@ -948,11 +1059,16 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
                        heads_global, clipped: bool, noise: bool = True,
+                       deterministic: bool | None = None,
                        key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
     """Straight-through (or `clipped`) gradients of `attention_forward` (same mask, q_start and
     `noise`: S is recomputed with the same rounding), as
     `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
-    hidden keys get dk = dv = 0, rows with no visible key dq = 0."""
+    hidden keys get dk = dv = 0, rows with no visible key dq = 0.
+
+    deterministic: None (default) follows `torch.are_deterministic_algorithms_enabled()` at call
+    time; True computes dq without atomics (`_bwd_dq_kernel`: bitwise reproducible, slower),
+    False with the dQ atomics of the fast path. dk and dv never use atomics."""
     B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
                                  heads_global, key_padding_mask, q_start, causal)
     if dy.shape != q.shape or y.shape != q.shape:
@@ -976,9 +1092,11 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         H, LQ,
         LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
 
-    dqa = torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
+    if deterministic is None:  # a host-side flag, not a tensor value: no synchronisation
+        deterministic = torch.are_deterministic_algorithms_enabled()
     dk = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    dqa = dk if deterministic else torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
     _bwd_kernel[(triton.cdiv(L, BN), HKV, B)](
         qq, q, k, v, dy, stats, delta, dqa, dk, dv, kpm, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
@@ -987,7 +1105,14 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
-        NOISE=bool(noise), num_warps=warps, num_stages=stages, **_OPTS)
+        NOISE=bool(noise), DQ=not deterministic, num_warps=warps, num_stages=stages, **_OPTS)
+    if deterministic:
+        dq = _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range,
+                               s_range, seeds, kpm, levels=levels, lut=lut, stream=stream,
+                               scale=scale, causal=causal, batch_offset=batch_offset,
+                               head_offset=head_offset, heads_global=heads_global,
+                               clipped=clipped, noise=noise, has_kpm=has_kpm, q_start=q_start)
+        return dq, dk, dv
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
@@ -995,3 +1120,38 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
     return dq, dk, dv
+
+
+def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range, s_range,
+                      seeds, kpm, *, levels, lut, stream, scale, causal, batch_offset, head_offset,
+                      heads_global, clipped, noise, has_kpm, q_start):
+    """dq by `_bwd_dq_kernel` (no atomics): Q_k(k) into a temporary by the forward's pre-pass
+    (its Q_v(v) output is unused), then one program per query block. `qq`, `delta`, `inv` are
+    the backward pre-pass's outputs."""
+    B, H, LQ, D = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    dev = q.device
+    interp = _interpreting()
+    BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None)
+    has_lut = lut is not None and lut > 0
+    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
+    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    scratch = torch.empty((1, 4), dtype=torch.float32, device=dev)
+    inv_kv = torch.empty(5, dtype=torch.float32, device=dev)
+    blk = 32
+    _prep_kv_kernel[(triton.cdiv(L, blk), HKV, B)](
+        k, v, kq, vq, scratch, inv_kv, q_range, k_range, v_range, s_range, s_range,
+        *k.stride(), *v.stride(), HKV, L, float(lut) if has_lut else 0.0,
+        LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=False, num_warps=4, **_OPTS)
+    del vq
+    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    _bwd_dq_kernel[(triton.cdiv(LQ, BM), H, B)](
+        qq, kq, q, k, v, dy, stats, delta, dq, kpm, inv, q_range, s_range, seeds,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
+        H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        CLIPPED=bool(clipped),
+        RUNS4=L % 4 == 0, INTERP=interp, NOISE=bool(noise), num_warps=warps,
+        num_stages=stages, **_OPTS)
+    return dq

@@ -527,6 +527,30 @@ def test_padding_and_cache_deterministic_dq(kernel_device, shape):
     assert _relerr(grads[0].float(), fast[0].float()) < 1e-2
 
 
+def _step(case, t0, t1):
+    """The kernel on query rows [t0, t1) over keys [0, t1) (a cached step at q_start = t0)."""
+    kw = case.kw()
+    kw.update(q_start=t0, key_padding_mask=None if case.kpm is None else case.kpm[:, :t1])
+    return A.attention_forward(case.q[:, :, t0:t1], case.k[:, :, :t1], case.v[:, :, :t1],
+                               case.q_range, case.k_range, case.v_range, case.s_range,
+                               case.y_range, case.seeds, observe=False, **kw)
+
+
+def test_kernel_cached_decoding_equals_full_forward_noise_off(kernel_device):
+    """Prefix, a chunk and single decode steps (q_start = t) reproduce the full forward's rows
+    with the read-out noise off (up to accumulation order: one Q_y level at most)."""
+    kpm = _pad_mask(2, 23, [5, 0], [0, 0])
+    case = Case(kernel_device, B=2, H=4, HKV=2, L=23, seed=90, kpm=kpm, noise=False)
+    y_full, s_full, _ = case.forward(observe=False)
+    parts = [_step(case, 0, 8), _step(case, 8, 13)] + [_step(case, t, t + 1) for t in range(13, 23)]
+    y = torch.cat([p[0] for p in parts], 2)
+    stats = torch.cat([p[1] for p in parts], 2)
+    check_y(case, y, y_full)
+    assert torch.equal(torch.isinf(stats), torch.isinf(s_full))
+    fin = torch.isfinite(s_full)
+    assert (stats[fin] - s_full[fin]).abs().max() < 1e-3
+
+
 def test_training_path_unchanged_by_defaults(kernel_device):
     # explicit mask=None, q_start=0 is the training call, bit for bit
     case = Case(kernel_device, H=2, HKV=1, L=40, seed=71)
@@ -579,6 +603,74 @@ def test_gpu_realistic_clipped_d64_fp16():
     case = Case(torch.device("cuda"), B=2, H=16, HKV=8, L=1000, D=64, dtype=torch.float16,
                 seed=22)
     run_full(case, clipped=True)
+
+
+def _random_left_padding(B, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randint(0, L // 2, (B,), generator=g).tolist()
+    left[0] = 0  # one full sequence
+    return _pad_mask(B, L, left, [0] * B)
+
+
+@gpu
+@pytest.mark.parametrize("hkv", [8, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_key_padding_realistic(hkv, dtype):
+    kpm = _random_left_padding(4, 1024, 31)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=hkv, L=1024, D=64, dtype=dtype, seed=31,
+                kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+    det = case.backward(y, stats, False, deterministic=True)
+    check_grads(det, case.reference_backward(ref, False))
+
+
+@gpu
+@pytest.mark.parametrize("L", [1023, 1024, 4096])
+def test_gpu_decode_realistic(L):
+    kpm = _random_left_padding(4, L, 32)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=2, L=L, Lq=1, D=128, seed=32, kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@gpu
+def test_gpu_chunked_prefill_realistic():
+    kpm = _pad_mask(4, 1000, [0, 17, 300, 999], [0, 0, 0, 0])
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=4, L=1000, Lq=100, q_start=900, D=64,
+                dtype=torch.float16, seed=33, kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@gpu
+def test_gpu_cached_decoding_equals_full_forward_noise_off():
+    kpm = _random_left_padding(4, 1024, 34)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=2, L=1024, D=64, seed=34, kpm=kpm,
+                noise=False)
+    y_full, _, _ = case.forward(observe=False)
+    parts = [_step(case, 0, 1000)] + [_step(case, t, t + 1) for t in range(1000, 1024)]
+    check_y(case, torch.cat([p[0] for p in parts], 2), y_full)
+
+
+@gpu
+def test_gpu_padding_and_decode_no_host_sync():
+    kpm = _random_left_padding(2, 2048, 35)
+    case = Case(torch.device("cuda"), B=2, H=16, HKV=4, L=2048, Lq=1, D=128, seed=35, kpm=kpm)
+    full = Case(torch.device("cuda"), B=2, H=16, HKV=4, L=2048, D=128, seed=35, kpm=kpm)
+    for c in (case, full):  # compile outside the checked region
+        y, s, _ = c.forward()
+        c.backward(y, s, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in (case, full):
+            y, s, _ = c.forward(observe=True)
+            dq, dk, dv = c.backward(y, s, True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dq.float()).all()
 
 
 @gpu

@@ -63,6 +63,13 @@ Why the design looks like this
 * Range observation is fused: each program writes the (min, max) of what it saw (q rows, unmasked S
   before Q_s, y_raw before Q_y; k/v in the pre-pass) to a small partial buffer that device
   reductions fold; no host synchronisation anywhere.
+* Padding and cached decoding: a key padding mask (bool [B, Lk], read as bytes) is a HAS_KPM
+  constexpr, so the maskless training path compiles as before; with it, the forward and the
+  deterministic dQ pass treat every key tile as a masked tile (one [BN] visibility vector per
+  tile), the dK/dV kernel folds visibility into its per-key-block column mask. Rows with no
+  visible key output 0 and store lse = +inf (P = 0 in the backward). `q_start` (runtime int)
+  places query row r at absolute position q_start + r over Lk >= Lq keys: causal limit and noise
+  indices are those of row q_start + r of the full attention at key length Lk.
 * Rows and keys past L are masked; padded keys in the backward get P = 0 so that no inf * 0 can
   reach dQ. Tile configurations are a small table per head dim (chosen by bench/attention.py
   --sweep on an H200), no autotuning: one compile per shape family, no stalls in a trainer.

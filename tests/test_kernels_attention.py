@@ -435,8 +435,8 @@ def test_errors(kernel_device):
 # --------------------------------------------------------------------------------------------
 # key padding mask and cached decoding (issue 15)
 # --------------------------------------------------------------------------------------------
-def _pad_mask(B, L, left, right, seed=0):
-    """bool [B, L]: sequence b has left[b] pad keys in front and right[b] behind (True = visible)."""
+def _pad_mask(B, L, left, right):
+    """bool [B, L]: sequence b has left[b] pad keys in front, right[b] behind (True = visible)."""
     j = torch.arange(L)[None, :]
     lt = torch.tensor(left)[:, None]
     rt = torch.tensor(right)[:, None]

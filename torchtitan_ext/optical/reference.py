@@ -475,8 +475,9 @@ def optical_attention_backward(
     v and the forward's probabilities P; the softmax delta D_i = sum_j P_ij dP_ij is taken as
     dY_i . Y_i with the forward output Y, as FlashAttention does (it differs from the exact sum by
     the Q_y and Q_p rounding only). Hidden keys have P = 0 in `fwd["p"]`, so they get zero dk, dv
-    and add nothing to dq; a row with no visible key (P = 0, Y = 0) gets zero gradients. `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s
-    clamped; Q_p and Q_y stay straight-through.
+    and add nothing to dq; a row with no visible key (P = 0, Y = 0) gets zero gradients.
+    `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s clamped; Q_p and Q_y stay
+    straight-through.
     """
     B, H, L, D = q.shape
     scale = D ** -0.5 if scale is None else scale

@@ -838,7 +838,8 @@ def _bwd_dq_kernel(
 # Configurations
 # --------------------------------------------------------------------------------------------
 # (BM, BN, num_warps, num_stages) per head dim. Forward: BM query rows per program, BN keys per
-# tile (any pair works; BM % BN == 0 keeps the unmasked/diagonal split exact). Backward: BN keys per program, BM queries per tile (BN % BM == 0).
+# tile (any pair works; BM % BN == 0 keeps the unmasked/diagonal split exact). Backward: BN
+# keys per program, BM queries per tile (BN % BM == 0).
 # The per-element Philox and quantizer work (~75 instructions per S element and pass) lives in
 # registers next to the accumulators; these shapes keep the hot loops free of spills on sm_90
 # (checked in the SASS: no local loads/stores inside the loops). bench/attention.py --sweep times

@@ -205,12 +205,12 @@ def _grid_pairs(rows, cols, tile_r, tile_c):
     return out
 
 
-def _kernel_errors(y_of_seed, x, n_seeds, index, tiles):
-    """Run `y_of_seed(seed tensor)` for n_seeds seeds; errors, f and pairs for check_all."""
-    dev = x.device
+def _kernel_errors(y_of_seed, x, n_seeds, index, tiles, dev):
+    """Run `y_of_seed(seed tensor on dev)` for n_seeds seeds; x: the values Q quantizes (any
+    device). Errors, f and pairs for check_all."""
     ks = torch.stack([_levels(y_of_seed(torch.tensor(5000 + 7919 * s, device=dev)).cpu())
                       .reshape(-1) for s in range(n_seeds)])
-    e, f = level_errors(ks, _positions(x.cpu()).reshape(-1))  # x: the values Q quantizes
+    e, f = level_errors(ks, _positions(x.cpu()).reshape(-1))
     e, f, where = _select(e, f, torch.ones(f.shape, dtype=torch.bool))
     pairs = {**block_pairs(index.reshape(-1)), **_grid_pairs(*x.shape, *tiles)}
     return e, f, _remap(pairs, where)
@@ -239,7 +239,7 @@ def _linear_epilogue_stats(dev, rows, cols, dtype, n_seeds, tiles_of_cfg):
 
     gidx = (torch.arange(rows)[:, None] + 5 * rows) * cols + torch.arange(cols)[None, :]
     cfg = klinear._gemm_config(rows, cols, 1, dtype, torch.device(dev))
-    e, f, pairs = _kernel_errors(y_of, acc, n_seeds, gidx, tiles_of_cfg(cfg))
+    e, f, pairs = _kernel_errors(y_of, acc, n_seeds, gidx, tiles_of_cfg(cfg), dev)
     return check_all(e, f, pairs)
 
 
@@ -266,7 +266,7 @@ def test_quantize_tensor_noise_statistics_many_seeds(kernel_device):
 
     gidx = torch.arange(rows)[:, None] * (cols + 4) + 2 + torch.arange(cols)[None, :]
     tile = klinear._operand_tile(cols) if dev.type == "cpu" else (64, 32)  # _quantize_into's
-    e, f, pairs = _kernel_errors(y_of, x, 48, gidx, tile)
+    e, f, pairs = _kernel_errors(y_of, x, 48, gidx, tile, dev)
     check_all(e, f, pairs)
 
 

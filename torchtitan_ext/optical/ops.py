@@ -548,7 +548,8 @@ def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, l
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped, noise = inputs
+    (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped,
+     noise) = inputs
     y, stats, _ = output
     ctx.save_for_backward(q, k, v, y, stats, ranges, seeds)
     ctx.args = (levels, lut, stream, scale, causal, index)

@@ -89,7 +89,8 @@ def test_q_noise_key(tmp_path):
     assert cfg.match("a")[1].q_noise is False and cfg.match("b")[1].q_noise is True
     assert cfg.to_dict()["layer_name_to_config"]["a"]["q_noise"] is False
     with pytest.raises(OpticalConfigError, match=r"q_noise: must be true or false"):
-        load_transform_config(write(tmp_path, "layer_name_to_config:\n  x: {q_noise: yes please}\n"))
+        load_transform_config(
+            write(tmp_path, "layer_name_to_config:\n  x: {q_noise: yes please}\n"))
 
 
 def test_allowed_values_are_spelled_out(tmp_path):

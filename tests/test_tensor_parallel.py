@@ -110,7 +110,8 @@ def test_tensor_parallel_equals_single_device(noise):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, state, x, steps, q, cfg)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, state, x, steps, q, cfg))
+             for r in range(2)]
     for p in procs:
         p.start()
     outs, ranges = torch.load(io.BytesIO(q.get(timeout=300)))

@@ -42,6 +42,7 @@ __all__ = [
     "levels_to_bits",
     "load_hardware_profile",
     "estimate_energy",
+    "energy_markdown",
 ]
 
 # Exact by the definition of the SI (2019 redefinition, BIPM SI Brochure, 9th edition).
@@ -531,3 +532,30 @@ def _typical_photons(transform: TransformConfig | None, profile: HardwareProfile
         if n is not None:
             return float(n)
     return profile.photons_per_mac
+
+
+def energy_markdown(
+    model_args: Any,
+    transform: TransformConfig | None,
+    seq_len: int,
+    *,
+    profile: HardwareProfile | str | Path | None = None,
+    photons_per_mac: float | None = None,
+    naming: str = "titan",
+) -> str:
+    """The energy table for a model card: Markdown with a heading line and the table.
+
+    model_args: torchtitan Llama args (`dim`, `n_layers`, ..., `multiple_of`) or a transformers
+        LlamaConfig (`hidden_size`, ...); transform: the run's TransformConfig (None = digital),
+        named as `naming` says; profile: a HardwareProfile, a YAML path, or None (default profile).
+    """
+    if hasattr(model_args, "hidden_size"):
+        dims = ModelDims.from_hf_config(model_args, seq_len)
+    else:
+        dims = ModelDims.from_titan_args(model_args, seq_len)
+    if not isinstance(profile, HardwareProfile):
+        profile = load_hardware_profile(profile)
+    report = estimate_energy(dims, transform, profile, photons_per_mac, naming)
+    return "## Energy per token (estimate)\n\n" + report.to_markdown() + (
+        "\n\nModel, assumptions and sources: docs/energy.md of torchtitan-optical."
+    )

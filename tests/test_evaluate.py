@@ -47,7 +47,7 @@ def test_grid_of_levels_and_lut_with_seeds(checkpoint, tmp_path, capsys):
     # 4 levels is coarser than 256: the loss moves away from the digital model's
     digital = results[-1]["loss_mean"]
     assert abs(by[(4, None)]["loss_mean"] - digital) > abs(by[(256, None)]["loss_mean"] - digital)
-    # energy: fewer bits, no less optical energy; the digital point costs its baseline
+    # energy: the digital point costs its digital baseline; optical points report theirs
     assert results[-1]["energy_known_pj_per_token"] == pytest.approx(
         results[-1]["digital_baseline_pj_per_token"])
     saved = json.loads((out / "eval.json").read_text())
@@ -80,3 +80,21 @@ def test_errors_name_the_option(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(argv + ["--out", "/nonexistent/never"])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reports_plot_loss_vs_levels_and_photons(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = [
+        {"label": f"L={lv}, n={n}", "settings": {"q_levels": lv, "q_photons_per_mac": n},
+         "digital": False, "loss_mean": 3.0 + 1 / lv + 1 / n, "loss_std": 0.01, "perplexity": 20.0,
+         "energy_pj_per_token": None, "energy_known_pj_per_token": 5.0,
+         "digital_baseline_pj_per_token": 9.0}
+        for lv in (16, 256) for n in (1, 10)
+    ] + [{"label": "digital", "settings": {}, "digital": True, "loss_mean": 3.0, "loss_std": 0.0,
+          "perplexity": 20.0, "energy_pj_per_token": 9.0, "energy_known_pj_per_token": 9.0,
+          "digital_baseline_pj_per_token": 9.0}]
+    meta = {"source": "x", "tokens": 1, "sequences": 1, "seq_len": 1, "seeds": [0], "profile": "p"}
+    files = ev.write_reports(results, meta, tmp_path)
+    assert {f.name for f in files} == {"eval.json", "eval.md", "loss_vs_levels.png",
+                                       "loss_vs_photons.png"}
+    assert "| >= 5 |" in (tmp_path / "eval.md").read_text()

@@ -2,7 +2,6 @@
 
 import logging
 
-import pytest
 import torch
 
 

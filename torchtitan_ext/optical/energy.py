@@ -507,7 +507,7 @@ def estimate_energy(
         else:
             rows[key] = row
 
-    hd, kvd = dims.head_dim, dims.n_kv_heads * dims.head_dim
+    kvd = dims.n_kv_heads * dims.head_dim
     proj_shapes = ((dims.dim, dims.dim), (dims.dim, kvd), (dims.dim, kvd), (dims.dim, dims.dim))
     ffn_shapes = ((dims.dim, dims.ffn_dim), (dims.dim, dims.ffn_dim), (dims.ffn_dim, dims.dim))
     for i in range(dims.n_layers):

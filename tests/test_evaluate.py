@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
         model.init_weights()
     model.train()
     with torch.no_grad():
-        model(torch.randint(0, 8192, (2, 32)))  # uninitialised ranges observe and pass through
+        model(torch.randint(0, 8192, (1, 16)))  # uninitialised ranges observe and pass through
     update_ranges(model, reduce=False)
     path = tmp_path_factory.mktemp("ck") / "step-1"
     dcp.save(model.state_dict(), checkpoint_id=str(path))
@@ -36,8 +36,8 @@ def test_grid_of_levels_and_lut_with_seeds(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     results = ev.run([
         "--config", CONFIG, "--checkpoint", str(checkpoint), "--levels", "256,4",
-        "--lut", "0.02004,none", "--seeds", "0,1", "--digital", "--seq-len", "32",
-        "--sequences", "4", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+        "--lut", "0.02004,none", "--seeds", "0,1", "--digital", "--seq-len", "16",
+        "--sequences", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out),
     ])
     assert [r["label"] for r in results][-1] == "digital" and len(results) == 5
     optical = results[:4]

@@ -25,6 +25,7 @@ from torchtitan_ext.optical.ops import set_kernel_mode
 from torchtitan_ext.optical.ranges import assert_ranges_synced, reset_ranges, update_ranges
 from torchtitan_ext.optical.transform import format_histogram, transform_model
 
+from .energy import log_energy_table
 from .job_config import Optical, validate_optical
 
 __all__ = ["OpticalTransformerConverter", "CONVERTER_NAME", "transform_config_of"]
@@ -46,11 +47,16 @@ class OpticalTransformerConverter:
         self.config = transform_config_of(job_config)
         set_kernel_mode(self.optical.kernels)
         self.report = None
+        self._job_config = job_config
+        self._energy_logged = False
 
     def convert(self, model: nn.Module) -> None:
         self.report = transform_model(model, self.config)
         logger.info(format_histogram(self.report))
         _reset_ranges_after_init(model)
+        if not self._energy_logged:  # one table per run, rank 0; never fails the build
+            self._energy_logged = True
+            log_energy_table(self._job_config, self.config)
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         update_ranges(model, reduce=self.optical.sync_ranges)

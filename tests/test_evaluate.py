@@ -1,0 +1,100 @@
+"""python -m torchtitan_ext.evaluate on a random debug-model checkpoint: 2x2 grid x 2 seeds."""
+
+import json
+
+import pytest
+import torch
+
+from torchtitan_ext import evaluate as ev
+
+CONFIG = "train_configs/debug_model.toml"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A DCP checkpoint of the optical debug model with random weights and calibrated ranges."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_ext.hf.export import build_titan_model, load_job_config
+    from torchtitan_ext.optical.ranges import update_ranges
+
+    torch.manual_seed(0)
+    job = load_job_config(CONFIG)
+    model = build_titan_model(job, device="cpu")[0]
+    with torch.no_grad():
+        model.init_weights()
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 8192, (1, 16)))  # uninitialised ranges observe and pass through
+    update_ranges(model, reduce=False)
+    path = tmp_path_factory.mktemp("ck") / "step-1"
+    dcp.save(model.state_dict(), checkpoint_id=str(path))
+    return path
+
+
+def test_grid_of_levels_and_lut_with_seeds(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    results = ev.run([
+        "--config", CONFIG, "--checkpoint", str(checkpoint), "--levels", "256,4",
+        "--lut", "0.02004,none", "--seeds", "0,1", "--digital", "--seq-len", "16",
+        "--sequences", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+    ])
+    assert [r["label"] for r in results][-1] == "digital" and len(results) == 5
+    optical = results[:4]
+    assert all(len(r["losses"]) == 2 for r in optical) and len(results[-1]["losses"]) == 1
+    assert any(r["losses"][0] != r["losses"][1] for r in optical)  # the seeds draw other noise
+    by = {(r["settings"]["q_levels"], r["settings"]["q_lut_min"]): r for r in optical}
+    # 4 levels is coarser than 256: the loss moves away from the digital model's
+    digital = results[-1]["loss_mean"]
+    assert abs(by[(4, None)]["loss_mean"] - digital) > abs(by[(256, None)]["loss_mean"] - digital)
+    # energy: the digital point costs its digital baseline; optical points report theirs
+    assert results[-1]["energy_known_pj_per_token"] == pytest.approx(
+        results[-1]["digital_baseline_pj_per_token"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["meta"]["seeds"] == [0, 1] and len(saved["results"]) == 5
+    md = (out / "eval.md").read_text()
+    assert "| q_levels=4, q_lut_min=None |" in md and "digital" in md
+
+
+def test_grid_restores_the_trained_settings(checkpoint):
+    loaded = ev.load_model_for_eval(config=CONFIG, checkpoint=str(checkpoint), seq_len=16)
+    before = {n: m.config for n, m in ev._optical_modules(loaded.model).items()}
+    ranges = {n: m.optical_ranges.clone() for n, m in ev._optical_modules(loaded.model).items()}
+    assert all(torch.isfinite(r).all() for r in ranges.values())  # trained ranges loaded
+    tokens = torch.randint(0, 8192, (2, 17))
+    ev.evaluate_grid(loaded, ev.build_grid({"levels": "8"}), tokens, [0], progress=False)
+    after = ev._optical_modules(loaded.model)
+    assert {n: m.config for n, m in after.items()} == before
+    assert all(torch.equal(m.optical_ranges, ranges[n]) for n, m in after.items())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--q-noise", "true,false"], "--q-noise: the transform config of this tree has no key 'q_noise'"),
+    (["--photons", "1,10"], "no key 'q_photons_per_mac'"),
+    (["--levels", "1"], "q_levels: must be an integer with 2 <= q_levels"),
+    (["--set", "q_levels_p=256"], "--set q_levels_p: the transform config of this tree has no key"),
+    (["--set", "oops"], "--set: expected KEY=V1,V2"),
+    ([], "give either --hf-folder, or both --config and --checkpoint"),
+])
+def test_errors_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv + ["--out", "/nonexistent/never"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reports_plot_loss_vs_levels_and_photons(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = [
+        {"label": f"L={lv}, n={n}", "settings": {"q_levels": lv, "q_photons_per_mac": n},
+         "digital": False, "loss_mean": 3.0 + 1 / lv + 1 / n, "loss_std": 0.01, "perplexity": 20.0,
+         "energy_pj_per_token": None, "energy_known_pj_per_token": 5.0,
+         "digital_baseline_pj_per_token": 9.0}
+        for lv in (16, 256) for n in (1, 10)
+    ] + [{"label": "digital", "settings": {}, "digital": True, "loss_mean": 3.0, "loss_std": 0.0,
+          "perplexity": 20.0, "energy_pj_per_token": 9.0, "energy_known_pj_per_token": 9.0,
+          "digital_baseline_pj_per_token": 9.0}]
+    meta = {"source": "x", "tokens": 1, "sequences": 1, "seq_len": 1, "seeds": [0], "profile": "p"}
+    files = ev.write_reports(results, meta, tmp_path)
+    assert {f.name for f in files} == {"eval.json", "eval.md", "loss_vs_levels.png",
+                                       "loss_vs_photons.png"}
+    assert "| >= 5 |" in (tmp_path / "eval.md").read_text()

@@ -146,7 +146,8 @@ def tail_check(x: Inputs, rows: int = 64) -> dict:
     ref = R.optical_attention_forward(
         c(x.q[:1, :1, i0:]), c(x.k[:1, :1]), c(x.v[:1, :1]), c(x.q_range), c(x.k_range),
         c(x.v_range), c(x.s_range), c(x.y_range), levels=LEVELS, lut=LUT, seeds=c(x.seeds),
-        stream=STREAM, scale=x.scale, causal=True, s_index_map=smap, y_index_map=ymap)
+        stream=STREAM, scale=x.scale, causal=True, s_index_map=smap, y_index_map=ymap,
+        q_start=i0)
     level = (x.y_range[1] - x.y_range[0]).item() / (LEVELS - 1)
     d = (y[0, 0, i0:].float().cpu() - ref["y"][0, 0].float()).abs()
     return {"tail_check_mismatch_frac": (d > 0).float().mean().item(),

@@ -164,9 +164,21 @@ def trained(tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("bad_inputs") / "run"
     r = run_py(*CKPT, "--training.steps", "2", "--job.dump_folder", str(dump))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    for s in (1, 2):
-        assert (dump / "checkpoint" / f"step-{s}" / "optical_manifest.json").is_file()
     return dump
+
+
+@pytest.mark.slow
+def test_every_step_folder_records_its_transform_and_checksums(trained):
+    from torchtitan_ext.titan.checkpoint_integrity import read_recorded_transform, verify_step
+
+    for s in (1, 2):
+        step = trained / "checkpoint" / f"step-{s}"
+        assert (step / "optical_manifest.json").is_file()
+        assert verify_step(step) is None
+        record = read_recorded_transform(step)
+        assert len(record["modules"]) == 32
+        assert record["modules"]["layers.0.attention"]["kind"] == "attention"
+        assert record["modules"]["layers.0.attention.wq"]["q_levels"] == 256
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,13 @@ class ManifestWriter:
         try:
             if wait_for is not None:
                 wait_for.result()
-            write_manifest(step_dir)
+            begin = time.monotonic()
+            files = write_manifest(step_dir)["files"]
+            if self._log is not None:
+                size = sum(f["size"] for f in files.values())
+                self._log.info(f"checksum manifest of {step_dir.name}: {len(files)} files, "
+                               f"{size / 1e9:.2f} GB hashed in {time.monotonic() - begin:.2f} "
+                               "seconds (background)")
         except FileNotFoundError:
             pass  # purged by keep_latest_k while hashing: nothing to vouch for
         except Exception as e:  # a manifest is an aid; its failure must not stop training

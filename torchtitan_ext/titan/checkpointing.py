@@ -54,13 +54,14 @@ def _broadcast(obj: Any) -> Any:
 
 
 def install(checkpointer: CheckpointManager, record: dict[str, Any],
-            allow_transform_change: bool) -> None:
+            allow_transform_change: bool, manifest: bool = True) -> None:
     """Give the trainer's manager the optical checks: `record` is this run's resolved
-    transform (what a step folder must match)."""
+    transform (what a step folder must match); `manifest` False skips the checksum manifests
+    (for measuring their cost only)."""
     checkpointer.__class__ = OpticalCheckpointManager
     checkpointer._optical_record = record
     checkpointer._allow_transform_change = allow_transform_change
-    checkpointer._manifests = ManifestWriter(logger)
+    checkpointer._manifests = ManifestWriter(logger) if manifest else None
     checkpointer._missing_ranges = set()
 
 
@@ -82,7 +83,7 @@ class OpticalCheckpointManager(CheckpointManager):
             # Before DCP writes `.metadata` (its last file): a complete folder always has it.
             write_recorded_transform(step_dir, self._optical_record)
         super().save(curr_step, last_step)
-        if checks:
+        if checks and self._manifests is not None:
             # The last step's save is synchronous in torchtitan whatever the async mode.
             future = None if last_step else self.save_future
             self._manifests.submit(step_dir, wait_for=future)

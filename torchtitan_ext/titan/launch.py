@@ -144,7 +144,8 @@ def _install_checkpoint_checks(trainer) -> None:
     else:
         config, options = None, {}
     record = resolve_transform(trainer.model_parts, config, options)
-    install(trainer.checkpointer, record, optical.allow_transform_change)
+    install(trainer.checkpointer, record, optical.allow_transform_change,
+            manifest=optical.checkpoint_manifest)
 
 
 def build_trainer_class():

@@ -57,10 +57,12 @@ class CheckpointLoadError(OpticalConfigError):
     the message names the folder (exit code 2 from run.py, like a bad configuration)."""
 
 
-def _write_json_atomically(path: Path, data: Any) -> None:
+def _write_json_atomically(path: Path, data: Any, create_folder: bool = True) -> None:
     """Write JSON to a temporary sibling, fsync it, rename it over `path`: readers see the old
-    file, no file, or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    file, no file, or the complete new one. Without `create_folder` a missing folder raises
+    FileNotFoundError (a manifest must not resurrect a folder that keep_latest_k purged)."""
+    if create_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -120,7 +122,7 @@ def write_manifest(step_dir: str | os.PathLike) -> dict[str, Any]:
     files = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in _payload_files(step_dir)}
     manifest = {"format": 1, "algorithm": "sha256", "files": files}
-    _write_json_atomically(step_dir / MANIFEST_FILE, manifest)
+    _write_json_atomically(step_dir / MANIFEST_FILE, manifest, create_folder=False)
     return manifest
 
 

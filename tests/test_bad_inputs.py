@@ -139,12 +139,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_py(*args: str, torchrun: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`run.py` as one process: directly (torchrun's variables set by hand) or under torchrun."""
+def run_py(*args: str, torchrun: bool = False, nproc: int = 1,
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """`run.py` as one process, directly (torchrun's variables set by hand), or under torchrun
+    with `nproc` processes."""
     env = _env()
     port = str(_free_port())
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port", port, "run.py", *args]
     else:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -152,6 +154,19 @@ def run_py(*args: str, torchrun: bool = False, timeout: int = 300) -> subprocess
         cmd = [sys.executable, "run.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_line_comes_once_from_rank_0():
+    """Two workers reject the same bad input: rank 0 prints the line, torchrun's summary names
+    rank 0's exit code 2 as the root cause, and torchrun itself exits 1."""
+    r = run_py(*SMALL, "--model.converters", "optical_transfomer", torchrun=True, nproc=2)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-4000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error")]
+    assert errors == [errors[0]] and errors[0].startswith("error: model.converters"), errors
+    root = out.split("Root Cause")[-1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root, out[-3000:]
 
 
 CKPT = [*SMALL, "--checkpoint.enable", "--checkpoint.interval", "1",

@@ -169,3 +169,13 @@ def test_a_purged_folder_is_not_recreated_by_its_manifest(step, tmp_path):
     writer.submit(folder)
     writer.join()
     assert not folder.exists()
+
+
+def test_the_recorded_transform_rebuilds_its_config():
+    from torchtitan_ext.optical.config import transform_config_from_record
+
+    record = _record(16)
+    config = transform_config_from_record(json.loads(json.dumps(record)))
+    assert config.match("layers.1.attention.wk")[1].q_levels == 16
+    assert config.match("output") == ("default", None)
+    assert transform_config_from_record({"transform": None}) is None

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_TRANSFORM_CONFIG",
     "transform_diff",
     "format_transform_diff",
+    "transform_config_from_record",
 ]
 
 MAX_LEVELS = 1 << 22  # the kernels' round-half-even trick is exact up to 2^22 levels
@@ -341,6 +342,14 @@ def transform_diff(recorded: Mapping[str, Any],
         if rec_opt.get(key) != giv_opt.get(key):
             rows.append(("<options>", key, rec_opt.get(key), giv_opt.get(key)))
     return rows
+
+
+def transform_config_from_record(recorded: Mapping[str, Any],
+                                 source: str = "<checkpoint>") -> "TransformConfig | None":
+    """The `TransformConfig` a recorded transform was built from (its `transform` entry), or
+    None for a digital run's record. Validated as a transform file is."""
+    data = recorded.get("transform")
+    return None if data is None else TransformConfig.from_dict(data, source=source)
 
 
 def format_transform_diff(rows: list[tuple[str, str, Any, Any]], limit: int = 12) -> str:

@@ -330,6 +330,18 @@ def _exit_with_error(e: Exception) -> None:
     """One line (plus a diff, where there is one) on stderr, from rank 0 only (every rank
     reaches the same error), and exit code 2. Under torchrun the agent then prints its own
     failure summary and exits 1."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        # Every rank reaches the same error; rank 0 prints it. torchrun stops the other workers
+        # as soon as one exits, so the others wait: were one to exit first, rank 0 could be
+        # stopped before printing. Still alive after the wait, the error was this rank's alone.
+        import time
+
+        time.sleep(_QUIET_RANK_WAIT_S)
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+_QUIET_RANK_WAIT_S = 10.0

@@ -271,3 +271,25 @@ def test_run_case(name, damage, args, under_torchrun, code, words, trained, tmp_
     assert len(errors) == (0 if code == 0 else 1), errors
     # No traceback of the worker; under torchrun, the agent's own (ChildFailedError) only.
     assert out.count("Traceback (most recent call last)") == int(under_torchrun), out[-4000:]
+
+
+@pytest.mark.slow
+def test_allowed_change_initialises_range_buffers_the_checkpoint_lacks(tmp_path):
+    """A linear-only checkpoint resumed with attention made optical too: without the override
+    it stops with the diff; with it the four attention range buffers start fresh (torchtitan
+    alone fails in DCP with 'Missing key in checkpoint state_dict')."""
+    dump = tmp_path / "run"
+    (tmp_path / "linear_only.yaml").write_text(LINEAR_ONLY)
+    r = run_py(*CKPT, "--training.steps", "1", "--job.dump_folder", str(dump),
+               "--optical.transform_config", str(tmp_path / "linear_only.yaml"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    r = run_py(*CKPT, "--training.steps", "2", "--job.dump_folder", str(dump))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-4000:]
+    assert "layers.3.attention: optical: checkpoint 'digital', given 'optical'" in out
+    r = run_py(*CKPT, "--training.steps", "2", "--job.dump_folder", str(dump),
+               "--optical.allow_transform_change")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "(freshly initialised): 4 ['layers.0.attention.inner_attention.optical_ranges'" in out
+    assert "(dropped): 0 []" in out

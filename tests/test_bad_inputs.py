@@ -236,6 +236,8 @@ RUN_CASES = [
     ("newest step truncated: falls back", _damage_newest, [], False, 0,
      ["skipped newer step folder(s)", "step-2: truncated file __0_0.distcp",
       "Loading the checkpoint from {dump}/checkpoint/step-1."]),
+    ("named step damaged: no fallback", _damage_newest, ["--checkpoint.load_step", "2"], False,
+     2, ["error: checkpoint.load_step 2: {dump}/checkpoint/step-2: truncated file __0_0.distcp"]),
     ("every step damaged", _damage_all, [], False, 2,
      ["error: checkpoint folder {dump}/checkpoint: no step folder can be loaded",
       "step-2: checksum mismatch in __0_0.distcp", "step-1: damaged .metadata"]),

@@ -19,6 +19,11 @@
   last checkpoint holds only finite values, loads, and replays the same stop when resumed (the
   step-N outcome is a function of the step-(N-1) state alone, and torchtitan restores the
   optimizer's lr and the scheduler from the checkpoint, so `--optimizer.lr` is ignored on resume).
+- Kill during a save, then damage: one worker under `torchrun --max-restarts 1` is SIGKILLed
+  while `step-6` is being written, and `step-4`'s data file is truncated by hand before the
+  agent restarts it (the agent is SIGSTOPped meanwhile). The restarted worker verifies the step
+  folders (checkpoint_integrity.verify_step), logs one warning naming step-6 (no .metadata)
+  and step-4 (truncated), loads step-2, and logs the losses of an uninterrupted run.
 
 Helpers for background torchrun launches (`Job`, `free_port`) and the clean-up of stray processes
 are shared with tests/test_reshard_multinode.py.

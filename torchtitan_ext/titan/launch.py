@@ -144,6 +144,9 @@ def _install_checkpoint_checks(trainer) -> None:
     else:
         config, options = None, {}
     record = resolve_transform(trainer.model_parts, config, options)
+    # Recorded for the reader, not compared: the kernels and the reference compute the same
+    # values, so a GPU checkpoint may continue on the CPU.
+    record["info"] = {"kernels": optical.kernels, "flavor": job.model.flavor}
     install(trainer.checkpointer, record, optical.allow_transform_change,
             manifest=optical.checkpoint_manifest)
 

@@ -50,11 +50,18 @@ class Case:
     seeds and index maps of one attention call; runs the reference and the kernels."""
 
     def __init__(self, device, *, B=1, H=2, HKV=1, L=32, D=64, dtype=torch.bfloat16, causal=True,
-                 bo=1, ho=2, levels=LEVELS, lut=LUT, ranges=True, seed=0, shrink=0.9):
+                 bo=1, ho=2, levels=LEVELS, lut=LUT, ranges=True, seed=0, shrink=0.9, Lq=None,
+                 q_start=None, kpm=None):
+        """L is the key length; Lq query rows (default L) at q_start (default L - Lq); kpm a
+        bool [B, L] key padding mask or None."""
         g = torch.Generator(device="cpu").manual_seed(seed)
-        mk = lambda h: torch.randn(B, h, L, D, generator=g).to(device=device, dtype=dtype)
-        self.q, self.k, self.v = mk(H), mk(HKV), mk(HKV)
-        self.dy = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)
+        Lq = L if Lq is None else Lq
+        self.q_start = L - Lq if q_start is None else q_start
+        self.Lq = Lq
+        mk = lambda h, n: torch.randn(B, h, n, D, generator=g).to(device=device, dtype=dtype)
+        self.q, self.k, self.v = mk(H, Lq), mk(HKV, L), mk(HKV, L)
+        self.dy = torch.randn(B, H, Lq, D, generator=g).to(device=device, dtype=dtype)
+        self.kpm = None if kpm is None else kpm.to(device)
         self.B, self.H, self.HKV, self.L, self.D = B, H, HKV, L, D
         self.causal, self.levels, self.lut = causal, levels, lut
         self.bo, self.ho = bo, ho
@@ -76,8 +83,8 @@ class Case:
 
     def maps(self):
         L, D = self.L, self.D
-        return (R.IndexMap((self.bo, self.ho, 0, 0), (self.Bg, self.Hg, L, L)),
-                R.IndexMap((self.bo, self.ho, 0, 0), (self.Bg, self.Hg, L, D)))
+        return (R.IndexMap((self.bo, self.ho, self.q_start, 0), (self.Bg, self.Hg, L, L)),
+                R.IndexMap((self.bo, self.ho, self.q_start, 0), (self.Bg, self.Hg, L, D)))
 
     def reference(self):
         """The oracle, on the CPU whenever the shapes allow: torch on CUDA divides by a Python
@@ -90,7 +97,8 @@ class Case:
             cpu(self.q), cpu(self.k), cpu(self.v), cpu(self.q_range), cpu(self.k_range),
             cpu(self.v_range), cpu(self.s_range), cpu(self.y_range), levels=self.levels,
             lut=self.lut, seeds=cpu(self.seeds), stream=STREAM, scale=self.scale,
-            causal=self.causal, s_index_map=smap, y_index_map=ymap)
+            causal=self.causal, s_index_map=smap, y_index_map=ymap,
+            key_padding_mask=None if self.kpm is None else cpu(self.kpm), q_start=self.q_start)
         self.ref_on_device = not on_cpu
         return {k: v.to(self.q.device) for k, v in out.items()}
 
@@ -100,9 +108,12 @@ class Case:
             self.v_range, scale=self.scale, clipped=clipped)
 
     def kw(self):
-        return dict(levels=self.levels, lut=self.lut, stream=STREAM, scale=self.scale,
-                    causal=self.causal, batch_offset=self.bo, batch_global=self.Bg,
-                    head_offset=self.ho, heads_global=self.Hg)
+        kw = dict(levels=self.levels, lut=self.lut, stream=STREAM, scale=self.scale,
+                  causal=self.causal, batch_offset=self.bo, batch_global=self.Bg,
+                  head_offset=self.ho, heads_global=self.Hg)
+        if self.kpm is not None or self.q_start:  # the training call passes neither
+            kw.update(key_padding_mask=self.kpm, q_start=self.q_start)
+        return kw
 
     def forward(self, observe=True):
         return A.attention_forward(self.q, self.k, self.v, self.q_range, self.k_range, self.v_range,
@@ -173,20 +184,29 @@ def check_obs(case, obs, ref):
     torch.testing.assert_close(obs[1], t(case.k), rtol=0, atol=0)
     torch.testing.assert_close(obs[2], t(case.v), rtol=0, atol=0)
     torch.testing.assert_close(obs[3], ref["s_obs"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(obs[4], t(ref["y_raw"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(obs[4], ref["y_obs"], rtol=1e-4, atol=1e-5)
 
 
 def _lse2(case, ref):
+    """Reference row log-sum-exp (log2 domain); +inf in rows with no visible key (the kernel's
+    convention, which makes the backward's P = 0 there)."""
     logits = ref["s"] * case.scale
-    if case.causal:
-        logits = logits.masked_fill(~R._causal_mask(case.L, case.L, logits.device), float("-inf"))
-    return torch.logsumexp(logits, dim=-1) / math.log(2.0)
+    vis = R.attention_visibility(case.B, case.Lq, case.L, causal=case.causal,
+                                 q_start=case.q_start, key_padding_mask=case.kpm,
+                                 device=logits.device)
+    if vis is not None:
+        logits = logits.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1) / math.log(2.0)
+    return torch.where(torch.isneginf(lse), float("inf"), lse)
 
 
 def check_stats(case, stats, ref, max_frac=2e-3):
     """Row log-sum-exp (log2 domain) as the reference's, except in rows where a Q_s element
     moved by one level (accumulation order of S): there by at most that level's logit."""
     lse2 = _lse2(case, ref)
+    dead = torch.isinf(lse2)
+    assert torch.equal(torch.isinf(stats), dead)  # exactly the rows with no visible key
+    stats, lse2 = stats.masked_fill(dead, 0.0), lse2.masked_fill(dead, 0.0)
     d = (stats - lse2).abs()
     off = d > 1e-4 + 1e-5 * lse2.abs()
     lo, hi = case.s_range.tolist()
@@ -329,6 +349,116 @@ def test_errors(kernel_device):
         A.attention_forward(case.q, case.k.expand(-1, 3, -1, -1), case.v.expand(-1, 3, -1, -1),
                             case.q_range, case.k_range, case.v_range, case.s_range, case.y_range,
                             case.seeds, observe=True, **case.kw())
+
+
+# --------------------------------------------------------------------------------------------
+# key padding mask and cached decoding (issue 15)
+# --------------------------------------------------------------------------------------------
+def _pad_mask(B, L, left, right, seed=0):
+    """bool [B, L]: sequence b has left[b] pad keys in front and right[b] behind (True = visible)."""
+    j = torch.arange(L)[None, :]
+    lt = torch.tensor(left)[:, None]
+    rt = torch.tensor(right)[:, None]
+    return (j >= lt) & (j < L - rt)
+
+
+def check_padding(case, y, stats, grads):
+    """Rows with no visible key output 0 and get zero dq; hidden keys get zero dk, dv."""
+    vis = R.attention_visibility(case.B, case.Lq, case.L, causal=case.causal,
+                                 q_start=case.q_start, key_padding_mask=case.kpm,
+                                 device=y.device)
+    dead = ~vis.any(-1).expand(case.B, case.H, case.Lq)
+    assert torch.equal(torch.isinf(stats), dead)
+    assert (y[dead] == 0).all()
+    if grads is not None:
+        dq, dk, dv = grads
+        assert (dq[dead] == 0).all()
+        if case.kpm is not None:
+            hidden = ~case.kpm[:, None, :].expand(case.B, case.HKV, case.L)
+            assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["left", "right", "both"])
+def test_key_padding(kernel_device, kind, dtype):
+    B, L = 3, 37
+    left = {"left": [5, 0, 20], "right": [0, 0, 0], "both": [3, 0, 37]}[kind]
+    right = {"left": [0, 0, 0], "right": [7, 0, 30], "both": [4, 1, 0]}[kind]
+    case = Case(kernel_device, B=B, H=2, HKV=1, L=L, dtype=dtype, seed=40,
+                kpm=_pad_mask(B, L, left, right))
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+    if kind == "both":  # sequence 2 is all padding: every row is dead
+        assert (y[2] == 0).all() and torch.isinf(stats[2]).all()
+
+
+def test_key_padding_gqa_random_mask_non_causal(kernel_device):
+    g = torch.Generator().manual_seed(3)
+    kpm = torch.rand(2, 29, generator=g) < 0.7
+    case = Case(kernel_device, B=2, H=4, HKV=2, L=29, seed=41, kpm=kpm, causal=False)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@pytest.mark.parametrize("L", [1, 7, 16, 33, 64])
+def test_decode_step(kernel_device, L):
+    # one query row at q_start = L - 1: L % 4 != 0 takes the per-element noise path
+    kpm = _pad_mask(2, L, [min(2, L - 1), 0], [0, 0])
+    case = Case(kernel_device, B=2, H=4, HKV=2, L=L, Lq=1, seed=50 + L, kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Lq, L, q_start", [(5, 17, 12), (5, 17, 3), (20, 40, 20), (33, 48, 0)])
+def test_chunked_prefill(kernel_device, Lq, L, q_start, dtype):
+    case = Case(kernel_device, B=1, H=2, HKV=1, L=L, Lq=Lq, q_start=q_start, dtype=dtype,
+                seed=60 + L + q_start)
+    run_full(case)
+
+
+def test_chunked_prefill_padded_noise_bits(kernel_device):
+    # 4 levels: Q_y is mostly noise, so agreeing with the reference proves the rows carry the
+    # noise indices of rows q_start + r of the full attention
+    kpm = _pad_mask(2, 24, [3, 0], [0, 2])
+    case = Case(kernel_device, B=2, H=2, HKV=1, L=24, Lq=6, q_start=14, levels=4, seed=70,
+                kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    assert (y.float() == ref["y"].float()).float().mean() > 0.99
+
+
+def test_training_path_unchanged_by_defaults(kernel_device):
+    # explicit mask=None, q_start=0 is the training call, bit for bit
+    case = Case(kernel_device, H=2, HKV=1, L=40, seed=71)
+    y, s, o = case.forward()
+    y2, s2, o2 = A.attention_forward(case.q, case.k, case.v, case.q_range, case.k_range,
+                                     case.v_range, case.s_range, case.y_range, case.seeds,
+                                     observe=True, key_padding_mask=None, q_start=0, **case.kw())
+    assert torch.equal(y, y2) and torch.equal(s, s2) and torch.equal(o, o2)
+    all_visible = torch.ones(1, 40, dtype=torch.bool, device=kernel_device)
+    y3, s3, _ = A.attention_forward(case.q, case.k, case.v, case.q_range, case.k_range,
+                                    case.v_range, case.s_range, case.y_range, case.seeds,
+                                    observe=True, key_padding_mask=all_visible, **case.kw())
+    check_y(case, y3, y)  # the masked path computes the same up to accumulation order
+
+
+def test_padding_errors(kernel_device):
+    case = Case(kernel_device, H=2, HKV=1, L=8, Lq=3, seed=72)
+    args = (case.q, case.k, case.v, case.q_range, case.k_range, case.v_range, case.s_range,
+            case.y_range, case.seeds)
+    kw = case.kw()
+    kw.pop("q_start", None)
+    kw.pop("key_padding_mask", None)
+    with pytest.raises(ValueError, match="q_start"):
+        A.attention_forward(*args, observe=True, q_start=6, **kw)
+    with pytest.raises(ValueError, match="q_start"):
+        A.attention_forward(*args, observe=True, q_start=-1, **kw)
+    bad = torch.ones(1, 7, dtype=torch.bool, device=kernel_device)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention_forward(*args, observe=True, q_start=5, key_padding_mask=bad, **kw)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        A.attention_forward(*args, observe=True, q_start=5,
+                            key_padding_mask=torch.ones(1, 8, device=kernel_device), **kw)
 
 
 # --------------------------------------------------------------------------------------------

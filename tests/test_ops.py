@@ -65,22 +65,76 @@ def test_quantize_op_passes_opcheck(mode, kernel_device, noisy):
     torch.library.opcheck(torch.ops.optical.quantize.default, args, test_utils=OPCHECKS_AUTOGRAD)
 
 
-def test_attention_ops_pass_opcheck(mode, kernel_device):
+@pytest.mark.parametrize("cached", [False, True])
+def test_attention_ops_pass_opcheck(mode, kernel_device, cached):
+    # cached: a padded chunk of 5 query rows at q_start 19 over 24 keys (Tensor? key_mask,
+    # int q_start); else the training call (no mask, q_start 0)
     dev = kernel_device
     dt = torch.bfloat16 if (mode == "triton" or dev.type == "cuda") else torch.float32
-    q, k, v = (torch.randn(1, h, 24, 64, device=dev, dtype=dt, requires_grad=True)
-               for h in (4, 2, 2))
-    args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 1, 0, 4],
-            True, False)
+    lq, lk = (5, 24) if cached else (24, 24)
+    q = torch.randn(2, 4, lq, 64, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(2, 2, lk, 64, device=dev, dtype=dt, requires_grad=True) for _ in "kv")
+    mask = torch.arange(lk, device=dev)[None, :] >= torch.tensor([[3], [0]], device=dev)
+    key_mask, q_start = (mask, lk - lq) if cached else (None, 0)
+    args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 2, 0, 4],
+            True, False, key_mask, q_start)
     torch.library.opcheck(torch.ops.optical.attention.default, args,
                           test_utils=OPCHECKS_AUTOGRAD)
     with torch.no_grad():
         y, stats, _ = torch.ops.optical.attention(*args)
     q, k, v = q.detach(), k.detach(), v.detach()
     bargs = (torch.randn_like(y), q, k, v, y, stats, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0,
-             0.125, True, [0, 1, 0, 4], False)
+             0.125, True, [0, 2, 0, 4], False, key_mask, q_start)
     torch.library.opcheck(torch.ops.optical.attention_backward.default, bargs,
                           test_utils=OPCHECKS)
+
+
+def test_attention_padding_and_cache_through_the_op(kernel_device):
+    """ops.optical_attention with key_padding_mask and q_start: the kernel path (bf16) and the
+    reference path agree, forward and backward; hidden keys get zero dk, dv; dead rows are 0."""
+    dev = kernel_device
+    g = torch.Generator().manual_seed(5)
+    q0 = torch.randn(2, 4, 6, 64, generator=g)
+    k0, v0 = torch.randn(2, 2, 21, 64, generator=g), torch.randn(2, 2, 21, 64, generator=g)
+    mask = (torch.arange(21)[None, :] >= torch.tensor([[17], [2]])).to(dev)
+    out = {}
+    for mode in ("reference", "triton"):
+        if mode == "triton" and dev.type == "cpu":
+            ops.set_kernel_mode("triton")
+        q, k, v = (t.to(dev, torch.bfloat16).requires_grad_() for t in (q0, k0, v0))
+        try:
+            y, obs = ops.optical_attention(
+                q, k, v, _ranges(5, dev), _seed(dev, 2), levels=256, lut=0.02, stream=3,
+                scale=0.125, observe=True, key_padding_mask=mask, q_start=15)
+            y.float().square().sum().backward()
+        finally:
+            ops.set_kernel_mode("auto")
+        out[mode] = (y.detach().float(), obs, q.grad.float(), k.grad.float(), v.grad.float())
+    (yr, obs_r, *gr), (yt, obs_t, *gt) = out["reference"], out["triton"]
+    assert (yr[0, :, :2] == 0).all() and (yt[0, :, :2] == 0).all()  # rows 15, 16 see nothing
+    assert (yt - yr).abs().max() <= 4.0 / 255 * 1.01 + 0.02  # a Q_y level plus bf16 rounding
+    torch.testing.assert_close(obs_t, obs_r, rtol=1e-4, atol=1e-4)
+    for a, b in zip(gt, gr):
+        assert (a - b).norm() <= 2e-2 * b.norm()
+    hidden = ~mask[:, None, :].expand(2, 2, 21)
+    assert (gt[1][hidden] == 0).all() and (gt[2][hidden] == 0).all()
+    assert (gr[1][hidden] == 0).all() and (gr[2][hidden] == 0).all()
+
+
+def test_attention_argument_errors():
+    q = torch.randn(1, 2, 3, 16)
+    k = torch.randn(1, 2, 8, 16)
+    kw = dict(levels=16, lut=None, stream=0, scale=0.25)
+    r, s = _ranges(5, "cpu"), _seed("cpu", 2)
+    with pytest.raises(ValueError, match="q_start"):
+        ops.optical_attention(q, k, k, r, s, q_start=6, **kw)
+    with pytest.raises(ValueError, match="q_start"):
+        ops.optical_attention(q, k, k, r, s, q_start=1.0, **kw)
+    with pytest.raises(ValueError, match=r"key_padding_mask.*\[B, Lk\]"):
+        ops.optical_attention(q, k, k, r, s, q_start=5,
+                              key_padding_mask=torch.ones(1, 3, dtype=torch.bool), **kw)
+    with pytest.raises(ValueError, match="torch.bool"):
+        ops.optical_attention(q, k, k, r, s, q_start=5, key_padding_mask=torch.ones(1, 8), **kw)
 
 
 def test_straight_through_gradients_through_the_op():

@@ -231,18 +231,27 @@ class OpticalAttention(RangeState, nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 scale: float | None = None, enable_gqa: bool = False,
-                is_causal: bool = True) -> torch.Tensor:
+                is_causal: bool = True, key_padding_mask: torch.Tensor | None = None,
+                q_start: int = 0) -> torch.Tensor:
+        """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (H % Hkv == 0, grouped-query attention).
+
+        `key_padding_mask`: None or bool [B, Lk], True = key visible (Hugging Face's 2-D
+        attention_mask `.bool()`). `q_start`: absolute position of query row 0, q_start + Lq <=
+        Lk (a KV-cache step: q_start = Lk - Lq). Causal: row r sees visible keys j <= q_start + r.
+        Rows with no visible key output 0. Semantics page, section 3; bad arguments raise
+        ValueError."""
         q, k, v = _autocast(q, k, v)
-        b, h, _, d = q.shape
+        b, h, lq, d = q.shape
+        ops.ref.check_attention_args(q, k, key_padding_mask, q_start, is_causal)
         scale = d ** -0.5 if scale is None else scale
         c = self.config
-        if self.training and self.collect_clamp_stats:
+        if self.training and self.collect_clamp_stats and lq == k.shape[2] and q_start == 0:
+            # the clamp statistics sample whole-sequence causal attention (padding ignored)
             self.record_clamp(clamp_stats.attention_clamp_fractions(
                 q, k, v, self.ranges(), levels=c.q_levels, lut=c.lut, scale=scale,
                 causal=is_causal))
         if c.q_bypass or not self.optical_enabled:
-            y = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
-                                               enable_gqa=k.shape[1] != h)
+            y = _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start)
             if self.training:
                 unset = torch.tensor([float("inf"), float("-inf")], device=q.device)
                 self.record(torch.stack([ops.ref.observe_range(q), ops.ref.observe_range(k),
@@ -254,7 +263,24 @@ class OpticalAttention(RangeState, nn.Module):
             q, k, v, self.ranges(), _draw_seeds(2, q.device), levels=c.q_levels,
             lut=c.lut, stream=c.q_init_seed, scale=scale, causal=is_causal, index=index,
             observe=self.training, clipped=c.q_grad == "clipped",
+            key_padding_mask=key_padding_mask, q_start=q_start,
         )
         if self.training:
             self.record(obs)
         return y
+
+
+def _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start):
+    """The electronic attention of the bypass, with the same mask semantics (rows with no visible
+    key output 0, where SDPA would give NaN)."""
+    gqa = k.shape[1] != q.shape[1]
+    if key_padding_mask is None and q_start == 0 and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
+                                              enable_gqa=gqa)
+    vis = ops.ref.attention_visibility(q.shape[0], q.shape[2], k.shape[2], causal=is_causal,
+                                       q_start=q_start, key_padding_mask=key_padding_mask,
+                                       device=q.device)
+    if vis is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale, enable_gqa=gqa)
+    return torch.where(vis.any(-1, keepdim=True), y, 0.0).to(q.dtype)

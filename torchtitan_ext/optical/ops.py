@@ -422,20 +422,23 @@ def optical_quantize(
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
-def _attn_maps(q: Tensor, k: Tensor, index: List[int]):
-    b, h, lq, d = q.shape
+def _attn_maps(q: Tensor, k: Tensor, index: List[int], q_start: int):
+    """Row r of this call is row q_start + r of the full [Bg, Hg, Lk, Lk] / [Bg, Hg, Lk, D]."""
+    d = q.shape[3]
+    lk = k.shape[2]
     b_off, b_glob, h_off, h_glob = index
-    s_map = ref.IndexMap((b_off, h_off, 0, 0), (b_glob, h_glob, lq, k.shape[2]))
-    y_map = ref.IndexMap((b_off, h_off, 0, 0), (b_glob, h_glob, lq, d))
+    s_map = ref.IndexMap((b_off, h_off, q_start, 0), (b_glob, h_glob, lk, lk))
+    y_map = ref.IndexMap((b_off, h_off, q_start, 0), (b_glob, h_glob, lk, d))
     return s_map, y_map
 
 
-def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index):
-    s_map, y_map = _attn_maps(q, k, index)
+def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, key_mask,
+                   q_start):
+    s_map, y_map = _attn_maps(q, k, index, q_start)
     return ref.optical_attention_forward(
         q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], levels=levels,
         lut=_lut(lut), seeds=seeds, stream=stream, scale=scale, causal=causal,
-        s_index_map=s_map, y_index_map=y_map,
+        s_index_map=s_map, y_index_map=y_map, key_padding_mask=key_mask, q_start=q_start,
     )
 
 
@@ -454,6 +457,8 @@ def _attention(
     index: List[int],
     observe: bool,
     clipped: bool,
+    key_mask: Optional[Tensor],
+    q_start: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # `clipped` changes only the backward; it is an argument so the autograd context sees it.
     if _use_attention_kernel(q):
@@ -464,14 +469,15 @@ def _attention(
             q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
-            observe=observe,
+            observe=observe, key_padding_mask=key_mask, q_start=q_start,
         )
         return y.contiguous(), stats, obs
-    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
+    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,
+                         key_mask, q_start)
     if observe:
         obs = torch.stack([
             ref.observe_range(q), ref.observe_range(k), ref.observe_range(v), fwd["s_obs"],
-            ref.observe_range(fwd["y_raw"]),
+            fwd["y_obs"],
         ])
     else:
         obs = _empty_obs(5, q.device)
@@ -481,7 +487,7 @@ def _attention(
 
 @_attention.register_fake
 def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe,
-                    clipped):
+                    clipped, key_mask, q_start):
     b, h, lq, _ = q.shape
     # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
     # compiler must know the real size, which depends on the path the eager op will take.
@@ -510,6 +516,8 @@ def _attention_backward(
     causal: bool,
     index: List[int],
     clipped: bool,
+    key_mask: Optional[Tensor],
+    q_start: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
@@ -519,10 +527,11 @@ def _attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
-            clipped=clipped,
+            clipped=clipped, key_padding_mask=key_mask, q_start=q_start,
         )
     else:
-        fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index)
+        fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,
+                             key_mask, q_start)
         fwd["y"] = y
         grads = ref.optical_attention_backward(
             grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
@@ -533,26 +542,28 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale,
-                             causal, index, clipped):
+                             causal, index, clipped, key_mask, q_start):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped = inputs
+    (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped,
+     key_mask, q_start) = inputs
     y, stats, _ = output
-    ctx.save_for_backward(q, k, v, y, stats, ranges, seeds)
+    ctx.save_for_backward(q, k, v, y, stats, ranges, seeds, key_mask)
     ctx.args = (levels, lut, stream, scale, causal, index)
     ctx.clipped = clipped
+    ctx.q_start = q_start
 
 
 def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
-    q, k, v, y, stats, ranges, seeds = ctx.saved_tensors
+    q, k, v, y, stats, ranges, seeds, key_mask = ctx.saved_tensors
     levels, lut, stream, scale, causal, index = ctx.args
     dq, dk, dv = torch.ops.optical.attention_backward(
         grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale, causal, index,
-        ctx.clipped,
+        ctx.clipped, key_mask, ctx.q_start,
     )
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 12
 
 
 _attention.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
@@ -573,12 +584,22 @@ def optical_attention(
     index: list[int] | None = None,
     observe: bool = False,
     clipped: bool = False,
+    key_padding_mask: Tensor | None = None,
+    q_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Section 3 of the semantics page; returns (y, observed ranges [5, 2]: q, k, v, S, y_raw)."""
+    """Section 3 of the semantics page; returns (y, observed ranges [5, 2]: q, k, v, S, y_raw).
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D]. `key_padding_mask`: None or bool [B, Lk], True = key
+    visible. `q_start`: absolute position of query row 0 (q_start + Lq <= Lk; a KV-cache step
+    has q_start = Lk - Lq); row r takes the noise indices of row q_start + r of the full
+    attention at key length Lk and, causal, sees keys j <= q_start + r. Rows with no visible key
+    output 0. Bad arguments raise ValueError naming them.
+    """
     if index is None:
         index = [0, q.shape[0], 0, q.shape[1]]
+    ref.check_attention_args(q, k, key_padding_mask, q_start, causal)
     y, _, obs = torch.ops.optical.attention(
         q, k, v, ranges, seeds, levels, float(lut or 0.0), stream, float(scale), causal, index,
-        observe, clipped,
+        observe, clipped, key_padding_mask, int(q_start),
     )
     return y, obs

@@ -34,6 +34,8 @@ __all__ = [
     "optical_linear_forward",
     "optical_linear_backward",
     "optical_attention_forward",
+    "check_attention_args",
+    "attention_visibility",
     "optical_attention_backward",
     "OpticalLinearFunction",
     "OpticalAttentionFunction",
@@ -319,6 +321,56 @@ def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
     return j <= i + (lk - lq)
 
 
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                         q_start: int, causal: bool) -> None:
+    """Validate the padding / cached-decoding arguments of an attention call (section 3).
+
+    q [B, H, Lq, D], k [B, Hkv, Lk, D]; `key_padding_mask` None or bool [B, Lk] (True = visible);
+    `q_start` an int >= 0 with q_start + Lq <= Lk (query row r is absolute position q_start + r).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, L, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    if isinstance(q_start, bool) or not isinstance(q_start, int) or q_start < 0:
+        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
+    if q_start + lq > lk:
+        raise ValueError(f"q_start + query length must be <= key length: q_start={q_start}, "
+                         f"Lq={lq}, Lk={lk}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be None or a torch.bool tensor [B, Lk] "
+                             f"(True = visible), got "
+                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+        if tuple(key_padding_mask.shape) != (b, lk):
+            raise ValueError(f"key_padding_mask must have shape [B, Lk] = {[b, lk]}, got "
+                             f"{list(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got "
+                             f"{key_padding_mask.device}")
+
+
+def attention_visibility(b: int, lq: int, lk: int, *, causal: bool, q_start: int,
+                         key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """bool [B or 1, 1, Lq, Lk]: True where query row r may see key j (causal: j <= q_start + r;
+    and the key is visible in `key_padding_mask`); None when every key is visible to every row."""
+    vis = None
+    if causal:
+        i = torch.arange(lq, device=device)[:, None] + q_start
+        vis = (torch.arange(lk, device=device)[None, :] <= i)[None, None]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask[:, None, None, :]
+        vis = kpm if vis is None else vis & kpm
+    return vis
+
+
+def _attention_maps(b, h, lq, lk, d, q_start, s_index_map, y_index_map):
+    """Default index maps: row r of this call is row q_start + r of the full [B, H, Lk, *]."""
+    smap = s_index_map or IndexMap((0, 0, q_start, 0), (b, h, lk, lk))
+    ymap = y_index_map or IndexMap((0, 0, q_start, 0), (b, h, lk, d))
+    return smap, ymap
+
+
 def optical_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -337,39 +389,62 @@ def optical_attention_forward(
     causal: bool = True,
     s_index_map: IndexMap | None = None,
     y_index_map: IndexMap | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    q_start: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Section 3 materialised. q: [B, H, L, D]; k, v: [B, Hkv, L, D] with H % Hkv == 0.
+    """Section 3 materialised. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0.
 
+    Query row r is absolute position q_start + r (q_start + Lq <= Lk); causal: it sees keys
+    j <= q_start + r. `key_padding_mask` (bool [B, Lk], True = visible) hides keys: they get
+    P = 0 exactly, are left out of S's range observation, and move no other element's noise
+    index. A row with no visible key outputs exactly 0 (and is left out of y_raw's observation).
     Q_s and Q_y are two noisy quantizers, each with its own seed: `seeds` holds (seed_s, seed_y).
-    S elements are keyed by their flat index in [B, H, L, L], Y elements by theirs in [B, H, L, D].
-    Returns y (input dtype) and the float32 intermediates the backward and the ranges need;
-    `s_obs` is the range of S over the unmasked (causal) positions, the only ones a fused kernel
-    computes.
+    By default S element (b, h, r, j) is keyed by the flat index of (b, h, q_start + r, j) in
+    [B, H, Lk, Lk], Y elements likewise in [B, H, Lk, D]; explicit maps must place row r at
+    q_start + r themselves. Returns y (input dtype) and the float32 intermediates the backward
+    and the ranges need; `s_obs` is the range of S over the visible positions only (the only
+    ones a fused kernel computes), (+inf, -inf) when there are none.
     """
     B, H, L, D = q.shape
     if H % k.shape[1] != 0:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
+    check_attention_args(q, k, key_padding_mask, q_start, causal)
     scale = D ** -0.5 if scale is None else scale
+    lk = k.shape[2]
     qq = quantize(q, q_range, levels).float()
     kq = _expand_kv(quantize(k, k_range, levels, lut=lut).float(), H)
     vq = _expand_kv(quantize(v, v_range, levels, lut=lut).float(), H)
     s_raw = qq @ kq.transpose(-1, -2)
-    smap = s_index_map or IndexMap.whole(s_raw.shape)
+    smap, ymap = _attention_maps(B, H, L, lk, D, q_start, s_index_map, y_index_map)
     u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device))
     s = quantize(s_raw, s_range, levels, noise=u_s)
     logits = s * scale
-    lk = k.shape[2]
-    if causal:
-        mask = _causal_mask(L, lk, q.device)
-        logits = logits.masked_fill(~mask, float("-inf"))
+    vis = attention_visibility(B, L, lk, causal=causal, q_start=q_start,
+                               key_padding_mask=key_padding_mask, device=q.device)
+    if vis is not None:
+        logits = logits.masked_fill(~vis, float("-inf"))
     p = torch.softmax(logits, dim=-1)
+    alive = None  # rows with at least one visible key
+    if vis is not None:
+        alive = vis.any(-1, keepdim=True).expand(B, H, L, 1)
+        p = torch.where(alive, p, 0.0)  # softmax of an all -inf row is NaN: such rows get P = 0
     pq = quantize(p, torch.tensor(P_RANGE, device=p.device), levels)
     y_raw = pq @ vq
-    ymap = y_index_map or IndexMap.whole(y_raw.shape)
     u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device))
     y = quantize(y_raw, y_range, levels, noise=u_y)
-    s_obs = observe_range(s_raw[mask.expand_as(s_raw)] if causal else s_raw)
-    return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs}
+    if alive is not None:
+        y = torch.where(alive, y, 0.0)
+    s_obs = _observe_or_empty(s_raw[vis.expand_as(s_raw)] if vis is not None else s_raw)
+    y_obs = _observe_or_empty(y_raw[alive.expand_as(y_raw)] if alive is not None else y_raw)
+    return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs,
+            "y_obs": y_obs}
+
+
+def _observe_or_empty(x: torch.Tensor) -> torch.Tensor:
+    """observe_range, or the empty observation (+inf, -inf) of an empty selection."""
+    if x.numel() == 0:
+        return torch.tensor([float("inf"), float("-inf")], dtype=torch.float32, device=x.device)
+    return observe_range(x)
 
 
 def optical_attention_backward(
@@ -391,7 +466,8 @@ def optical_attention_backward(
     Every quantizer's Jacobian is the identity and the matmul gradients use the unquantized q, k,
     v and the forward's probabilities P; the softmax delta D_i = sum_j P_ij dP_ij is taken as
     dY_i . Y_i with the forward output Y, as FlashAttention does (it differs from the exact sum by
-    the Q_y and Q_p rounding only). `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s
+    the Q_y and Q_p rounding only). Hidden keys have P = 0 in `fwd["p"]`, so they get zero dk, dv
+    and add nothing to dq; a row with no visible key (P = 0, Y = 0) gets zero gradients. `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s
     clamped; Q_p and Q_y stay straight-through.
     """
     B, H, L, D = q.shape
@@ -424,11 +500,12 @@ class OpticalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_range, k_range, v_range, s_range, y_range, levels, lut, seeds,
-                stream, scale, causal, s_index_map, y_index_map, clipped):
+                stream, scale, causal, s_index_map, y_index_map, clipped, key_padding_mask=None,
+                q_start=0):
         fwd = optical_attention_forward(
             q, k, v, q_range, k_range, v_range, s_range, y_range, levels=levels, lut=lut,
             seeds=seeds, stream=stream, scale=scale, causal=causal, s_index_map=s_index_map,
-            y_index_map=y_index_map,
+            y_index_map=y_index_map, key_padding_mask=key_padding_mask, q_start=q_start,
         )
         ctx.save_for_backward(q, k, v, fwd["s_raw"], fwd["p"], fwd["y"], q_range, k_range,
                               s_range, v_range)
@@ -442,4 +519,4 @@ class OpticalAttentionFunction(torch.autograd.Function):
             grad_y, q, k, v, {"s_raw": s_raw, "p": p, "y": y}, q_range, k_range, s_range,
             v_range, scale=ctx.scale, clipped=ctx.clipped,
         )
-        return (dq, dk, dv) + (None,) * 14
+        return (dq, dk, dv) + (None,) * 16

@@ -78,6 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as ref
 from .quantizer import (
     cast_rne,
     dequantize,
@@ -181,12 +182,14 @@ def _prep_kv_kernel(
 
 
 @triton.jit
-def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
+                INTERP: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
-    index k (float32) and the valid-element mask (MASK tiles only)."""
+    index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
+    absolute positions (q_start + r), `L` the key length."""
     cols = start_n + offs_n
     kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
@@ -196,35 +199,43 @@ def _fwd_s_tile(qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, 
     s_raw = _dot(qq, tl.trans(k), INTERP)
     w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
     s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
-    valid = _valid(offs_m, cols, L, CAUSAL, MASK)
+    valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
 
 @triton.jit
-def _valid(rows, cols, L, CAUSAL: tl.constexpr, MASK: tl.constexpr):
-    """Unmasked (causal, in-bounds key) positions of a tile; only MASK tiles need one."""
+def _valid(rows, cols, L, kvis_base, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+           HAS_KPM: tl.constexpr):
+    """Unmasked (causal, in-bounds, visible key) positions of a tile; only MASK tiles need one.
+    `rows` are absolute query positions; `kvis_base` the batch's key visibility bytes (HAS_KPM:
+    one [BN] vector per tile, every tile is a MASK tile then)."""
     if MASK:
         valid = (cols < L)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None])
+        if HAS_KPM:
+            vis = tl.load(kvis_base + cols, mask=cols < L, other=0)
+            valid = valid & (vis != 0)[None, :]
     else:
         valid = cols[None, :] >= 0  # all true: shape-only placeholder, never used
     return valid
 
 
 @triton.jit
-def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, code_base, W, lo, hi, offs_m, offs_n, offs_d,
-               row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, hi, offs_m, offs_n,
+               offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               CAUSAL: tl.constexpr, MASK: tl.constexpr, OBSERVE: tl.constexpr,
-               CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+               OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
+               INTERP: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
-    Q_s's level indices written to this program's scratch rows for pass 2."""
+    Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
+    have seen no visible key yet (max -inf); it keeps l = 0 instead of a NaN."""
     rl = tl.arange(0, BM)
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
-            qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
+            qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -241,7 +252,12 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, code_base, W, lo, hi, offs_m, 
                 smin = tl.minimum(smin, tl.min(s_raw, 1))
                 smax = tl.maximum(smax, tl.max(s_raw, 1))
         m_new = tl.maximum(m_i, tl.max(x, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+        if HAS_KPM:
+            # -inf - -inf would be NaN: a row with nothing visible so far subtracts 0 instead
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(x - m_use[:, None]), 1)
         m_i = m_new
     return m_i, l_i, smin, smax
 
@@ -278,28 +294,29 @@ def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, sca
 
 
 @triton.jit
-def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, vq_base, lo, hi, offs_m, offs_n, offs_d,
-                         row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, hi, offs_m, offs_n,
+                         offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
+                         scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                         CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
-                         RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                         CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
-            qq, kq_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi,
-            s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, RUNS4, INTERP)
+            qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
 
 
 @triton.jit
-def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, lo, hi, offs_m, offs_n, offs_d, L,
-                     slo, shi, inv_lm1, scale_log2,
+def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, offs_m, offs_n,
+                     offs_d, L, slo, shi, inv_lm1, scale_log2,
                      LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     CAUSAL: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
-                     INTERP: tl.constexpr):
+                     CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+                     P_MODE: tl.constexpr, INTERP: tl.constexpr):
     """Pass 2 from the level codes pass 1 wrote: Q_s(S) = k / (levels - 1) * (hi - lo) + lo by
     the same expression as in `_fwd_s_tile`, hence the same bits, without the S dot or Philox."""
     rl = tl.arange(0, BM)
@@ -307,21 +324,24 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, lo, hi, offs_m, off
         cols = start_n + offs_n
         lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
         s_q = dequantize(lvl, slo, shi, inv_lm1, LEVELS)
-        valid = _valid(offs_m, cols, L, CAUSAL, MASK)
+        valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
 
 
 @triton.jit
-def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
-              H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
-              qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv, seed_s, seed_y,
+def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
+              H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
+              inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
+              seed_s, seed_y,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-              USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
+              P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
+              INTERP: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
-    longest first (the last causal row block of every head, then the one before, ...)."""
+    longest first (the last causal row block of every head, then the one before, ...). Row r is
+    absolute position q_start + r of the full attention over LK keys (its noise indices too)."""
     pid_m = num_m - 1 - t // BH
     bh = t % BH
     b = bh // H
@@ -329,9 +349,10 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
     hk = h // (H // HKV)
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)
+    pos = q_start + offs_m  # absolute positions
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
+    row_ok = offs_m < LQ
     DT: tl.constexpr = KQ.dtype.element_ty
 
     # Q tile: quantized once, in registers.
@@ -346,32 +367,83 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
         q_max = tl.max(tl.where(row_ok[:, None], qf, float("-inf")))
 
     bh_g = (b + b_off).to(tl.int64) * Hg + (h + h_off)
-    row_idx = (bh_g * L + offs_m) * L  # global S index of (i, 0), int64
-    kv_off = (b * HKV + hk).to(tl.int64) * L * D
+    row_idx = (bh_g * LK + pos) * LK  # global S index of (q_start + r, 0), int64
+    kv_off = (b * HKV + hk).to(tl.int64) * LK * D
     kq_base = KQ + kv_off
     vq_base = VQ + kv_off
+    kvis_base = KPM + b.to(tl.int64) * LK  # read only when HAS_KPM
 
     if CAUSAL:
-        n_full = start_m  # keys j < start_m <= i: no mask needed
-        n_end = tl.minimum(start_m + BM, L)
+        n_full = ((q_start + start_m) // BN) * BN  # keys j < q_start + start_m: no mask needed
+        n_end = tl.minimum(q_start + start_m + BM, LK)
     else:
-        n_full = (L // BN) * BN
-        n_end = L
+        n_full = (LK // BN) * BN
+        n_end = LK
+    if HAS_KPM:
+        n_full = 0  # every tile needs the key mask
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     smin = tl.full([BM], float("inf"), tl.float32)
     smax = tl.full([BM], float("-inf"), tl.float32)
     m_i, l_i, smin, smax = _fwd_pass1(
-        m_i, l_i, smin, smax, qq, kq_base, CODES, W, 0, n_full, offs_m, offs_n, offs_d, row_idx,
-        L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, OBSERVE, USE_CODES, RUNS4, INTERP)
+        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
+        row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
     m_i, l_i, smin, smax = _fwd_pass1(
-        m_i, l_i, smin, smax, qq, kq_base, CODES, W, n_full, n_end, offs_m, offs_n, offs_d,
-        row_idx, L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, OBSERVE, USE_CODES, RUNS4, INTERP)
+        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
+        offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
 
-    inv_l = 1.0 / l_i
+    if HAS_KPM:
+        alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
+        inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
+        m_i = tl.where(alive, m_i, 0.0)  # P = exp2(S c - m) * 0 = 0 in dead rows, no NaN
+    else:
+        inv_l = 1.0 / l_i
+    acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
+                     offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
+                     inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
+                     RUNS4, INTERP)
+    if P_MODE < 2:
+        y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
+    else:
+        y_raw = acc
+
+    u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    y_ok = row_ok
+    if HAS_KPM:
+        l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_KPM:
+        # no visible key: output exactly 0; lse = +inf makes the backward's P = 0 there
+        y = tl.where(alive[:, None], y, 0.0)
+        lse = tl.where(alive, lse, float("inf"))
+        y_ok = row_ok & alive
+    row_lin = bh.to(tl.int64) * LQ + offs_m
+    tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
+    tl.store(LSE + row_lin, lse, mask=row_ok)
+
+    if OBSERVE:
+        part = PART + (bh * num_m + pid_m).to(tl.int64) * 6
+        tl.store(part + 0, q_min)
+        tl.store(part + 1, q_max)
+        tl.store(part + 2, tl.min(tl.where(row_ok, smin, float("inf"))))
+        tl.store(part + 3, tl.max(tl.where(row_ok, smax, float("-inf"))))
+        tl.store(part + 4, tl.min(tl.where(y_ok[:, None], y_raw, float("inf"))))
+        tl.store(part + 5, tl.max(tl.where(y_ok[:, None], y_raw, float("-inf"))))
+
+
+@triton.jit
+def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
+               offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
+               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
+               INTERP: tl.constexpr):
+    """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
+    codes when kept, else regenerating S."""
     acc = tl.zeros([BM, D], tl.float32)
     if USE_CODES:
         # Pass 2 reads codes other threads of this program wrote (the load layout is not the MMA
@@ -381,52 +453,37 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, sqb, sqh, sql, sqd,
     # then, and when no codes are kept, S is regenerated.
     if USE_CODES and (slo <= shi):
         acc = _fwd_pass2_codes(
-            acc, m_i, inv_l, CODES, W, vq_base, 0, n_full, offs_m, offs_n, offs_d, L,
-            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False, P_MODE, INTERP)
+            acc, m_i, inv_l, CODES, W, vq_base, kvis_base, 0, n_full, pos, offs_n, offs_d, LK,
+            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, P_MODE,
+            INTERP)
         acc = _fwd_pass2_codes(
-            acc, m_i, inv_l, CODES, W, vq_base, n_full, n_end, offs_m, offs_n, offs_d, L,
-            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True, P_MODE, INTERP)
+            acc, m_i, inv_l, CODES, W, vq_base, kvis_base, n_full, n_end, pos, offs_n, offs_d,
+            LK, slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, P_MODE,
+            INTERP)
     else:
         acc = _fwd_pass2_recompute(
-            acc, m_i, inv_l, qq, kq_base, vq_base, 0, n_full, offs_m, offs_n, offs_d, row_idx, L,
-            seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, P_MODE, RUNS4, INTERP)
+            acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
+            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP)
         acc = _fwd_pass2_recompute(
-            acc, m_i, inv_l, qq, kq_base, vq_base, n_full, n_end, offs_m, offs_n, offs_d, row_idx,
-            L, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, P_MODE, RUNS4, INTERP)
-    if P_MODE < 2:
-        y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
-    else:
-        y_raw = acc
-
-    u_y = philox_uniform(seed_y, stream, (bh_g * L + offs_m)[:, None] * D + offs_d[None, :])
-    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
-    row_lin = bh.to(tl.int64) * L + offs_m
-    tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
-    tl.store(LSE + row_lin, m_i + tl.math.log2(l_i), mask=row_ok)
-
-    if OBSERVE:
-        part = PART + (bh * num_m + pid_m).to(tl.int64) * 6
-        tl.store(part + 0, q_min)
-        tl.store(part + 1, q_max)
-        tl.store(part + 2, tl.min(tl.where(row_ok, smin, float("inf"))))
-        tl.store(part + 3, tl.max(tl.where(row_ok, smax, float("-inf"))))
-        tl.store(part + 4, tl.min(tl.where(row_ok[:, None], y_raw, float("inf"))))
-        tl.store(part + 5, tl.max(tl.where(row_ok[:, None], y_raw, float("-inf"))))
+            acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
+            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP)
+    return acc
 
 
-@triton.jit(do_not_specialize=["stream", "b_off", "h_off"])
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "q_start"])
 def _fwd_kernel(
-    Q, KQ, VQ, Y, LSE, PART, CODES, INV, q_rng, s_rng_ptr, y_rng, seeds,
+    Q, KQ, VQ, Y, LSE, PART, CODES, KPM, INV, q_rng, s_rng_ptr, y_rng, seeds,
     sqb, sqh, sql, sqd,
-    H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
+    H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
     USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
-    first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2."""
+    first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2.
+    KPM: uint8 [B, LK] key visibility (read only when HAS_KPM)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     qlo, qhi, q_w, q_inv = range_consts(q_rng, INV + 0)
@@ -440,11 +497,11 @@ def _fwd_kernel(
             # no thread may overwrite the scratch (pass 1 of this item) while another still
             # reads the previous item's codes (its pass 2)
             tl.debug_barrier()
-        _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, sqb, sqh, sql, sqd,
-                  H, HKV, L, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
-                  qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
-                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, OBSERVE, P_MODE, USE_CODES, RUNS4,
-                  INTERP)
+        _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, KPM, sqb, sqh, sql, sqd,
+                  H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
+                  inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
+                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE, USE_CODES,
+                  RUNS4, INTERP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,37 +542,40 @@ def _prep_bwd_kernel(
 
 
 @triton.jit
-def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, L,
-               sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
+def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, LQ, LK,
+               q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
                RUNS4: tl.constexpr, INTERP: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
-    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled)."""
+    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled).
+    `col_ok`: keys in bounds and visible (hidden keys get P = 0 in every tile); query row r is
+    absolute position q_start + r (its causal limit and its S noise row)."""
     DT: tl.constexpr = kq.dtype
     for start_m in range(lo, hi, BM):
         rows = start_m + tl.arange(0, BM)
-        row_ok = rows < L
+        row_ok = rows < LQ
         r64 = rows.to(tl.int64)
         m2 = row_ok[:, None]
         qq = tl.load(QQ_h + r64[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
         q = tl.load(Q_h + r64[:, None] * sql + offs_d[None, :] * sqd, mask=m2, other=0.0)
         dy = tl.load(DY_h + r64[:, None] * sdl + offs_d[None, :] * sdd, mask=m2, other=0.0)
-        # Rows past L get lse = +inf, hence P = 0: they add nothing to dK, dV.
+        # Rows past Lq (and rows with no visible key) get lse = +inf, hence P = 0: they add
+        # nothing to dK, dV.
         lse = tl.load(LSE_h + r64, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + r64 * L, start_n, offs_n, BN,
-                                        RUNS4))
+        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK, start_n,
+                                        offs_n, BN, RUNS4))
         s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
             if CAUSAL:
-                valid = valid & (offs_n[:, None] <= rows[None, :])
+                valid = valid & (offs_n[:, None] <= (q_start + rows)[None, :])
             p = tl.where(valid, p, 0.0)
         else:
             p = tl.where(col_ok[:, None], p, 0.0)
@@ -532,15 +592,18 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "lut"])
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "lut", "q_start"])
 def _bwd_kernel(
-    QQ, Q, K, V, DY, LSE, DELTA, DQA, DK, DV, INV, k_rng, v_rng, s_rng_ptr, seeds,
+    QQ, Q, K, V, DY, LSE, DELTA, DQA, DK, DV, KPM, INV, k_rng, v_rng, s_rng_ptr, seeds,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, HKV, L, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
+    H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
-    RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
 ):
+    """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
+    keys over every query row of its GQA group, dQ by atomics. L is the key length, LQ the
+    query length (row r at absolute position q_start + r); KPM uint8 [B, L] (HAS_KPM)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -548,6 +611,10 @@ def _bwd_kernel(
     offs_n = start_n + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < L
+    col_vis = col_ok
+    if HAS_KPM:
+        kvis = tl.load(KPM + b.to(tl.int64) * L + offs_n, mask=col_ok, other=0)
+        col_vis = col_ok & (kvis != 0)
     n64 = offs_n.to(tl.int64)[:, None]
     k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
                 + n64 * skl + offs_d[None, :] * skd,
@@ -565,30 +632,25 @@ def _bwd_kernel(
 
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
-    if CAUSAL:
-        diag_end = tl.minimum(start_n + BN, L)  # query blocks that straddle the diagonal
-        full_lo = start_n + BN
-    else:
-        diag_end = 0
-        full_lo = 0
+    diag_lo, diag_end, full_lo = _bwd_row_blocks(start_n, LQ, q_start, BM, BN, CAUSAL)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int64)
-        QQ_h = QQ + bh * L * D
+        QQ_h = QQ + bh * LQ * D
         Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         DY_h = DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        LSE_h = LSE + bh * L
-        DELTA_h = DELTA + bh * L
-        DQA_h = DQA + bh * L * D
+        LSE_h = LSE + bh * LQ
+        DELTA_h = DELTA + bh * LQ
+        DQA_h = DQA + bh * LQ * D
         row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
         dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, start_n, diag_end, row_idx0,
-            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True,
-            CLIPPED, RUNS4, INTERP)
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
+            row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
+            seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
+            CAUSAL, True, CLIPPED, RUNS4, INTERP)
         dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, L, row_idx0,
-            L, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed_s, stream,
+            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
+            LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
             CLIPPED, RUNS4, INTERP)
 
@@ -601,6 +663,26 @@ def _bwd_kernel(
     out = ((b * HKV + hk).to(tl.int64) * L + n64) * D + offs_d[None, :]
     tl.store(DK + out, cast_rne(dk, DT), mask=col_ok[:, None])
     tl.store(DV + out, cast_rne(dv, DT), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_row_blocks(start_n, LQ, q_start, BM: tl.constexpr, BN: tl.constexpr,
+                    CAUSAL: tl.constexpr):
+    """Query row blocks (multiples of BM) a key block [start_n, start_n + BN) meets: diagonal
+    blocks [diag_lo, diag_end) need the causal mask, blocks from full_lo on see every key of it.
+    Row r is absolute position q_start + r; with q_start = 0 and BN % BM == 0 this is
+    [start_n, min(start_n + BN, LQ)) and start_n + BN, as before cached decoding existed."""
+    if CAUSAL:
+        first = tl.maximum(start_n - q_start, 0)  # first row that sees key start_n
+        diag_lo = (first // BM) * BM
+        last = tl.maximum(start_n + BN - q_start, 0)  # rows from here see the whole block
+        full_lo = ((last + BM - 1) // BM) * BM
+        diag_end = tl.minimum(full_lo, LQ)
+    else:
+        diag_lo = 0
+        diag_end = 0
+        full_lo = 0
+    return diag_lo, diag_end, full_lo
 
 
 @triton.jit
@@ -629,7 +711,7 @@ def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
 # Configurations
 # --------------------------------------------------------------------------------------------
 # (BM, BN, num_warps, num_stages) per head dim. Forward: BM query rows per program, BN keys per
-# tile (BM % BN == 0). Backward: BN keys per program, BM queries per tile (BN % BM == 0).
+# tile (any pair works; BM % BN == 0 keeps the unmasked/diagonal split exact). Backward: BN keys per program, BM queries per tile (BN % BM == 0).
 # The per-element Philox and quantizer work (~75 instructions per S element and pass) lives in
 # registers next to the accumulators; these shapes keep the hot loops free of spills on sm_90
 # (checked in the SASS: no local loads/stores inside the loops). bench/attention.py --sweep times
@@ -646,8 +728,14 @@ _BWD_CFG = {
     64: (64, 128, 8, 2),  # H200 sweep, L=2048: 2.98 ms vs 3.38 (32, 64, 4), 3.88 (32, 128, 8)
     128: (32, 128, 8, 3),  # H200 sweep at L=4096: 10.15 ms vs 10.28 (2 stages), 10.5 (16, 64, 4)
 }
+# Decoding and short chunks (Lq <= 16 query rows): 16-row programs instead of 64 mostly-empty rows.
+# The forward handles any BM, BN (its unmasked tiles end at a BN multiple below the diagonal).
+_DECODE_FWD_CFG = {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2),
+                   128: (16, 32, 4, 2)}
+_DECODE_MAX_LQ = 16
 # Under the interpreter: small tiles so that tiny test shapes still span several tiles.
 _INTERP_FWD_CFG = (32, 16, 4, 1)
+_INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
 _OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None}
 
@@ -668,16 +756,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(kind: str, D: int, interp: bool) -> tuple[int, int, int, int]:
+def _config(kind: str, D: int, interp: bool, lq: int | None = None) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages); the forward of at most _DECODE_MAX_LQ query rows (`lq`)
+    takes the small-row decode table."""
+    decode = kind == "fwd" and lq is not None and lq <= _DECODE_MAX_LQ
     if _OVERRIDE[kind] is not None:
         cfg = _OVERRIDE[kind]
     elif interp:
-        cfg = _INTERP_FWD_CFG if kind == "fwd" else _INTERP_BWD_CFG
+        cfg = _INTERP_BWD_CFG if kind == "bwd" else (
+            _INTERP_DECODE_FWD_CFG if decode else _INTERP_FWD_CFG)
     else:
-        cfg = (_FWD_CFG if kind == "fwd" else _BWD_CFG)[D]
+        cfg = (_DECODE_FWD_CFG if decode else _FWD_CFG if kind == "fwd" else _BWD_CFG)[D]
     bm, bn = cfg[0], cfg[1]
-    if kind == "fwd" and bm % bn:
-        raise ValueError(f"forward config needs BM % BN == 0, got {cfg}")
     if kind == "bwd" and bn % bm:
         raise ValueError(f"backward config needs BN % BM == 0, got {cfg}")
     return cfg
@@ -731,14 +821,17 @@ def _p_mode(levels: int, dtype: torch.dtype) -> int:
     return 1 if levels - 1 <= 65535 else 2
 
 
-def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_global):
+def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_global,
+           key_padding_mask=None, q_start=0, causal=True):
+    """Validate a launch; returns (B, H, Hkv, Lq, Lk, D)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B, H, L, D]")
     B, H, L, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} do not match q "
                          f"{tuple(q.shape)}"
-                         " (same batch, length and head dim required)")
+                         " (same batch and head dim required)")
+    ref.check_attention_args(q, k, key_padding_mask, q_start, causal)
     if H % k.shape[1] != 0:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
     if D not in SUPPORTED_HEAD_DIMS:
@@ -757,26 +850,41 @@ def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_
         raise ValueError(f"batch shard [{batch_offset}, {batch_offset + B}) exceeds {batch_global}")
     if head_offset < 0 or head_offset + H > heads_global:
         raise ValueError(f"head shard [{head_offset}, {head_offset + H}) exceeds {heads_global}")
-    return B, H, k.shape[1], L, D
+    return B, H, k.shape[1], L, k.shape[2], D
+
+
+def _key_mask_arg(key_padding_mask, dev):
+    """(HAS_KPM, uint8 [B, Lk] pointer argument): the bool mask reinterpreted as bytes (no copy
+    when contiguous), or a 1-byte dummy that the kernels never read."""
+    if key_padding_mask is None:
+        return False, torch.zeros(1, dtype=torch.uint8, device=dev)
+    return True, key_padding_mask.contiguous().view(torch.uint8)
 
 
 def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seeds, *, levels: int,
                       lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
-                      batch_global: int, head_offset: int, heads_global: int, observe: bool):
-    """q [B,H,L,D], k/v [B,Hkv,L,D] (any strides); *_range float32 [2] device tensors (lo > hi =
-    uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host).
+                      batch_global: int, head_offset: int, heads_global: int, observe: bool,
+                      key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+    """q [B,H,Lq,D], k/v [B,Hkv,Lk,D] (any strides); *_range float32 [2] device tensors (lo > hi =
+    uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host);
+    key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
+    row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
+    [.., Lk, Lk] / [.., Lk, D] tensors.
 
-    Returns (y [B,H,L,D] in q's dtype, stats float32 [B,H,L] = log2-domain log-sum-exp of the
-    scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e - stats)), obs float32 [5,2]:
-    observed (min, max) of q, k, v, S (causal positions, before Q_s), y_raw (before Q_y); rows are
+    Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =
+    log2-domain log-sum-exp of the scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e
+    - stats); +inf in rows with no visible key), obs float32 [5,2]: observed (min, max) of q, k,
+    v, S (visible positions, before Q_s), y_raw (rows with a visible key, before Q_y); rows are
     (+inf, -inf) when not `observe`).
     """
-    B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
-                             heads_global)
+    B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
+                                 heads_global, key_padding_mask, q_start, causal)
     dev = q.device
     interp = _interpreting()
-    BM, BN, warps, stages = _config("fwd", D, interp)
+    # decode table only for cached steps: the training path (Lq == Lk) keeps its tiles and bits
+    BM, BN, warps, stages = _config("fwd", D, interp, LQ if LQ < L else None)
     has_lut = lut is not None and lut > 0
+    has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
 
     kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
@@ -791,9 +899,9 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe, num_warps=4, **_OPTS)
 
-    y = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)
-    num_m = triton.cdiv(L, BM)
+    y = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
+    num_m = triton.cdiv(LQ, BM)
     n_items = B * H * num_m
     part = torch.empty((n_items, 6) if observe else (1, 6), dtype=torch.float32, device=dev)
     W = triton.cdiv(L, BN) * BN  # row length of the level-code scratch
@@ -801,10 +909,10 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     codes = torch.empty((n_prog * BM * W,) if code_dtype is not None else (1,),
                         dtype=code_dtype or torch.uint8, device=dev)
     _fwd_kernel[(n_prog,)](
-        q, kq, vq, y, lse, part, codes, inv, q_range, s_range, y_range, seeds, *q.stride(),
-        H, HKV, L, W, num_m, B * H, int(stream), int(batch_offset), int(head_offset),
-        int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
-        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), OBSERVE=observe,
+        q, kq, vq, y, lse, part, codes, kpm, inv, q_range, s_range, y_range, seeds, *q.stride(),
+        H, HKV, LQ, L, int(q_start), W, num_m, B * H, int(stream), int(batch_offset),
+        int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
         P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
         INTERP=interp,
         num_warps=warps, num_stages=stages, **_OPTS)
@@ -824,47 +932,50 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
-                       heads_global, clipped: bool):
-    """Straight-through (or `clipped`) gradients of `attention_forward`, as
-    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes."""
-    B, H, HKV, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
-                             heads_global)
+                       heads_global, clipped: bool, key_padding_mask: torch.Tensor | None = None,
+                       q_start: int = 0):
+    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask and q_start),
+    as `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
+    hidden keys get dk = dv = 0, rows with no visible key dq = 0."""
+    B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
+                                 heads_global, key_padding_mask, q_start, causal)
     if dy.shape != q.shape or y.shape != q.shape:
         raise ValueError("dy and y must have q's shape")
     dev = q.device
     interp = _interpreting()
     BM, BN, warps, stages = _config("bwd", D, interp)
     has_lut = lut is not None and lut > 0
+    has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
     if dy.dtype != q.dtype:
         dy = dy.to(q.dtype)
     y = y.contiguous()
     stats = stats.contiguous()
 
-    qq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+    qq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    delta = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
     blk = 32
     inv = torch.empty(5, dtype=torch.float32, device=dev)
-    _prep_bwd_kernel[(triton.cdiv(L, blk), H, B)](
+    _prep_bwd_kernel[(triton.cdiv(LQ, blk), H, B)](
         q, dy, y, qq, delta, inv, q_range, k_range, v_range, s_range, *q.stride(), *dy.stride(),
-        H, L,
+        H, LQ,
         LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
 
-    dqa = torch.zeros((B, H, L, D), dtype=torch.float32, device=dev)
+    dqa = torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
     dk = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
     _bwd_kernel[(triton.cdiv(L, BN), HKV, B)](
-        qq, q, k, v, dy, stats, delta, dqa, dk, dv, inv, k_range, v_range, s_range, seeds,
+        qq, q, k, v, dy, stats, delta, dqa, dk, dv, kpm, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
-        H, HKV, L, int(stream), int(batch_offset), int(head_offset), int(heads_global),
-        float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp, num_warps=warps,
-        num_stages=stages, **_OPTS)
+        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
+        num_warps=warps, num_stages=stages, **_OPTS)
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
-    dq = torch.empty((B, H, L, D), dtype=q.dtype, device=dev)
-    _dq_finish_kernel[(triton.cdiv(L, blk), H, B)](
-        dqa, q, dq, q_range, *q.stride(), H, L, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
+    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    _dq_finish_kernel[(triton.cdiv(LQ, blk), H, B)](
+        dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
     return dq, dk, dv

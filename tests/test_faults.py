@@ -365,3 +365,72 @@ def test_last_checkpoint_before_the_stop_is_finite(diverged):
                  if hasattr(v, "is_floating_point") and v.is_floating_point()
                  and not v.isfinite().all())
     assert not bad, f"{len(bad)} non-finite tensors, e.g. {bad[:4]}"
+
+
+# ------------------------------------------------ kill during a save, then a damaged step folder
+
+CKPT_ARGS = [*TINY, "--training.steps", "8", "--debug.seed", "13", "--checkpoint.enable",
+             "--checkpoint.interval", "2", "--checkpoint.no-last-save-model-only"]
+
+
+def _wait_dead(proc, timeout: float = 30.0) -> None:
+    """Until a SIGKILLed process is gone or a zombie (its stopped parent cannot reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {proc.pid} still running after SIGKILL")
+
+
+def test_kill_during_save_then_truncated_step_resumes_from_newest_loadable(tmp_path):
+    """kill -9 while step-6 is being saved, step-4's data file truncated by hand, then torchrun
+    (--max-restarts 1) restarts the worker: it skips step-6 (no .metadata) and step-4 (truncated)
+    with one warning, loads step-2, and logs the losses of the uninterrupted run.
+
+    The agent is SIGSTOPped around the kill and the truncation, so its restart starts only once
+    the folder is damaged (the damage happens 'between' the crash and the restart)."""
+    ref = losses(ok(torchrun(1, *CKPT_ARGS, "--job.dump_folder", str(tmp_path / "ref"),
+                             timeout=300)))
+    assert sorted(ref) == list(range(1, 9)), ref
+    dump, log_dir = tmp_path / "run", tmp_path / "logs"
+    job = Job(["--standalone", "--nproc_per_node=1", "--max-restarts=1", "--log-dir",
+               str(log_dir), "--redirects", "3", "--tee", "3"],
+              [*CKPT_ARGS, "--job.dump_folder", str(dump)], tmp_path / "torchrun.log",
+              TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    step6 = dump / "checkpoint" / "step-6"
+    try:
+        # The step folder appears when rank 0 records the transform, just before DCP writes.
+        wait_for(step6.is_dir, job, 300, "the save of step-6 starting")
+        os.kill(job.proc.pid, signal.SIGSTOP)
+        try:
+            (victim,) = job.workers()
+            os.kill(victim.pid, signal.SIGKILL)
+            _wait_dead(victim)
+            metadata_at_kill = (step6 / ".metadata").is_file()
+            data = dump / "checkpoint" / "step-4" / "__0_0.distcp"
+            with open(data, "r+b") as f:
+                f.truncate(data.stat().st_size // 2)
+        finally:
+            os.kill(job.proc.pid, signal.SIGCONT)
+        rc = wait_all([job], timeout=400)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert rc == 0, job.output()[-4000:]
+    attempts = _attempt_logs(log_dir)
+    assert sorted(attempts) == [0, 1], job.output()[-3000:]
+    second = attempts[1]
+    print(f"step-6 had .metadata at the kill: {metadata_at_kill}")
+    warnings = [ln for ln in second.splitlines() if "skipped newer step folder" in ln]
+    assert len(warnings) == 1, second[-3000:]
+    assert "step-4: truncated file __0_0.distcp" in warnings[0], warnings
+    if not metadata_at_kill:
+        assert "step-6: no .metadata" in warnings[0], warnings
+    assert f"Loading the checkpoint from {dump / 'checkpoint' / 'step-2'}." in second
+    resumed = losses(second)
+    assert sorted(resumed) == list(range(3, 9)), resumed
+    assert resumed == {s: ref[s] for s in range(3, 9)}, (resumed, ref)

@@ -29,6 +29,8 @@ __all__ = [
     "TransformConfig",
     "load_transform_config",
     "DEFAULT_TRANSFORM_CONFIG",
+    "transform_diff",
+    "format_transform_diff",
 ]
 
 MAX_LEVELS = 1 << 22  # the kernels' round-half-even trick is exact up to 2^22 levels
@@ -199,20 +201,36 @@ class TransformConfig:
         return "default", self.default
 
     def check_patterns(self, candidate_names: Iterable[str]) -> None:
-        """Every pattern must match at least one candidate module; name the real ones if not."""
+        """Every pattern must match at least one candidate module (naming real ones if not) and
+        must win at least one: a pattern whose matches all go to earlier patterns never applies,
+        which would otherwise pass silently. `default` is not a pattern and is never checked."""
         names = list(candidate_names)
         for i, (pattern, _) in enumerate(self.rules):
             if self.use_regex:
-                hit = any(self._compiled[i].fullmatch(n) for n in names)
+                hits = [n for n in names if self._compiled[i].fullmatch(n)]
             else:
-                hit = pattern in names
-            if not hit:
+                hits = [n for n in names if n == pattern]
+            if not hits:
                 sample = _sample_names(names)
                 raise OpticalConfigError(
                     f"{self.source}: pattern '{pattern}' matches no module that can be made "
                     f"optical (linear layers and attention blocks). Some real module names: "
                     f"{sample}"
                 )
+            winners = {n: self.match(n)[0] for n in hits}
+            if all(w != pattern for w in winners.values()):
+                earlier = sorted(set(winners.values()), key=lambda p: self._index(p))
+                shown = ", ".join(hits[:4]) + (f", ... ({len(hits) - 4} more)" if len(hits) > 4
+                                               else "")
+                raise OpticalConfigError(
+                    f"{self.source}: pattern '{pattern}' never applies: every module it matches "
+                    f"({shown}) is taken by earlier pattern(s) "
+                    f"{', '.join(repr(p) for p in earlier)} (the first matching pattern wins); "
+                    "move it above them or narrow them"
+                )
+
+    def _index(self, pattern: str) -> int:
+        return next(i for i, (p, _) in enumerate(self.rules) if p == pattern)
 
     def to_dict(self) -> dict[str, Any]:
         layers: dict[str, Any] = {"default": self.default.to_dict() if self.default else None}
@@ -240,9 +258,9 @@ def load_transform_config(path: str | Path, key: str = "optical.transform_config
         if suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
         elif suffix == ".toml":
             try:
                 import tomllib
@@ -255,9 +273,82 @@ def load_transform_config(path: str | Path, key: str = "optical.transform_config
             )
     except OpticalConfigError:
         raise
+    except _DuplicateKey as e:
+        raise OpticalConfigError(f"{key}: file {str(path)!r}: {e}") from e
     except Exception as e:  # the parsers' own error types differ; all mean "does not parse"
         raise OpticalConfigError(f"{key}: file {str(path)!r} does not parse: {e}") from e
     return TransformConfig.from_dict(data, source=str(path))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a mapping with a repeated key at any level (plain
+    `safe_load` keeps the last value without a word, so a pattern given twice would silently
+    lose its first settings)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and "
+                                        f"{line}); each key may appear once per mapping")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice in one object; each key may appear "
+                                "once per object")
+        out[key] = value
+    return out
+
+
+def transform_diff(recorded: Mapping[str, Any],
+                   given: Mapping[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """Differences between two resolved transforms (`resolve_transform` records), as rows
+    (module, key, recorded value, given value), modules in recorded-then-given order.
+
+    A module optical on one side only gives one row with key "optical" and values "optical" /
+    "digital"; the per-module keys compared are "kind" and every quantizer setting. Rows under
+    module "<options>" compare the recorded run options. Pure: reads nothing, changes nothing.
+    """
+    rows: list[tuple[str, str, Any, Any]] = []
+    rec_mods = dict(recorded.get("modules") or {})
+    giv_mods = dict(given.get("modules") or {})
+    for name in list(rec_mods) + [n for n in giv_mods if n not in rec_mods]:
+        a, b = rec_mods.get(name), giv_mods.get(name)
+        if a is None or b is None:
+            rows.append((name, "optical", "digital" if a is None else "optical",
+                         "digital" if b is None else "optical"))
+            continue
+        for key in list(a) + [k for k in b if k not in a]:
+            if key != "pattern" and a.get(key) != b.get(key):
+                rows.append((name, key, a.get(key), b.get(key)))
+    rec_opt, giv_opt = dict(recorded.get("options") or {}), dict(given.get("options") or {})
+    for key in list(rec_opt) + [k for k in giv_opt if k not in rec_opt]:
+        if rec_opt.get(key) != giv_opt.get(key):
+            rows.append(("<options>", key, rec_opt.get(key), giv_opt.get(key)))
+    return rows
+
+
+def format_transform_diff(rows: list[tuple[str, str, Any, Any]], limit: int = 12) -> str:
+    """The rows of `transform_diff` as one line per difference (at most `limit`)."""
+    lines = [f"  {m}: {k}: checkpoint {a!r}, given {b!r}" for m, k, a, b in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"  ... ({len(rows) - limit} more differences)")
+    return "\n".join(lines)
 
 
 # The default when `[optical] transform_config` is empty: every linear of the transformer blocks

@@ -8,8 +8,10 @@ patterns govern). Works on any device, the meta device included, and keeps param
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
@@ -23,6 +25,7 @@ __all__ = [
     "candidate_modules",
     "transform_model",
     "format_histogram",
+    "resolve_transform",
 ]
 
 INNER_ATTENTION = "inner_attention"
@@ -141,3 +144,41 @@ def format_histogram(report: TransformReport) -> str:
         lines.append(f"         {_compress(names)}")
     lines.append(f"  [{len(report.digital):4d}] digital (null / default): {_compress(report.digital)}")
     return "\n".join(lines)
+
+
+# Wrappers that torchtitan puts around blocks (torch.compile, activation checkpointing, FSDP1)
+# add a path component; the recorded names are the plain model's.
+_WRAPPER_PARTS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)(?=\.|$)")
+
+
+def _plain_name(name: str) -> str:
+    return _WRAPPER_PARTS.sub("", name).lstrip(".")
+
+
+def resolve_transform(model_parts: nn.Module | Iterable[nn.Module],
+                      config: TransformConfig | None,
+                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a transformed model really is, as a JSON-ready record: per optical module (by its
+    plain name; attention by its block's name) its kind ("linear"/"attention"), the pattern
+    that chose it and every quantizer setting, plus the transform file's content (`transform`,
+    enough to rebuild a `TransformConfig`) and the run `options` that change the numerics.
+    Read from the modules themselves, so it holds whatever the model was built with."""
+    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+    modules: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, mod in part.named_modules():
+            if isinstance(mod, OpticalLinear):
+                kind, plain = "linear", _plain_name(name)
+            elif isinstance(mod, OpticalAttention):
+                kind, plain = "attention", _plain_name(name.rpartition(".")[0])
+            else:
+                continue
+            pattern = config.match(plain)[0] if config is not None else None
+            modules[plain] = {"kind": kind, "pattern": pattern, **mod.config.to_dict()}
+    return {
+        "format": 1,
+        "transform": config.to_dict() if config is not None else None,
+        "source": config.source if config is not None else None,
+        "modules": modules,
+        "options": dict(options or {}),
+    }

@@ -50,6 +50,13 @@ class Optical:
     step's optimizer update and checkpoint (costs one fused gradient norm, one scalar all-reduce
     and one device-to-host read per step)."""
 
+    allow_transform_change: bool = False
+    """Resume from a checkpoint trained with a different optical transform (the resolved
+    transform recorded in each step folder). Off: such a resume stops with exit code 2 and the
+    differences (module, key, checkpoint value, given value). On: it continues with this run's
+    transform and logs the differences and which range buffers were dropped or freshly
+    initialised."""
+
 
 @dataclass
 class JobConfig:
@@ -69,3 +76,8 @@ def validate_optical(optical: Optical) -> None:
         value = getattr(optical, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise OpticalConfigError(f"optical.{key}: must be an integer >= 0, got {value!r}")
+    for key in ("sync_ranges", "check_ranges_synced", "stop_on_nonfinite",
+                "allow_transform_change"):
+        value = getattr(optical, key)
+        if not isinstance(value, bool):
+            raise OpticalConfigError(f"optical.{key}: must be true or false, got {value!r}")

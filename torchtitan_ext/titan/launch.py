@@ -56,6 +56,8 @@ def preflight(job_config) -> None:
     from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
 
     spec_and_args(job_config)  # model name and flavor
+    _check_converters(job_config.model.converters)
+    _check_parallelism(job_config.parallelism)
     if not is_optical(job_config):
         return
     ac = job_config.activation_checkpoint
@@ -68,7 +70,68 @@ def preflight(job_config) -> None:
     build_titan_model(job_config, device="meta", optical=True)
 
 
+def _check_converters(names: list[str]) -> None:
+    """Every `model.converters` entry must be registered (torchtitan raises a bare KeyError)."""
+    from torchtitan.protocols.model_converter import _registry_model_converter_cls
+
+    for name in names:
+        if name not in _registry_model_converter_cls:
+            raise OpticalConfigError(
+                f"model.converters: unknown converter {name!r}; allowed: "
+                f"{sorted(_registry_model_converter_cls)}"
+            )
+
+
+def _check_parallelism(p) -> None:
+    """The degrees must multiply to the number of processes (torchtitan asserts it bare)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fixed = {"data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+             "context_parallel_degree": p.context_parallel_degree,
+             "tensor_parallel_degree": p.tensor_parallel_degree,
+             "pipeline_parallel_degree": p.pipeline_parallel_degree}
+    for key, value in fixed.items():
+        if not isinstance(value, int) or value < 1:
+            raise OpticalConfigError(f"parallelism.{key}: must be an integer >= 1, got {value!r}")
+    shard = p.data_parallel_shard_degree
+    if not isinstance(shard, int) or not (shard == -1 or shard >= 1):
+        raise OpticalConfigError("parallelism.data_parallel_shard_degree: must be -1 (the rest "
+                                 f"of the processes) or an integer >= 1, got {shard!r}")
+    others = 1
+    for value in fixed.values():
+        others *= value
+    total = others * (shard if shard != -1 else 1)
+    if (shard == -1 and world % others) or (shard != -1 and total != world):
+        named = " x ".join(f"{k.replace('_degree', '')} {v}" for k, v in fixed.items() if v > 1)
+        raise OpticalConfigError(
+            f"parallelism: the degrees ({named or 'all 1'}"
+            f"{f' x data_parallel_shard {shard}' if shard != -1 else ''}) must multiply to the "
+            f"number of processes, {world} (WORLD_SIZE = torchrun's --nnodes x "
+            f"--nproc_per_node); allowed: degrees whose product is {world}"
+            + (" with data_parallel_shard_degree -1 taking the rest" if shard == -1 else ""))
+
+
+def _install_checkpoint_checks(trainer) -> None:
+    """Record this run's resolved transform in every step folder and check it on resume."""
+    from torchtitan_ext.optical.transform import resolve_transform
+    from torchtitan_ext.titan.checkpointing import install
+    from torchtitan_ext.titan.converter import CONVERTER_NAME, transform_config_of
+    from torchtitan_ext.titan.job_config import Optical
+
+    job = trainer.job_config
+    optical = getattr(job, "optical", None) or Optical()
+    if CONVERTER_NAME in job.model.converters:
+        config = transform_config_of(job)
+        # Run options that change the numerics of a resumed run beyond the modules' settings.
+        options = {"quant_warmup_steps": optical.quant_warmup_steps,
+                   "sync_ranges": optical.sync_ranges}
+    else:
+        config, options = None, {}
+    record = resolve_transform(trainer.model_parts, config, options)
+    install(trainer.checkpointer, record, optical.allow_transform_change)
+
+
 def build_trainer_class():
+    from torch.distributed.elastic.multiprocessing.errors import record
     from torchtitan.tools.logging import logger
     from torchtitan.train import Trainer
 
@@ -78,11 +141,28 @@ def build_trainer_class():
 
         def __init__(self, job_config):
             super().__init__(job_config)
+            _install_checkpoint_checks(self)
             self._finite_flags = []
             if self._check_finite():
                 self.optimizers.register_step_pre_hook(
                     lambda *args, **kwargs: self._stop_if_nonfinite()
                 )
+
+        def train(self):
+            # torchtitan's train() carries torchelastic's @record, which copies an escaping
+            # exception's traceback into torchrun's failure summary. Bad input found here (no
+            # loadable checkpoint, a transform mismatch) leaves as one line and SystemExit(2)
+            # instead, which @record passes through; every other error keeps @record.
+            unrecorded = getattr(Trainer.train, "__wrapped__", Trainer.train)
+
+            @record
+            def run():
+                try:
+                    return unrecorded(self)
+                except OpticalConfigError as e:
+                    _exit_with_error(e)
+
+            return run()
 
         def forward_backward_step(self, *args, **kwargs):
             self._restore_pending_rng()
@@ -199,8 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         config = ConfigManager().parse_args(argv)
         preflight(config)
     except OpticalConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit_with_error(e)
     # torchtitan's own `main` parses sys.argv itself (its default argument is bound at import
     # time), so the extension drives the same steps with the config it already parsed.
     trainer = None
@@ -215,7 +294,11 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
-    except Exception:
+    except OpticalConfigError as e:  # e.g. a transform mismatch found while building
+        if trainer is not None:
+            trainer.close()
+        _exit_with_error(e)
+    except BaseException:  # SystemExit(2) from OpticalTrainer.train included
         if trainer is not None:
             trainer.close()
         raise
@@ -223,3 +306,12 @@ def main(argv: list[str] | None = None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     logger.info("Process group destroyed")
+
+
+def _exit_with_error(e: Exception) -> None:
+    """One line (plus a diff, where there is one) on stderr, from rank 0 only (every rank
+    reaches the same error), and exit code 2. Under torchrun the agent then prints its own
+    failure summary and exits 1."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -444,3 +444,43 @@ def test_export_cli_exits_nonzero(tmp_path):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 2 and "error: --checkpoint" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 17: the checkpoint's transform, damaged checkpoints, --out before loading
+
+
+def test_export_takes_the_checkpoint_transform_and_stops_on_a_change(exported, capsys, tmp_path):
+    from torchtitan_ext.titan.checkpoint_integrity import read_recorded_transform
+
+    assert read_recorded_transform(exported.ckpt)["transform"]  # the run recorded its transform
+    other = str(ROOT / "train_configs" / "transforms" / "optical_16levels.yaml")
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(exported.ckpt),
+                        "--out", str(tmp_path / "x"), "--optical.transform_config", other)
+    assert "differs from the transform" in err and "q_levels" in err and "16" in err
+    assert not (tmp_path / "x").exists()
+    hf_export.main(["--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
+                    str(tmp_path / "y"), "--optical.transform_config", other,
+                    "--optical.allow_transform_change"])
+    card = (tmp_path / "y" / "README.md").read_text()
+    assert "Transform changed at export" in card and "checkpoint 256, exported 16" in card
+    assert "q_levels: 16" in (tmp_path / "y" / TRANSFORM_FILE).read_text()
+
+
+def test_export_damaged_checkpoint_and_unwritable_out_fail_fast(exported, capsys, tmp_path,
+                                                                monkeypatch):
+    import shutil
+
+    bad = tmp_path / "step-4"
+    shutil.copytree(exported.ckpt, bad)
+    shard = sorted(bad.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(bad), "--out",
+                        str(tmp_path / "x"))
+    assert "cannot be loaded" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(hf_export, "load_titan_checkpoint",
+                        lambda *a, **k: pytest.fail("read the checkpoint before checking --out"))
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
+                        str(tmp_path / "afile" / "out"))
+    assert "--out" in err and "is not a folder" in err

@@ -20,7 +20,9 @@ from torchtitan_ext.titan.hf_adapter import RANGE_SUFFIX
 
 from .errors import ExportError
 
-__all__ = ["TitanCheckpoint", "load_job_config", "check_checkpoint_path", "load_titan_checkpoint"]
+__all__ = ["TitanCheckpoint", "load_job_config", "check_checkpoint_path", "verify_checkpoint",
+           "checkpoint_transform", "load_titan_checkpoint"]
+_TRANSFORM_FLAGS = ("--optical.transform_config", "--optical.transform-config")
 
 # Top-level entries of a torchtitan DCP checkpoint that are not model state.
 _NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.", "ft_")
@@ -40,6 +42,9 @@ class TitanCheckpoint:
     report: Any = None  # TransformReport on the torchtitan model
     candidates: list[str] = field(default_factory=list)
     ignored_ranges: list[str] = field(default_factory=list)
+    # (module, key, checkpoint value, exported value) when --optical.allow_transform_change let
+    # an explicit transform differ from the one recorded in the checkpoint
+    transform_change: list[tuple] = field(default_factory=list)
 
     @property
     def step(self) -> int | None:
@@ -77,6 +82,49 @@ def check_checkpoint_path(path: Path) -> None:
         f"--checkpoint: {str(path)!r} is not a torchtitan DCP checkpoint (no .metadata file); "
         f"expected a folder like outputs/<dump>/checkpoint/step-N{hint}"
     )
+
+
+def verify_checkpoint(path: Path) -> None:
+    """The step folder's structure and checksum manifest (`titan.checkpoint_integrity`), before
+    anything is loaded."""
+    from torchtitan_ext.titan.checkpoint_integrity import verify_step
+
+    reason = verify_step(path)
+    if reason is not None:
+        raise ExportError(f"--checkpoint: {str(path)!r} cannot be loaded: {reason}")
+
+
+def _explicit_transform(overrides: Sequence[str]) -> bool:
+    return any(a.split("=")[0] in _TRANSFORM_FLAGS for a in overrides)
+
+
+def checkpoint_transform(path: Path, job_config, overrides: Sequence[str]):
+    """(TransformConfig to export with or None for the job config's, diff rows).
+
+    The transform recorded in the checkpoint is the default. An explicit
+    `--optical.transform_config` that resolves to other module settings stops (ExportError with
+    the differences) unless `--optical.allow_transform_change`; then the rows are returned for
+    the model card. Checkpoints without a record (older runs) use the job config's transform."""
+    from torchtitan_ext.optical.config import TransformConfig, format_transform_diff, transform_diff
+    from torchtitan_ext.optical.transform import resolve_transform
+    from torchtitan_ext.titan.checkpoint_integrity import RECORD_FILE, read_recorded_transform
+    from torchtitan_ext.titan.model import build_titan_model, is_optical
+
+    recorded = read_recorded_transform(path)
+    if recorded is None or not recorded.get("transform") or not is_optical(job_config):
+        return None, []
+    if not _explicit_transform(overrides):
+        return TransformConfig.from_dict(recorded["transform"], source=str(path / RECORD_FILE)), []
+    built = build_titan_model(job_config, device="meta", optical=True)
+    rows = [r for r in transform_diff(recorded, resolve_transform(built.model, built.transform))
+            if r[0] != "<options>"]  # run options (warm-up, range sync) do not reach an export
+    if rows and not getattr(job_config.optical, "allow_transform_change", False):
+        raise ExportError(
+            f"--optical.transform_config: {built.transform.source} differs from the transform "
+            f"checkpoint {str(path)!r} was trained with (module, key, checkpoint, given):\n"
+            f"{format_transform_diff(rows)}\nexport without --optical.transform_config to use the "
+            "checkpoint's, or pass --optical.allow_transform_change")
+    return built.transform, rows
 
 
 def _shape(t) -> list[int]:
@@ -158,9 +206,11 @@ def load_titan_checkpoint(config_path: str | os.PathLike | None, checkpoint: str
 
     path = Path(checkpoint)
     check_checkpoint_path(path)
+    verify_checkpoint(path)
     if job_config is None:
         job_config = load_job_config(config_path, overrides)
-    built = build_titan_model(job_config)
+    transform, change = checkpoint_transform(path, job_config, overrides)
+    built = build_titan_model(job_config, transform=transform)
     expected = dict(built.model.state_dict())
     stored = _stored_model_tensors(path)
     ignored = _check_tensors(path, job_config, expected, stored, built.transform)
@@ -171,4 +221,5 @@ def load_titan_checkpoint(config_path: str | os.PathLike | None, checkpoint: str
         job_config=job_config, args=built.args, declared_args=built.declared_args, path=path,
         state_dict=state_dict, optical=built.transform is not None, transform=built.transform,
         report=built.report, candidates=built.candidates, ignored_ranges=ignored,
+        transform_change=change,
     )

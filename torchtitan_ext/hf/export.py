@@ -111,7 +111,8 @@ def export(config, checkpoint, out, *, overwrite: bool = False, dtype: str = "fl
         weights=_hf_weights(ck, _DTYPES[dtype], hf_config),
         config=config_json(hf_config, optical=ck.optical), generation_config=gen,
         tokenizer_dir=job.model.hf_assets_path, require_tokenizer=True,
-        card=lambda files: model_card(ck, hf_config, files, histogram, notes, dtype),
+        card=lambda files: model_card(ck, hf_config, files, histogram, notes, dtype,
+                                      ck.transform_change),
         max_shard_bytes=max_shard_bytes, **parts,
     )
     write_hf_folder(out, content, overwrite=overwrite, replace="export")

@@ -50,14 +50,14 @@ def _use(optical: bool) -> list[str]:
 
 
 def model_card(ck, hf_config, files: list[str], histogram: str | None, notes: list[str],
-               dtype_name: str, transform_change: list[str] | None = None) -> str:
+               dtype_name: str, transform_change: list[tuple] | None = None) -> str:
     """The card: what the model is, how to load it, its transform histogram, how to continue."""
     lines = _header(ck, hf_config, dtype_name) + _use(ck.optical)
     if transform_change:
         lines += ["", "## Transform changed at export", "",
                   "The checkpoint was trained with another transform than the one exported "
                   "(`--optical.allow_transform_change`): module, key, checkpoint value, exported value:",
-                  ""] + [f"- {d}" for d in transform_change]
+                  ""] + [f"- `{m}` {k}: checkpoint {a!r}, exported {b!r}" for m, k, a, b in transform_change]
     if histogram:
         lines += ["", "```", histogram, "```"]
     if notes:

@@ -131,6 +131,8 @@ def check_out(out: str | os.PathLike, *, overwrite: bool, replace: str = "export
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     target = out if out.is_dir() else parent
+    if not target.is_dir():
+        raise HFFolderError(f"--out: {str(target)!r} is not a folder")
     if not os.access(target, os.W_OK | os.X_OK):
         raise HFFolderError(f"--out: {str(target)!r} is not writable")
     return out

@@ -56,14 +56,15 @@ def is_optical(job_config) -> bool:
 
 
 def build_titan_model(job_config, device: str | torch.device = "meta",
-                      optical: bool | None = None) -> BuiltModel:
-    """The run's model on `device`, transformed when the run is optical (or `optical=True`)."""
+                      optical: bool | None = None, transform=None) -> BuiltModel:
+    """The run's model on `device`, transformed when the run is optical (or `optical=True`),
+    with `transform` (a TransformConfig) instead of the job config's when given."""
     from torchtitan_ext.optical.transform import candidate_modules, transform_model
     from torchtitan_ext.titan.converter import transform_config_of
 
     spec, declared, args = spec_and_args(job_config)
     optical = is_optical(job_config) if optical is None else optical
-    tcfg = transform_config_of(job_config) if optical else None
+    tcfg = (transform or transform_config_of(job_config)) if optical else None
     with torch.device(device):
         model = spec.model_cls(args)
         candidates = list(candidate_modules(model).keys())

@@ -219,6 +219,12 @@ def test_optical_logits_equal_torchtitan_optical(exported):
           f"(exactly equal: {torch.equal(a, b)}); other seed: {_rel(c, b):.3g}; "
           f"vs digital: {_rel(digital, b):.3g}")
     assert rel < 1e-4
+    # The folder by name (auto_map, trust_remote_code) is the same optical model, bit for bit.
+    by_name = transformers.AutoModelForCausalLM.from_pretrained(exported.out, trust_remote_code=True,
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.manual_seed(1234)
+        assert torch.equal(by_name(tokens).logits, b)
     assert _rel(c, b) > 1e-4  # the noise is live: another seed gives other logits
     assert _rel(digital, b) > 1e-4  # and the model is optical
 

@@ -167,3 +167,21 @@ def test_writer_checks_writability_first(tmp_path):
     ro.chmod(0o555)
     with pytest.raises(HFFolderError, match="not writable"):
         write_hf_folder(ro / "out", _content(False))
+
+
+def test_rope_ordered_q_proj_runs_optical_linear_forward(folder):
+    """The q/k wrapper goes through OpticalLinear.forward: warm-up switch and clamp statistics."""
+    from torchtitan_ext.hf.transform import RopeOrderedOpticalLinear
+
+    q = _auto(folder).model.layers[0].self_attn.q_proj
+    assert isinstance(q, RopeOrderedOpticalLinear)
+    x = torch.randn(2, 5, 64)
+    q.optical_enabled = False  # the digital warm-up: plain F.linear
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.weight))
+    q.optical_enabled = True
+    assert not torch.equal(q(x), torch.nn.functional.linear(x, q.weight))
+    q.train()
+    q.collect_clamp_stats = True
+    with torch.no_grad():
+        q(x)
+    assert set(q.take_clamp_stats()) == set(q.CLAMP_NAMES)

@@ -16,7 +16,14 @@ Times: CUDA events around each iteration after warm-up, median of the repeats (M
 Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus what was allocated before it
 (the inputs and dY), so the figure counts outputs, saved tensors, temporaries and gradients.
 `--sweep` first times a few kernel configurations at L=4096 and benchmarks with the fastest.
+`--deterministic` also times the deterministic backward (semantics 6b: dQ without atomics, what
+`torch.use_deterministic_algorithms(True)` selects) on the same inputs: `det_fwdbwd_ratio` (to
+flash), `det_vs_atomic` (to the default optical fwd+bwd), its peak memory, and whether two of
+its backward calls gave identical bits (`det_bit_identical`).
 Each record: {case, B, L, H, D, fwdbwd_ratio, fwd_ratio, peak_mem_ratio, raw times (ms) and peaks}.
+
+    PYTHONPATH=$PWD python bench/attention.py --deterministic --lengths 2048,8192 \
+        --no-reference --out bench/results/attention-h200-deterministic.json
 """
 
 from __future__ import annotations
@@ -88,11 +95,14 @@ class Inputs:
                                    self.v_range, self.s_range, self.y_range, self.seeds,
                                    observe=True, **self.kw)
 
-    def optical_fwdbwd(self):
+    def optical_fwdbwd(self, deterministic=False):
         y, stats, obs = self.optical_fwd()
         return A.attention_backward(self.dy, self.q, self.k, self.v, y, stats, self.q_range,
                                     self.k_range, self.v_range, self.s_range, self.seeds,
-                                    clipped=False, **self.kw)
+                                    clipped=False, deterministic=deterministic, **self.kw)
+
+    def optical_det_fwdbwd(self):
+        return self.optical_fwdbwd(deterministic=True)
 
     def _leaves(self):
         return [t.detach().requires_grad_(True) for t in (self.q, self.k, self.v)]
@@ -178,8 +188,21 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
     return best, {k: {str(c): t for c, t in v.items()} for k, v in res.items()}
 
 
+def det_case(x, rec, warmup, reps):
+    """The deterministic backward's cost next to the atomic one, and its reproducibility."""
+    rec["optical_det_fwdbwd_ms"] = _events_median(x.optical_det_fwdbwd, warmup, reps)
+    rec["optical_det_peak_extra_mib"] = _peak_extra_mb(x.optical_det_fwdbwd)
+    rec["det_fwdbwd_ratio"] = rec["optical_det_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
+    rec["det_vs_atomic"] = rec["optical_det_fwdbwd_ms"] / rec["optical_fwdbwd_ms"]
+    g1, g2 = x.optical_det_fwdbwd(), x.optical_det_fwdbwd()
+    rec["det_bit_identical"] = all(torch.equal(a, b) for a, b in zip(g1, g2))
+    fast = x.optical_fwdbwd()
+    rec["det_dq_relerr_to_atomic"] = ((g1[0].float() - fast[0].float()).norm()
+                                      / fast[0].float().norm()).item()
+
+
 def bench_case(L, H=16, HKV=16, D=128, dtype=torch.bfloat16, reference=True, warmup=3, reps=10,
-               log=print):
+               log=print, deterministic=False):
     B = 32768 // L
     x = Inputs(B, H, HKV, L, D, dtype)
     rec = {"case": f"B{B}-L{L}-H{H}-Hkv{HKV}-D{D}-{str(dtype).split('.')[-1]}", "B": B, "L": L,
@@ -202,6 +225,8 @@ def bench_case(L, H=16, HKV=16, D=128, dtype=torch.bfloat16, reference=True, war
     rec["flash_fwdbwd_tflops"] = flops / rec["flash_fwdbwd_ms"] / 1e9
     rec["s_elements_per_ns_optical"] = B * H * L * (L + 1) / 2 / rec["optical_fwdbwd_ms"] / 1e6
     rec.update(tail_check(x))
+    if deterministic:
+        det_case(x, rec, warmup, reps)
     if reference:
         try:
             rec["reference_fwdbwd_ms"] = _events_median(x.reference_fwdbwd, 1, 2)
@@ -228,6 +253,8 @@ def main():
     ap.add_argument("--reference-max-len", type=int, default=4096,
                     help="skip the materialised reference above this L (O(B H L^2) memory)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also time the deterministic backward (dQ without atomics)")
     ap.add_argument("--head-dim", type=int, default=128, choices=A.SUPPORTED_HEAD_DIMS,
                     help="head dim D of every case and of the sweep")
     ap.add_argument("--sweep-len", type=int, default=4096,
@@ -249,7 +276,8 @@ def main():
     with A.override_configs(fwd=fwd_cfg, bwd=bwd_cfg):
         for L in [int(s) for s in args.lengths.split(",")]:
             rec = bench_case(L, HKV=args.hkv, D=args.head_dim, reps=args.reps,
-                             reference=not args.no_reference and L <= args.reference_max_len)
+                             reference=not args.no_reference and L <= args.reference_max_len,
+                             deterministic=args.deterministic)
             rec.update(meta)
             rec["fwd_config"] = list(fwd_cfg or A._FWD_CFG[args.head_dim])
             rec["bwd_config"] = list(bwd_cfg or A._BWD_CFG[args.head_dim])
@@ -270,6 +298,10 @@ def main():
         print(f" {r['L']:<6} {r['B']:<3} {r['fwdbwd_ratio']:>10.2f}x {r['fwd_ratio']:>9.2f}x "
               f"{r['peak_mem_ratio']:>12.2f}x {r['optical_fwdbwd_ms']:>11.2f} "
               f"{r['flash_fwdbwd_ms']:>9.2f}  {ref}")
+        if "det_fwdbwd_ratio" in r:
+            print(f"        deterministic: fwd+bwd {r['det_fwdbwd_ratio']:.2f}x flash, "
+                  f"{r['det_vs_atomic']:.2f}x the atomic path, "
+                  f"bit-identical: {r['det_bit_identical']}")
     print(f"written {args.out}")
 
 

@@ -226,7 +226,7 @@ def sweep(dtype):
                 try:
                     fn = lambda: klinear.linear_forward(  # noqa: E731
                         x, w, b, *ranges, seed, levels=LEVELS, lut=LUT, stream=0,
-                        index=klinear.LinearIndex.whole(M, N), observe=True, _noise=noise)
+                        index=klinear.LinearIndex.whole(M, N), observe=True, noise=noise)
                     fn()
                     ms = _median_ms(fn, rep_ms=100)
                     row[key] = ms / lin

@@ -1,22 +1,31 @@
 """Training throughput of optical flavors against their digital twins, measured in one run.
 
-Each case trains the same flavor twice through `run.py` (torchtitan's trainer), once with the
-`optical_transformer` converter and once without (train_configs/optical_<flavor>.toml vs
-digital_<flavor>.toml, identical otherwise), and reads torchtitan's own per-step metrics:
-tokens/s per GPU (`tps`) and peak reserved memory. Steps before `--skip` (compilation, warm-up)
-are left out; the figure is the median over the rest.
+Each case trains the same flavor through `run.py` (torchtitan's trainer) with the
+`optical_transformer` converter and without (train_configs/optical_<flavor>.toml vs
+digital_<flavor>.toml, identical otherwise), `--repeats` times each (default 3), alternating the
+modes (digital, optical, digital, optical, ...) in one machine start so that drift of the machine
+(clocks, other tenants) hits both alike, and reads torchtitan's own per-step metrics: tokens/s per
+GPU (`tps`) and peak reserved memory. Steps before `--skip` (compilation, warm-up) are left out; a
+run's figure is the median over the rest, a mode's the median over its repeats, reported with the
+repeats' min and max; the ratio's range is (optical min / digital max, optical max / digital min).
 
 Command used for bench/results/train-h200.json (one H200):
 
     python3 bench/train.py --flavors 60M 1.1B --steps 40 --out $OUT/train-h200.json
 
+With the repeats (median of 3 per mode, alternating, min/max reported):
+
+    python3 bench/train.py --flavors 60M 1.1B --steps 25 --skip 8 --repeats 3 \
+        --out $OUT/train-h200.json
+
 Several GPUs: `--nproc 4 --parallel "--parallelism.data_parallel_shard_degree 4"`.
 
-`--profile`: torchtitan's profiler records the last step of each run; the record then says how
-busy the GPU was during that step (the union of its kernels' intervals over the step's wall time:
-well under 1 means the step is host-bound) and which kernels took the GPU time. The profiler adds
-host time of its own, so read the busy fraction as an upper bound on host-boundness' absence, and
-take throughput from runs without it.
+`--profile`: torchtitan's profiler records the last step of the last repeat of each mode; the
+record then says how busy the GPU was during that step (the union of its kernels' intervals over
+the step's wall time: well under 1 means the step is host-bound) and which kernels took the GPU
+time. The profiler adds host time of its own, so read the busy fraction as an upper bound on
+host-boundness' absence; the throughput summary leaves profiled repeats out (unless no other
+repeat succeeded).
 """
 
 from __future__ import annotations
@@ -49,8 +58,9 @@ def parse(log: str) -> dict[int, tuple[float, float, float]]:
     return out
 
 
-def run_case(flavor: str, mode: str, args) -> dict:
-    dump = Path(args.workdir) / f"{mode}_{flavor}_{args.nproc}"
+def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = False) -> dict:
+    """One trainer run; its per-step metrics and the median tokens/s after `--skip`."""
+    dump = Path(args.workdir) / f"{mode}_{flavor}_{args.nproc}_r{repeat}"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
            "run.py", "--job.config_file", f"train_configs/{mode}_{flavor}.toml",
            "--training.steps", str(args.steps), "--metrics.log_freq", "1",
@@ -61,14 +71,15 @@ def run_case(flavor: str, mode: str, args) -> dict:
              if mode == "optical" else []),
            *(["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps),
               "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1"]
-             if args.profile else []),
+             if profile else []),
            *shlex.split(args.parallel), *shlex.split(args.extra)]
     start = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     wall = time.time() - start
     log = r.stdout + r.stderr
     steps = parse(log)
-    rec = {"flavor": flavor, "mode": mode, "nproc": args.nproc, "parallel": args.parallel,
+    rec = {"flavor": flavor, "mode": mode, "repeat": repeat, "profiled": profile,
+           "nproc": args.nproc, "parallel": args.parallel,
            "command": " ".join(cmd[1:]), "returncode": r.returncode, "wall_s": round(wall, 1)}
     if r.returncode != 0 or not steps:
         rec["error_tail"] = log[-3000:]
@@ -83,7 +94,7 @@ def run_case(flavor: str, mode: str, args) -> dict:
         # step: [loss, peak reserved GiB so far, tokens/s]
         "steps": {s: list(v) for s, v in sorted(steps.items())},
     })
-    if args.profile:
+    if profile:
         traces = sorted(dump.glob("profile_traces/iteration_*/rank0_trace.json"),
                         key=lambda t: int(t.parent.name.split("_")[1]))
         rec["profile"] = profile_summary(traces[-1]) if traces else "no trace written"
@@ -125,11 +136,52 @@ def profile_summary(trace: Path, top: int = 12) -> dict:
     }
 
 
+def schedule(modes: list[str], repeats: int, profile: bool) -> list[tuple[int, str, bool]]:
+    """(repeat, mode, profiled) in run order: the modes alternate within every repeat; only the
+    last repeat is profiled (with --profile)."""
+    return [(r, m, profile and r == repeats - 1) for r in range(repeats) for m in modes]
+
+
+def summarize_mode(runs: list[dict]) -> dict:
+    """Median, min and max over the repeats of one mode's per-run median tokens/s (profiled
+    repeats left out unless nothing else succeeded), and the largest peak memory."""
+    ok = [r for r in runs if r.get("tps_per_gpu_median")]
+    timed = [r for r in ok if not r.get("profiled")] or ok
+    tps = [r["tps_per_gpu_median"] for r in timed]
+    return {"repeats": len(runs), "repeats_ok": len(ok), "repeats_timed": len(tps),
+            "tps_per_gpu_median": statistics.median(tps) if tps else None,
+            "tps_per_gpu_min": min(tps) if tps else None,
+            "tps_per_gpu_max": max(tps) if tps else None,
+            "tps_per_gpu_runs": tps,
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in ok) if ok else None}
+
+
+def summarize_case(flavor: str, args, runs: dict[str, list[dict]]) -> dict:
+    """The record of one flavor: per-mode summaries, the optical/digital ratios with their range."""
+    modes = {m: summarize_mode(rs) for m, rs in runs.items()}
+    d, o = modes.get("digital", {}), modes.get("optical", {})
+    both = all(x.get("tps_per_gpu_median") for x in (d, o))
+    return {
+        "case": f"{flavor} x{args.nproc} {args.parallel}".strip(), "flavor": flavor,
+        "nproc": args.nproc, "repeats": args.repeats, **{f"{m}": s for m, s in modes.items()},
+        "optical_over_digital_tps": o["tps_per_gpu_median"] / d["tps_per_gpu_median"]
+        if both else None,
+        "optical_over_digital_tps_range": [o["tps_per_gpu_min"] / d["tps_per_gpu_max"],
+                                           o["tps_per_gpu_max"] / d["tps_per_gpu_min"]]
+        if both else None,
+        "optical_over_digital_memory": o["peak_memory_gib"] / d["peak_memory_gib"]
+        if d.get("peak_memory_gib") and o.get("peak_memory_gib") else None,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flavors", nargs="+", default=["60M", "1.1B"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--skip", type=int, default=10, help="steps left out of the median")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per mode, alternating the modes (>= 3 for a meaningful spread)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--parallel", default="", help="extra torchtitan parallelism flags")
     p.add_argument("--extra", default="", help="any other torchtitan flags for both modes")
@@ -138,26 +190,27 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["digital", "optical"],
                    choices=["digital", "optical"])
     p.add_argument("--profile", action="store_true",
-                   help="profile the last step: GPU busy fraction and top kernels")
+                   help="profile the last step of each mode's last repeat: GPU busy fraction "
+                        "and top kernels")
     p.add_argument("--out", default="bench/results/train-h200.json")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be an integer >= 1 (3 or more for a spread), got {args.repeats}")
     records = []
     for flavor in args.flavors:
-        pair = {mode: run_case(flavor, mode, args) for mode in args.modes}
-        d = pair.get("digital", {}).get("tps_per_gpu_median")
-        o = pair.get("optical", {}).get("tps_per_gpu_median")
-        summary = {"case": f"{flavor} x{args.nproc} {args.parallel}".strip(), "flavor": flavor,
-                   "nproc": args.nproc, "optical_over_digital_tps": (o / d) if o and d else None,
-                   "optical_over_digital_memory": (
-                       pair.get("optical", {}).get("peak_memory_gib", 0)
-                       / pair["digital"]["peak_memory_gib"])
-                   if pair.get("digital", {}).get("peak_memory_gib") else None,
-                   "runs": pair}
+        runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+        for repeat, mode, profiled in schedule(args.modes, args.repeats, args.profile):
+            rec = run_case(flavor, mode, args, repeat, profiled)
+            runs[mode].append(rec)
+            print(json.dumps({k: rec.get(k) for k in ("flavor", "mode", "repeat", "profiled",
+                                                        "returncode", "tps_per_gpu_median")}),
+                  flush=True)
+            if "error_tail" in rec:
+                print(f"--- {mode} {flavor} repeat {repeat} failed:\n{rec['error_tail']}",
+                      flush=True)
+        summary = summarize_case(flavor, args, runs)
         records.append(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
-        for mode, rec in pair.items():
-            if "error_tail" in rec:
-                print(f"--- {mode} {flavor} failed:\n{rec['error_tail']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(records, indent=1))
     print(f"wrote {args.out}")

@@ -70,6 +70,8 @@ def test_shipped_transform_files_load():
         ("{q_init_seed: -1}", "q_init_seed"),
         ("{q_bypass: 3}", "q_bypass"),
         ("{q_grad: sign}", "q_grad"),
+        ("{q_noise: 1}", "q_noise"),
+        ("{q_noise: 'off'}", "q_noise"),
         ("{q_levelz: 8}", "q_levelz"),
     ],
 )
@@ -79,6 +81,16 @@ def test_bad_values_name_the_key(tmp_path, entry, needle):
         load_transform_config(write(tmp_path, text))
     assert needle in str(e.value)
     assert "layers" in str(e.value)  # and where
+
+
+def test_q_noise_key(tmp_path):
+    text = "layer_name_to_config:\n  a: {q_noise: false}\n  b: {}\n"
+    cfg = load_transform_config(write(tmp_path, text))
+    assert cfg.match("a")[1].q_noise is False and cfg.match("b")[1].q_noise is True
+    assert cfg.to_dict()["layer_name_to_config"]["a"]["q_noise"] is False
+    with pytest.raises(OpticalConfigError, match=r"q_noise: must be true or false"):
+        load_transform_config(
+            write(tmp_path, "layer_name_to_config:\n  x: {q_noise: yes please}\n"))
 
 
 def test_allowed_values_are_spelled_out(tmp_path):

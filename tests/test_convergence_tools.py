@@ -70,3 +70,48 @@ def test_profile_summary_unions_overlapping_kernels_within_the_last_step(tmp_pat
     assert p["gpu_busy_fraction"] == 0.4
     assert p["kernel_launches"] == 3
     assert p["top_kernels_ms"][0] == ["_linear_fwd_kernel", 2, 0.3]
+
+
+def test_train_bench_alternates_modes_and_reports_median_and_spread(tmp_path, monkeypatch):
+    """bench/train.py --repeats: runs alternate digital/optical within each repeat, a mode's
+    figure is the median of its repeats' medians with min/max, profiled and failed repeats are
+    left out of the throughput (a profiled one only while another succeeded)."""
+    import json
+    import sys
+
+    bt = _bench_train()
+    assert bt.schedule(["digital", "optical"], 3, True) == [
+        (0, "digital", False), (0, "optical", False), (1, "digital", False),
+        (1, "optical", False), (2, "digital", True), (2, "optical", True)]
+    tps = {("digital", 0): 100.0, ("optical", 0): 60.0, ("digital", 1): 110.0,
+           ("optical", 1): 50.0, ("digital", 2): 90.0, ("optical", 2): 1.0}  # optical 2 profiled
+    order = []
+
+    def fake_run(flavor, mode, args, repeat=0, profile=False):
+        order.append((mode, repeat, profile))
+        if (mode, repeat) == ("digital", 1) and flavor == "bad":
+            return {"mode": mode, "repeat": repeat, "profiled": profile, "error_tail": "x"}
+        return {"mode": mode, "repeat": repeat, "profiled": profile,
+                "tps_per_gpu_median": tps[mode, repeat], "peak_memory_gib": 2.0 + repeat}
+
+    monkeypatch.setattr(bt, "run_case", fake_run)
+    out = tmp_path / "train.json"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--flavors", "60M", "bad", "--profile",
+                                      "--out", str(out)])
+    bt.main()
+    assert order[:6] == [("digital", 0, False), ("optical", 0, False), ("digital", 1, False),
+                         ("optical", 1, False), ("digital", 2, True), ("optical", 2, True)]
+    good, bad = json.loads(out.read_text())
+    d, o = good["digital"], good["optical"]
+    # profiled repeats (2) are not timed: digital median of 100, 110; optical of 60, 50
+    assert d["tps_per_gpu_runs"] == [100.0, 110.0] and d["tps_per_gpu_median"] == 105.0
+    assert (o["tps_per_gpu_min"], o["tps_per_gpu_max"], o["tps_per_gpu_median"]) == (50, 60, 55)
+    assert good["optical_over_digital_tps"] == 55 / 105
+    assert good["optical_over_digital_tps_range"] == [50 / 110, 60 / 100]
+    assert d["peak_memory_gib"] == 4.0 and good["optical_over_digital_memory"] == 1.0
+    assert bad["digital"]["repeats_ok"] == 2 and bad["digital"]["tps_per_gpu_runs"] == [100.0]
+    assert len(good["runs"]["optical"]) == 3
+    # only profiled runs succeeded: they are used rather than nothing
+    only = bt.summarize_mode([{"tps_per_gpu_median": 7.0, "profiled": True,
+                               "peak_memory_gib": 1.0}, {"error_tail": "x"}])
+    assert only["tps_per_gpu_median"] == 7.0 and only["repeats_timed"] == 1

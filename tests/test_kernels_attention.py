@@ -51,10 +51,11 @@ class Case:
 
     def __init__(self, device, *, B=1, H=2, HKV=1, L=32, D=64, dtype=torch.bfloat16, causal=True,
                  bo=1, ho=2, levels=LEVELS, lut=LUT, ranges=True, seed=0, shrink=0.9, Lq=None,
-                 q_start=None, kpm=None):
+                 q_start=None, kpm=None, noise=True):
         """L is the key length; Lq query rows (default L) at q_start (default L - Lq); kpm a
         bool [B, L] key padding mask or None."""
         g = torch.Generator(device="cpu").manual_seed(seed)
+        self.noise = noise  # q_noise: false -> Q_s, Q_y deterministic
         Lq = L if Lq is None else Lq
         self.q_start = L - Lq if q_start is None else q_start
         self.Lq = Lq
@@ -97,7 +98,7 @@ class Case:
             cpu(self.q), cpu(self.k), cpu(self.v), cpu(self.q_range), cpu(self.k_range),
             cpu(self.v_range), cpu(self.s_range), cpu(self.y_range), levels=self.levels,
             lut=self.lut, seeds=cpu(self.seeds), stream=STREAM, scale=self.scale,
-            causal=self.causal, s_index_map=smap, y_index_map=ymap,
+            causal=self.causal, s_index_map=smap, y_index_map=ymap, noise=self.noise,
             key_padding_mask=None if self.kpm is None else cpu(self.kpm), q_start=self.q_start)
         self.ref_on_device = not on_cpu
         return {k: v.to(self.q.device) for k, v in out.items()}
@@ -110,7 +111,7 @@ class Case:
     def kw(self):
         kw = dict(levels=self.levels, lut=self.lut, stream=STREAM, scale=self.scale,
                   causal=self.causal, batch_offset=self.bo, batch_global=self.Bg,
-                  head_offset=self.ho, heads_global=self.Hg)
+                  head_offset=self.ho, heads_global=self.Hg, noise=self.noise)
         if self.kpm is not None or self.q_start:  # the training call passes neither
             kw.update(key_padding_mask=self.kpm, q_start=self.q_start)
         return kw
@@ -120,10 +121,10 @@ class Case:
                                    self.s_range, self.y_range, self.seeds, observe=observe,
                                    **self.kw())
 
-    def backward(self, y, stats, clipped):
+    def backward(self, y, stats, clipped, deterministic=None):
         return A.attention_backward(self.dy, self.q, self.k, self.v, y, stats, self.q_range,
                                     self.k_range, self.v_range, self.s_range, self.seeds,
-                                    clipped=clipped, **self.kw())
+                                    clipped=clipped, deterministic=deterministic, **self.kw())
 
     def y_level(self):
         lo, hi = self.y_range.tolist()
@@ -303,6 +304,86 @@ def test_seeds_and_determinism(kernel_device):
     assert not torch.equal(y1, y3)  # Q_y noise changed
 
 
+@pytest.mark.parametrize("dtype, L, group, causal", [
+    (torch.bfloat16, 37, 2, True), (torch.float16, 50, 1, False), (torch.bfloat16, 1, 1, True)])
+def test_q_noise_off_matches_reference(kernel_device, dtype, L, group, causal):
+    # q_noise: false -- Q_s and Q_y round deterministically in forward and backward.
+    case = Case(kernel_device, H=2, HKV=2 // group, L=L, dtype=dtype, causal=causal, seed=40 + L,
+                noise=False)
+    run_full(case)
+
+
+def test_q_noise_off_is_det_and_seed_free(kernel_device):
+    # 4 levels: with noise on, Q_y is mostly noise; off, kernel and reference agree exactly,
+    # differ from the noisy result, and the seeds change nothing.
+    case = Case(kernel_device, H=2, HKV=1, L=36, levels=4, seed=41, noise=False)
+    ref, y, stats, grads = run_full(case)
+    assert (y.float() == ref["y"].float()).float().mean() > 0.99
+    case.seeds = case.seeds + 12345
+    y2, stats2, _ = case.forward()
+    assert torch.equal(y, y2) and torch.equal(stats, stats2)
+    assert torch.equal(grads[0], case.backward(y2, stats2, False)[0])
+    case.noise = True
+    y_noisy, _, _ = case.forward()
+    assert (y_noisy.float() != y.float()).float().mean() > 0.2
+    # the reference's noise-off forward is the det computation of section 3, step by step
+    cpu = lambda t: t.detach().cpu()
+    q, k, v = cpu(case.q), cpu(case.k), cpu(case.v)
+    s = R.quantize(R.quantize(q, cpu(case.q_range), 4).float()
+                   @ R.quantize(k, cpu(case.k_range), 4, lut=LUT).float().transpose(-1, -2),
+                   cpu(case.s_range), 4)
+    mask = R._causal_mask(case.L, case.L, "cpu")
+    p = torch.softmax((s * case.scale).masked_fill(~mask, float("-inf")), -1)
+    pq = R.quantize(p, torch.tensor(R.P_RANGE), 4)
+    y_det = R.quantize(pq @ R.quantize(v, cpu(case.v_range), 4, lut=LUT).float(),
+                       cpu(case.y_range), 4).to(q.dtype)
+    assert torch.equal(ref["y"].cpu(), y_det)
+
+
+@pytest.mark.parametrize("L, H, HKV, causal, clipped, dtype, D, noise", [
+    (37, 4, 2, True, False, torch.bfloat16, 64, True),
+    (50, 2, 1, False, True, torch.float16, 128, True),
+    (1, 2, 2, True, False, torch.bfloat16, 32, True),
+    (33, 2, 1, True, True, torch.bfloat16, 64, False),
+])
+def test_deterministic_backward_matches_reference(kernel_device, L, H, HKV, causal, clipped,
+                                                  dtype, D, noise):
+    # The dQ pass without atomics (semantics 6b): the reference's gradients within the usual
+    # tolerances, dK and dV exactly those of the fast path, bit-identical from call to call.
+    case = Case(kernel_device, H=H, HKV=HKV, L=L, D=D, dtype=dtype, causal=causal,
+                seed=60 + L, shrink=0.7 if clipped else 0.9, noise=noise)
+    ref = case.reference()
+    y, stats, _ = case.forward()
+    grads = case.backward(y, stats, clipped, deterministic=True)
+    check_grads(grads, case.reference_backward(ref, clipped))
+    fast = case.backward(y, stats, clipped, deterministic=False)
+    assert torch.equal(grads[1], fast[1]) and torch.equal(grads[2], fast[2])
+    # the same terms summed in another order (a wrong S tile, e.g. other noise words, gives
+    # ~3e-3 here)
+    assert _relerr(grads[0].float(), fast[0].float()) < 1e-3
+    again = case.backward(y, stats, clipped, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+def test_deterministic_flag_is_read_at_call_time(kernel_device, monkeypatch):
+    # deterministic=None follows torch.are_deterministic_algorithms_enabled() at call time.
+    case = Case(kernel_device, H=2, HKV=1, L=24, seed=70)
+    y, stats, _ = case.forward()
+    calls = []
+    real = A._dq_deterministic
+    monkeypatch.setattr(A, "_dq_deterministic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case.backward(y, stats, False)
+    assert calls == []
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = case.backward(y, stats, False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert calls == [1]
+    assert torch.equal(det[0], case.backward(y, stats, False, deterministic=True)[0])
+
+
 def test_observe_off(kernel_device):
     case = Case(kernel_device, H=2, HKV=1, L=20, seed=13)
     y, _, obs = case.forward(observe=False)
@@ -354,8 +435,8 @@ def test_errors(kernel_device):
 # --------------------------------------------------------------------------------------------
 # key padding mask and cached decoding (issue 15)
 # --------------------------------------------------------------------------------------------
-def _pad_mask(B, L, left, right, seed=0):
-    """bool [B, L]: sequence b has left[b] pad keys in front and right[b] behind (True = visible)."""
+def _pad_mask(B, L, left, right):
+    """bool [B, L]: sequence b has left[b] pad keys in front, right[b] behind (True = visible)."""
     j = torch.arange(L)[None, :]
     lt = torch.tensor(left)[:, None]
     rt = torch.tensor(right)[:, None]
@@ -427,6 +508,49 @@ def test_chunked_prefill_padded_noise_bits(kernel_device):
     assert (y.float() == ref["y"].float()).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("shape", ["left_pad", "decode", "chunk_pad", "chunk_non_causal"])
+def test_padding_and_cache_deterministic_dq(kernel_device, shape):
+    """The deterministic dQ pass (no atomics) with key mask and q_start: equals the reference
+    and the atomic path; dead rows get dq = 0."""
+    kpm = _pad_mask(2, 21, [4, 0], [0, 3])
+    kw = {"left_pad": dict(L=21, kpm=kpm), "decode": dict(L=21, Lq=1, kpm=kpm),
+          "chunk_pad": dict(L=21, Lq=5, q_start=13, kpm=kpm),
+          "chunk_non_causal": dict(L=21, Lq=6, q_start=2, kpm=kpm, causal=False)}[shape]
+    case = Case(kernel_device, B=2, H=4, HKV=2, seed=80, **kw)
+    ref = case.reference()
+    y, stats, _ = case.forward()
+    grads = case.backward(y, stats, False, deterministic=True)
+    check_grads(grads, case.reference_backward(ref, False))
+    check_padding(case, y, stats, grads)
+    fast = case.backward(y, stats, False, deterministic=False)
+    assert torch.equal(grads[1], fast[1]) and torch.equal(grads[2], fast[2])
+    assert _relerr(grads[0].float(), fast[0].float()) < 1e-2
+
+
+def _step(case, t0, t1):
+    """The kernel on query rows [t0, t1) over keys [0, t1) (a cached step at q_start = t0)."""
+    kw = case.kw()
+    kw.update(q_start=t0, key_padding_mask=None if case.kpm is None else case.kpm[:, :t1])
+    return A.attention_forward(case.q[:, :, t0:t1], case.k[:, :, :t1], case.v[:, :, :t1],
+                               case.q_range, case.k_range, case.v_range, case.s_range,
+                               case.y_range, case.seeds, observe=False, **kw)
+
+
+def test_kernel_cached_decoding_equals_full_forward_noise_off(kernel_device):
+    """Prefix, a chunk and single decode steps (q_start = t) reproduce the full forward's rows
+    with the read-out noise off (up to accumulation order: one Q_y level at most)."""
+    kpm = _pad_mask(2, 23, [5, 0], [0, 0])
+    case = Case(kernel_device, B=2, H=4, HKV=2, L=23, seed=90, kpm=kpm, noise=False)
+    y_full, s_full, _ = case.forward(observe=False)
+    parts = [_step(case, 0, 8), _step(case, 8, 13)] + [_step(case, t, t + 1) for t in range(13, 23)]
+    y = torch.cat([p[0] for p in parts], 2)
+    stats = torch.cat([p[1] for p in parts], 2)
+    check_y(case, y, y_full)
+    assert torch.equal(torch.isinf(stats), torch.isinf(s_full))
+    fin = torch.isfinite(s_full)
+    assert (stats[fin] - s_full[fin]).abs().max() < 1e-3
+
+
 def test_training_path_unchanged_by_defaults(kernel_device):
     # explicit mask=None, q_start=0 is the training call, bit for bit
     case = Case(kernel_device, H=2, HKV=1, L=40, seed=71)
@@ -481,6 +605,74 @@ def test_gpu_realistic_clipped_d64_fp16():
     run_full(case, clipped=True)
 
 
+def _random_left_padding(B, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randint(0, L // 2, (B,), generator=g).tolist()
+    left[0] = 0  # one full sequence
+    return _pad_mask(B, L, left, [0] * B)
+
+
+@gpu
+@pytest.mark.parametrize("hkv", [8, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_key_padding_realistic(hkv, dtype):
+    kpm = _random_left_padding(4, 1024, 31)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=hkv, L=1024, D=64, dtype=dtype, seed=31,
+                kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+    det = case.backward(y, stats, False, deterministic=True)
+    check_grads(det, case.reference_backward(ref, False))
+
+
+@gpu
+@pytest.mark.parametrize("L", [1023, 1024, 4096])
+def test_gpu_decode_realistic(L):
+    kpm = _random_left_padding(4, L, 32)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=2, L=L, Lq=1, D=128, seed=32, kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@gpu
+def test_gpu_chunked_prefill_realistic():
+    kpm = _pad_mask(4, 1000, [0, 17, 300, 999], [0, 0, 0, 0])
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=4, L=1000, Lq=100, q_start=900, D=64,
+                dtype=torch.float16, seed=33, kpm=kpm)
+    ref, y, stats, grads = run_full(case)
+    check_padding(case, y, stats, grads)
+
+
+@gpu
+def test_gpu_cached_decoding_equals_full_forward_noise_off():
+    kpm = _random_left_padding(4, 1024, 34)
+    case = Case(torch.device("cuda"), B=4, H=8, HKV=2, L=1024, D=64, seed=34, kpm=kpm,
+                noise=False)
+    y_full, _, _ = case.forward(observe=False)
+    parts = [_step(case, 0, 1000)] + [_step(case, t, t + 1) for t in range(1000, 1024)]
+    check_y(case, torch.cat([p[0] for p in parts], 2), y_full)
+
+
+@gpu
+def test_gpu_padding_and_decode_no_host_sync():
+    kpm = _random_left_padding(2, 2048, 35)
+    case = Case(torch.device("cuda"), B=2, H=16, HKV=4, L=2048, Lq=1, D=128, seed=35, kpm=kpm)
+    full = Case(torch.device("cuda"), B=2, H=16, HKV=4, L=2048, D=128, seed=35, kpm=kpm)
+    for c in (case, full):  # compile outside the checked region
+        y, s, _ = c.forward()
+        c.backward(y, s, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in (case, full):
+            y, s, _ = c.forward(observe=True)
+            dq, dk, dv = c.backward(y, s, True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dq.float()).all()
+
+
 @gpu
 def test_gpu_recompute_bit_identical():
     case = Case(torch.device("cuda"), B=2, H=16, HKV=16, L=2048, D=128, seed=23)
@@ -493,6 +685,29 @@ def test_gpu_recompute_bit_identical():
     # dK, dV are accumulated in registers: identical. dQ uses float32 atomics: order may vary.
     assert torch.equal(g1[1], g2[1]) and torch.equal(g1[2], g2[2])
     assert _relerr(g1[0].float(), g2[0].float()) < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("hkv, clipped", [(16, False), (4, True)])
+def test_gpu_deterministic_backward_bit_identical(hkv, clipped):
+    # Semantics 6b on the GPU: two backward calls of the deterministic path give the same bits
+    # (the fast path's dQ atomics need not), and match the reference within tolerance.
+    case = Case(torch.device("cuda"), B=2, H=16, HKV=hkv, L=2048, D=128, seed=25)
+    ref = case.reference()
+    y, s, _ = case.forward()
+    g1 = case.backward(y, s, clipped, deterministic=True)
+    torch.cuda.synchronize()
+    g2 = case.backward(y, s, clipped, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    check_grads(g1, case.reference_backward(ref, clipped))
+    fast = case.backward(y, s, clipped, deterministic=False)
+    assert torch.equal(g1[1], fast[1]) and torch.equal(g1[2], fast[2])
+    assert _relerr(g1[0].float(), fast[0].float()) < 1e-3
+    torch.cuda.set_sync_debug_mode("error")  # the deterministic path syncs no more than the fast
+    try:
+        case.backward(y, s, clipped, deterministic=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @gpu

@@ -70,11 +70,11 @@ def _level_mismatches(y, yr, out_range, levels, allowed_fraction=1e-3):
 
 
 def _ref_linear(x, w, b, ranges, seed, *, levels, lut, stream, index_map=None,
-                quantize_output=True):
+                quantize_output=True, noise=True):
     return ref.optical_linear_forward(
         x.cpu(), w.cpu(), b.cpu() if b is not None else None, *[r.cpu() for r in ranges],
         levels=levels, lut=lut, seed=seed.cpu().reshape(()), stream=stream,
-        index_map=index_map, quantize_output=quantize_output,
+        index_map=index_map, quantize_output=quantize_output, noise=noise,
     )
 
 
@@ -119,6 +119,30 @@ def test_forward_matches_reference(kernel_device, M, K, N, dtype, bias, lut, lev
     mr = ref.clamp_mask(acc, ranges[2].cpu())
     assert mask.dtype == torch.bool
     assert int((mask.cpu() != mr).sum()) <= 2
+
+
+@pytest.mark.parametrize("M,K,N,dtype", [(37, 70, 45, torch.float32), (29, 13, 44, torch.bfloat16),
+                                          (1, 19, 33, torch.bfloat16)])
+def test_q_noise_off_matches_reference_and_det(kernel_device, M, K, N, dtype):
+    # q_noise: false -- Q_out rounds deterministically: kernel == reference, independent of the
+    # seed, and the reference equals the det pipeline Q_out(Q_x(x) @ Q_w(W)^T) + b by hand.
+    dev, levels = kernel_device, 4  # few levels: noise would move most outputs
+    x, w, b = _inputs(M, K, N, dtype, dev, gen_seed=M + K + N)
+    ranges = _ranges_from_data(x, w, dev)
+    kw = dict(levels=levels, lut=0.05, stream=3, index=LinearIndex.whole(M, N), observe=False)
+    y, _, _ = klinear.linear_forward(x, w, b, *ranges, _seed(dev, 5), noise=False, **kw)
+    y2, _, _ = klinear.linear_forward(x, w, b, *ranges, _seed(dev, 6), noise=False, **kw)
+    assert torch.equal(y, y2)
+    yr, acc = _ref_linear(x, w, b, ranges, _seed(dev, 5), levels=levels, lut=0.05, stream=3,
+                          noise=False)
+    _level_mismatches(y.cpu(), yr, ranges[2].cpu(), levels)
+    r = [t.cpu() for t in ranges]
+    xq = ref.quantize(x.cpu(), r[0], levels).float()
+    wq = ref.quantize(w.cpu(), r[1], levels, lut=0.05).float()
+    det = (ref.quantize(xq @ wq.t(), r[2], levels) + b.cpu().float()).to(dtype)
+    assert torch.equal(yr, det)
+    y_noisy, _, _ = klinear.linear_forward(x, w, b, *ranges, _seed(dev, 5), noise=True, **kw)
+    assert (y_noisy != y).sum() >= 3  # the switch matters
 
 
 def test_forward_quantized_operands_exact(kernel_device):

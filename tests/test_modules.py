@@ -136,6 +136,29 @@ def test_attention_module_matches_reference_and_gqa():
     assert torch.equal(y, fwd["y"])
 
 
+def test_q_noise_off_modules_round_deterministically():
+    # q_noise: false reaches the ops: outputs equal the det reference whatever the drawn seeds.
+    lin, x = calibrated_linear(QuantizerConfig(q_levels=4, q_noise=False))
+    lin.eval()
+    y = lin(x)
+    assert torch.equal(y, lin(x))  # a second forward draws other seeds
+    xr, wr, outr = lin.optical_ranges
+    acc = R.quantize(x, xr, 4).float() @ R.quantize(lin.weight, wr, 4, lut=0.02004).float().t()
+    assert torch.equal(y, R.quantize(acc, outr, 4) + lin.bias)
+    torch.manual_seed(4)
+    att = OpticalAttention(QuantizerConfig(q_levels=4, q_noise=False))
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    att(q, k, v)
+    update_ranges(att)
+    att.eval()
+    y = att(q, k, v)
+    r = att.optical_ranges
+    fwd = R.optical_attention_forward(q, k, v, r[0], r[1], r[2], r[3], r[4], levels=4,
+                                      lut=0.02004, seeds=(1, 2), stream=0, noise=False)
+    assert torch.equal(y, fwd["y"]) and torch.equal(y, att(q, k, v))
+    assert "no noise" in repr(att)
+
+
 def test_module_forward_compiles_without_graph_breaks():
     torch._dynamo.reset()
     lin, x = calibrated_linear()
@@ -222,3 +245,82 @@ def test_digital_warmup_switch_observes_ranges_and_computes_digitally():
     stats = range_statistics(lin)
     assert {"optical/OpticalLinear/x_lo", "optical/OpticalLinear/w_hi"} <= set(stats)
     assert not any("clamp" in k for k in stats)  # nothing collected: no clamp statistics
+
+
+# --------------------------------------------------------------------------------------------
+# Key padding mask and KV-cache decoding through the module (issue 15)
+# --------------------------------------------------------------------------------------------
+def _calibrated_attention(cfg, q, k, v):
+    att = OpticalAttention(cfg)
+    att(q, k, v)
+    update_ranges(att)
+    return att.eval()
+
+
+def test_attention_module_padding_and_cache_match_reference():
+    torch.manual_seed(6)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    att = _calibrated_attention(QuantizerConfig(q_levels=32), q, k, v)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    state = torch.get_rng_state()
+    y = att(q[:, :, 6:], k, v, key_padding_mask=mask, q_start=6)
+    torch.set_rng_state(state)
+    seeds = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    r = att.optical_ranges
+    fwd = R.optical_attention_forward(q[:, :, 6:], k, v, *r, levels=32, lut=0.02004, seeds=seeds,
+                                      stream=0, key_padding_mask=mask, q_start=6)
+    assert torch.equal(y, fwd["y"])
+
+
+def test_attention_module_cached_decoding_equals_full_forward_with_q_noise_off():
+    torch.manual_seed(7)
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    att = _calibrated_attention(QuantizerConfig(q_levels=64, q_noise=False), q, k, v)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :4] = False  # left padding
+    full = att(q, k, v, key_padding_mask=mask)
+    steps = [att(q[:, :, :3], k[:, :, :3], v[:, :, :3], key_padding_mask=mask[:, :3])]
+    for t in range(3, 10):
+        steps.append(att(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                         key_padding_mask=mask[:, :t + 1], q_start=t))
+    cached = torch.cat(steps, 2)
+    level = float(att.optical_ranges[4, 1] - att.optical_ranges[4, 0]) / 63
+    assert (cached - full).abs().max() <= level * 1.001
+    assert (full[1, :, :4] == 0).all() and (cached[1, :, :4] == 0).all()
+
+
+def test_attention_module_bypass_honours_the_mask():
+    torch.manual_seed(8)
+    att = OpticalAttention(QuantizerConfig(q_bypass=True))
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :6] = False  # row 4 (q_start 4) of sequence 0 sees nothing visible
+    y = att(q, k, v, key_padding_mask=mask, q_start=4)
+    assert torch.isfinite(y).all() and (y[0, :, 0] == 0).all()
+    vis = R.attention_visibility(2, 3, 7, causal=True, q_start=4, key_padding_mask=mask,
+                                 device="cpu")
+    logits = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~vis, float("-inf"))
+    ref = torch.softmax(logits, -1).nan_to_num(0.0) @ v
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_attention_module_argument_errors():
+    att = OpticalAttention(QuantizerConfig())
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="q_start"):
+        att(q, k, k, q_start=3)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        att(q, k, k, q_start=2, key_padding_mask=torch.ones(1, 5, dtype=torch.long))
+
+
+def test_attention_module_with_mask_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    att = OpticalAttention(QuantizerConfig())
+    q = torch.randn(2, 2, 3, 8, requires_grad=True)
+    k, v = torch.randn(2, 1, 6, 8), torch.randn(2, 1, 6, 8)
+    mask = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    fn = torch.compile(lambda q, k, v, m: att(q, k, v, key_padding_mask=m, q_start=3).sum(),
+                       fullgraph=True, backend="aot_eager")
+    fn(q, k, v, mask).backward()
+    assert torch.isfinite(q.grad).all()

@@ -34,9 +34,10 @@ def _seed(device, n=1):
     return torch.arange(7, 7 + n, dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize("save_mask", [False, True])
-@pytest.mark.parametrize("quantize_output", [True, False])
-def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output):
+@pytest.mark.parametrize("save_mask, quantize_output, noise", [
+    (False, True, True), (True, True, True), (False, False, True), (True, False, True),
+    (True, True, False)])
+def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output, noise):
     dev = kernel_device
     x = torch.randn(2, 5, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(7, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -44,7 +45,7 @@ def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output
     index = ops.linear_index(x.shape, 7)
     clipped = save_mask and quantize_output  # the mask exists only with Q_out
     args = (x, w, b, _ranges(3, dev), _seed(dev), 16, 0.02, 3, index, True, quantize_output,
-            clipped, None)
+            clipped, None, noise)
     torch.library.opcheck(torch.ops.optical.linear.default, args, test_utils=OPCHECKS_AUTOGRAD)
     with torch.no_grad():
         _, _, mask = torch.ops.optical.linear(*args)
@@ -65,8 +66,8 @@ def test_quantize_op_passes_opcheck(mode, kernel_device, noisy):
     torch.library.opcheck(torch.ops.optical.quantize.default, args, test_utils=OPCHECKS_AUTOGRAD)
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_attention_ops_pass_opcheck(mode, kernel_device, cached):
+@pytest.mark.parametrize("cached, noise", [(False, True), (False, False), (True, True)])
+def test_attention_ops_pass_opcheck(mode, kernel_device, cached, noise):
     # cached: a padded chunk of 5 query rows at q_start 19 over 24 keys (Tensor? key_mask,
     # int q_start); else the training call (no mask, q_start 0)
     dev = kernel_device
@@ -77,14 +78,14 @@ def test_attention_ops_pass_opcheck(mode, kernel_device, cached):
     mask = torch.arange(lk, device=dev)[None, :] >= torch.tensor([[3], [0]], device=dev)
     key_mask, q_start = (mask, lk - lq) if cached else (None, 0)
     args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 2, 0, 4],
-            True, False, key_mask, q_start)
+            True, False, noise, key_mask, q_start)
     torch.library.opcheck(torch.ops.optical.attention.default, args,
                           test_utils=OPCHECKS_AUTOGRAD)
     with torch.no_grad():
         y, stats, _ = torch.ops.optical.attention(*args)
     q, k, v = q.detach(), k.detach(), v.detach()
     bargs = (torch.randn_like(y), q, k, v, y, stats, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0,
-             0.125, True, [0, 2, 0, 4], False, key_mask, q_start)
+             0.125, True, [0, 2, 0, 4], False, noise, key_mask, q_start)
     torch.library.opcheck(torch.ops.optical.attention_backward.default, bargs,
                           test_utils=OPCHECKS)
 
@@ -149,6 +150,31 @@ def test_straight_through_gradients_through_the_op():
     assert torch.allclose(x.grad, gy @ w.detach(), atol=1e-6)
     assert torch.allclose(w.grad, gy.t() @ x.detach(), atol=1e-6)
     assert torch.allclose(b.grad, gy.sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_noise_off_through_the_ops(mode, kernel_device, dtype):
+    # noise=False: the ops (kernel or reference path, fp32 attention takes the reference) give
+    # seed-independent results equal to the reference's det computation.
+    dev = kernel_device
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 10, generator=g).to(device=dev, dtype=dtype)
+    w = torch.randn(6, 10, generator=g).to(device=dev, dtype=dtype)
+    ranges = _ranges(3, dev, -3.0, 3.0)
+    lin = lambda s: ops.optical_linear(x, w, None, ranges, _seed(dev) + s, levels=4, lut=None,
+                                       stream=0, index=ops.linear_index(x.shape, 6),
+                                       observe=False, noise=False)[0]
+    y = lin(0)
+    assert torch.equal(y, lin(99))
+    yr, _ = ops.ref.optical_linear_forward(x.cpu().reshape(6, 10), w.cpu(), None,
+                                           *ranges.cpu(), levels=4, lut=None, seed=0, stream=0,
+                                           noise=False)
+    assert (y.cpu().reshape(6, 6) != yr).float().mean() <= 2 / 36  # accumulation-order flips
+    q, k, v = (torch.randn(1, h, 20, 32, generator=g).to(device=dev, dtype=dtype)
+               for h in (2, 1, 1))
+    att = lambda s: ops.optical_attention(q, k, v, _ranges(5, dev), _seed(dev, 2) + s, levels=4,
+                                          lut=0.02, stream=0, scale=0.2, noise=False)[0]
+    assert torch.equal(att(0), att(7))
 
 
 def test_only_the_needed_gradients_are_computed():

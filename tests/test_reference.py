@@ -186,3 +186,152 @@ def test_attention_backward_matches_autograd_of_digital_attention():
     grads2 = torch.autograd.grad(y2, (q, k, v), g)
     for a, b in zip(grads, grads2):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Key padding mask and cached decoding (section 3, issue 15)
+# --------------------------------------------------------------------------------------------
+def _attn_inputs(seed, B=3, H=4, HKV=2, L=13, D=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g)
+    k = torch.randn(B, HKV, L, D, generator=g)
+    v = torch.randn(B, HKV, L, D, generator=g)
+    return q, k, v
+
+
+def _attn_ranges(q, k, v):
+    """Ranges inside the data (so every quantizer is active, some values clamp)."""
+    r = lambda t, s=0.9: torch.stack([t.min() * s, t.max() * s])
+    kf = R._expand_kv(k, q.shape[1])
+    s = q @ kf.transpose(-1, -2)
+    y = torch.softmax(s, -1) @ R._expand_kv(v, q.shape[1])
+    return r(q), r(k), r(v), r(s, 0.8), r(y)
+
+
+def _attn(q, k, v, ranges, *, noise=True, seeds=(5, 6), **kw):
+    return R.optical_attention_forward(q, k, v, *ranges, levels=64, lut=0.03, seeds=seeds,
+                                       stream=9, noise=noise, **kw)
+
+
+def _close_levels(a, b, level, frac=0.02):
+    """Equal up to float accumulation order: a few elements one Q_y level apart at most."""
+    d = (a - b).abs()
+    assert d.max().item() <= level * 1.001 + 1e-6, d.max().item()
+    assert (d > 1e-6).float().mean().item() <= frac
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_unpadded_sequence_noise_off(side):
+    """(a) each sequence of a padded batch, at its own positions, is its unpadded forward."""
+    L, lens = 13, [13, 9, 4]
+    q, k, v = _attn_inputs(20)
+    ranges = _attn_ranges(q, k, v)
+    pos = torch.arange(L)[None, :]
+    n = torch.tensor(lens)[:, None]
+    mask = (pos >= L - n) if side == "left" else (pos < n)
+    out = _attn(q, k, v, ranges, noise=False, key_padding_mask=mask)
+    level = float(ranges[4][1] - ranges[4][0]) / 63
+    for b, m in enumerate(lens):
+        sl = slice(L - m, L) if side == "left" else slice(0, m)
+        own = _attn(q[b:b + 1, :, sl], k[b:b + 1, :, sl], v[b:b + 1, :, sl], ranges, noise=False)
+        _close_levels(out["y"][b:b + 1, :, sl], own["y"], level)
+        if side == "left" and m < L:  # pad rows see no key: exact zeros
+            assert (out["y"][b, :, :L - m] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_token_values_change_no_bit_elsewhere(causal):
+    """(b) with the noise on: new values at hidden positions move no bit of the visible rows."""
+    q, k, v = _attn_inputs(21)
+    ranges = _attn_ranges(q, k, v)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, 9:] = False
+    mask[2, 5:8] = False
+    out = _attn(q, k, v, ranges, key_padding_mask=mask, causal=causal)
+    hidden = ~mask[:, None, :, None]
+    q2 = torch.where(hidden, torch.randn_like(q) * 5, q)
+    k2 = torch.where(hidden, torch.randn_like(k) * 5, k)
+    v2 = torch.where(hidden, torch.randn_like(v) * 5, v)
+    out2 = _attn(q2, k2, v2, ranges, key_padding_mask=mask, causal=causal)
+    rows = mask[:, None, :].expand(3, 4, 13)
+    assert torch.equal(out["y"][rows], out2["y"][rows])
+    assert not torch.equal(out["y"], out2["y"]) or causal  # hidden rows did change (non-causal)
+    # hidden keys have probability exactly 0 in every row
+    assert (out["p"].masked_select(~mask[:, None, None, :].expand_as(out["p"])) == 0).all()
+
+
+def test_masked_keys_keep_every_noise_index():
+    """The visible elements' noise is that of the unmasked call: with levels so coarse that the
+    noise decides, the unmasked positions of S agree bit for bit."""
+    q, k, v = _attn_inputs(22)
+    ranges = _attn_ranges(q, k, v)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[:, ::3] = False
+    a = _attn(q, k, v, ranges)
+    b = _attn(q, k, v, ranges, key_padding_mask=mask)
+    vis = R.attention_visibility(3, 13, 13, causal=True, q_start=0, key_padding_mask=mask,
+                                 device="cpu").expand_as(a["s"])
+    assert torch.equal(a["s"][vis], b["s"][vis])
+
+
+def test_cached_decoding_reproduces_full_forward_noise_off():
+    """(c) prefix, then one query row at a time (q_start = t): the full forward's rows."""
+    q, k, v = _attn_inputs(23, B=2, L=11)
+    ranges = _attn_ranges(q, k, v)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :2] = False  # left padding in the second sequence
+    full = _attn(q, k, v, ranges, noise=False, key_padding_mask=mask)
+    level = float(ranges[4][1] - ranges[4][0]) / 63
+    P = 4
+    pre = _attn(q[:, :, :P], k[:, :, :P], v[:, :, :P], ranges, noise=False,
+                key_padding_mask=mask[:, :P])
+    rows = [pre["y"]]
+    for t in range(P, 11):
+        step = _attn(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], ranges, noise=False,
+                     key_padding_mask=mask[:, :t + 1], q_start=t, seeds=(100 + t, 200 + t))
+        rows.append(step["y"])
+    _close_levels(torch.cat(rows, 2), full["y"], level)
+
+
+def test_cached_step_takes_the_noise_of_row_t_at_the_current_length():
+    """With the noise on, step t (same seeds) is bit for bit row t of the forward over the first
+    t + 1 positions: its S and Y rows carry the indices of row t of [B, H, t+1, *]."""
+    q, k, v = _attn_inputs(24, B=2, L=9)
+    ranges = _attn_ranges(q, k, v)
+    for t in (0, 4, 8):
+        full = _attn(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], ranges)
+        step = _attn(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], ranges, q_start=t)
+        assert torch.equal(step["s"], full["s"][:, :, t:t + 1])
+        assert torch.equal(step["y"], full["y"][:, :, t:t + 1])
+    chunk = _attn(q[:, :, 3:7], k[:, :, :7], v[:, :, :7], ranges, q_start=3)
+    full = _attn(q[:, :, :7], k[:, :, :7], v[:, :, :7], ranges)
+    assert torch.equal(chunk["y"], full["y"][:, :, 3:7])
+
+
+def test_all_masked_rows_output_zero_with_zero_gradients():
+    q, k, v = (t.requires_grad_() for t in _attn_inputs(25, B=2))
+    ranges = _attn_ranges(q.detach(), k.detach(), v.detach())
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[0] = False  # nothing visible in sequence 0
+    mask[1, :5] = False
+    y = R.OpticalAttentionFunction.apply(q, k, v, *ranges, 64, 0.03, (5, 6), 9, None, True, None,
+                                         None, False, mask)
+    assert torch.isfinite(y).all() and (y[0] == 0).all() and (y[1, :, :5] == 0).all()
+    y.square().sum().backward()
+    assert (q.grad[0] == 0).all() and (q.grad[1, :, :5] == 0).all()
+    assert (k.grad[0] == 0).all() and (v.grad[1, :, :5] == 0).all()
+    assert q.grad[1, :, 5:].abs().sum() > 0
+
+
+def test_attention_argument_errors_name_the_argument():
+    q, k, v = _attn_inputs(26, B=1, L=6)
+    ranges = _attn_ranges(q, k, v)
+    with pytest.raises(ValueError, match="q_start"):
+        _attn(q[:, :, :3], k, v, ranges, q_start=4)
+    with pytest.raises(ValueError, match="q_start"):
+        _attn(q, k, v, ranges, q_start=-1)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        _attn(q, k, v, ranges, key_padding_mask=torch.ones(1, 6))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        _attn(q, k, v, ranges, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))

@@ -48,7 +48,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, state, x, steps, out_q):
+def _worker(rank, world, port, state, x, steps, out_q, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -61,7 +61,7 @@ def _worker(rank, world, port, state, x, steps, out_q):
         )
 
         mesh = init_device_mesh("cpu", (world,))
-        model = Block(QuantizerConfig(q_levels=16))
+        model = Block(cfg)
         model.load_state_dict(state)
         parallelize_module(model, mesh, {
             "w1": ColwiseParallel(),
@@ -92,9 +92,13 @@ def _worker(rank, world, port, state, x, steps, out_q):
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_equals_single_device():
+@pytest.mark.parametrize("noise", [True, False])
+def test_tensor_parallel_equals_single_device(noise):
+    # noise=False (q_noise off) also checks that the row-wise path's Q_out after the reduction
+    # follows the switch: a noisy Q_out there would move many outputs by a level.
+    cfg = QuantizerConfig(q_levels=16, q_noise=noise)
     torch.manual_seed(0)
-    ref = Block(QuantizerConfig(q_levels=16))
+    ref = Block(cfg)
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     x = torch.randn(B, S, D)
     steps = 3
@@ -106,7 +110,8 @@ def test_tensor_parallel_equals_single_device():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, state, x, steps, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, state, x, steps, q, cfg))
+             for r in range(2)]
     for p in procs:
         p.start()
     outs, ranges = torch.load(io.BytesIO(q.get(timeout=300)))

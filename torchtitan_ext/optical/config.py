@@ -55,6 +55,9 @@ class QuantizerConfig:
     q_bypass: true = the module is swapped (ranges are observed and carried) but computes
         digitally, for calibration and A/B runs.
     q_grad: "ste" (straight-through, default) or "clipped" (zero gradient where clamped).
+    q_noise: read-out noise switch (semantics s.1), true (default) or false: false turns every
+        noisy quantizer of the layer (linear Q_out, attention Q_s and Q_y) into deterministic
+        rounding, to study quantization apart from read-out noise.
     """
 
     q_levels: int = 256
@@ -64,6 +67,7 @@ class QuantizerConfig:
     q_init_seed: int = 0
     q_bypass: bool = False
     q_grad: str = "ste"
+    q_noise: bool = True
 
     @property
     def lut(self) -> float | None:
@@ -124,6 +128,11 @@ class QuantizerConfig:
         if grad not in GRAD_MODES:
             raise OpticalConfigError(
                 f"{where}.q_grad: must be one of {list(GRAD_MODES)}, got {grad!r}"
+            )
+        noise = values.get("q_noise", cls.q_noise)
+        if not isinstance(noise, bool):
+            raise OpticalConfigError(
+                f"{where}.q_noise: must be true or false (read-out noise on/off), got {noise!r}"
             )
         return cls(**values)
 

@@ -97,7 +97,7 @@ class OpticalLinear(RangeState, nn.Linear):
     def extra_repr(self) -> str:
         c = self.config
         return (f"{super().extra_repr()}, levels={c.q_levels}, lut={c.lut}, grad={c.q_grad}"
-                + (", bypass" if c.q_bypass else ""))
+                + (", bypass" if c.q_bypass else "") + ("" if c.q_noise else ", no noise"))
 
     # ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class OpticalLinear(RangeState, nn.Linear):
             x, weight, bias, self.ranges(), seed,
             levels=c.q_levels, lut=c.lut, stream=c.q_init_seed, index=index,
             observe=self.training, quantize_output=quantize_output,
-            clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
+            clipped=c.q_grad == "clipped", quantiles=c.q_quantiles, noise=c.q_noise,
         )
         if self.training and record:
             self.record(obs)
@@ -195,7 +195,7 @@ class OpticalLinear(RangeState, nn.Linear):
             c = self.config
             y, obs_out = ops.optical_quantize(
                 acc_r, self.ranges()[2], seed, levels=c.q_levels,
-                stream=c.q_init_seed, noisy=True, index=index, observe=self.training,
+                stream=c.q_init_seed, noisy=c.q_noise, index=index, observe=self.training,
                 clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
             )
             if self.training:
@@ -227,7 +227,7 @@ class OpticalAttention(RangeState, nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"levels={c.q_levels}, lut={c.lut}, grad={c.q_grad}"
-                + (", bypass" if c.q_bypass else ""))
+                + (", bypass" if c.q_bypass else "") + ("" if c.q_noise else ", no noise"))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 scale: float | None = None, enable_gqa: bool = False,
@@ -262,7 +262,7 @@ class OpticalAttention(RangeState, nn.Module):
         y, obs = ops.optical_attention(
             q, k, v, self.ranges(), _draw_seeds(2, q.device), levels=c.q_levels,
             lut=c.lut, stream=c.q_init_seed, scale=scale, causal=is_causal, index=index,
-            observe=self.training, clipped=c.q_grad == "clipped",
+            observe=self.training, clipped=c.q_grad == "clipped", noise=c.q_noise,
             key_padding_mask=key_padding_mask, q_start=q_start,
         )
         if self.training:

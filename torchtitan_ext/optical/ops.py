@@ -185,6 +185,7 @@ def _linear(
     quantize_output: bool,
     save_mask: bool,
     quantiles: Optional[List[float]],
+    noise: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     k = x.shape[-1]
     n = weight.shape[0]
@@ -197,7 +198,7 @@ def _linear(
             ranges = ranges.float().contiguous()
         y, obs, mask = klinear.forward_packed(
             x2, weight, bias if quantize_output else None, ranges, seed, levels, _lut(lut),
-            stream, index, observe, quantize_output, save_mask,
+            stream, index, observe, quantize_output, save_mask, noise,
         )
         if mask is None:
             mask = x.new_empty((0,), dtype=torch.bool)
@@ -212,7 +213,8 @@ def _linear(
     mask = ref.clamp_mask(acc, ranges[2]) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if not quantize_output:
         return acc.reshape(*x.shape[:-1], n), obs, mask
-    u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device))
+    u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device)) \
+        if noise else None
     y = ref.quantize(acc, ranges[2], levels, noise=u)
     if bias is not None:
         y = y + bias.float()
@@ -221,7 +223,7 @@ def _linear(
 
 @_linear.register_fake
 def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
-                 quantize_output, save_mask, quantiles):
+                 quantize_output, save_mask, quantiles, noise=True):
     n = weight.shape[0]
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
@@ -288,7 +290,8 @@ def _linear_backward_fake(grad_y, x, weight, ranges, out_mask, clipped, has_bias
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, save_mask, quantiles = inputs
+    (x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, save_mask,
+     quantiles, noise) = inputs
     _, _, mask = output
     ctx.save_for_backward(x, weight, ranges, mask)
     ctx.has_bias = bias is not None
@@ -305,7 +308,7 @@ def _linear_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
         gx if needs_x else None,
         gw if needs_w else None,
         gb if ctx.has_bias else None,
-        None, None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -327,11 +330,15 @@ def optical_linear(
     quantize_output: bool = True,
     clipped: bool = False,
     quantiles: tuple[float, float] | None = None,
+    noise: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """y = Q_out(Q_x(x) @ Q_w(W)^T) + b and the observed ranges [3, 2] (x, W, accumulator)."""
+    """y = Q_out(Q_x(x) @ Q_w(W)^T) + b and the observed ranges [3, 2] (x, W, accumulator).
+
+    noise=False (`q_noise: false`): Q_out rounds deterministically (`seed` is then unused)."""
     y, obs, _ = torch.ops.optical.linear(
         x, weight, bias, ranges, seed, levels, float(lut or 0.0), stream, index, observe,
         quantize_output, clipped and quantize_output, list(quantiles) if quantiles else None,
+        bool(noise),
     )
     return y, obs
 
@@ -432,13 +439,14 @@ def _attn_maps(q: Tensor, k: Tensor, index: List[int], q_start: int):
     return s_map, y_map
 
 
-def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, key_mask,
-                   q_start):
+def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, noise,
+                   key_mask, q_start):
     s_map, y_map = _attn_maps(q, k, index, q_start)
     return ref.optical_attention_forward(
         q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], levels=levels,
         lut=_lut(lut), seeds=seeds, stream=stream, scale=scale, causal=causal,
-        s_index_map=s_map, y_index_map=y_map, key_padding_mask=key_mask, q_start=q_start,
+        s_index_map=s_map, y_index_map=y_map, noise=noise, key_padding_mask=key_mask,
+        q_start=q_start,
     )
 
 
@@ -457,8 +465,9 @@ def _attention(
     index: List[int],
     observe: bool,
     clipped: bool,
-    key_mask: Optional[Tensor],
-    q_start: int,
+    noise: bool = True,
+    key_mask: Optional[Tensor] = None,
+    q_start: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # `clipped` changes only the backward; it is an argument so the autograd context sees it.
     if _use_attention_kernel(q):
@@ -469,10 +478,10 @@ def _attention(
             q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
-            observe=observe, key_padding_mask=key_mask, q_start=q_start,
+            observe=observe, noise=noise, key_padding_mask=key_mask, q_start=q_start,
         )
         return y.contiguous(), stats, obs
-    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,
+    fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, noise,
                          key_mask, q_start)
     if observe:
         obs = torch.stack([
@@ -487,7 +496,7 @@ def _attention(
 
 @_attention.register_fake
 def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe,
-                    clipped, key_mask, q_start):
+                    clipped, noise=True, key_mask=None, q_start=0):
     b, h, lq, _ = q.shape
     # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
     # compiler must know the real size, which depends on the path the eager op will take.
@@ -516,8 +525,9 @@ def _attention_backward(
     causal: bool,
     index: List[int],
     clipped: bool,
-    key_mask: Optional[Tensor],
-    q_start: int,
+    noise: bool = True,
+    key_mask: Optional[Tensor] = None,
+    q_start: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
@@ -527,11 +537,11 @@ def _attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
-            clipped=clipped, key_padding_mask=key_mask, q_start=q_start,
+            clipped=clipped, noise=noise, key_padding_mask=key_mask, q_start=q_start,
         )
     else:
         fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,
-                             key_mask, q_start)
+                             noise, key_mask, q_start)
         fwd["y"] = y
         grads = ref.optical_attention_backward(
             grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
@@ -542,17 +552,17 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale,
-                             causal, index, clipped, key_mask, q_start):
+                             causal, index, clipped, noise=True, key_mask=None, q_start=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped,
+    (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped, noise,
      key_mask, q_start) = inputs
     y, stats, _ = output
     ctx.save_for_backward(q, k, v, y, stats, ranges, seeds, key_mask)
     ctx.args = (levels, lut, stream, scale, causal, index)
-    ctx.clipped = clipped
+    ctx.clipped, ctx.noise = clipped, noise
     ctx.q_start = q_start
 
 
@@ -561,9 +571,9 @@ def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
     levels, lut, stream, scale, causal, index = ctx.args
     dq, dk, dv = torch.ops.optical.attention_backward(
         grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale, causal, index,
-        ctx.clipped, key_mask, ctx.q_start,
+        ctx.clipped, ctx.noise, key_mask, ctx.q_start,
     )
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attention.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
@@ -584,6 +594,7 @@ def optical_attention(
     index: list[int] | None = None,
     observe: bool = False,
     clipped: bool = False,
+    noise: bool = True,
     key_padding_mask: Tensor | None = None,
     q_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
@@ -593,13 +604,14 @@ def optical_attention(
     visible. `q_start`: absolute position of query row 0 (q_start + Lq <= Lk; a KV-cache step
     has q_start = Lk - Lq); row r takes the noise indices of row q_start + r of the full
     attention at key length Lk and, causal, sees keys j <= q_start + r. Rows with no visible key
-    output 0. Bad arguments raise ValueError naming them.
+    output 0. noise=False (`q_noise: false`): Q_s and Q_y round deterministically (`seeds`
+    unused). Bad arguments raise ValueError naming them.
     """
     if index is None:
         index = [0, q.shape[0], 0, q.shape[1]]
     ref.check_attention_args(q, k, key_padding_mask, q_start, causal)
     y, _, obs = torch.ops.optical.attention(
         q, k, v, ranges, seeds, levels, float(lut or 0.0), stream, float(scale), causal, index,
-        observe, clipped, key_padding_mask, int(q_start),
+        observe, clipped, bool(noise), key_padding_mask, int(q_start),
     )
     return y, obs

@@ -231,19 +231,23 @@ def optical_linear_forward(
     stream: int,
     index_map: IndexMap | None = None,
     quantize_output: bool = True,
+    noise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b, and the float32 accumulator (for ranges and masks).
 
     `quantize_output=False` returns the float32 accumulator as y (a partial sum under row-wise
-    tensor parallelism, to be reduced and then quantized by `quantize`).
+    tensor parallelism, to be reduced and then quantized by `quantize`). `noise=False` is the
+    read-out noise switch off (`q_noise: false`): Q_out rounds deterministically.
     """
     xq = quantize(x, x_range, levels).float()
     wq = quantize(weight, w_range, levels, lut=lut).float()
     acc = xq @ wq.t()
     if not quantize_output:
         return acc, acc
-    imap = index_map or IndexMap.whole(acc.shape)
-    u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
+    u = None
+    if noise:
+        imap = index_map or IndexMap.whole(acc.shape)
+        u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
     y = quantize(acc, out_range, levels, noise=u)
     if bias is not None:
         y = y + bias.float()
@@ -391,6 +395,7 @@ def optical_attention_forward(
     y_index_map: IndexMap | None = None,
     key_padding_mask: torch.Tensor | None = None,
     q_start: int = 0,
+    noise: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Section 3 materialised. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0.
 
@@ -401,9 +406,10 @@ def optical_attention_forward(
     Q_s and Q_y are two noisy quantizers, each with its own seed: `seeds` holds (seed_s, seed_y).
     By default S element (b, h, r, j) is keyed by the flat index of (b, h, q_start + r, j) in
     [B, H, Lk, Lk], Y elements likewise in [B, H, Lk, D]; explicit maps must place row r at
-    q_start + r themselves. Returns y (input dtype) and the float32 intermediates the backward
-    and the ranges need; `s_obs` is the range of S over the visible positions only (the only
-    ones a fused kernel computes), (+inf, -inf) when there are none.
+    q_start + r themselves. `noise=False` (`q_noise: false`) makes Q_s and Q_y deterministic
+    (the seeds are then unused). Returns y (input dtype) and the float32 intermediates the
+    backward and the ranges need; `s_obs` is the range of S over the visible positions only (the
+    only ones a fused kernel computes), (+inf, -inf) when there are none.
     """
     B, H, L, D = q.shape
     if H % k.shape[1] != 0:
@@ -416,7 +422,8 @@ def optical_attention_forward(
     vq = _expand_kv(quantize(v, v_range, levels, lut=lut).float(), H)
     s_raw = qq @ kq.transpose(-1, -2)
     smap, ymap = _attention_maps(B, H, L, lk, D, q_start, s_index_map, y_index_map)
-    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device))
+    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device)) \
+        if noise else None
     s = quantize(s_raw, s_range, levels, noise=u_s)
     logits = s * scale
     vis = attention_visibility(B, L, lk, causal=causal, q_start=q_start,
@@ -430,7 +437,8 @@ def optical_attention_forward(
         p = torch.where(alive, p, 0.0)  # softmax of an all -inf row is NaN: such rows get P = 0
     pq = quantize(p, torch.tensor(P_RANGE, device=p.device), levels)
     y_raw = pq @ vq
-    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device))
+    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device)) \
+        if noise else None
     y = quantize(y_raw, y_range, levels, noise=u_y)
     if alive is not None:
         y = torch.where(alive, y, 0.0)
@@ -467,8 +475,9 @@ def optical_attention_backward(
     v and the forward's probabilities P; the softmax delta D_i = sum_j P_ij dP_ij is taken as
     dY_i . Y_i with the forward output Y, as FlashAttention does (it differs from the exact sum by
     the Q_y and Q_p rounding only). Hidden keys have P = 0 in `fwd["p"]`, so they get zero dk, dv
-    and add nothing to dq; a row with no visible key (P = 0, Y = 0) gets zero gradients. `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s
-    clamped; Q_p and Q_y stay straight-through.
+    and add nothing to dq; a row with no visible key (P = 0, Y = 0) gets zero gradients.
+    `clipped` zeroes the gradient where Q_q, Q_k, Q_v or Q_s clamped; Q_p and Q_y stay
+    straight-through.
     """
     B, H, L, D = q.shape
     scale = D ** -0.5 if scale is None else scale
@@ -501,11 +510,12 @@ class OpticalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_range, k_range, v_range, s_range, y_range, levels, lut, seeds,
                 stream, scale, causal, s_index_map, y_index_map, clipped, key_padding_mask=None,
-                q_start=0):
+                q_start=0, noise=True):
         fwd = optical_attention_forward(
             q, k, v, q_range, k_range, v_range, s_range, y_range, levels=levels, lut=lut,
             seeds=seeds, stream=stream, scale=scale, causal=causal, s_index_map=s_index_map,
             y_index_map=y_index_map, key_padding_mask=key_padding_mask, q_start=q_start,
+            noise=noise,
         )
         ctx.save_for_backward(q, k, v, fwd["s_raw"], fwd["p"], fwd["y"], q_range, k_range,
                               s_range, v_range)
@@ -519,4 +529,4 @@ class OpticalAttentionFunction(torch.autograd.Function):
             grad_y, q, k, v, {"s_raw": s_raw, "p": p, "y": y}, q_range, k_range, s_range,
             v_range, scale=ctx.scale, clipped=ctx.clipped,
         )
-        return (dq, dk, dv) + (None,) * 16
+        return (dq, dk, dv) + (None,) * 17

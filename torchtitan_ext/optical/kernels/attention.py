@@ -30,7 +30,10 @@ Why the design looks like this
 * One S generation in the backward: a single FlashAttention-2 style kernel (one program per key
   block, looping over the query blocks of every query head of its GQA group) recomputes P, keeps
   dK, dV in registers and adds dQ into a float32 buffer with atomics, instead of the two-kernel form
-  (dK/dV, then dQ) that would generate S twice.
+  (dK/dV, then dQ) that would generate S twice. The atomics add in a run-dependent order, so
+  under `torch.use_deterministic_algorithms(True)` (read by `attention_backward` at call time)
+  that kernel skips dQ and `_bwd_dq_kernel` computes it instead: one program per query block
+  summing over key blocks in increasing order, S regenerated once more (semantics 6b).
 * All quantizer and Philox arithmetic is quantizer.py's (one copy for every kernel). The hot loops
   use its `philox_bits24` (Philox with 64-bit products, one IMAD.WIDE per mulhilo instead of
   IMAD.HI + IMAD: ~15% fewer hot-loop instructions, returning the 24-bit word) and
@@ -60,6 +63,13 @@ Why the design looks like this
 * Range observation is fused: each program writes the (min, max) of what it saw (q rows, unmasked S
   before Q_s, y_raw before Q_y; k/v in the pre-pass) to a small partial buffer that device
   reductions fold; no host synchronisation anywhere.
+* Padding and cached decoding: a key padding mask (bool [B, Lk], read as bytes) is a HAS_KPM
+  constexpr, so the maskless training path compiles as before; with it, the forward and the
+  deterministic dQ pass treat every key tile as a masked tile (one [BN] visibility vector per
+  tile), the dK/dV kernel folds visibility into its per-key-block column mask. Rows with no
+  visible key output 0 and store lse = +inf (P = 0 in the backward). `q_start` (runtime int)
+  places query row r at absolute position q_start + r over Lk >= Lq keys: causal limit and noise
+  indices are those of row q_start + r of the full attention at key length Lk.
 * Rows and keys past L are masked; padded keys in the backward get P = 0 so that no inf * 0 can
   reach dQ. Tile configurations are a small table per head dim (chosen by bench/attention.py
   --sweep on an H200), no autotuning: one compile per shape family, no stalls in a trainer.
@@ -88,8 +98,8 @@ from .quantizer import (
     philox_bits24_rows,
     philox_uniform,
     quantize,
+    quantize_level,
     quantize_with,
-    quantize_with_bits24,
     range_consts,
     range_inv_span,
     round_half_even,
@@ -186,10 +196,11 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
-                INTERP: tl.constexpr):
+                INTERP: tl.constexpr, NOISE: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
     index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
-    absolute positions (q_start + r), `L` the key length."""
+    absolute positions (q_start + r), `L` the key length. NOISE=False (`q_noise` off): Q_s
+    rounds deterministically and no Philox runs."""
     cols = start_n + offs_n
     kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
@@ -197,8 +208,11 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
-    s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+    if NOISE:
+        w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+    else:
+        w = 0.0
+    s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
@@ -227,7 +241,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr):
+               INTERP: tl.constexpr, NOISE: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
     have seen no visible key yet (max -inf); it keeps l = 0 instead of a NaN."""
@@ -235,7 +249,8 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -299,13 +314,15 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
                          scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr):
+                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                         NOISE: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP)
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
                        scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
     return acc
@@ -338,7 +355,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-              INTERP: tl.constexpr):
+              INTERP: tl.constexpr, NOISE: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...). Row r is
     absolute position q_start + r of the full attention over LK keys (its noise indices too)."""
@@ -389,11 +406,11 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
         row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
         offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP)
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
 
     if HAS_KPM:
         alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
@@ -404,14 +421,17 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
                      inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
-                     RUNS4, INTERP)
+                     RUNS4, INTERP, NOISE)
     if P_MODE < 2:
         y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
     else:
         y_raw = acc
 
-    u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
-    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, True)
+    if NOISE:
+        u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+    else:
+        u_y = 0.0
+    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, NOISE)
     y_ok = row_ok
     if HAS_KPM:
         l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
@@ -441,7 +461,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
                scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr):
+               INTERP: tl.constexpr, NOISE: tl.constexpr):
     """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
     codes when kept, else regenerating S."""
     acc = tl.zeros([BM, D], tl.float32)
@@ -464,11 +484,11 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP)
+            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
     return acc
 
 
@@ -479,7 +499,7 @@ def _fwd_kernel(
     H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2.
@@ -501,7 +521,7 @@ def _fwd_kernel(
                   H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
                   inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
                   seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE, USE_CODES,
-                  RUNS4, INTERP)
+                  RUNS4, INTERP, NOISE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,9 +567,11 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr):
+               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+               DQ: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
-    accumulate dV += P^T dY, dK += dS^T q (unscaled), and dQ (atomically) += dS k (unscaled).
+    accumulate dV += P^T dY, dK += dS^T q (unscaled), and (DQ) dQ (atomically) += dS k
+    (unscaled); without DQ the deterministic dQ pass `_bwd_dq_kernel` computes dQ.
     `col_ok`: keys in bounds and visible (hidden keys get P = 0 in every tile); query row r is
     absolute position q_start + r (its causal limit and its S noise row)."""
     DT: tl.constexpr = kq.dtype
@@ -568,9 +590,12 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK, start_n,
-                                        offs_n, BN, RUNS4))
-        s_q, lvl = quantize_with_bits24(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS)
+        if NOISE:
+            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
+                                            start_n, offs_n, BN, RUNS4))
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -587,8 +612,10 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
             ds = tl.where(in_range(s_raw, slo, shi), ds, 0.0)
         ds_c = _to_dt(ds, DT, INTERP)
         dk += _dot(ds_c, q, INTERP)
-        dq = _dot(tl.trans(ds_c), k, INTERP)  # [BM, D]
-        tl.atomic_add(DQA_h + r64[:, None] * D + offs_d[None, :], dq, mask=m2, sem="relaxed")
+        if DQ:
+            dq = _dot(tl.trans(ds_c), k, INTERP)  # [BM, D]
+            tl.atomic_add(DQA_h + r64[:, None] * D + offs_d[None, :], dq, mask=m2,
+                          sem="relaxed")
     return dk, dv
 
 
@@ -599,7 +626,8 @@ def _bwd_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+    DQ: tl.constexpr,
 ):
     """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
     keys over every query row of its GQA group, dQ by atomics. L is the key length, LQ the
@@ -647,12 +675,12 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
             row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-            CAUSAL, True, CLIPPED, RUNS4, INTERP)
+            CAUSAL, True, CLIPPED, RUNS4, INTERP, NOISE, DQ)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
             LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP)
+            CLIPPED, RUNS4, INTERP, NOISE, DQ)
 
     dk = dk * scale
     if CLIPPED:
@@ -707,11 +735,111 @@ def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
              mask=m2)
 
 
+# Deterministic dQ (semantics 6b): with `torch.use_deterministic_algorithms(True)` the dQ atomics
+# above (whose float additions land in a run-dependent order) are replaced by one program per
+# query block that sums over the key blocks itself, in increasing order. It regenerates every S
+# tile once more (the forward's `_fwd_s_tile`, same Philox words): the price of bitwise
+# reproducibility, measured by bench/attention.py --deterministic.
+@triton.jit
+def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, lo, hi,
+              offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
+              scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+              CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+              CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+              NOISE: tl.constexpr):
+    """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
+    `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`)."""
+    DT: tl.constexpr = kq_base.dtype.element_ty
+    for start_n in range(lo, hi, BN):
+        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+            qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            NOISE)
+        # rows past Lq and rows with no visible key have lse = +inf, hence P = 0
+        p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[:, None]))
+        c64 = cols.to(tl.int64)[:, None]
+        if MASK:
+            p = tl.where(valid, p, 0.0)  # also zero on padded keys: no inf * 0 below
+            k = tl.load(K_h + c64 * skl + offs_d[None, :] * skd, mask=(cols < L)[:, None],
+                        other=0.0)
+            v = tl.load(V_h + c64 * svl + offs_d[None, :] * svd, mask=(cols < L)[:, None],
+                        other=0.0)
+        else:
+            k = tl.load(K_h + c64 * skl + offs_d[None, :] * skd)
+            v = tl.load(V_h + c64 * svl + offs_d[None, :] * svd)
+        ds = p * (_dot(dy, tl.trans(v), INTERP) - delta[:, None])
+        if CLIPPED:
+            ds = tl.where(in_range(s_raw, slo, shi), ds, 0.0)
+        dq += _dot(_to_dt(ds, DT, INTERP), k, INTERP)
+    return dq
+
+
+@triton.jit(do_not_specialize=["stream", "b_off", "h_off", "q_start"])
+def _bwd_dq_kernel(
+    QQ, KQ, Q, K, V, DY, LSE, DELTA, DQ, KPM, INV, q_rng, s_rng_ptr, seeds,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1,
+    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS4: tl.constexpr,
+    INTERP: tl.constexpr, NOISE: tl.constexpr,
+):
+    """dq of query rows [pid * BM, pid * BM + BM) of one (batch, head), scaled, clipped, cast.
+    L is the key length; row r is absolute position q_start + r; KPM uint8 [B, L] (HAS_KPM)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start_m = tl.program_id(0) * BM
+    offs_m = start_m + tl.arange(0, BM)
+    pos = q_start + offs_m
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < LQ
+    r64 = offs_m.to(tl.int64)
+    row_lin = (b * H + h).to(tl.int64) * LQ + r64
+    qq = tl.load(QQ + row_lin[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    dy = tl.load(DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64[:, None] * sdl
+                 + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + row_lin, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_lin, mask=row_ok, other=0.0)
+    slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
+    seed_s = tl.load(seeds)
+    hk = h // (H // HKV)
+    row_idx = (((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L + pos) * L  # as the forward
+    kq_base = KQ + (b * HKV + hk).to(tl.int64) * L * D
+    kvis_base = KPM + b.to(tl.int64) * L
+    K_h = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V_h = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    if CAUSAL:  # the forward's split: unmasked tiles end at a BN multiple below the diagonal
+        n_full = ((q_start + start_m) // BN) * BN
+        n_end = tl.minimum(q_start + start_m + BM, L)
+    else:
+        n_full = (L // BN) * BN
+        n_end = L
+    if HAS_KPM:
+        n_full = 0
+    dq = tl.zeros([BM, D], tl.float32)
+    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
+                   n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
+                   s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
+                   RUNS4, INTERP, NOISE)
+    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
+                   n_full, n_end, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi,
+                   s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
+                   CLIPPED, RUNS4, INTERP, NOISE)
+    dq = dq * scale
+    if CLIPPED:
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64[:, None] * sql
+                    + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        dq = tl.where(in_range(q, tl.load(q_rng), tl.load(q_rng + 1)), dq, 0.0)
+    tl.store(DQ + row_lin[:, None] * D + offs_d[None, :], cast_rne(dq, DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------
 # (BM, BN, num_warps, num_stages) per head dim. Forward: BM query rows per program, BN keys per
-# tile (any pair works; BM % BN == 0 keeps the unmasked/diagonal split exact). Backward: BN keys per program, BM queries per tile (BN % BM == 0).
+# tile (any pair works; BM % BN == 0 keeps the unmasked/diagonal split exact). Backward: BN
+# keys per program, BM queries per tile (BN % BM == 0).
 # The per-element Philox and quantizer work (~75 instructions per S element and pass) lives in
 # registers next to the accumulators; these shapes keep the hot loops free of spills on sm_90
 # (checked in the SASS: no local loads/stores inside the loops). bench/attention.py --sweep times
@@ -737,15 +865,19 @@ _DECODE_MAX_LQ = 16
 _INTERP_FWD_CFG = (32, 16, 4, 1)
 _INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
-_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None}
+# The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
+# the forward's table (not swept on its own yet).
+_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None, "dq": None}
 
 
 @contextlib.contextmanager
 def override_configs(fwd: tuple[int, int, int, int] | None = None,
-                     bwd: tuple[int, int, int, int] | None = None):
-    """Temporarily force (BM, BN, num_warps, num_stages) of the forward/backward (tests, sweeps)."""
+                     bwd: tuple[int, int, int, int] | None = None,
+                     dq: tuple[int, int, int, int] | None = None):
+    """Temporarily force (BM, BN, num_warps, num_stages) of the forward / backward / deterministic
+    dQ pass (tests, sweeps)."""
     old = dict(_OVERRIDE)
-    _OVERRIDE.update(fwd=fwd, bwd=bwd)
+    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq)
     try:
         yield
     finally:
@@ -759,14 +891,14 @@ def _interpreting() -> bool:
 def _config(kind: str, D: int, interp: bool, lq: int | None = None) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages); the forward of at most _DECODE_MAX_LQ query rows (`lq`)
     takes the small-row decode table."""
-    decode = kind == "fwd" and lq is not None and lq <= _DECODE_MAX_LQ
+    decode = kind != "bwd" and lq is not None and lq <= _DECODE_MAX_LQ
     if _OVERRIDE[kind] is not None:
         cfg = _OVERRIDE[kind]
     elif interp:
         cfg = _INTERP_BWD_CFG if kind == "bwd" else (
             _INTERP_DECODE_FWD_CFG if decode else _INTERP_FWD_CFG)
     else:
-        cfg = (_DECODE_FWD_CFG if decode else _FWD_CFG if kind == "fwd" else _BWD_CFG)[D]
+        cfg = (_BWD_CFG if kind == "bwd" else _DECODE_FWD_CFG if decode else _FWD_CFG)[D]
     bm, bn = cfg[0], cfg[1]
     if kind == "bwd" and bn % bm:
         raise ValueError(f"backward config needs BN % BM == 0, got {cfg}")
@@ -864,12 +996,14 @@ def _key_mask_arg(key_padding_mask, dev):
 def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seeds, *, levels: int,
                       lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
                       batch_global: int, head_offset: int, heads_global: int, observe: bool,
-                      key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+                      noise: bool = True, key_padding_mask: torch.Tensor | None = None,
+                      q_start: int = 0):
     """q [B,H,Lq,D], k/v [B,Hkv,Lk,D] (any strides); *_range float32 [2] device tensors (lo > hi =
     uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host);
     key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
-    [.., Lk, Lk] / [.., Lk, D] tensors.
+    [.., Lk, Lk] / [.., Lk, D] tensors. noise=False (`q_noise: false`): Q_s and Q_y round
+    deterministically, no Philox runs.
 
     Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =
     log2-domain log-sum-exp of the scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e
@@ -914,7 +1048,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
         LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
         P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
-        INTERP=interp,
+        INTERP=interp, NOISE=bool(noise),
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -932,11 +1066,17 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
-                       heads_global, clipped: bool, key_padding_mask: torch.Tensor | None = None,
-                       q_start: int = 0):
-    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask and q_start),
-    as `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
-    hidden keys get dk = dv = 0, rows with no visible key dq = 0."""
+                       heads_global, clipped: bool, noise: bool = True,
+                       deterministic: bool | None = None,
+                       key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+    """Straight-through (or `clipped`) gradients of `attention_forward` (same mask, q_start and
+    `noise`: S is recomputed with the same rounding), as
+    `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
+    hidden keys get dk = dv = 0, rows with no visible key dq = 0.
+
+    deterministic: None (default) follows `torch.are_deterministic_algorithms_enabled()` at call
+    time; True computes dq without atomics (`_bwd_dq_kernel`: bitwise reproducible, slower),
+    False with the dQ atomics of the fast path. dk and dv never use atomics."""
     B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
                                  heads_global, key_padding_mask, q_start, causal)
     if dy.shape != q.shape or y.shape != q.shape:
@@ -960,9 +1100,11 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         H, LQ,
         LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
 
-    dqa = torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
+    if deterministic is None:  # a host-side flag, not a tensor value: no synchronisation
+        deterministic = torch.are_deterministic_algorithms_enabled()
     dk = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    dqa = dk if deterministic else torch.zeros((B, H, LQ, D), dtype=torch.float32, device=dev)
     _bwd_kernel[(triton.cdiv(L, BN), HKV, B)](
         qq, q, k, v, dy, stats, delta, dqa, dk, dv, kpm, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
@@ -971,7 +1113,14 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(lut) if has_lut else 0.0,
         LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
-        num_warps=warps, num_stages=stages, **_OPTS)
+        NOISE=bool(noise), DQ=not deterministic, num_warps=warps, num_stages=stages, **_OPTS)
+    if deterministic:
+        dq = _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range,
+                               s_range, seeds, kpm, levels=levels, lut=lut, stream=stream,
+                               scale=scale, causal=causal, batch_offset=batch_offset,
+                               head_offset=head_offset, heads_global=heads_global,
+                               clipped=clipped, noise=noise, has_kpm=has_kpm, q_start=q_start)
+        return dq, dk, dv
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
@@ -979,3 +1128,38 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
     return dq, dk, dv
+
+
+def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range, s_range,
+                      seeds, kpm, *, levels, lut, stream, scale, causal, batch_offset, head_offset,
+                      heads_global, clipped, noise, has_kpm, q_start):
+    """dq by `_bwd_dq_kernel` (no atomics): Q_k(k) into a temporary by the forward's pre-pass
+    (its Q_v(v) output is unused), then one program per query block. `qq`, `delta`, `inv` are
+    the backward pre-pass's outputs."""
+    B, H, LQ, D = q.shape
+    HKV, L = k.shape[1], k.shape[2]
+    dev = q.device
+    interp = _interpreting()
+    BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None)
+    has_lut = lut is not None and lut > 0
+    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
+    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    scratch = torch.empty((1, 4), dtype=torch.float32, device=dev)
+    inv_kv = torch.empty(5, dtype=torch.float32, device=dev)
+    blk = 32
+    _prep_kv_kernel[(triton.cdiv(L, blk), HKV, B)](
+        k, v, kq, vq, scratch, inv_kv, q_range, k_range, v_range, s_range, s_range,
+        *k.stride(), *v.stride(), HKV, L, float(lut) if has_lut else 0.0,
+        LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=False, num_warps=4, **_OPTS)
+    del vq
+    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    _bwd_dq_kernel[(triton.cdiv(LQ, BM), H, B)](
+        qq, kq, q, k, v, dy, stats, delta, dq, kpm, inv, q_range, s_range, seeds,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
+        H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        CLIPPED=bool(clipped),
+        RUNS4=L % 4 == 0, INTERP=interp, NOISE=bool(noise), num_warps=warps,
+        num_stages=stages, **_OPTS)
+    return dq

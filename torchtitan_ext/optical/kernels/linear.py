@@ -387,7 +387,7 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
                                        cols.to(tl.int64) + col_offset, W, RUNS4)
                 u = u * (1.0 / 16777216.0)  # as philox_uniform
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, u, True)
-            else:  # benchmark-only variant: the epilogue without the noise (cost accounting)
+            else:  # read-out noise off (q_noise: false): det rounding, no Philox
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, 0.0, False)
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -472,7 +472,7 @@ def _new_obs(device: torch.device) -> torch.Tensor:
 
 def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, levels: int,
                    lut: float | None, stream: int, index: LinearIndex, observe: bool,
-                   quantize_output: bool = True, save_out_mask: bool = False, _noise: bool = True):
+                   quantize_output: bool = True, save_out_mask: bool = False, noise: bool = True):
     """x2d [M, K] (any strides), weight [N, K], bias [N] or None; *_range float32 [2] device
     tensors (lo, hi), lo > hi means uninitialised (passthrough); seed: int64 device tensor of shape
     [] or [1] (read in-kernel, never .item()).
@@ -482,6 +482,7 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
     accumulator -- all computed only if observe, else (+inf, -inf) rows, out_mask: bool [M, N] (True
     where the accumulator lay inside out_range, or everywhere if it is uninitialised) if
     save_out_mask else None). With quantize_output=False the mask refers to the local accumulator.
+    noise=False (`q_noise: false`): Q_out rounds deterministically and no Philox runs.
     """
     if x2d.dim() != 2 or weight.dim() != 2 or x2d.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_forward: x {tuple(x2d.shape)} and weight {tuple(weight.shape)}")
@@ -494,7 +495,7 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
         index = LinearIndex.whole(x2d.shape[0], weight.shape[0])
     il = index.args()
     return forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, il, observe,
-                          quantize_output, save_out_mask, _noise)
+                          quantize_output, save_out_mask, noise)
 
 
 def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, observe,

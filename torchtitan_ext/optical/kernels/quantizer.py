@@ -253,6 +253,19 @@ def quantize_with_bits24(x, lo, hi, span, inv_span, inv_lm1, w, LEVELS: tl.const
     return tl.where(lo <= hi, dequantize(k, lo, hi, inv_lm1, LEVELS), x), k
 
 
+@triton.jit
+def quantize_level(x, lo, hi, span, inv_span, inv_lm1, w, LEVELS: tl.constexpr,
+                   NOISY: tl.constexpr):
+    """`quantize_with_bits24` (noisy, Philox word w) when NOISY, else deterministic rounding with
+    its level index (w ignored: the read-out noise switch `q_noise: false`). Returns (Q(x), k);
+    the det result has the same bits as `quantize_with(..., NOISY=False)` without lut."""
+    if NOISY:
+        return quantize_with_bits24(x, lo, hi, span, inv_span, inv_lm1, w, LEVELS)
+    else:
+        k = round_half_even(_level_position(x, lo, hi, span, inv_span, LEVELS))
+        return tl.where(lo <= hi, dequantize(k, lo, hi, inv_lm1, LEVELS), x), k
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient mask and output cast
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import TOKENIZER, TRANSFORM, tiny_optical_folder  # noqa: E402
+from hf_tiny import TOKENIZER, tiny_optical_folder  # noqa: E402
 
 from torchtitan_ext.hf.writer import (  # noqa: E402
     TRUST_MARKER,

@@ -14,13 +14,10 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from hf_tiny import tiny_optical_folder  # noqa: E402
 
-from torchtitan_ext.hf.transform import _supports_padding  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["optical_code_ll", "optical_code_gen"]
 
 
-@pytest.mark.skipif(not _supports_padding(), reason="OpticalAttention without key_padding_mask")
 def test_lm_eval_hf_model_type_runs_on_the_optical_export(tmp_path, monkeypatch):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -13,11 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from hf_tiny import calibrate, tiny_config  # noqa: E402
 
-from torchtitan_ext.hf.transform import _supports_padding, key_padding_mask_of  # noqa: E402
+from torchtitan_ext.hf.transform import key_padding_mask_of  # noqa: E402
 from torchtitan_ext.optical.config import OpticalConfigError, TransformConfig  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not _supports_padding(), reason="OpticalAttention without key_padding_mask/q_start")
 
 LENGTHS = (11, 6, 9)
 PAD = 2
@@ -133,8 +130,7 @@ def test_generate_with_cache_and_noise_runs():
 
 
 def test_key_padding_mask_of_a_4d_mask():
-    from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask HF hands over)
-
+    """The 4-D boolean mask transformers' SDPA mask function hands over -> the 2-D key mask."""
     pad = torch.tensor([[False, True, True, True], [True, True, True, False]])
     causal = torch.ones(4, 4, dtype=torch.bool).tril()
     four_d = (causal[None] & pad[:, None, :])[:, None]

@@ -19,15 +19,13 @@ they compute in torchtitan's row order and permute the result, so an exported mo
 the noise it drew in torchtitan (given the same seeds; both frameworks call the optical modules in
 the same order: q, k, v, attention, o, gate(w1), up(w3), down(w2) per layer).
 
-The "optical" attention function takes padding masks and transformers' KV cache (DynamicCache)
-when the installed OpticalAttention has `key_padding_mask`/`q_start` (semantics page, section 3);
-with an older one it raises for them and the transform turns `use_cache` off. Attention dropout
-is not applied (Llama's is 0).
+The "optical" attention function takes padding masks and transformers' KV cache (DynamicCache):
+OpticalAttention's `key_padding_mask` and `q_start` (semantics page, section 3). Attention
+dropout is not applied (Llama's is 0).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections import OrderedDict
@@ -84,12 +82,6 @@ ATTN_IMPLEMENTATION = "optical"
 # The attention function
 
 
-def _supports_padding() -> bool:
-    """Whether the installed OpticalAttention takes key_padding_mask / q_start (issue 15)."""
-    params = inspect.signature(OpticalAttention.forward).parameters
-    return "key_padding_mask" in params and "q_start" in params
-
-
 def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor | None:
     """The 2-D key mask [B, Lk] (True = visible) behind transformers' attention mask.
 
@@ -123,15 +115,8 @@ def optical_attention_forward(module, query, key, value, attention_mask, scaling
                                       scaling=scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
     kpm = key_padding_mask_of(attention_mask, query.shape[0], k_len)
-    if kpm is None and q_len == k_len:
-        y = opt(query, key, value, scale=scaling, is_causal=True)
-    elif not _supports_padding():
-        raise NotImplementedError(
-            "this OpticalAttention computes causal self-attention over whole sequences only: pass "
-            "unpadded inputs without an attention mask, and generate with use_cache=False")
-    else:
-        y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
-                q_start=k_len - q_len)
+    y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
+            q_start=k_len - q_len)
     return y.transpose(1, 2).contiguous(), None
 
 
@@ -259,10 +244,6 @@ def transform_hf_model(model: nn.Module, config, ranges=None, *,
                         for m in model.modules())
     if any_attention and set_attn_implementation:
         _use_optical_attention(model)
-        if not _supports_padding():  # an older OpticalAttention: generate() without a KV cache
-            for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-                if cfg is not None and hasattr(cfg, "use_cache"):
-                    cfg.use_cache = False
     model.optical_transform_config = tcfg  # what save_optical_hf writes back
     if ranges is not None:
         load_ranges(model, ranges, report)

@@ -98,7 +98,7 @@ def _prompts(tokenizer, n: int, lo: int, hi: int) -> list[str]:
     raise SystemExit(f"error: the validation corpus has fewer than {n} documents of {hi} tokens")
 
 
-def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str):
+def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int):
     import torch
 
     def call(n):
@@ -107,12 +107,14 @@ def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str)
                               use_cache=use_cache, pad_token_id=model.config.pad_token_id)
 
     with torch.no_grad():
-        call(4)  # warm-up: kernels compiled and autotuned, caches allocated
+        t0 = time.perf_counter()
+        call(warmup)  # warm-up: kernels compiled and autotuned, caches allocated
         _sync(device)
+        warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = call(new_tokens)
         _sync(device)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, warm_s, out
 
 
 def generate_timing(folder: Path, args) -> dict:
@@ -124,13 +126,17 @@ def generate_timing(folder: Path, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(args.device).eval()
     prompts = _prompts(tok, args.batch, args.prompt_min, args.prompt_max)
     batch = tok(prompts, return_tensors="pt", padding=True).to(args.device)
-    cached_s, cached = _timed_generate(model, batch, args.new_tokens, True, args.device)
-    uncached_s, uncached = _timed_generate(model, batch, args.new_tokens, False, args.device)
+    cached_s, cached_warm_s, cached = _timed_generate(model, batch, args.new_tokens, True,
+                                                      args.device, args.warmup_tokens)
+    uncached_s, uncached_warm_s, uncached = _timed_generate(model, batch, args.new_tokens, False,
+                                                            args.device, args.warmup_tokens)
     new = cached.shape[1] - batch["input_ids"].shape[1]
     return {
         "model_class": type(model).__name__, "batch": args.batch, "new_tokens": int(new),
         "prompt_tokens": [int(x) for x in batch["attention_mask"].sum(1)],
         "use_cache_true_s": cached_s, "use_cache_false_s": uncached_s,
+        "warmup_tokens": args.warmup_tokens, "warmup_s": {"use_cache_true": cached_warm_s,
+                                                           "use_cache_false": uncached_warm_s},
         "speedup": uncached_s / cached_s, "acceptance_10x": uncached_s / cached_s >= 10.0,
         "same_tokens_fraction": float((cached == uncached).float().mean()),
         "note": "with read-out noise the two runs draw different noise, so tokens may differ",
@@ -149,6 +155,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--warmup-tokens", type=int, default=16,
+                   help="generate this many tokens untimed first, per mode (--new-tokens: full)")
     p.add_argument("--prompt-min", type=int, default=64)
     p.add_argument("--prompt-max", type=int, default=192)
     args = p.parse_args(argv)

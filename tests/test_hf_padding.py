@@ -135,5 +135,18 @@ def test_key_padding_mask_of_a_4d_mask():
     causal = torch.ones(4, 4, dtype=torch.bool).tril()
     four_d = (causal[None] & pad[:, None, :])[:, None]
     assert torch.equal(key_padding_mask_of(four_d, 2, 4), pad)
-    assert key_padding_mask_of(causal[None, None].expand(2, 1, 4, 4), 2, 4) is None
+    assert key_padding_mask_of(causal[None, None].expand(2, 1, 4, 4), 2, 4).all()
     assert key_padding_mask_of(None, 2, 4) is None
+
+
+def test_an_all_visible_key_mask_computes_what_no_mask_computes():
+    """key_padding_mask_of hands over all-visible masks too (no device read to drop them)."""
+    opt = _model(noise=True).model.layers[0].self_attn.optical_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (4, 2, 2))
+    outs = []
+    for kpm in (None, torch.ones(2, 9, dtype=torch.bool)):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            outs.append(opt(q, k, v, enable_gqa=True, key_padding_mask=kpm))
+    assert torch.equal(outs[0], outs[1])

@@ -88,7 +88,8 @@ def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor 
     transformers (5.17 and 5.24) hands the attention function the 4-D mask of the registered
     mask function (SDPA's: bool [B, 1, Lq, Lk], True = attend, or None when no padding). The keys
     a causal mask hides from the last query row, which sits at the last key's position, are
-    exactly the padded ones; a 2-D mask (from other callers) is taken as it is."""
+    exactly the padded ones; a 2-D mask (from other callers) is taken as it is. An all-visible mask
+    computes what no mask computes (semantics page, section 3)."""
     if attention_mask is None:
         return None
     m = attention_mask
@@ -98,7 +99,7 @@ def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor 
         m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
     if tuple(m.shape) != (batch, k_len):
         m = m[..., -k_len:].expand(batch, k_len)
-    return None if bool(m.all()) else m.contiguous()
+    return m.contiguous()  # no `.all()` test: that would read the device once per layer and step
 
 
 def optical_attention_forward(module, query, key, value, attention_mask, scaling=None,

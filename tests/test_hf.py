@@ -25,7 +25,9 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from torchtitan_ext.hf import export as hf_export  # noqa: E402
-from torchtitan_ext.hf.import_hf import (  # noqa: E402
+from torchtitan_ext.hf import hf_config, names as hf_names  # noqa: E402
+from torchtitan_ext.hf.checkpoint import load_titan_checkpoint  # noqa: E402
+from torchtitan_ext.titan.hf_adapter import (  # noqa: E402
     RANGES_FILE,
     TRANSFORM_FILE,
     titan_to_hf_module,
@@ -78,12 +80,14 @@ def exported(tmp_path_factory):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    ck = hf_export.load_titan_checkpoint(CONFIG, ckpt)
+    ck = load_titan_checkpoint(CONFIG, ckpt)
     return SimpleNamespace(tmp=tmp, ckpt=ckpt, out=out, ck=ck)
 
 
 def _titan_model(ck, optical: bool):
-    model, *_ = hf_export.build_titan_model(ck.job_config, device="cpu", optical=optical)
+    from torchtitan_ext.titan.model import build_titan_model
+
+    model = build_titan_model(ck.job_config, device="cpu", optical=optical).model
     sd = {k: v for k, v in ck.state_dict.items() if optical or not k.endswith(".optical_ranges")}
     model.load_state_dict(sd, strict=True)
     return model.eval()
@@ -119,7 +123,7 @@ def test_export_writes_a_complete_folder(exported):
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["vocab_size"]) == (256, 4, 4, 2, 8192)
     # FeedForward: int(2 * 4 * 256 / 3) = 682, * 1.3 -> 886, up to a multiple of 128 -> 896
-    assert cfg["intermediate_size"] == hf_export.ffn_hidden_dim(256, 128, 1.3) == 896
+    assert cfg["intermediate_size"] == hf_config.ffn_hidden_dim(256, 128, 1.3) == 896
     assert cfg["intermediate_size"] == ck.state_dict["layers.0.feed_forward.w1.weight"].shape[0]
     assert cfg["tie_word_embeddings"] is False
     assert cfg["rms_norm_eps"] == 1e-5
@@ -215,6 +219,12 @@ def test_optical_logits_equal_torchtitan_optical(exported):
           f"(exactly equal: {torch.equal(a, b)}); other seed: {_rel(c, b):.3g}; "
           f"vs digital: {_rel(digital, b):.3g}")
     assert rel < 1e-4
+    # The folder by name (auto_map, trust_remote_code) is the same optical model, bit for bit.
+    by_name = transformers.AutoModelForCausalLM.from_pretrained(exported.out, trust_remote_code=True,
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.manual_seed(1234)
+        assert torch.equal(by_name(tokens).logits, b)
     assert _rel(c, b) > 1e-4  # the noise is live: another seed gives other logits
     assert _rel(digital, b) > 1e-4  # and the model is optical
 
@@ -255,14 +265,14 @@ def test_transform_config_rewrite_is_exact():
     }
     for label, layers in cases.items():
         tcfg = TransformConfig.from_dict({"use_regex": True, "layer_name_to_config": layers})
-        data, notes, _ = hf_export.translate_transform_config(tcfg, names)
+        data, notes, _ = hf_names.translate_transform_config(tcfg, names)
         hf_cfg = TransformConfig.from_dict(data)
         for n in names:
             assert tcfg.match(n)[1] == hf_cfg.match(titan_to_hf_module(n))[1], (label, n)
         assert bool(notes) == (label == "char class"), (label, notes)
     exact = TransformConfig.from_dict({"use_regex": False, "layer_name_to_config": {
         "layers.2.attention.wk": {}, "layers.3.attention": {}, "output": {"q_levels": 4}}})
-    data, _, _ = hf_export.translate_transform_config(exact, names)
+    data, _, _ = hf_names.translate_transform_config(exact, names)
     assert list(data["layer_name_to_config"])[1:] == [
         "model.layers.2.self_attn.k_proj", "model.layers.3.self_attn", "lm_head"]
 
@@ -289,8 +299,6 @@ def test_hf_attention_falls_back_to_sdpa_and_ranges_update(exported):
     assert calls == [1]  # layer 0 optical, layers 1-3 through SDPA
     r = hf.model.layers[0].self_attn.optical_attention.optical_ranges
     assert torch.isfinite(r[[0, 1, 2, 3, 4]]).all()  # calibrated by the first step
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        hf.eval()(tokens, attention_mask=torch.tensor([[0] * 4 + [1] * 12]))
     with pytest.raises(Exception, match="matches no module"):
         transform_hf_model(_hf_model(exported.out), {"layer_name_to_config": {r"layers\.0\.attention": {}}})
 
@@ -418,18 +426,19 @@ def test_export_errors(exported, capsys, tmp_path):
     err = _export_error(capsys, "--config", str(tmp_path / "missing.toml"), "--checkpoint",
                         str(exported.ckpt), "--out", str(tmp_path / "x"))
     assert "--config" in err
-    # --overwrite replaces the folder in one rename
+    # --overwrite replaces the export's own files; a user's file stays (writer rules)
     hf_export.main(["--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
                     str(tmp_path / "y")])
-    (tmp_path / "y" / "stale.txt").write_text("old")
+    (tmp_path / "y" / "eval_results.json").write_text("mine")
     hf_export.main(["--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
                     str(tmp_path / "y"), "--overwrite"])
-    assert not (tmp_path / "y" / "stale.txt").exists()
+    assert (tmp_path / "y" / "eval_results.json").read_text() == "mine"
+    assert (tmp_path / "y" / "config.json").is_file()
     (tmp_path / "z").mkdir()
     (tmp_path / "z" / "notes.txt").write_text("mine")
     err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(exported.ckpt),
                         "--out", str(tmp_path / "z"), "--overwrite")
-    assert "does not look like a Hugging Face folder" in err
+    assert "not a Hugging Face folder" in err
     assert (tmp_path / "z" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["y", "z"]  # no temporary folders left
 
@@ -441,3 +450,43 @@ def test_export_cli_exits_nonzero(tmp_path):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 2 and "error: --checkpoint" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 17: the checkpoint's transform, damaged checkpoints, --out before loading
+
+
+def test_export_takes_the_checkpoint_transform_and_stops_on_a_change(exported, capsys, tmp_path):
+    from torchtitan_ext.titan.checkpoint_integrity import read_recorded_transform
+
+    assert read_recorded_transform(exported.ckpt)["transform"]  # the run recorded its transform
+    other = str(ROOT / "train_configs" / "transforms" / "optical_16levels.yaml")
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(exported.ckpt),
+                        "--out", str(tmp_path / "x"), "--optical.transform_config", other)
+    assert "differs from the transform" in err and "q_levels" in err and "16" in err
+    assert not (tmp_path / "x").exists()
+    hf_export.main(["--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
+                    str(tmp_path / "y"), "--optical.transform_config", other,
+                    "--optical.allow_transform_change"])
+    card = (tmp_path / "y" / "README.md").read_text()
+    assert "Transform changed at export" in card and "checkpoint 256, exported 16" in card
+    assert "q_levels: 16" in (tmp_path / "y" / TRANSFORM_FILE).read_text()
+
+
+def test_export_damaged_checkpoint_and_unwritable_out_fail_fast(exported, capsys, tmp_path,
+                                                                monkeypatch):
+    import shutil
+
+    bad = tmp_path / "step-4"
+    shutil.copytree(exported.ckpt, bad)
+    shard = sorted(bad.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(bad), "--out",
+                        str(tmp_path / "x"))
+    assert "cannot be loaded" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(hf_export, "load_titan_checkpoint",
+                        lambda *a, **k: pytest.fail("read the checkpoint before checking --out"))
+    err = _export_error(capsys, "--config", CONFIG, "--checkpoint", str(exported.ckpt), "--out",
+                        str(tmp_path / "afile" / "out"))
+    assert "--out" in err and "is not a folder" in err

@@ -1,14 +1,17 @@
 """Hugging Face interop of the optical Llama.
 
-- `torchtitan_ext.hf.export`: torchtitan DCP checkpoint -> complete HF folder (weights, config,
-  tokenizer, `optical_transform.yaml`, `optical_ranges.safetensors`, model card).
-- `torchtitan_ext.hf.import_hf`: module-name mapping and the state-dict adapter with which
-  torchtitan's own `checkpoint.initial_load_in_hf` loads such a folder, ranges included.
-- `torchtitan_ext.hf.transform`: `transform_hf_model` makes a transformers `LlamaForCausalLM`
-  optical with the same core modules (OpticalLinear / OpticalAttention).
-- `torchtitan_ext.hf.callbacks`: keep ranges updating in HF training loops.
-- `torchtitan_ext.hf.run_clm`: continual pretraining with the HF Trainer.
+- `export`: torchtitan DCP checkpoint -> complete HF folder (the CLI), from
+  `checkpoint` (reading and checking the DCP state), `names` (transform patterns for transformers'
+  module names), `hf_config` (config.json), `model_card` (README.md) and `writer` (the one writer
+  of an HF folder: temporary sibling and rename, overwrite rules, stale temporaries).
+- `auto`: `OpticalLlamaForCausalLM`, what an export's `auto_map` loads with
+  `trust_remote_code=True`; `save`: `save_optical_hf`, a transformed model -> folder.
+- `transform`: `transform_hf_model` makes a transformers `LlamaForCausalLM` optical with the same
+  core modules (OpticalLinear / OpticalAttention), and the "optical" attention function (padding,
+  KV cache).
+- `callbacks`: keep ranges updating in HF training loops; `run_clm`: continual pretraining with the
+  HF Trainer.
 
-Submodules are imported on demand: `torchtitan_ext.titan` imports `import_hf`, which must not pull
-in transformers.
+torchtitan's side (module names, the state-dict adapter for `checkpoint.initial_load_in_hf`) is
+`torchtitan_ext.titan.hf_adapter`: titan never imports hf/. Submodules are imported on demand.
 """

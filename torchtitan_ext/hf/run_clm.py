@@ -33,9 +33,15 @@ from itertools import chain
 from pathlib import Path
 from typing import Optional
 
+from torchtitan_ext.titan.hf_adapter import RANGES_FILE, TRANSFORM_FILE
+
 logger = logging.getLogger("torchtitan_ext.hf.run_clm")
 
 NONE = "none"
+
+
+def _arg(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -43,65 +49,39 @@ class ModelArguments:
     model_name_or_path: str = field(
         metadata={"help": "A local Hugging Face folder (e.g. written by torchtitan_ext.hf.export)."}
     )
-    tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Tokenizer folder (default: --model_name_or_path)."}
-    )
-    transform_config: Optional[str] = field(
-        default=None,
-        metadata={"help": "Transform file with transformers' module names (default: the model "
-                          "folder's optical_transform.yaml if present; 'none': digital)."},
-    )
-    ranges: Optional[str] = field(
-        default=None,
-        metadata={"help": "optical_ranges.safetensors to start from (default: the model folder's, "
-                          "if present; 'none': uninitialised, the first step calibrates)."},
-    )
-    kernels: str = field(
-        default="auto",
-        metadata={"help": "Optical kernels: auto (Triton on GPUs, reference on CPU), triton, reference."},
-    )
-    sync_ranges: bool = field(
-        default=True, metadata={"help": "Reduce observed ranges across ranks after every step."}
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Parameter dtype: float32 (use --bf16 for bf16 compute), bfloat16, auto."},
-    )
+    tokenizer_name: Optional[str] = _arg(None, "Tokenizer folder (default: --model_name_or_path).")
+    transform_config: Optional[str] = _arg(
+        None, "Transform file with transformers' module names (default: the model "
+              "folder's optical_transform.yaml if present; 'none': digital).")
+    ranges: Optional[str] = _arg(
+        None, "optical_ranges.safetensors to start from (default: the model folder's, "
+              "if present; 'none': uninitialised, the first step calibrates).")
+    kernels: str = _arg(
+        "auto", "Optical kernels: auto (Triton on GPUs, reference on CPU), triton, reference.")
+    sync_ranges: bool = _arg(True, "Reduce observed ranges across ranks after every step.")
+    torch_dtype: str = _arg(
+        "float32", "Parameter dtype: float32 (use --bf16 for bf16 compute), bfloat16, auto.")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "A dataset registered in torchtitan_ext.data: optical_stdlib, local, "
-                          "fineweb_edu_10bt (the last needs the hub or --dataset_path)."},
-    )
-    dataset_path: Optional[str] = field(
-        default=None, metadata={"help": "Path for --dataset_name (as training.dataset_path)."}
-    )
-    validation_dataset_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "Registered validation dataset (default with optical_stdlib: "
-                          "optical_stdlib_validation when --do_eval)."},
-    )
-    train_file: Optional[str] = field(
-        default=None, metadata={"help": "Training text: .jsonl/.json(.gz)/.parquet/.txt, folder or glob."}
-    )
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Validation text, as --train_file."})
-    text_column: str = field(default="text", metadata={"help": "Field holding the text."})
-    block_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "Tokens per training block (default: min(1024, max_position_embeddings))."},
-    )
-    max_train_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use only the first N training documents."}
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use only the first N validation documents."}
-    )
-    preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Processes for tokenization (map-style datasets)."}
-    )
+    dataset_name: Optional[str] = _arg(
+        None, "A dataset registered in torchtitan_ext.data: optical_stdlib, local, "
+              "fineweb_edu_10bt (the last needs the hub or --dataset_path).")
+    dataset_path: Optional[str] = _arg(None, "Path for --dataset_name (as training.dataset_path).")
+    validation_dataset_name: Optional[str] = _arg(
+        None, "Registered validation dataset (default with optical_stdlib: "
+              "optical_stdlib_validation when --do_eval).")
+    train_file: Optional[str] = _arg(
+        None, "Training text: .jsonl/.json(.gz)/.parquet/.txt, folder or glob.")
+    validation_file: Optional[str] = _arg(None, "Validation text, as --train_file.")
+    text_column: str = _arg("text", "Field holding the text.")
+    block_size: Optional[int] = _arg(
+        None, "Tokens per training block (default: min(1024, max_position_embeddings)).")
+    max_train_samples: Optional[int] = _arg(None, "Use only the first N training documents.")
+    max_eval_samples: Optional[int] = _arg(None, "Use only the first N validation documents.")
+    preprocessing_num_workers: Optional[int] = _arg(
+        None, "Processes for tokenization (map-style datasets).")
 
 
 def _registered(name: str, path: Optional[str]):
@@ -183,36 +163,19 @@ def _default_file(folder: str, name: str, given: Optional[str]) -> Optional[str]
     return str(candidate) if candidate.is_file() else None
 
 
-def main(argv: Optional[list] = None) -> dict:
+def _load_model(model_args):
+    """The model (made optical by the folder's or the given transform file) and its tokenizer."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        HfArgumentParser,
-        Trainer,
-        TrainingArguments,
-        default_data_collator,
-        set_seed,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from torchtitan_ext.optical.ops import set_kernel_mode
 
-    from .callbacks import OpticalRangesCallback
-    from .import_hf import RANGES_FILE, TRANSFORM_FILE
-    from .transform import format_hf_histogram, save_optical_hf, transform_hf_model
-
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    args = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARN)
-    set_seed(training_args.seed)
+    from .transform import format_hf_histogram, transform_hf_model
 
     folder = model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or folder)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[model_args.torch_dtype]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-
     transform_path = _default_file(folder, TRANSFORM_FILE, model_args.transform_config)
     ranges_path = _default_file(folder, RANGES_FILE, model_args.ranges)
     if transform_path:
@@ -221,8 +184,10 @@ def main(argv: Optional[list] = None) -> dict:
         logger.info("\n" + format_hf_histogram(report))
     else:
         logger.info("no transform config: training digitally")
+    return model, tokenizer, transform_path
 
-    block_size = data_args.block_size or min(1024, model.config.max_position_embeddings)
+
+def _datasets(data_args, training_args, tokenizer, block_size: int):
     train_ds = eval_ds = None
     if training_args.do_train or not training_args.do_eval:
         train_ds = tokenize_and_group(load_texts(data_args, "train"), tokenizer, block_size,
@@ -235,15 +200,10 @@ def main(argv: Optional[list] = None) -> dict:
         eval_ds = tokenize_and_group(raw_eval, tokenizer, block_size, data_args.preprocessing_num_workers)
     if train_ds is not None and hasattr(train_ds, "__len__") and len(train_ds) == 0:
         raise ValueError(f"the training data holds fewer than --block_size={block_size} tokens")
+    return train_ds, eval_ds
 
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=default_data_collator,
-        callbacks=[OpticalRangesCallback(sync=model_args.sync_ranges)] if transform_path else None,
-    )
+
+def _train_and_evaluate(trainer, training_args, train_ds, eval_ds) -> dict:
     results: dict = {}
     if train_ds is not None:
         out = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -253,15 +213,39 @@ def main(argv: Optional[list] = None) -> dict:
         if "eval_loss" in metrics:
             metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         results.update(metrics)
+    return results
+
+
+def main(argv: Optional[list] = None) -> dict:
+    from transformers import (HfArgumentParser, Trainer, TrainingArguments, default_data_collator,
+                              set_seed)
+
+    from .callbacks import OpticalRangesCallback
+    from .save import save_optical_hf
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    args = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARN)
+    set_seed(training_args.seed)
+    model, tokenizer, transform_path = _load_model(model_args)
+    block_size = data_args.block_size or min(1024, model.config.max_position_embeddings)
+    train_ds, eval_ds = _datasets(data_args, training_args, tokenizer, block_size)
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=default_data_collator,
+        callbacks=[OpticalRangesCallback(sync=model_args.sync_ranges)] if transform_path else None,
+    )
+    results = _train_and_evaluate(trainer, training_args, train_ds, eval_ds)
     if trainer.is_world_process_zero():
         out_dir = Path(training_args.output_dir)
         save_optical_hf(model, out_dir, transform_config=transform_path, tokenizer=tokenizer,
-                        tokenizer_dir=model_args.tokenizer_name or folder)
+                        tokenizer_dir=model_args.tokenizer_name or model_args.model_name_or_path)
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (out_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         logger.info(f"saved to {out_dir}")
     return {"results": results, "log_history": trainer.state.log_history}
-
 
 if __name__ == "__main__":
     main()

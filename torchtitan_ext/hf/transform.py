@@ -19,38 +19,29 @@ they compute in torchtitan's row order and permute the result, so an exported mo
 the noise it drew in torchtitan (given the same seeds; both frameworks call the optical modules in
 the same order: q, k, v, attention, o, gate(w1), up(w3), down(w2) per layer).
 
-Limits of the "optical" attention function: causal self-attention over whole sequences, as in
-training. Padding masks and KV-cache decoding raise an error, so the transform turns the model's
-`use_cache` off (`generate()` then recomputes the whole sequence per token); attention dropout is
-not applied (Llama's is 0).
+The "optical" attention function takes padding masks and transformers' KV cache (DynamicCache):
+OpticalAttention's `key_padding_mask` and `q_start` (semantics page, section 3). Attention
+dropout is not applied (Llama's is 0).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from torchtitan_ext.optical import ops
 from torchtitan_ext.optical.config import (
     OpticalConfigError,
     TransformConfig,
     load_transform_config,
 )
-from torchtitan_ext.optical.modules import (
-    OpticalAttention,
-    OpticalLinear,
-    _batch_extent,
-    _draw_seeds,
-)
+from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 from torchtitan_ext.optical.ranges import local
 from torchtitan_ext.optical.transform import (
     ModelLayout,
@@ -61,12 +52,10 @@ from torchtitan_ext.optical.transform import (
     transform_model,
 )
 
-from .import_hf import (
+from torchtitan_ext.titan.hf_adapter import (
     HF_OPTICAL_ATTENTION,
     RANGE_SUFFIX,
     RANGES_FILE,
-    TOKENIZER_FILES,
-    TRANSFORM_FILE,
 )
 
 __all__ = [
@@ -80,42 +69,63 @@ __all__ = [
     "format_hf_histogram",
     "optical_attention_forward",
     "register_optical_attention",
+    "key_padding_mask_of",
+    "transform_config_of_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "optical"
-_FALLBACK_ATTN = "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------
 # The attention function
 
 
+def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor | None:
+    """The 2-D key mask [B, Lk] (True = visible) behind transformers' attention mask.
+
+    transformers (5.17 and 5.24) hands the attention function the 4-D mask of the registered
+    mask function (SDPA's: bool [B, 1, Lq, Lk], True = attend, or None when no padding). The keys
+    a causal mask hides from the last query row, which sits at the last key's position, are
+    exactly the padded ones; a 2-D mask (from other callers) is taken as it is. An all-visible mask
+    computes what no mask computes (semantics page, section 3)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :]
+    if m.dtype != torch.bool:  # additive float masks: 0 = visible, -inf (or min) = hidden
+        m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
+    if tuple(m.shape) != (batch, k_len):
+        m = m[..., -k_len:].expand(batch, k_len)
+    return m.contiguous()  # no `.all()` test: that would read the device once per layer and step
+
+
 def optical_attention_forward(module, query, key, value, attention_mask, scaling=None,
                               dropout=0.0, **kwargs):
-    """transformers attention function: q [B,H,L,D], k/v [B,Hkv,L,D] -> ([B,L,H,D], None)."""
+    """transformers attention function: q [B,H,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,H,D], None).
+
+    Padding (`attention_mask`) and cached decoding (Lq < Lk: the queries are the last Lq
+    positions, `q_start = Lk - Lq`) go to OpticalAttention (semantics page, section 3)."""
     opt = getattr(module, HF_OPTICAL_ATTENTION, None)
     if opt is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if attention_mask is not None or query.shape[2] != key.shape[2]:
-        raise NotImplementedError(
-            "optical attention computes causal self-attention over whole sequences (as in "
-            "training): pass unpadded inputs without an attention mask, and generate with "
-            "use_cache=False"
-        )
-    y = opt(query, key, value, scale=scaling, is_causal=True)
+    q_len, k_len = query.shape[2], key.shape[2]
+    kpm = key_padding_mask_of(attention_mask, query.shape[0], k_len)
+    y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
+            q_start=k_len - q_len)
     return y.transpose(1, 2).contiguous(), None
 
 
 def register_optical_attention() -> None:
     """Register "optical" on transformers' attention and mask interfaces (idempotent).
 
-    The mask function is SDPA's, which gives no mask (None) for plain causal attention.
-    """
+    The mask function is SDPA's: None for plain causal attention, else the 4-D boolean mask that
+    `key_padding_mask_of` reads the padding from."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -135,8 +145,11 @@ def _rope_permutation(n_heads: int, head_dim: int) -> torch.Tensor:
 class RopeOrderedOpticalLinear(OpticalLinear):
     """An OpticalLinear for HF q_proj/k_proj that numbers output elements as torchtitan's wq/wk.
 
+    `OpticalLinear.forward` runs unchanged (warm-up switch, clamp statistics, bypass, range
+    recording); only its optical matmul (`_linear`) gets torchtitan's row order:
     y_titan = optical_linear(x, W_hf[inv]) with torchtitan's noise indices; y_hf = y_titan[..., perm].
-    Ranges are per tensor, so the permutation changes nothing else.
+    Ranges are per tensor, so the permutation changes nothing else. A tensor-parallel shard (fewer
+    rows than the module) keeps its own order, as before.
     """
 
     @classmethod
@@ -147,19 +160,15 @@ class RopeOrderedOpticalLinear(OpticalLinear):
         new.register_buffer("titan_rows", torch.argsort(perm), persistent=False)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
-        if self.config.q_bypass or isinstance(self.weight, DTensor):
-            return super().forward(x)
-        w = self.weight.index_select(0, self.titan_rows)
-        b = None if self.bias is None else self.bias.index_select(0, self.titan_rows)
-        index = ops.linear_index(
-            x.shape, self.out_features, batch_offset=self.shard.dp_rank * _batch_extent(x.shape)
-        )
-        # Exactly OpticalLinear.forward's single-device path, with permuted operands.
-        y, _ = self._linear(x, w, b, index, _draw_seeds(1, x.device), quantize_output=True)
-        return y.index_select(-1, self.hf_rows)
+    def _linear(self, x, weight, bias, index, seed, *, quantize_output, record=True):
+        if weight.shape[0] != self.titan_rows.numel():
+            return super()._linear(x, weight, bias, index, seed, quantize_output=quantize_output,
+                                   record=record)
+        w = weight.index_select(0, self.titan_rows)
+        b = None if bias is None else bias.index_select(0, self.titan_rows)
+        y, obs = super()._linear(x, w, b, index, seed, quantize_output=quantize_output,
+                                 record=record)
+        return y.index_select(-1, self.hf_rows), obs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,10 +245,7 @@ def transform_hf_model(model: nn.Module, config, ranges=None, *,
                         for m in model.modules())
     if any_attention and set_attn_implementation:
         _use_optical_attention(model)
-        # The optical attention recomputes whole sequences: generate() without a KV cache.
-        for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-            if cfg is not None and hasattr(cfg, "use_cache"):
-                cfg.use_cache = False
+    model.optical_transform_config = tcfg  # what save_optical_hf writes back
     if ranges is not None:
         load_ranges(model, ranges, report)
     return report
@@ -338,53 +344,6 @@ def format_hf_histogram(report: TransformReport) -> str:
     return text
 
 
-def save_optical_hf(model: nn.Module, out_dir: str | os.PathLike, *, transform_config=None,
-                    tokenizer: Any = None, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Save a (transformed) HF model as an export-style folder: plain HF weights and config,
-    `optical_ranges.safetensors`, the transform file (`optical_transform.yaml`), and the tokenizer
-    (its files copied verbatim from `tokenizer_dir`, else `tokenizer.save_pretrained`)."""
-    import yaml
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(RANGE_SUFFIX)}
-    impl, use_cache = model.config._attn_implementation, model.config.use_cache
-    try:
-        # A plain transformers folder: loadable without this package (transform_hf_model sets
-        # both again when the folder is made optical).
-        model.config._attn_implementation = _FALLBACK_ATTN
-        model.config.use_cache = True
-        model.save_pretrained(out, state_dict=state)
-    finally:
-        model.config._attn_implementation, model.config.use_cache = impl, use_cache
-    if (out / "config.json").is_file() and "rope_parameters" in json.loads((out / "config.json").read_text()):
-        from .export import _add_legacy_rope_keys
-
-        _add_legacy_rope_keys(out / "config.json")
-    copied = []
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / name)
-                copied.append(name)
-    if not copied and tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    ranges = optical_state_dict(model)
-    if ranges:
-        save_file(ranges, str(out / RANGES_FILE), metadata={
-            "format": "pt",
-            "rows.OpticalLinear": ",".join(OpticalLinear.RANGE_NAMES),
-            "rows.OpticalAttention": ",".join(OpticalAttention.RANGE_NAMES),
-        })
-    if isinstance(transform_config, (str, os.PathLike)):
-        src = Path(transform_config)
-        if src.resolve() != (out / TRANSFORM_FILE).resolve():
-            shutil.copyfile(src, out / TRANSFORM_FILE)
-    elif transform_config is not None:
-        tcfg = _as_transform_config(transform_config)
-        (out / TRANSFORM_FILE).write_text(yaml.safe_dump(tcfg.to_dict(), sort_keys=False))
-    for f in out.glob("*.safetensors"):
-        os.chmod(f, 0o644)  # safetensors writes 0600 files
-    return out
+def transform_config_of_model(model: nn.Module) -> TransformConfig | None:
+    """The TransformConfig `transform_hf_model` applied to `model` (None: digital)."""
+    return getattr(model, "optical_transform_config", None)

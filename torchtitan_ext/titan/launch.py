@@ -6,7 +6,6 @@ configuration ends within seconds with one line that names the key or pattern (e
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -54,37 +53,21 @@ def _toml_path(argv: list[str]) -> str | None:
 
 def preflight(job_config) -> None:
     """Validate what torchtitan does not: flavor, [optical], transform file and its patterns."""
-    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
 
-    from torchtitan_ext.optical.transform import transform_model
-    from torchtitan_ext.titan.converter import CONVERTER_NAME, transform_config_of
-
-    try:
-        spec = get_train_spec(job_config.model.name)
-    except ValueError as e:
-        raise OpticalConfigError(f"model.name: {e}") from e
-    if job_config.model.flavor not in spec.model_args:
-        raise OpticalConfigError(
-            f"model.flavor: {job_config.model.flavor!r} is not a flavor of "
-            f"{job_config.model.name!r}; allowed: {sorted(spec.model_args)}"
-        )
+    spec_and_args(job_config)  # model name and flavor
     _check_converters(job_config.model.converters)
     _check_parallelism(job_config.parallelism)
-    if CONVERTER_NAME not in job_config.model.converters:
+    if not is_optical(job_config):
         return
-    transform = transform_config_of(job_config)
     ac = job_config.activation_checkpoint
     if ac.mode != "none" and not ac.preserve_rng_state:
         raise OpticalConfigError(
             "activation_checkpoint.preserve_rng_state: must be true with optical layers (the "
             "recomputed forward must redraw the same noise seeds); allowed: true"
         )
-    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    args.update_from_config(job_config)
-    with torch.device("meta"):
-        model = spec.model_cls(args)
-        # The whole transform on the meta device: every check it makes fails here, cleanly.
-        transform_model(model, transform)
+    # The whole transform on the meta device: every check it makes fails here, cleanly.
+    build_titan_model(job_config, device="meta", optical=True)
 
 
 def _check_converters(names: list[str]) -> None:

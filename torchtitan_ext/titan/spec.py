@@ -30,7 +30,7 @@ from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallel
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.tools.logging import logger
 
-from torchtitan_ext.hf.import_hf import OpticalLlama3StateDictAdapter
+from torchtitan_ext.titan.hf_adapter import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible

@@ -14,7 +14,8 @@ for a range only when that file in `model.hf_assets_path` has it; every other ra
 uninitialised (the converter's reset), i.e. the first step calibrates it. For digital models it is
 exactly torchtitan's adapter.
 
-No transformers import here: `torchtitan_ext.titan.spec` imports this module.
+It lives in `titan/` because `torchtitan_ext.titan.spec` registers it (titan never imports `hf/`);
+`hf/` imports the names from here. No transformers import here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,189 @@
+"""The 60M export as a transformers model on one GPU: lm-evaluation-harness digital vs optical, and
+`generate` with and without the KV cache (issue 15). One command, about 5 minutes on an H200:
+
+    python3 bench/hf_eval.py --out $OUT/hf_eval.json                       # trains 60M briefly
+    python3 bench/hf_eval.py --checkpoint outputs/optical_60M/checkpoint/step-2000 --out X.json
+
+1. Without --checkpoint: `torchrun run.py --job.config_file train_configs/optical_60M.toml` for
+   --steps steps (default 300: the recipe's 100-step digital warm-up, then optical), with a
+   checkpoint at the last step. With --checkpoint: that checkpoint (--config names its TOML).
+2. `python -m torchtitan_ext.hf.export` of it (float32 weights).
+3. lm-evaluation-harness, `hf` model type, batch size 8 (padded batches), the local tasks of
+   tests/lm_eval_tasks (a log-likelihood and a generation task): digital (no trust_remote_code:
+   transformers' Llama) and optical (trust_remote_code=True: the folder's auto_map).
+4. `generate` of --new-tokens (256) greedy tokens for a batch of 8 left-padded prompts of the
+   validation corpus, optical model, use_cache=True vs use_cache=False, each after a warm-up call,
+   timed with CUDA synchronisation; the speed-up and whether the tokens agree.
+
+Everything goes to --out as JSON (and a line per stage to stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["optical_code_ll", "optical_code_gen"]
+CONFIG = "train_configs/optical_60M.toml"
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:6])} ... failed (exit {r.returncode}); see {log}")
+
+
+def train(args, work: Path) -> Path:
+    dump = work / "run"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+          "run.py", "--job.config_file", args.config, "--training.steps", str(args.steps),
+          "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval",
+          str(args.steps), "--checkpoint.no-last-save-model-only", "--validation.no-enable",
+          "--debug.seed", "0", *shlex.split(args.train_extra)], work / "train.log")
+    return dump / "checkpoint" / f"step-{args.steps}"
+
+
+def export(args, checkpoint: Path, work: Path) -> Path:
+    out = work / "export"
+    _run([sys.executable, "-m", "torchtitan_ext.hf.export", "--config", args.config,
+          "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"], work / "export.log")
+    return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def harness(folder: Path, optical: bool, batch_size: int, device: str) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(folder), trust_remote_code=optical, dtype="float32",
+              batch_size=batch_size, device=device)
+    kind = type(lm.model).__name__
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=TASKS, batch_size=batch_size,
+                                  task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks")))
+    res = {t: {k: v for k, v in out["results"][t].items() if isinstance(v, (int, float))}
+           for t in TASKS}
+    return {"model_class": kind, "seconds": time.perf_counter() - t0, "results": res}
+
+
+def _prompts(tokenizer, n: int, lo: int, hi: int) -> list[str]:
+    path = ROOT / "torchtitan_ext" / "data" / "assets" / "corpus" / "validation.jsonl.gz"
+    texts = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            ids = tokenizer(json.loads(line)["text"])["input_ids"]
+            if len(ids) >= hi:
+                length = lo + (len(texts) * (hi - lo)) // max(1, n - 1)
+                texts.append(tokenizer.decode(ids[:length]))
+            if len(texts) == n:
+                return texts
+    raise SystemExit(f"error: the validation corpus has fewer than {n} documents of {hi} tokens")
+
+
+def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int):
+    import torch
+
+    def call(n):
+        torch.manual_seed(0)
+        return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              use_cache=use_cache, pad_token_id=model.config.pad_token_id)
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        call(warmup)  # warm-up: kernels compiled and autotuned, caches allocated
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = call(new_tokens)
+        _sync(device)
+    return time.perf_counter() - t0, warm_s, out
+
+
+def generate_timing(folder: Path, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(args.device).eval()
+    prompts = _prompts(tok, args.batch, args.prompt_min, args.prompt_max)
+    batch = tok(prompts, return_tensors="pt", padding=True).to(args.device)
+    cached_s, cached_warm_s, cached = _timed_generate(model, batch, args.new_tokens, True,
+                                                      args.device, args.warmup_tokens)
+    uncached_s, uncached_warm_s, uncached = _timed_generate(model, batch, args.new_tokens, False,
+                                                            args.device, args.warmup_tokens)
+    new = cached.shape[1] - batch["input_ids"].shape[1]
+    return {
+        "model_class": type(model).__name__, "batch": args.batch, "new_tokens": int(new),
+        "prompt_tokens": [int(x) for x in batch["attention_mask"].sum(1)],
+        "use_cache_true_s": cached_s, "use_cache_false_s": uncached_s,
+        "warmup_tokens": args.warmup_tokens, "warmup_s": {"use_cache_true": cached_warm_s,
+                                                           "use_cache_false": uncached_warm_s},
+        "speedup": uncached_s / cached_s, "acceptance_10x": uncached_s / cached_s >= 10.0,
+        "same_tokens_fraction": float((cached == uncached).float().mean()),
+        "note": "with read-out noise the two runs draw different noise, so tokens may differ",
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--checkpoint", help="a DCP step folder (default: train --steps steps)")
+    p.add_argument("--config", default=CONFIG, help=f"its TOML (default {CONFIG})")
+    p.add_argument("--steps", type=int, default=300, help="training steps without --checkpoint")
+    p.add_argument("--workdir", default="/tmp/hf_eval", help="run, export and logs go here")
+    p.add_argument("--train-extra", default="", help="more run.py options for the training run")
+    p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke test)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--warmup-tokens", type=int, default=16,
+                   help="generate this many tokens untimed first, per mode (--new-tokens: full)")
+    p.add_argument("--prompt-min", type=int, default=64)
+    p.add_argument("--prompt-max", type=int, default=192)
+    args = p.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"config": args.config, "t0": time.time()}
+    checkpoint = Path(args.checkpoint) if args.checkpoint else train(args, work)
+    report["checkpoint"], report["train_steps"] = str(checkpoint), None if args.checkpoint else args.steps
+    folder = export(args, checkpoint, work)
+    print(f"exported {checkpoint} to {folder}", flush=True)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        report["harness_skipped"] = "lm_eval is not installed here (pip install -e '.[eval]')"
+        print(f"warning: {report['harness_skipped']}: harness not run", flush=True)
+    else:
+        for kind in ("digital", "optical"):
+            report[f"harness_{kind}"] = harness(folder, kind == "optical", args.eval_batch_size,
+                                                args.device)
+            print(kind, json.dumps(report[f"harness_{kind}"]["results"]), flush=True)
+    report["generate"] = generate_timing(folder, args)
+    print("generate", json.dumps(report["generate"]), flush=True)
+    report["seconds"] = time.time() - report.pop("t0")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The export folder as a transformers model by name (auto classes, trust_remote_code), and the
+one writer of HF folders. CPU, a tiny model built locally, offline."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import TOKENIZER, tiny_optical_folder  # noqa: E402
+
+from torchtitan_ext.hf.writer import (  # noqa: E402
+    TRUST_MARKER,
+    HFFolderContent,
+    HFFolderError,
+    write_hf_folder,
+)
+from torchtitan_ext.titan.hf_adapter import RANGES_FILE, TRANSFORM_FILE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_optical_folder(tmp_path_factory.mktemp("auto") / "tiny")
+
+
+def _tokens(batch=2, seq=20, seed=3):
+    return torch.randint(3, 8192, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, tokens, seed=1234):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _auto(folder, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kw).eval()
+
+
+def _by_hand(folder):
+    from transformers import LlamaForCausalLM
+
+    from torchtitan_ext.hf.transform import transform_hf_model
+
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    transform_hf_model(model, folder / TRANSFORM_FILE, ranges=folder / RANGES_FILE)
+    return model
+
+
+def test_folder_has_auto_map_and_stub_code_only(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "llama"  # loads without trust_remote_code (see hf_config.py)
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_optical_llama.OpticalLlamaForCausalLM"
+    for name in ("modeling_optical_llama.py", "configuration_optical_llama.py"):
+        code = [ln for ln in (folder / name).read_text().splitlines() if not ln.startswith("#")]
+        assert code and all(ln.startswith("from torchtitan_ext.hf.auto import") for ln in code)
+
+
+def test_from_pretrained_trust_remote_code_is_the_optical_model(folder):
+    from torchtitan_ext.hf.auto import OpticalLlamaForCausalLM
+
+    model = _auto(folder)
+    assert isinstance(model, OpticalLlamaForCausalLM)
+    assert model.optical_report.count == 16 and len(model.optical_report.ranges_loaded) == 16
+    tokens = _tokens()
+    a, b = _logits(model, tokens), _logits(_by_hand(folder), tokens)
+    assert torch.equal(a, b)  # bitwise, same seed
+    assert not torch.equal(a, _logits(model, tokens, seed=99))  # the noise is live
+    digital = _auto(folder, optical_transform=None)
+    assert digital.optical_report is None
+    assert not torch.equal(_logits(digital, tokens), a)
+
+
+def test_without_trust_remote_code_digital_llama_and_one_log_line(folder, caplog):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            model = AutoModelForCausalLM.from_pretrained(folder)
+    finally:
+        transformers.logging.disable_propagation()
+    assert type(model) is LlamaForCausalLM
+    assert not any(hasattr(m, "optical_ranges") for m in model.modules())
+    lines = [r for r in caplog.records if TRUST_MARKER in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_other_transform_at_load_time(folder, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text("use_regex: true\nlayer_name_to_config:\n"
+                     "  'model\\.layers\\.0\\.mlp\\.down_proj': {q_levels: 16}\n")
+    model = _auto(folder, optical_transform=str(other))
+    assert model.optical_report.names() == ["model.layers.0.mlp.down_proj"]
+    assert model.model.layers[0].mlp.down_proj.config.q_levels == 16
+    assert model.optical_report.ranges_loaded == ["model.layers.0.mlp.down_proj"]
+
+
+def test_save_pretrained_round_trip_and_digital_save_cleans_optical_files(folder, tmp_path):
+    model = _auto(folder)
+    out = tmp_path / "again"
+    model.save_pretrained(out)
+    tokens = _tokens(seed=5)
+    assert torch.equal(_logits(_auto(out), tokens), _logits(model, tokens))
+    (out / "eval_results.json").write_text("{}")  # a user's file
+    digital = _auto(folder, optical_transform=None)
+    digital.save_pretrained(out)
+    names = set(os.listdir(out))
+    assert not names & {TRANSFORM_FILE, RANGES_FILE, "modeling_optical_llama.py"}
+    assert "eval_results.json" in names
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    with pytest.raises(TypeError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
+def _content(optical: bool, shard_bytes=10**9) -> HFFolderContent:
+    weights = {f"w{i}": torch.full((64, 64), float(i)) for i in range(4)}
+    return HFFolderContent(weights=weights, config={"model_type": "llama"},
+                           tokenizer_dir=TOKENIZER, transform_text="x: 1\n" if optical else None,
+                           ranges={"a.optical_ranges": torch.zeros(3, 2)} if optical else None,
+                           max_shard_bytes=shard_bytes)
+
+
+def test_writer_rules(tmp_path):
+    out = tmp_path / "f"
+    write_hf_folder(out, _content(True, shard_bytes=20000))
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == 4
+    with pytest.raises(HFFolderError, match="--overwrite"):
+        write_hf_folder(out, _content(False))
+    (out / "notes.txt").write_text("mine")
+    write_hf_folder(out, _content(False), overwrite=True)
+    names = sorted(os.listdir(out))
+    assert names == sorted(["config.json", "model.safetensors", "notes.txt", "special_tokens_map.json",
+                            "tokenizer.json", "tokenizer_config.json"]), names
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "data.csv").write_text("1")
+    with pytest.raises(HFFolderError, match="not a Hugging Face folder"):
+        write_hf_folder(other, _content(False), overwrite=True)
+    assert os.listdir(other) == ["data.csv"]
+
+
+def test_writer_removes_stale_temporaries_of_dead_writers(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".f.tmp-{dead.pid}-abc"
+    live = tmp_path / f".f.tmp-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    write_hf_folder(tmp_path / "f", _content(False))
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "f"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_writer_checks_writability_first(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(HFFolderError, match="not writable"):
+        write_hf_folder(ro / "out", _content(False))
+
+
+def test_rope_ordered_q_proj_runs_optical_linear_forward(folder):
+    """The q/k wrapper goes through OpticalLinear.forward: warm-up switch and clamp statistics."""
+    from torchtitan_ext.hf.transform import RopeOrderedOpticalLinear
+
+    q = _auto(folder).model.layers[0].self_attn.q_proj
+    assert isinstance(q, RopeOrderedOpticalLinear)
+    x = torch.randn(2, 5, 64)
+    q.optical_enabled = False  # the digital warm-up: plain F.linear
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.weight))
+    q.optical_enabled = True
+    assert not torch.equal(q(x), torch.nn.functional.linear(x, q.weight))
+    q.train()
+    q.collect_clamp_stats = True
+    with torch.no_grad():
+        q(x)
+    assert set(q.take_clamp_stats()) == set(q.CLAMP_NAMES)

@@ -1,0 +1,152 @@
+"""Padding masks and the KV cache through the "optical" attention function (CPU, reference path,
+tiny model). Semantics page, section 3: masked keys get probability 0 and change no other index;
+a cached step takes the noise indices of its absolute row, and with `q_noise: false` equals the
+uncached row."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import calibrate, tiny_config  # noqa: E402
+
+from torchtitan_ext.hf.transform import key_padding_mask_of  # noqa: E402
+from torchtitan_ext.optical.config import OpticalConfigError, TransformConfig  # noqa: E402
+
+LENGTHS = (11, 6, 9)
+PAD = 2
+
+
+def _has_q_noise() -> bool:
+    try:
+        TransformConfig.from_dict({"layer_name_to_config": {"default": {"q_noise": False}}})
+        return True
+    except OpticalConfigError:
+        return False
+
+
+# Deterministic optical modules: read-out noise off (q_noise: false, branch det), or the bypass
+# (digital compute through the same attention function, masks and cache: the plumbing alone).
+NOISE_OFF = [pytest.param({"q_noise": False}, id="q_noise_false", marks=pytest.mark.skipif(
+    not _has_q_noise(), reason="no q_noise key (branch det)")),
+    pytest.param({"q_bypass": True}, id="bypass")]
+
+
+def _model(noise: bool, default: dict | None = None):
+    from transformers import LlamaForCausalLM
+
+    from torchtitan_ext.hf.transform import transform_hf_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    default = {} if noise else default
+    transform_hf_model(model, {"use_regex": True,
+                               "layer_name_to_config": {"default": default, "lm_head": None}})
+    calibrate(model)
+    assert model.config.use_cache  # the cache stays on: the attention function takes it
+    return model
+
+
+def _seqs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 8192, (n,), generator=g) for n in LENGTHS]
+
+
+def _batch(seqs, side: str, junk_seed=None):
+    """Padded ids, attention mask, position ids (0 at each sequence's first real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD)
+    if junk_seed is not None:  # other tokens in the padded places: they must not matter
+        ids = torch.randint(3, 8192, ids.shape, generator=torch.Generator().manual_seed(junk_seed))
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def _real(logits, mask, i):
+    return logits[i][mask[i].bool()]
+
+
+@pytest.mark.parametrize("default", NOISE_OFF)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_unpadded_without_noise(side, default):
+    model, seqs = _model(noise=False, default=default), _seqs()
+    ids, mask, pos = _batch(seqs, side)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, position_ids=pos).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None]).logits[0]
+            torch.testing.assert_close(_real(padded, mask, i), alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_positions_do_not_touch_the_noise_of_real_ones(side):
+    model, seqs = _model(noise=True), _seqs()
+    outs = []
+    for junk in (None, 7):
+        ids, mask, pos = _batch(seqs, side, junk_seed=junk)
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            outs.append(model(ids, attention_mask=mask, position_ids=pos).logits)
+    for i in range(len(seqs)):
+        assert torch.equal(_real(outs[0], mask, i), _real(outs[1], mask, i)), i
+    torch.manual_seed(99)
+    with torch.no_grad():
+        other = model(ids, attention_mask=mask, position_ids=pos).logits
+    assert not torch.equal(_real(other, mask, 0), _real(outs[1], mask, 0))  # the noise is live
+
+
+def _generate(model, use_cache: bool, n=8):
+    ids, mask, _ = _batch(_seqs(seed=3), "left")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              use_cache=use_cache, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize("default", NOISE_OFF)
+def test_greedy_generate_with_cache_equals_without(default):
+    model = _model(noise=False, default=default)
+    a, b = _generate(model, True), _generate(model, False)
+    assert a.shape == (3, max(LENGTHS) + 8)
+    assert torch.equal(a, b)
+
+
+def test_generate_with_cache_and_noise_runs():
+    model = _model(noise=True)
+    calls = []
+    hook = model.model.layers[0].self_attn.optical_attention.register_forward_pre_hook(
+        lambda mod, args: calls.append(args[0].shape[2]))
+    out = _generate(model, True, n=5)
+    hook.remove()
+    assert out.shape == (3, max(LENGTHS) + 5)
+    assert calls[0] == max(LENGTHS) and calls[1:] == [1] * 4  # prefill, then one row per step
+
+
+def test_key_padding_mask_of_a_4d_mask():
+    """The 4-D boolean mask transformers' SDPA mask function hands over -> the 2-D key mask."""
+    pad = torch.tensor([[False, True, True, True], [True, True, True, False]])
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    four_d = (causal[None] & pad[:, None, :])[:, None]
+    assert torch.equal(key_padding_mask_of(four_d, 2, 4), pad)
+    assert key_padding_mask_of(causal[None, None].expand(2, 1, 4, 4), 2, 4).all()
+    assert key_padding_mask_of(None, 2, 4) is None
+
+
+def test_an_all_visible_key_mask_computes_what_no_mask_computes():
+    """key_padding_mask_of hands over all-visible masks too (no device read to drop them)."""
+    opt = _model(noise=True).model.layers[0].self_attn.optical_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (4, 2, 2))
+    outs = []
+    for kpm in (None, torch.ones(2, 9, dtype=torch.bool)):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            outs.append(opt(q, k, v, enable_gqa=True, key_padding_mask=kpm))
+    assert torch.equal(outs[0], outs[1])

@@ -175,7 +175,7 @@ def _levels6(levels: int, qlevels: Optional[List[int]]) -> tuple[int, ...]:
     return (levels,) * 6 if not qlevels else tuple(int(v) for v in qlevels)
 
 
-_KERNEL_TODO: set[str] = {"linear", "quantize", "attention"}
+_KERNEL_TODO: set[str] = {"attention"}
 
 
 def _kernel_supports(path: str, levels, photons: float) -> None:
@@ -235,8 +235,8 @@ def _linear(
         if ranges.dtype != torch.float32 or not ranges.is_contiguous():
             ranges = ranges.float().contiguous()
         y, obs, mask = klinear.forward_packed(
-            x2, weight, bias if quantize_output else None, ranges, seed, lv[0], _lut(lut),
-            stream, index, observe, quantize_output, save_mask, noise,
+            x2, weight, bias if quantize_output else None, ranges, seed, lv, _lut(lut),
+            stream, index, observe, quantize_output, save_mask, noise, photons,
         )
         if mask is None:
             mask = x.new_empty((0,), dtype=torch.bool)
@@ -417,7 +417,8 @@ def _quantize(
         _kernel_supports("quantize", levels, photons if noisy else 0.0)
         y = klinear.quantize_tensor(
             x2, rng, seed, levels=levels, lut=_lut(lut), stream=stream, noisy=noisy,
-            index=klinear.LinearIndex(*index) if noisy else None,
+            index=klinear.LinearIndex(*index) if noisy else None, photons=photons,
+            contraction=contraction,
         )
     elif noisy and photons > 0:
         z = ref.shot_normal(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device))

@@ -175,7 +175,7 @@ def _levels6(levels: int, qlevels: Optional[List[int]]) -> tuple[int, ...]:
     return (levels,) * 6 if not qlevels else tuple(int(v) for v in qlevels)
 
 
-_KERNEL_TODO: set[str] = {"attention"}
+_KERNEL_TODO: set[str] = set()  # every kernel path implements every option
 
 
 def _kernel_supports(path: str, levels, photons: float) -> None:
@@ -540,9 +540,10 @@ def _attention(
         b_off, b_glob, h_off, h_glob = index
         y, stats, obs = kattn.attention_forward(
             q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
-            levels=levels[0], lut=_lut(lut), stream=stream, scale=scale, causal=causal,
+            levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             observe=observe, noise=noise, key_padding_mask=key_mask, q_start=q_start,
+            photons=photons,
         )
         return y.contiguous(), stats, obs
     fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, noise,
@@ -603,9 +604,10 @@ def _attention_backward(
         b_off, b_glob, h_off, h_glob = index
         grads = kattn.attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
-            levels=levels[0], lut=_lut(lut), stream=stream, scale=scale, causal=causal,
+            levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             clipped=clipped, noise=noise, key_padding_mask=key_mask, q_start=q_start,
+            photons=photons,
         )
     else:
         fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,

@@ -477,7 +477,8 @@ def optical_attention_forward(
     q_start + r themselves. `noise=False` (`q_noise: false`) makes Q_s and Q_y deterministic
     (the seeds are then unused; the shot noise is off too). `levels`: an int, or the levels of
     (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y). `photons` > 0: the shot read-out (`q_readout: shot`) for
-    Q_s (K = head dim D) and Q_y (K = the number of keys the row sees, >= 1). Returns y (input dtype) and the float32 intermediates the
+    Q_s (K = head dim D) and Q_y (K = the number of keys the row sees, >= 1). Returns y (input
+    dtype) and the float32 intermediates the
     backward and the ranges need; `s_obs` is the range of S over the visible positions only (the
     only ones a fused kernel computes), (+inf, -inf) when there are none.
     """

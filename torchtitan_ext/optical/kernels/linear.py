@@ -213,7 +213,8 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
         R, C, src.stride(0), src.stride(1), dst.stride(0),
         float(lut or 0.0), int(stream) & 0xFFFFFFFF, *il, shot_nk(photons, contraction),
         LEVELS=int(levels), HAS_LUT=bool(lut), NOISY=bool(noisy), OBSERVE=obs_row is not None,
-        BR=BR, BC=BC, SHOT=bool(noisy) and photons > 0, num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+        BR=BR, BC=BC, SHOT=bool(noisy) and photons > 0, num_warps=4 if _INTERPRET else 8,
+        enable_fp_fusion=False,
     )
 
 
@@ -235,7 +236,8 @@ def _quantize_operands_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, OBSERVE: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr,
 ):
-    """Q_x (LEVELS) over the first programs, Q_w (with lut) over the rest: one launch for both operands
+    """Q_x (LEVELS) over the first programs, Q_w (LEVELS_W, with lut) over the rest: one launch
+    for both operands
     (each launch costs tens of microseconds of host time, which launch-bound small models pay
     per layer). Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2] tensors."""
     pid = tl.program_id(0)
@@ -345,12 +347,14 @@ def _linear_fwd_kernel(
                   SAVE_MASK, RUNS4, BN // 2)
     elif EPI_SPLIT == 4:
         _epilogue_quarters(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
-                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+                           HAS_BIAS,
                            SAVE_MASK, RUNS4, BM, BN)
     else:  # 8 chunks
         a0, a1 = _halves(acc, BM, BN)
         _epilogue_quarters(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
-                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+                           HAS_BIAS,
                            SAVE_MASK, RUNS4, BM, BN // 2)
         _epilogue_quarters(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr,
                            N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
@@ -368,7 +372,8 @@ def _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr,
     a00, a01 = _halves(a0, R, C // 2)
     a10, a11 = _halves(a1, R, C // 2)
     _epilogue(a00, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
-              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
+              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+              HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
     _epilogue(a01, r64, row_ok, g_row, col0 + C // 4, y_ptr, bias_ptr, mask_ptr, N,
               col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
               SAVE_MASK, RUNS4, C // 4)

@@ -318,3 +318,22 @@ def test_shot_statistics_flag_a_wrong_variance():
     vp = _shot_reference_vprime(0.3, 10.0, 100, 200_000, seed=7)
     _, var_z = shot_stats_z(vp, 0.3, 2 * 10.0 * 100)
     assert abs(var_z) > Z
+
+
+def test_kernel_shot_noise_mean_and_variance(kernel_device):
+    """The element-wise kernel's shot read-out (the row-wise TP Q_out path; the linear epilogue
+    and attention tiles share `quantize_shot`/`box_muller` and equal the reference, tested in the
+    kernel tests): mean of v' - v ~ 0 and variance v / (nK), at 2^22 levels (rounding error
+    negligible), with z-scores from the sample."""
+    n, v, n_ph, k = 65536, 0.3, 10.0, 100
+    x = torch.full((256, n // 256), v, device=kernel_device)
+    seed = torch.tensor(12345, dtype=torch.int64, device=kernel_device)
+    y = klinear.quantize_tensor(x, torch.tensor([0.0, 1.0], device=kernel_device), seed,
+                                levels=1 << 22, lut=None, stream=3, noisy=True,
+                                index=klinear.LinearIndex(256, 256, 2**20, n // 256, 0),
+                                photons=n_ph, contraction=k)
+    mean_z, var_z = shot_stats_z(y.cpu(), v, n_ph * k)
+    assert abs(mean_z) < Z, mean_z
+    assert abs(var_z) < Z, var_z
+    _, wrong_z = shot_stats_z(y.cpu(), v, 2 * n_ph * k)  # negative control
+    assert abs(wrong_z) > Z

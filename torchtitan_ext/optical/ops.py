@@ -175,23 +175,6 @@ def _levels6(levels: int, qlevels: Optional[List[int]]) -> tuple[int, ...]:
     return (levels,) * 6 if not qlevels else tuple(int(v) for v in qlevels)
 
 
-_KERNEL_TODO: set[str] = set()  # every kernel path implements every option
-
-
-def _kernel_supports(path: str, levels, photons: float) -> None:
-    """Reject (never ignore) an option a kernel path does not implement yet."""
-    if path not in _KERNEL_TODO:
-        return
-    if photons > 0:
-        raise NotImplementedError(
-            f"optical {path} kernel: q_readout 'shot' is not implemented on the Triton path yet; "
-            "use optical.kernels = 'reference' or q_readout: rounding")
-    if isinstance(levels, tuple) and len(set(levels)) > 1:
-        raise NotImplementedError(
-            f"optical {path} kernel: per-quantizer levels {levels} are not implemented on the "
-            "Triton path yet; use optical.kernels = 'reference' or q_levels only")
-
-
 def _qlevels_arg(levels: int, qlevels) -> Optional[List[int]]:
     """None when every quantizer uses `levels` (the op's default), else the list."""
     if qlevels is None or all(int(v) == int(levels) for v in qlevels):
@@ -230,8 +213,6 @@ def _linear(
     m = x2.shape[0]
     if _use_kernels(x) and not quantiles:
         from .kernels import linear as klinear
-
-        _kernel_supports("linear", lv, photons)
         if ranges.dtype != torch.float32 or not ranges.is_contiguous():
             ranges = ranges.float().contiguous()
         y, obs, mask = klinear.forward_packed(
@@ -413,8 +394,6 @@ def _quantize(
     mask = ref.clamp_mask(x2, rng) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if _use_kernels(x):
         from .kernels import linear as klinear
-
-        _kernel_supports("quantize", levels, photons if noisy else 0.0)
         y = klinear.quantize_tensor(
             x2, rng, seed, levels=levels, lut=_lut(lut), stream=stream, noisy=noisy,
             index=klinear.LinearIndex(*index) if noisy else None, photons=photons,
@@ -535,8 +514,6 @@ def _attention(
     levels = _levels6(levels, qlevels)
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
-
-        _kernel_supports("attention", levels, photons)
         b_off, b_glob, h_off, h_glob = index
         y, stats, obs = kattn.attention_forward(
             q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
@@ -599,8 +576,6 @@ def _attention_backward(
     levels = _levels6(levels, qlevels)
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
-
-        _kernel_supports("attention", levels, photons)
         b_off, b_glob, h_off, h_glob = index
         grads = kattn.attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,

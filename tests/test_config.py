@@ -157,3 +157,67 @@ def test_every_shipped_train_config_passes_preflight(toml):
     assert optical == toml.name.startswith(("optical_", "debug_model.toml"))
     if toml.name.startswith("optical_"):
         assert config.optical.quant_warmup_steps == 100  # the recipe (docs/results.md)
+
+
+# --- issue 16: per-quantizer levels and the shot read-out -------------------------------------
+LEVEL_KEYS = ["q_levels_input", "q_levels_weight", "q_levels_output", "q_levels_q", "q_levels_k",
+              "q_levels_s", "q_levels_p", "q_levels_v", "q_levels_y"]
+
+
+@pytest.mark.parametrize("key", LEVEL_KEYS)
+@pytest.mark.parametrize("value", ["1", "2.5", "true", "'8'", str(2**23)])
+def test_bad_per_quantizer_levels_name_the_key(tmp_path, key, value):
+    text = f"layer_name_to_config:\n  x: {{{key}: {value}}}\n"
+    with pytest.raises(OpticalConfigError) as e:
+        load_transform_config(write(tmp_path, text))
+    assert f"{key}: must be an integer with 2 <= {key}" in str(e.value)
+    assert "layer_name_to_config['x']" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ("{q_readout: photon}", r"q_readout: must be one of \['rounding', 'shot'\]"),
+        ("{q_readout: 1}", "q_readout: must be one of"),
+        ("{q_readout: shot}", "q_photons_per_mac: required with q_readout 'shot'"),
+        ("{q_readout: shot, q_photons_per_mac: 0}",
+         "q_photons_per_mac: must be a finite number > 0"),
+        ("{q_readout: shot, q_photons_per_mac: -3}", "q_photons_per_mac: must be a finite number"),
+        ("{q_readout: shot, q_photons_per_mac: true}", "q_photons_per_mac: must be a finite"),
+        ("{q_readout: shot, q_photons_per_mac: '10'}", "q_photons_per_mac: must be a finite"),
+        ("{q_readout: shot, q_photons_per_mac: .inf}", "q_photons_per_mac: must be a finite"),
+        ("{q_photons_per_mac: 10}", "q_photons_per_mac: only allowed with q_readout 'shot'"),
+        ("{q_readout: rounding, q_photons_per_mac: 10}", "only allowed with q_readout 'shot'"),
+    ],
+)
+def test_bad_readout_keys(tmp_path, entry, needle):
+    text = f"layer_name_to_config:\n  'layers\\.0\\.attention': {entry}\n"
+    with pytest.raises(OpticalConfigError, match=needle) as e:
+        load_transform_config(write(tmp_path, text))
+    assert "layers" in str(e.value)
+
+
+def test_new_keys_defaults_and_resolution(tmp_path):
+    text = textwrap.dedent("""\
+        layer_name_to_config:
+          a: {q_levels: 64, q_levels_output: 16}
+          b: {q_levels_p: 1024, q_levels_y: 32, q_readout: shot, q_photons_per_mac: 2.5}
+          c: {}
+    """)
+    cfg = load_transform_config(write(tmp_path, text))
+    a, b, c = (cfg.match(n)[1] for n in "abc")
+    assert a.linear_levels == (64, 64, 16) and a.attention_levels == (64,) * 6
+    assert b.attention_levels == (256, 256, 256, 1024, 256, 32)
+    assert b.photons == 2.5 and isinstance(b.q_photons_per_mac, float) and b.q_readout == "shot"
+    assert c == QuantizerConfig() and c.photons == 0.0 and c.q_readout == "rounding"
+    assert c.linear_levels == (256, 256, 256) and c.attention_levels == (256,) * 6
+    # to_dict round-trips
+    again = TransformConfig.from_dict(cfg.to_dict())
+    assert [q for _, q in again.rules] == [q for _, q in cfg.rules]
+
+
+def test_seed_format_defaults_unchanged(tmp_path):
+    cfg = load_transform_config(write(tmp_path, SEED_YAML))
+    q = cfg.match("layers.0.attention")[1]
+    assert q.q_readout == "rounding" and q.q_photons_per_mac is None and q.photons == 0.0
+    assert all(getattr(q, k) is None for k in LEVEL_KEYS)

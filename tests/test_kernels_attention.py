@@ -51,11 +51,12 @@ class Case:
 
     def __init__(self, device, *, B=1, H=2, HKV=1, L=32, D=64, dtype=torch.bfloat16, causal=True,
                  bo=1, ho=2, levels=LEVELS, lut=LUT, ranges=True, seed=0, shrink=0.9, Lq=None,
-                 q_start=None, kpm=None, noise=True):
+                 q_start=None, kpm=None, noise=True, photons=0.0):
         """L is the key length; Lq query rows (default L) at q_start (default L - Lq); kpm a
         bool [B, L] key padding mask or None."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.noise = noise  # q_noise: false -> Q_s, Q_y deterministic
+        self.photons = photons  # > 0: shot read-out of Q_s and Q_y
         Lq = L if Lq is None else Lq
         self.q_start = L - Lq if q_start is None else q_start
         self.Lq = Lq
@@ -99,7 +100,8 @@ class Case:
             cpu(self.v_range), cpu(self.s_range), cpu(self.y_range), levels=self.levels,
             lut=self.lut, seeds=cpu(self.seeds), stream=STREAM, scale=self.scale,
             causal=self.causal, s_index_map=smap, y_index_map=ymap, noise=self.noise,
-            key_padding_mask=None if self.kpm is None else cpu(self.kpm), q_start=self.q_start)
+            key_padding_mask=None if self.kpm is None else cpu(self.kpm), q_start=self.q_start,
+            photons=self.photons)
         self.ref_on_device = not on_cpu
         return {k: v.to(self.q.device) for k, v in out.items()}
 
@@ -112,6 +114,8 @@ class Case:
         kw = dict(levels=self.levels, lut=self.lut, stream=STREAM, scale=self.scale,
                   causal=self.causal, batch_offset=self.bo, batch_global=self.Bg,
                   head_offset=self.ho, heads_global=self.Hg, noise=self.noise)
+        if self.photons:
+            kw.update(photons=self.photons)
         if self.kpm is not None or self.q_start:  # the training call passes neither
             kw.update(key_padding_mask=self.kpm, q_start=self.q_start)
         return kw
@@ -128,7 +132,11 @@ class Case:
 
     def y_level(self):
         lo, hi = self.y_range.tolist()
-        return (hi - lo) / (self.levels - 1) if lo <= hi else 0.0
+        return (hi - lo) / (self.lv(5) - 1) if lo <= hi else 0.0
+
+    def lv(self, i):
+        """Levels of quantizer i of (q, k, s, p, v, y)."""
+        return self.levels if isinstance(self.levels, int) else self.levels[i]
 
 
 def _relerr(a, b):
@@ -211,7 +219,7 @@ def check_stats(case, stats, ref, max_frac=2e-3):
     d = (stats - lse2).abs()
     off = d > 1e-4 + 1e-5 * lse2.abs()
     lo, hi = case.s_range.tolist()
-    s_level = (hi - lo) / (case.levels - 1) if lo <= hi else 0.0
+    s_level = (hi - lo) / (case.lv(2) - 1) if lo <= hi else 0.0
     assert d.max().item() <= s_level * case.scale / math.log(2.0) + 1e-4, d.max().item()
     assert off.float().mean().item() <= max_frac + 2.0 / d.numel(), int(off.sum())
 
@@ -725,3 +733,87 @@ def test_gpu_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(dq.float()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 16: per-quantizer levels and the shot read-out
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", range(6))
+def test_per_quantizer_levels(kernel_device, which):
+    """Lowering exactly one of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y) changes y vs all-256 and equals
+    the reference (forward, statistics, gradients)."""
+    lv = [256] * 6
+    lv[which] = 6 if which != 3 else 3000  # Q_p: also exercises P_MODE 1 (two-byte levels)
+    lv = tuple(lv)
+    case = Case(kernel_device, H=2, HKV=1, L=33, levels=lv, seed=90 + which, noise=False)
+    ref, y, stats, grads = run_full(case)
+    base = Case(kernel_device, H=2, HKV=1, L=33, levels=256, seed=90 + which, noise=False)
+    y256, _, _ = base.forward()
+    assert (y != y256).sum() >= 5
+    # (256,) * 6 is the int path bit for bit, noise on
+    c1 = Case(kernel_device, H=2, HKV=1, L=33, levels=(256,) * 6, seed=99)
+    c2 = Case(kernel_device, H=2, HKV=1, L=33, levels=256, seed=99)
+    assert torch.equal(c1.forward()[0], c2.forward()[0])
+
+
+def test_per_quantizer_levels_noise_on_gqa_bf16(kernel_device):
+    case = Case(kernel_device, H=4, HKV=2, L=40, levels=(64, 32, 128, 512, 16, 64), seed=97)
+    run_full(case)
+
+
+SHOT_CASES = [
+    # (B, H, HKV, L, Lq, D, dtype, causal, kpm, levels, photons)
+    (1, 2, 1, 32, None, 64, torch.bfloat16, True, None, 256, 0.05),  # L % 4 == 0: RUNS4
+    (1, 2, 2, 29, None, 32, torch.float16, False, None, 64, 0.5),  # odd L: per-element Philox
+    (2, 4, 2, 24, None, 64, torch.bfloat16, True, "pad", (128, 256, 64, 256, 128, 32), 0.2),
+    (2, 2, 1, 24, 6, 64, torch.bfloat16, True, "pad", 256, 0.1),  # chunked prefill, q_start
+]
+
+
+def _shot_case(dev, B, H, HKV, L, Lq, D, dtype, causal, kpm, levels, photons, **kw):
+    mask = None
+    if kpm == "pad":
+        mask = _pad_mask(B, L, [0, 5][:B], [3, 0][:B])
+    return Case(dev, B=B, H=H, HKV=HKV, L=L, Lq=Lq, D=D, dtype=dtype, causal=causal, kpm=mask,
+                levels=levels, photons=photons, seed=L + H, **kw)
+
+
+@pytest.mark.parametrize("B,H,HKV,L,Lq,D,dtype,causal,kpm,levels,photons", SHOT_CASES)
+def test_shot_readout_matches_reference(kernel_device, B, H, HKV, L, Lq, D, dtype, causal, kpm,
+                                        levels, photons):
+    """Shot read-out of Q_s (K = D) and Q_y (K = keys seen): kernel == reference (same z up to
+    the platform's log/cos), forward, row statistics, observed ranges and gradients (the
+    backward regenerates the forward's S); the deterministic dQ path too."""
+    case = _shot_case(kernel_device, B, H, HKV, L, Lq, D, dtype, causal, kpm, levels, photons)
+    ref, y, stats, grads = run_full(case)
+    # not the rounding read-out, and it depends on n
+    rounding = _shot_case(kernel_device, B, H, HKV, L, Lq, D, dtype, causal, kpm, levels, 0.0)
+    assert (rounding.forward()[0] != y).sum() >= 3
+    more = _shot_case(kernel_device, B, H, HKV, L, Lq, D, dtype, causal, kpm, levels,
+                      photons * 1e4)
+    assert (more.forward()[0] != y).sum() >= 3
+    # repeatable for the same seeds
+    assert torch.equal(case.forward()[0], y)
+    g_det = case.backward(y, stats, False, deterministic=True)
+    check_grads(g_det, case.reference_backward(ref, False))
+    assert torch.equal(g_det[1], grads[1]) and torch.equal(g_det[2], grads[2])
+
+
+def test_shot_readout_noise_off_is_det(kernel_device):
+    """q_noise: false turns the shot noise off: the result equals the det-rounding call."""
+    a = Case(kernel_device, H=2, HKV=1, L=28, photons=0.05, noise=False, seed=5)
+    b = Case(kernel_device, H=2, HKV=1, L=28, noise=False, seed=5)
+    assert torch.equal(a.forward()[0], b.forward()[0])
+    run_full(a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,D", [(1024, 64), (2048, 128)])
+def test_gpu_shot_and_levels_realistic(L, D):
+    dev = torch.device("cuda")
+    case = Case(dev, B=2, H=8, HKV=2, L=L, D=D, levels=(256, 256, 128, 256, 256, 64),
+                photons=0.02, seed=L + D)
+    run_full(case)
+    kpm = _pad_mask(2, L, [0, 100], [37, 0])
+    case = Case(dev, B=2, H=8, HKV=2, L=L, D=D, photons=0.02, kpm=kpm, seed=L + D + 1)
+    run_full(case)

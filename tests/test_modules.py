@@ -324,3 +324,47 @@ def test_attention_module_with_mask_compiles_without_graph_breaks():
                        fullgraph=True, backend="aot_eager")
     fn(q, k, v, mask).backward()
     assert torch.isfinite(q.grad).all()
+
+
+def test_per_quantizer_levels_and_shot_reach_the_ops():
+    """QuantizerConfig's per-quantizer levels and shot read-out reach the modules' ops: eval
+    outputs equal the reference with the drawn seed; clamp statistics use each quantizer's
+    levels."""
+    cfg = QuantizerConfig(q_levels=16, q_levels_weight=8, q_levels_output=32, q_readout="shot",
+                          q_photons_per_mac=0.5)
+    lin, x = calibrated_linear(cfg)
+    lin.eval()
+    gen = torch.get_rng_state()
+    y = lin(x)
+    torch.set_rng_state(gen)
+    seed = torch.randint(0, 2**31 - 1, (1,))
+    xr, wr, outr = lin.optical_ranges
+    yr, _ = R.optical_linear_forward(x, lin.weight, lin.bias, xr, wr, outr, levels=(16, 8, 32),
+                                     lut=cfg.lut, seed=seed[0], stream=0, photons=0.5)
+    assert torch.equal(y, yr)
+    y_round, _ = R.optical_linear_forward(x, lin.weight, lin.bias, xr, wr, outr,
+                                          levels=(16, 8, 32), lut=cfg.lut, seed=seed[0], stream=0)
+    assert not torch.equal(y, y_round)
+    torch.manual_seed(4)
+    acfg = QuantizerConfig(q_levels=64, q_levels_s=16, q_levels_p=3, q_readout="shot",
+                           q_photons_per_mac=0.2)
+    att = OpticalAttention(acfg)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    att(q, k, v)
+    update_ranges(att)
+    att.eval()
+    gen = torch.get_rng_state()
+    y = att(q, k, v)
+    torch.set_rng_state(gen)
+    seeds = torch.randint(0, 2**31 - 1, (2,))
+    r = att.optical_ranges
+    fwd = R.optical_attention_forward(q, k, v, r[0], r[1], r[2], r[3], r[4],
+                                      levels=(64, 64, 16, 3, 64, 64), lut=acfg.lut,
+                                      seeds=seeds, stream=0, photons=0.2)
+    assert torch.equal(y, fwd["y"])
+    from torchtitan_ext.optical import stats as S
+    fr = S.attention_clamp_fractions(q, k, v, r, levels=acfg.attention_levels, lut=acfg.lut,
+                                     scale=8 ** -0.5, causal=True)
+    fr1 = S.attention_clamp_fractions(q, k, v, r, levels=64, lut=acfg.lut, scale=8 ** -0.5,
+                                      causal=True)
+    assert fr[5] != fr1[5]  # p_zeroed depends on Q_p's levels (3 vs 64)

@@ -276,3 +276,64 @@ def test_gpu_linear_epilogue_noise_statistics_real_tiles(cols):
     """The GPU's own GEMM tiles and epilogue column chunks, bf16 in and out, many seeds."""
     _linear_epilogue_stats(torch.device("cuda"), 256, cols, torch.bfloat16, 128,
                            lambda cfg: (cfg.BM, cfg.BN // cfg.epi_split))
+
+
+# --- issue 16: shot read-out statistics -------------------------------------------------------
+def shot_stats_z(vp: torch.Tensor, v: float, nk: float):
+    """z-scores of mean(v' - v) against 0 and of var(v' - v) against v / (nK), with standard
+    errors from the sample (var of the sample variance ~ (m4 - s^4) / n)."""
+    d = (vp.double() - v).reshape(-1)
+    n = d.numel()
+    var_expect = v / nk
+    mean_z = d.mean() / math.sqrt(var_expect / n)
+    c = d - d.mean()
+    s2 = (c * c).mean()
+    m4 = (c ** 4).mean()
+    var_z = (s2 - var_expect) / torch.sqrt((m4 - s2 * s2) / n)
+    return float(mean_z), float(var_z)
+
+
+def _shot_reference_vprime(v: float, nk_n: float, nk_k: int, n: int, seed: int):
+    """v' through the reference quantizer at 2^22 levels (rounding error ~1e-7, negligible next to
+    sqrt(v / nK) ~ 1e-2): x = v on the range [0, 1], so Q(x) = v' itself up to that rounding."""
+    x = torch.full((n,), v)
+    idx = torch.arange(n, dtype=torch.int64) + 2**33 + 17
+    return R.quantize_readout(x, torch.tensor([0.0, 1.0]), 1 << 22, seed=seed, stream=3,
+                              index=idx, photons=nk_n, contraction=nk_k)
+
+
+@pytest.mark.parametrize("v, n_ph, k", [(0.3, 10.0, 100), (0.6, 20.0, 64), (0.05, 40.0, 32)])
+def test_reference_shot_noise_mean_and_variance(v, n_ph, k):
+    vp = _shot_reference_vprime(v, n_ph, k, 200_000, seed=7)
+    nk = n_ph * k
+    # clamping at 0/1 must be negligible for the formula to hold: keep v >= 6 sigma from both ends
+    assert 6 * math.sqrt(v / nk) < min(v, 1 - v)
+    mean_z, var_z = shot_stats_z(vp, v, nk)
+    assert abs(mean_z) < Z, mean_z
+    assert abs(var_z) < Z, var_z
+
+
+def test_shot_statistics_flag_a_wrong_variance():
+    """Negative control: the same samples judged against twice the photon count fail."""
+    vp = _shot_reference_vprime(0.3, 10.0, 100, 200_000, seed=7)
+    _, var_z = shot_stats_z(vp, 0.3, 2 * 10.0 * 100)
+    assert abs(var_z) > Z
+
+
+def test_kernel_shot_noise_mean_and_variance(kernel_device):
+    """The element-wise kernel's shot read-out (the row-wise TP Q_out path; the linear epilogue
+    and attention tiles share `quantize_shot`/`box_muller` and equal the reference, tested in the
+    kernel tests): mean of v' - v ~ 0 and variance v / (nK), at 2^22 levels (rounding error
+    negligible), with z-scores from the sample."""
+    n, v, n_ph, k = 65536, 0.3, 10.0, 100
+    x = torch.full((256, n // 256), v, device=kernel_device)
+    seed = torch.tensor(12345, dtype=torch.int64, device=kernel_device)
+    y = klinear.quantize_tensor(x, torch.tensor([0.0, 1.0], device=kernel_device), seed,
+                                levels=1 << 22, lut=None, stream=3, noisy=True,
+                                index=klinear.LinearIndex(256, 256, 2**20, n // 256, 0),
+                                photons=n_ph, contraction=k)
+    mean_z, var_z = shot_stats_z(y.cpu(), v, n_ph * k)
+    assert abs(mean_z) < Z, mean_z
+    assert abs(var_z) < Z, var_z
+    _, wrong_z = shot_stats_z(y.cpu(), v, 2 * n_ph * k)  # negative control
+    assert abs(wrong_z) > Z

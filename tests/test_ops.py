@@ -186,3 +186,70 @@ def test_only_the_needed_gradients_are_computed():
     (gw,) = torch.autograd.grad(y.sum(), [w])
     assert torch.allclose(gw, torch.ones(4, 5).t() @ x, atol=1e-6)
     assert x.grad is None
+
+
+# --- issue 16: per-quantizer levels and the shot read-out through the ops ----------------------
+@pytest.mark.parametrize("qlevels, photons", [([16, 8, 32], 0.0), (None, 0.5), ([16, 8, 32], 0.5)])
+def test_linear_and_quantize_ops_new_options_opcheck(mode, kernel_device, qlevels, photons):
+    dev = kernel_device
+    x = torch.randn(2, 5, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(7, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    args = (x, w, None, _ranges(3, dev), _seed(dev), 16, 0.02, 3, ops.linear_index(x.shape, 7),
+            True, True, True, None, True, qlevels, photons)
+    torch.library.opcheck(torch.ops.optical.linear.default, args, test_utils=OPCHECKS_AUTOGRAD)
+    xq = torch.randn(3, 4, 9, device=dev, requires_grad=True)
+    qargs = (xq, _ranges(1, dev)[0], _seed(dev), 64, 0.0, 1, True,
+             ops.linear_index(xq.shape, 9), True, True, None, photons, 40)
+    torch.library.opcheck(torch.ops.optical.quantize.default, qargs,
+                          test_utils=OPCHECKS_AUTOGRAD)
+
+
+@pytest.mark.parametrize("qlevels, photons", [([64, 32, 128, 512, 16, 64], 0.0), (None, 0.1)])
+def test_attention_ops_new_options_opcheck(mode, kernel_device, qlevels, photons):
+    dev = kernel_device
+    dt = torch.bfloat16 if (mode == "triton" or dev.type == "cuda") else torch.float32
+    q = torch.randn(2, 4, 24, 64, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(2, 2, 24, 64, device=dev, dtype=dt, requires_grad=True) for _ in "kv")
+    args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 2, 0, 4],
+            True, False, True, None, 0, qlevels, photons)
+    torch.library.opcheck(torch.ops.optical.attention.default, args,
+                          test_utils=OPCHECKS_AUTOGRAD)
+    with torch.no_grad():
+        y, stats, _ = torch.ops.optical.attention(*args)
+    bargs = (torch.randn_like(y), q.detach(), k.detach(), v.detach(), y, stats, _ranges(5, dev),
+             _seed(dev, 2), 256, 0.02, 0, 0.125, True, [0, 2, 0, 4], False, True, None, 0,
+             qlevels, photons)
+    torch.library.opcheck(torch.ops.optical.attention_backward.default, bargs,
+                          test_utils=OPCHECKS)
+
+
+def test_new_options_kernel_path_equals_reference_path(kernel_device):
+    """ops.optical_linear / optical_attention with per-quantizer levels and the shot read-out:
+    the kernel path and the reference path agree (a read-out level at most, rarely)."""
+    dev = kernel_device
+    g = torch.Generator().manual_seed(6)
+    x0, w0 = torch.randn(3, 7, 40, generator=g), torch.randn(24, 40, generator=g) * 0.2
+    q0 = torch.randn(2, 4, 20, 64, generator=g)
+    k0, v0 = torch.randn(2, 2, 20, 64, generator=g), torch.randn(2, 2, 20, 64, generator=g)
+    lin_r = torch.tensor([[-3.0, 3.0], [-0.5, 0.5], [-4.0, 4.0]], device=dev)
+    att_r = torch.tensor([[-3.0, 3.0], [-3.0, 3.0], [-3.0, 3.0], [-40.0, 40.0], [-2.0, 2.0]],
+                         device=dev)
+    out = {}
+    for mode in ("reference", "triton"):
+        if mode == "triton" and dev.type == "cpu":
+            ops.set_kernel_mode("triton")
+        try:
+            x, w = x0.to(dev, torch.bfloat16), w0.to(dev, torch.bfloat16)
+            yl, _ = ops.optical_linear(x, w, None, lin_r, _seed(dev), levels=256, lut=0.02,
+                                       stream=1, index=ops.linear_index(x.shape, 24),
+                                       observe=False, qlevels=(64, 32, 16), photons=0.3)
+            q, k, v = (t.to(dev, torch.bfloat16) for t in (q0, k0, v0))
+            ya, _ = ops.optical_attention(q, k, v, att_r, _seed(dev, 2), levels=256, lut=0.02,
+                                          stream=3, scale=0.125, qlevels=(64, 64, 32, 256, 64, 16),
+                                          photons=0.05)
+        finally:
+            ops.set_kernel_mode("auto")
+        out[mode] = (yl.float(), ya.float())
+    (lr, ar), (lt, at) = out["reference"], out["triton"]
+    assert (lr != lt).float().mean() <= 0.01 and (lr - lt).abs().max() <= 8.0 / 15 * 1.01 + 0.05
+    assert (ar != at).float().mean() <= 0.01 and (ar - at).abs().max() <= 4.0 / 15 * 1.01 + 0.02

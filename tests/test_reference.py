@@ -208,8 +208,8 @@ def _attn_ranges(q, k, v):
     return r(q), r(k), r(v), r(s, 0.8), r(y)
 
 
-def _attn(q, k, v, ranges, *, noise=True, seeds=(5, 6), **kw):
-    return R.optical_attention_forward(q, k, v, *ranges, levels=64, lut=0.03, seeds=seeds,
+def _attn(q, k, v, ranges, *, noise=True, seeds=(5, 6), levels=64, **kw):
+    return R.optical_attention_forward(q, k, v, *ranges, levels=levels, lut=0.03, seeds=seeds,
                                        stream=9, noise=noise, **kw)
 
 
@@ -335,3 +335,100 @@ def test_attention_argument_errors_name_the_argument():
         _attn(q, k, v, ranges, key_padding_mask=torch.ones(1, 6))
     with pytest.raises(ValueError, match="key_padding_mask"):
         _attn(q, k, v, ranges, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+# --- issue 16: per-quantizer levels and the shot read-out -------------------------------------
+def _lin_case(seed=0, M=9, K=33, N=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) * 0.2
+    xr, wr = R.observe_range(x), R.observe_range(w)
+    acc = R.quantize(x, xr, 256).float() @ R.quantize(w, wr, 256, lut=0.02).float().t()
+    return x, w, xr, wr, R.observe_range(acc)
+
+
+def test_linear_levels_tuple_default_is_bitwise_the_int_path():
+    x, w, xr, wr, orng = _lin_case()
+    kw = dict(lut=0.02, seed=3, stream=1)
+    a, _ = R.optical_linear_forward(x, w, None, xr, wr, orng, levels=256, **kw)
+    b, _ = R.optical_linear_forward(x, w, None, xr, wr, orng, levels=(256, 256, 256),
+                                    photons=0.0, **kw)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_linear_lowering_one_quantizer_is_that_quantizer(which):
+    x, w, xr, wr, orng = _lin_case(1)
+    lv = [256, 256, 256]
+    lv[which] = 5
+    kw = dict(lut=0.02, seed=3, stream=1, noise=False)
+    y, _ = R.optical_linear_forward(x, w, None, xr, wr, orng, levels=tuple(lv), **kw)
+    y256, _ = R.optical_linear_forward(x, w, None, xr, wr, orng, levels=256, **kw)
+    assert not torch.equal(y, y256)
+    xq = R.quantize(x, xr, lv[0]).float()
+    wq = R.quantize(w, wr, lv[1], lut=0.02).float()
+    assert torch.equal(y, R.quantize(xq @ wq.t(), orng, lv[2]))
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_attention_lowering_one_quantizer_changes_only_through_it(which):
+    q, k, v = _attn_inputs(2)
+    ranges = _attn_ranges(q, k, v)
+    lv = [256] * 6
+    lv[which] = 3
+    base = _attn(q, k, v, ranges, noise=False, levels=256)["y"]
+    low = _attn(q, k, v, ranges, noise=False, levels=tuple(lv))["y"]
+    assert not torch.equal(base, low)
+    same = _attn(q, k, v, ranges, noise=False, levels=(256,) * 6)["y"]
+    assert torch.equal(base, same)
+
+
+def test_shot_normal_is_box_muller_of_the_documented_words():
+    idx = torch.arange(2**33, 2**33 + 4096, dtype=torch.int64)
+    w1 = R._philox_bits24(9, 4, idx, 0).float()
+    w2 = R._philox_bits24(9, 4, idx, 1).float()
+    assert torch.equal(w1 * 2**-24, R.philox_uniform(9, 4, idx))  # draw 1 = the rounding draw
+    assert not torch.equal(w1, w2)
+    u1, u2 = 1 - w1 * 2**-24, w2 * 2**-24
+    z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(u2 * R.TWO_PI)
+    assert torch.equal(R.shot_normal(9, 4, idx), z)
+    assert torch.isfinite(z).all()
+
+
+def test_shot_readout_formula_by_hand():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 50, generator=g)
+    rng = torch.tensor([-1.5, 2.0])
+    idx = torch.arange(300, dtype=torch.int64).view(6, 50)
+    y = R.quantize_readout(x, rng, 16, seed=11, stream=2, index=idx, photons=3.0, contraction=7)
+    z = R.shot_normal(11, 2, idx)
+    v = (x.clamp(-1.5, 2.0) + 1.5) / 3.5
+    v2 = (v + torch.sqrt(v / 21.0) * z).clamp(0, 1)
+    expect = torch.round(v2 * 15) / 15 * 3.5 - 1.5
+    assert (y - expect).abs().max() < 1e-5
+    # noise off: det rounding
+    det = R.quantize_readout(x, rng, 16, seed=11, stream=2, index=None, photons=3.0)
+    assert torch.equal(det, R.quantize(x, rng, 16))
+
+
+def test_shot_attention_k_of_q_y_counts_visible_keys():
+    q, k, v = _attn_inputs(3, L=12)
+    ranges = _attn_ranges(q, k, v)
+    kpm = torch.ones(q.shape[0], 12, dtype=torch.bool)
+    kpm[0, :4] = False
+    out = _attn(q, k, v, ranges, photons=2.0, key_padding_mask=kpm, levels=(256,) * 6)
+    y_raw = out["y_raw"]
+    vis = R.attention_visibility(q.shape[0], 12, 12, causal=True, q_start=0,
+                                 key_padding_mask=kpm, device=q.device)
+    kseen = vis.expand(q.shape[0], 1, 12, 12).sum(-1, keepdim=True).clamp(min=1)
+    smap, ymap = R._attention_maps(*q.shape[:3], 12, q.shape[3], 0, None, None)
+    idx = ymap.flat_indices(y_raw.shape, y_raw.device)
+    expect = R.quantize(y_raw, ranges[4], 256,
+                        shot=(R.shot_normal(6, 9, idx), R.shot_nk(2.0, kseen, "cpu")))
+    alive = vis.any(-1, keepdim=True)
+    expect = torch.where(alive, expect, 0.0)
+    assert torch.equal(out["y"], expect.to(out["y"].dtype))
+    # a different K would give a different result (K is not ignored)
+    wrong = R.quantize(y_raw, ranges[4], 256, shot=(R.shot_normal(6, 9, idx),
+                                                    R.shot_nk(2.0, 12, "cpu")))
+    assert not torch.equal(torch.where(alive, wrong, 0.0), expect)

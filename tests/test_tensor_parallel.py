@@ -92,11 +92,16 @@ def _worker(rank, world, port, state, x, steps, out_q, cfg):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("noise", [True, False])
-def test_tensor_parallel_equals_single_device(noise):
+@pytest.mark.parametrize("noise, extra", [
+    (True, {}), (False, {}),
+    # issue 16: the row-wise path's Q_out after the reduction takes the shot read-out with
+    # K = in_features and Q_out's own levels; Q_x at other levels
+    (True, {"q_readout": "shot", "q_photons_per_mac": 0.5, "q_levels_input": 64}),
+])
+def test_tensor_parallel_equals_single_device(noise, extra):
     # noise=False (q_noise off) also checks that the row-wise path's Q_out after the reduction
     # follows the switch: a noisy Q_out there would move many outputs by a level.
-    cfg = QuantizerConfig(q_levels=16, q_noise=noise)
+    cfg = QuantizerConfig(q_levels=16, q_noise=noise, **extra)
     torch.manual_seed(0)
     ref = Block(cfg)
     state = {k: v.clone() for k, v in ref.state_dict().items()}

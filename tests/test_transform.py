@@ -124,3 +124,34 @@ def test_quantile_ranges_on_attention_are_refused_by_name():
         r"layers\.0\.attention": {"q_quantiles": [0.01, 0.99]}}})
     with pytest.raises(OpticalConfigError, match=r"q_quantiles.*layers\.0\.attention"):
         transform_model(model, cfg)
+
+
+@pytest.mark.parametrize("pattern, key, kind", [
+    (r"layers\.0\.attention", "q_levels_input", "attention"),
+    (r"layers\.0\.attention", "q_levels_output", "attention"),
+    (r"layers\.[0-9]+\.attention\.wq", "q_levels_s", "linear"),
+    (r"layers\.[0-9]+\.(attention|feed_forward\.w1)", "q_levels_y", "linear"),
+])
+def test_level_key_of_the_other_module_kind_is_refused(pattern, key, kind):
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {pattern: {key: 16}}})
+    with pytest.raises(OpticalConfigError) as e:
+        transform_model(model, cfg)
+    msg = str(e.value)
+    assert pattern in msg and key in msg and f"{kind} module" in msg
+    # nothing was swapped
+    assert type(model.layers["0"].attention.wq) is nn.Linear
+    assert not isinstance(getattr(model.layers["0"].attention, "sdpa", None), OpticalAttention)
+
+
+def test_level_keys_of_the_right_kind_reach_the_modules():
+    model = debug_llama()
+    cfg = TransformConfig.from_dict({"layer_name_to_config": {
+        r"layers\.[0-9]+\.attention\.(wq|wk|wv|wo)": {"q_levels_output": 16},
+        r"layers\.[0-9]+\.attention": {"q_levels_s": 32, "q_readout": "shot",
+                                       "q_photons_per_mac": 4}}})
+    transform_model(model, cfg)
+    assert model.layers["0"].attention.wq.config.linear_levels == (256, 256, 16)
+    attn = [m for m in model.modules() if isinstance(m, OpticalAttention)][0]
+    assert attn.config.attention_levels == (256, 256, 32, 256, 256, 256)
+    assert attn.config.photons == 4.0

@@ -36,6 +36,11 @@ __all__ = [
 
 MAX_LEVELS = 1 << 22  # the kernels' round-half-even trick is exact up to 2^22 levels
 GRAD_MODES = ("ste", "clipped")
+READOUT_MODES = ("rounding", "shot")
+# Per-quantizer level overrides (semantics s.1), in the order the ops take them.
+LINEAR_LEVEL_KEYS = ("q_levels_input", "q_levels_weight", "q_levels_output")
+ATTENTION_LEVEL_KEYS = ("q_levels_q", "q_levels_k", "q_levels_s", "q_levels_p", "q_levels_v",
+                        "q_levels_y")
 
 
 class OpticalConfigError(ValueError):
@@ -59,6 +64,16 @@ class QuantizerConfig:
     q_noise: read-out noise switch (semantics s.1), true (default) or false: false turns every
         noisy quantizer of the layer (linear Q_out, attention Q_s and Q_y) into deterministic
         rounding, to study quantization apart from read-out noise.
+    q_levels_input, q_levels_weight, q_levels_output: linear layers only; levels of Q_x, Q_w,
+        Q_out (integer >= 2, or null = q_levels).
+    q_levels_q, q_levels_k, q_levels_s, q_levels_p, q_levels_v, q_levels_y: attention only;
+        levels of Q_q, Q_k, Q_s, Q_p, Q_v, Q_y (integer >= 2, or null = q_levels). A key of the
+        other module kind in a rule that matches a module is an error when the transform is
+        applied.
+    q_readout: "rounding" (default: stochastic rounding of Q_out / Q_s / Q_y) or "shot"
+        (photodetector shot noise: v' = v + sqrt(v / (n K)) z, then deterministic rounding).
+    q_photons_per_mac: n, photons per multiply-accumulate (number > 0): required with
+        q_readout "shot", not allowed with "rounding".
     """
 
     q_levels: int = 256
@@ -69,10 +84,43 @@ class QuantizerConfig:
     q_bypass: bool = False
     q_grad: str = "ste"
     q_noise: bool = True
+    q_levels_input: int | None = None
+    q_levels_weight: int | None = None
+    q_levels_output: int | None = None
+    q_levels_q: int | None = None
+    q_levels_k: int | None = None
+    q_levels_s: int | None = None
+    q_levels_p: int | None = None
+    q_levels_v: int | None = None
+    q_levels_y: int | None = None
+    q_readout: str = "rounding"
+    q_photons_per_mac: float | None = None
 
     @property
     def lut(self) -> float | None:
         return self.q_lut_min if self.q_lut_min else None
+
+    def _levels_of(self, keys: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.q_levels if getattr(self, k) is None else getattr(self, k)
+                     for k in keys)
+
+    @property
+    def linear_levels(self) -> tuple[int, int, int]:
+        """Levels of (Q_x, Q_w, Q_out)."""
+        return self._levels_of(LINEAR_LEVEL_KEYS)
+
+    @property
+    def attention_levels(self) -> tuple[int, int, int, int, int, int]:
+        """Levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y)."""
+        return self._levels_of(ATTENTION_LEVEL_KEYS)
+
+    @property
+    def photons(self) -> float:
+        """n of the shot read-out, 0.0 for the rounding read-out (what the ops take)."""
+        return float(self.q_photons_per_mac) if self.q_readout == "shot" else 0.0
+
+    def level_keys_set(self, keys: tuple[str, ...]) -> list[str]:
+        return [k for k in keys if getattr(self, k) is not None]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "QuantizerConfig":
@@ -135,6 +183,32 @@ class QuantizerConfig:
             raise OpticalConfigError(
                 f"{where}.q_noise: must be true or false (read-out noise on/off), got {noise!r}"
             )
+        for key in LINEAR_LEVEL_KEYS + ATTENTION_LEVEL_KEYS:
+            if values.get(key) is not None:
+                _check_levels(values[key], f"{where}.{key}", key)
+        readout = values.get("q_readout", cls.q_readout)
+        if readout not in READOUT_MODES:
+            raise OpticalConfigError(
+                f"{where}.q_readout: must be one of {list(READOUT_MODES)}, got {readout!r}"
+            )
+        photons = values.get("q_photons_per_mac")
+        if readout == "shot":
+            if photons is None:
+                raise OpticalConfigError(
+                    f"{where}.q_photons_per_mac: required with q_readout 'shot' (photons per "
+                    "multiply-accumulate, a number > 0)"
+                )
+            if (isinstance(photons, bool) or not isinstance(photons, (int, float))
+                    or not photons > 0 or photons == float("inf")):
+                raise OpticalConfigError(
+                    f"{where}.q_photons_per_mac: must be a finite number > 0, got {photons!r}"
+                )
+            values["q_photons_per_mac"] = float(photons)
+        elif photons is not None:
+            raise OpticalConfigError(
+                f"{where}.q_photons_per_mac: only allowed with q_readout 'shot' (got "
+                f"q_readout {readout!r}); allowed here: null"
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,10 +218,11 @@ class QuantizerConfig:
         return d
 
 
-def _check_levels(levels: Any, where: str) -> None:
+def _check_levels(levels: Any, where: str, key: str = "q_levels") -> None:
     if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= MAX_LEVELS:
         raise OpticalConfigError(
-            f"{where}: must be an integer with 2 <= q_levels <= {MAX_LEVELS}, got {levels!r}"
+            f"{where}: must be an integer with 2 <= {key} <= {MAX_LEVELS}"
+            + (" (or null = q_levels)" if key != "q_levels" else "") + f", got {levels!r}"
         )
 
 

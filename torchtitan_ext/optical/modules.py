@@ -124,6 +124,7 @@ class OpticalLinear(RangeState, nn.Linear):
             levels=c.q_levels, lut=c.lut, stream=c.q_init_seed, index=index,
             observe=self.training, quantize_output=quantize_output,
             clipped=c.q_grad == "clipped", quantiles=c.q_quantiles, noise=c.q_noise,
+            qlevels=c.linear_levels, photons=c.photons,
         )
         if self.training and record:
             self.record(obs)
@@ -138,7 +139,8 @@ class OpticalLinear(RangeState, nn.Linear):
         if not row_wise:
             x_local, w_local = _autocast(x_local, w_local)
         fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
-                                                levels=self.config.q_levels, lut=self.config.lut)
+                                                levels=self.config.linear_levels,
+                                                lut=self.config.lut)
         if row_wise:
             # Row-wise shards hold partial sums: only the operands' fractions mean anything.
             fr = torch.cat([fr[:2], torch.zeros_like(fr[2:])])
@@ -194,9 +196,10 @@ class OpticalLinear(RangeState, nn.Linear):
                                      if acc_r.dim() >= 3 else None)
             c = self.config
             y, obs_out = ops.optical_quantize(
-                acc_r, self.ranges()[2], seed, levels=c.q_levels,
+                acc_r, self.ranges()[2], seed, levels=c.linear_levels[2],
                 stream=c.q_init_seed, noisy=c.q_noise, index=index, observe=self.training,
                 clipped=c.q_grad == "clipped", quantiles=c.q_quantiles,
+                photons=c.photons, contraction=self.in_features,
             )
             if self.training:
                 # The accumulator row of `obs` saw partial sums: replace it with the reduced one.
@@ -248,7 +251,7 @@ class OpticalAttention(RangeState, nn.Module):
         if self.training and self.collect_clamp_stats and lq == k.shape[2] and q_start == 0:
             # the clamp statistics sample whole-sequence causal attention (padding ignored)
             self.record_clamp(clamp_stats.attention_clamp_fractions(
-                q, k, v, self.ranges(), levels=c.q_levels, lut=c.lut, scale=scale,
+                q, k, v, self.ranges(), levels=c.attention_levels, lut=c.lut, scale=scale,
                 causal=is_causal))
         if c.q_bypass or not self.optical_enabled:
             y = _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start)
@@ -264,6 +267,7 @@ class OpticalAttention(RangeState, nn.Module):
             lut=c.lut, stream=c.q_init_seed, scale=scale, causal=is_causal, index=index,
             observe=self.training, clipped=c.q_grad == "clipped", noise=c.q_noise,
             key_padding_mask=key_padding_mask, q_start=q_start,
+            qlevels=c.attention_levels, photons=c.photons,
         )
         if self.training:
             self.record(obs)

@@ -167,6 +167,21 @@ def _lut(lut: float) -> float | None:
     return lut if lut > 0 else None
 
 
+def _levels3(levels: int, qlevels: Optional[List[int]]) -> tuple[int, ...]:
+    return (levels,) * 3 if not qlevels else tuple(int(v) for v in qlevels)
+
+
+def _levels6(levels: int, qlevels: Optional[List[int]]) -> tuple[int, ...]:
+    return (levels,) * 6 if not qlevels else tuple(int(v) for v in qlevels)
+
+
+def _qlevels_arg(levels: int, qlevels) -> Optional[List[int]]:
+    """None when every quantizer uses `levels` (the op's default), else the list."""
+    if qlevels is None or all(int(v) == int(levels) for v in qlevels):
+        return None
+    return [int(v) for v in qlevels]
+
+
 # --------------------------------------------------------------------------------------------
 # Linear
 # --------------------------------------------------------------------------------------------
@@ -186,25 +201,29 @@ def _linear(
     save_mask: bool,
     quantiles: Optional[List[float]],
     noise: bool = True,
+    qlevels: Optional[List[int]] = None,
+    photons: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    # qlevels: per-quantizer levels (Q_x, Q_w, Q_out) overriding `levels`; photons > 0: the shot
+    # read-out of Q_out (n = photons, K = in_features).
+    lv = _levels3(levels, qlevels)
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if _use_kernels(x) and not quantiles:
         from .kernels import linear as klinear
-
         if ranges.dtype != torch.float32 or not ranges.is_contiguous():
             ranges = ranges.float().contiguous()
         y, obs, mask = klinear.forward_packed(
-            x2, weight, bias if quantize_output else None, ranges, seed, levels, _lut(lut),
-            stream, index, observe, quantize_output, save_mask, noise,
+            x2, weight, bias if quantize_output else None, ranges, seed, lv, _lut(lut),
+            stream, index, observe, quantize_output, save_mask, noise, photons,
         )
         if mask is None:
             mask = x.new_empty((0,), dtype=torch.bool)
         return y.view(*x.shape[:-1], n), obs, mask
-    xq = ref.quantize(x2, ranges[0], levels).float()
-    wq = ref.quantize(weight, ranges[1], levels, lut=_lut(lut)).float()
+    xq = ref.quantize(x2, ranges[0], lv[0]).float()
+    wq = ref.quantize(weight, ranges[1], lv[1], lut=_lut(lut)).float()
     acc = xq @ wq.t()
     if observe:
         obs = torch.stack([_observe(x2, quantiles), _observe(weight, quantiles), _observe(acc, quantiles)])
@@ -213,9 +232,10 @@ def _linear(
     mask = ref.clamp_mask(acc, ranges[2]) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if not quantize_output:
         return acc.reshape(*x.shape[:-1], n), obs, mask
-    u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device)) \
-        if noise else None
-    y = ref.quantize(acc, ranges[2], levels, noise=u)
+    y = ref.quantize_readout(
+        acc, ranges[2], lv[2], seed=seed.reshape(()), stream=stream,
+        index=_linear_noise_index(m, n, index, x.device) if noise else None, photons=photons,
+        contraction=k)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n), obs, mask
@@ -223,7 +243,7 @@ def _linear(
 
 @_linear.register_fake
 def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
-                 quantize_output, save_mask, quantiles, noise=True):
+                 quantize_output, save_mask, quantiles, noise=True, qlevels=None, photons=0.0):
     n = weight.shape[0]
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
@@ -291,7 +311,7 @@ def _linear_backward_fake(grad_y, x, weight, ranges, out_mask, clipped, has_bias
 
 def _linear_setup_context(ctx, inputs, output):
     (x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, save_mask,
-     quantiles, noise) = inputs
+     quantiles, noise, qlevels, photons) = inputs
     _, _, mask = output
     ctx.save_for_backward(x, weight, ranges, mask)
     ctx.has_bias = bias is not None
@@ -308,7 +328,7 @@ def _linear_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
         gx if needs_x else None,
         gw if needs_w else None,
         gb if ctx.has_bias else None,
-        None, None, None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -331,14 +351,18 @@ def optical_linear(
     clipped: bool = False,
     quantiles: tuple[float, float] | None = None,
     noise: bool = True,
+    qlevels: tuple[int, int, int] | None = None,
+    photons: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b and the observed ranges [3, 2] (x, W, accumulator).
 
-    noise=False (`q_noise: false`): Q_out rounds deterministically (`seed` is then unused)."""
+    noise=False (`q_noise: false`): Q_out rounds deterministically (`seed` is then unused).
+    qlevels: levels of (Q_x, Q_w, Q_out), overriding `levels` (None = `levels` for all).
+    photons > 0: shot read-out of Q_out with n = photons, K = in_features (`q_readout: shot`)."""
     y, obs, _ = torch.ops.optical.linear(
         x, weight, bias, ranges, seed, levels, float(lut or 0.0), stream, index, observe,
         quantize_output, clipped and quantize_output, list(quantiles) if quantiles else None,
-        bool(noise),
+        bool(noise), _qlevels_arg(levels, qlevels), float(photons),
     )
     return y, obs
 
@@ -359,7 +383,10 @@ def _quantize(
     observe: bool,
     save_mask: bool,
     quantiles: Optional[List[float]],
+    photons: float = 0.0,
+    contraction: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    # photons > 0 (with noisy): the shot read-out with n = photons, K = contraction.
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     m = x2.shape[0]
@@ -367,11 +394,15 @@ def _quantize(
     mask = ref.clamp_mask(x2, rng) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if _use_kernels(x):
         from .kernels import linear as klinear
-
         y = klinear.quantize_tensor(
             x2, rng, seed, levels=levels, lut=_lut(lut), stream=stream, noisy=noisy,
-            index=klinear.LinearIndex(*index) if noisy else None,
+            index=klinear.LinearIndex(*index) if noisy else None, photons=photons,
+            contraction=contraction,
         )
+    elif noisy and photons > 0:
+        z = ref.shot_normal(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device))
+        y = ref.quantize(x2, rng, levels, lut=_lut(lut),
+                         shot=(z, ref.shot_nk(photons, contraction, x.device)))
     else:
         u = ref.philox_uniform(seed.reshape(()), stream, _linear_noise_index(m, n, index, x.device)) if noisy else None
         y = ref.quantize(x2, rng, levels, lut=_lut(lut), noise=u)
@@ -379,7 +410,8 @@ def _quantize(
 
 
 @_quantize.register_fake
-def _quantize_fake(x, rng, seed, levels, lut, stream, noisy, index, observe, save_mask, quantiles):
+def _quantize_fake(x, rng, seed, levels, lut, stream, noisy, index, observe, save_mask, quantiles,
+                   photons=0.0, contraction=1):
     m = x.numel() // x.shape[-1]
     return (
         x.new_empty(x.shape),
@@ -396,7 +428,7 @@ def _quantize_setup_context(ctx, inputs, output):
 def _quantize_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
     (mask,) = ctx.saved_tensors
     g = grad_y * mask.reshape(grad_y.shape) if ctx.clipped else grad_y
-    return (g,) + (None,) * 10
+    return (g,) + (None,) * 12
 
 
 _quantize.register_autograd(_quantize_autograd_backward, setup_context=_quantize_setup_context)
@@ -415,13 +447,17 @@ def optical_quantize(
     observe: bool = False,
     clipped: bool = False,
     quantiles: tuple[float, float] | None = None,
+    photons: float = 0.0,
+    contraction: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Q(x) over the last-dim-major 2-D view of x, straight-through; returns (y, observed [2])."""
+    """Q(x) over the last-dim-major 2-D view of x, straight-through; returns (y, observed [2]).
+
+    photons > 0 with noisy: the shot read-out (n = photons, K = contraction)."""
     if index is None:
         index = linear_index(x.shape, x.shape[-1])
     y, obs, _ = torch.ops.optical.quantize(
         x, rng, seed, levels, float(lut or 0.0), stream, noisy, index, observe, clipped,
-        list(quantiles) if quantiles else None,
+        list(quantiles) if quantiles else None, float(photons), int(contraction),
     )
     return y, obs
 
@@ -440,10 +476,11 @@ def _attn_maps(q: Tensor, k: Tensor, index: List[int], q_start: int):
 
 
 def _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, noise,
-                   key_mask, q_start):
+                   key_mask, q_start, photons=0.0):
     s_map, y_map = _attn_maps(q, k, index, q_start)
     return ref.optical_attention_forward(
         q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], levels=levels,
+        photons=photons,
         lut=_lut(lut), seeds=seeds, stream=stream, scale=scale, causal=causal,
         s_index_map=s_map, y_index_map=y_map, noise=noise, key_padding_mask=key_mask,
         q_start=q_start,
@@ -468,21 +505,26 @@ def _attention(
     noise: bool = True,
     key_mask: Optional[Tensor] = None,
     q_start: int = 0,
+    qlevels: Optional[List[int]] = None,
+    photons: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # `clipped` changes only the backward; it is an argument so the autograd context sees it.
+    # qlevels: levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y) overriding `levels`; photons > 0: shot
+    # read-out of Q_s and Q_y.
+    levels = _levels6(levels, qlevels)
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
-
         b_off, b_glob, h_off, h_glob = index
         y, stats, obs = kattn.attention_forward(
             q, k, v, ranges[0], ranges[1], ranges[2], ranges[3], ranges[4], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             observe=observe, noise=noise, key_padding_mask=key_mask, q_start=q_start,
+            photons=photons,
         )
         return y.contiguous(), stats, obs
     fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, noise,
-                         key_mask, q_start)
+                         key_mask, q_start, photons)
     if observe:
         obs = torch.stack([
             ref.observe_range(q), ref.observe_range(k), ref.observe_range(v), fwd["s_obs"],
@@ -496,7 +538,7 @@ def _attention(
 
 @_attention.register_fake
 def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe,
-                    clipped, noise=True, key_mask=None, q_start=0):
+                    clipped, noise=True, key_mask=None, q_start=0, qlevels=None, photons=0.0):
     b, h, lq, _ = q.shape
     # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
     # compiler must know the real size, which depends on the path the eager op will take.
@@ -528,20 +570,23 @@ def _attention_backward(
     noise: bool = True,
     key_mask: Optional[Tensor] = None,
     q_start: int = 0,
+    qlevels: Optional[List[int]] = None,
+    photons: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    levels = _levels6(levels, qlevels)
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
-
         b_off, b_glob, h_off, h_glob = index
         grads = kattn.attention_backward(
             grad_y, q, k, v, y, stats, ranges[0], ranges[1], ranges[2], ranges[3], seeds,
             levels=levels, lut=_lut(lut), stream=stream, scale=scale, causal=causal,
             batch_offset=b_off, batch_global=b_glob, head_offset=h_off, heads_global=h_glob,
             clipped=clipped, noise=noise, key_padding_mask=key_mask, q_start=q_start,
+            photons=photons,
         )
     else:
         fwd = _ref_attention(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index,
-                             noise, key_mask, q_start)
+                             noise, key_mask, q_start, photons)
         fwd["y"] = y
         grads = ref.optical_attention_backward(
             grad_y, q, k, v, fwd, ranges[0], ranges[1], ranges[3], ranges[2], scale=scale,
@@ -552,18 +597,20 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale,
-                             causal, index, clipped, noise=True, key_mask=None, q_start=0):
+                             causal, index, clipped, noise=True, key_mask=None, q_start=0,
+                             qlevels=None, photons=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
     (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped, noise,
-     key_mask, q_start) = inputs
+     key_mask, q_start, qlevels, photons) = inputs
     y, stats, _ = output
     ctx.save_for_backward(q, k, v, y, stats, ranges, seeds, key_mask)
     ctx.args = (levels, lut, stream, scale, causal, index)
     ctx.clipped, ctx.noise = clipped, noise
     ctx.q_start = q_start
+    ctx.qlevels, ctx.photons = qlevels, photons
 
 
 def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
@@ -571,9 +618,9 @@ def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
     levels, lut, stream, scale, causal, index = ctx.args
     dq, dk, dv = torch.ops.optical.attention_backward(
         grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale, causal, index,
-        ctx.clipped, ctx.noise, key_mask, ctx.q_start,
+        ctx.clipped, ctx.noise, key_mask, ctx.q_start, ctx.qlevels, ctx.photons,
     )
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * 15
 
 
 _attention.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
@@ -597,6 +644,8 @@ def optical_attention(
     noise: bool = True,
     key_padding_mask: Tensor | None = None,
     q_start: int = 0,
+    qlevels: tuple[int, ...] | None = None,
+    photons: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Section 3 of the semantics page; returns (y, observed ranges [5, 2]: q, k, v, S, y_raw).
 
@@ -605,7 +654,9 @@ def optical_attention(
     has q_start = Lk - Lq); row r takes the noise indices of row q_start + r of the full
     attention at key length Lk and, causal, sees keys j <= q_start + r. Rows with no visible key
     output 0. noise=False (`q_noise: false`): Q_s and Q_y round deterministically (`seeds`
-    unused). Bad arguments raise ValueError naming them.
+    unused). qlevels: levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y) overriding `levels`. photons > 0:
+    shot read-out of Q_s (K = head dim) and Q_y (K = keys the row sees). Bad arguments raise
+    ValueError naming them.
     """
     if index is None:
         index = [0, q.shape[0], 0, q.shape[1]]
@@ -613,5 +664,6 @@ def optical_attention(
     y, _, obs = torch.ops.optical.attention(
         q, k, v, ranges, seeds, levels, float(lut or 0.0), stream, float(scale), causal, index,
         observe, clipped, bool(noise), key_padding_mask, int(q_start),
+        _qlevels_arg(levels, qlevels), float(photons),
     )
     return y, obs

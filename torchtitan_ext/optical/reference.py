@@ -27,6 +27,8 @@ import torch
 __all__ = [
     "IndexMap",
     "philox_uniform",
+    "shot_normal",
+    "split_levels",
     "quantize",
     "clamp_mask",
     "observe_range",
@@ -114,14 +116,15 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream): word index & 3 of
-    the Philox-4x32-10 block at counter index >> 2."""
+def _philox_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor,
+                   counter_word2: int = 0) -> torch.Tensor:
+    """The 24-bit draw (int64) behind `philox_uniform`; `counter_word2` is Philox counter word 2
+    (0 for the rounding noise and Box-Muller's first draw, 1 for Box-Muller's second)."""
     index = index.to(torch.int64)
     counter = index >> 2
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
-    c2 = torch.zeros_like(c0)
+    c2 = torch.full_like(c0, counter_word2)
     c3 = torch.zeros_like(c0)
     if isinstance(seed, torch.Tensor):
         k0 = seed.to(device=index.device, dtype=torch.int64) & _M32
@@ -136,7 +139,39 @@ def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -
         k1 = (k1 + PHILOX_KEY_B) & _M32
     lane = index & 3
     word = torch.where(lane < 2, torch.where(lane == 0, c0, c1), torch.where(lane == 2, c2, c3))
-    return (word >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return word >> 8
+
+
+def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream): word index & 3 of
+    the Philox-4x32-10 block at counter index >> 2."""
+    return _philox_bits24(seed, stream, index).to(torch.float32) * (1.0 / 16777216.0)
+
+
+TWO_PI = 6.2831854820251465  # float32(2 pi)
+
+
+def shot_normal(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Standard normal z (float32) per int64 `index` for the shot read-out, by Box-Muller:
+    w1 = the rounding noise's 24-bit draw (counter (idx >> 2, 0, 0) word idx & 3), w2 = the same
+    word of the block at counter word 2 = 1; u1 = 1 - w1 2^-24 in (0, 1], u2 = w2 2^-24;
+    z = sqrt(-2 ln u1) * cos(2 pi u2), every op in float32 (docs/semantics-notes.md)."""
+    w1 = _philox_bits24(seed, stream, index, 0).to(torch.float32)
+    w2 = _philox_bits24(seed, stream, index, 1).to(torch.float32)
+    u1 = 1.0 - w1 * (1.0 / 16777216.0)
+    u2 = w2 * (1.0 / 16777216.0)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(u2 * TWO_PI)
+
+
+def split_levels(levels, n: int) -> tuple[int, ...]:
+    """Per-quantizer levels: an int (every quantizer) or a sequence of n ints."""
+    if isinstance(levels, int):
+        return (int(levels),) * n
+    levels = tuple(int(v) for v in levels)
+    if len(levels) != n:
+        raise ValueError(f"expected {n} per-quantizer levels, got {levels}")
+    return levels
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,10 +188,13 @@ def quantize(
     *,
     lut: float | None = None,
     noise: torch.Tensor | None = None,
+    shot: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Q(x; lo, hi, L, mode, lut): `noise` is u in [0, 1) per element (noisy mode) or None (det).
 
-    Returns the input dtype. An uninitialised range passes x through unchanged.
+    `shot` = (z, nK) is the shot read-out (semantics s.1): v = (c - lo) / span,
+    v' = v + sqrt(max(v, 0) / nK) * z (float32 nK broadcastable to x), then det rounding of
+    clamp(v', 0, 1) * (L - 1). Returns the input dtype. An uninitialised range passes x through.
     """
     if levels < 2:
         raise ValueError(f"levels must be an integer >= 2, got {levels}")
@@ -164,7 +202,12 @@ def quantize(
     lo = rng[0].float()
     hi = rng[1].float()
     c = torch.minimum(torch.maximum(xf, lo), hi)
-    t = (c - lo) / torch.clamp(hi - lo, min=1e-12) * float(levels - 1)
+    v = (c - lo) / torch.clamp(hi - lo, min=1e-12)
+    if shot is not None:
+        z, nk = shot
+        v = v + torch.sqrt(torch.clamp(v, min=0.0) / nk) * z
+        v = torch.clamp(v, 0.0, 1.0)
+    t = v * float(levels - 1)
     if noise is not None:
         t = t + noise - 0.5
     k = torch.round(t)  # round half to even
@@ -178,6 +221,27 @@ def quantize(
         y = torch.where((y < 0) & (y > neg_floor), neg_floor, y)
     y = torch.where(_is_initialised(rng), y, xf)
     return y.to(x.dtype)
+
+
+def shot_nk(photons: float, contraction, device) -> torch.Tensor:
+    """n * K in float32 (K an int or an int tensor): the kernels compute the same product."""
+    n = torch.tensor(float(photons), dtype=torch.float32, device=device)
+    k = torch.as_tensor(contraction, device=device).to(torch.float32)
+    return n * k
+
+
+def quantize_readout(x: torch.Tensor, rng: torch.Tensor, levels: int, *, seed, stream: int,
+                     index: torch.Tensor | None, photons: float = 0.0,
+                     contraction=1) -> torch.Tensor:
+    """A read-out quantizer (Q_out, Q_s, Q_y): `index` None = det rounding (`q_noise: false`);
+    photons == 0: stochastic rounding keyed by `index`; photons > 0: the shot read-out with
+    z = `shot_normal` at `index` and K = `contraction` (an int, or a tensor broadcastable to x)."""
+    if index is None:
+        return quantize(x, rng, levels)
+    if photons > 0:
+        z = shot_normal(seed, stream, index)
+        return quantize(x, rng, levels, shot=(z, shot_nk(photons, contraction, x.device)))
+    return quantize(x, rng, levels, noise=philox_uniform(seed, stream, index))
 
 
 def clamp_mask(x: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
@@ -232,23 +296,26 @@ def optical_linear_forward(
     index_map: IndexMap | None = None,
     quantize_output: bool = True,
     noise: bool = True,
+    photons: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = Q_out(Q_x(x) @ Q_w(W)^T) + b, and the float32 accumulator (for ranges and masks).
 
-    `quantize_output=False` returns the float32 accumulator as y (a partial sum under row-wise
-    tensor parallelism, to be reduced and then quantized by `quantize`). `noise=False` is the
-    read-out noise switch off (`q_noise: false`): Q_out rounds deterministically.
+    `levels`: an int, or (L_x, L_w, L_out). `quantize_output=False` returns the float32
+    accumulator as y (a partial sum under row-wise tensor parallelism, to be reduced and then
+    quantized by `quantize`). `noise=False` is the read-out noise switch off (`q_noise: false`):
+    Q_out rounds deterministically (shot noise off too). `photons` > 0: the shot read-out with
+    n = photons and K = in_features (`q_readout: shot`).
     """
-    xq = quantize(x, x_range, levels).float()
-    wq = quantize(weight, w_range, levels, lut=lut).float()
+    lx, lw, lout = split_levels(levels, 3)
+    xq = quantize(x, x_range, lx).float()
+    wq = quantize(weight, w_range, lw, lut=lut).float()
     acc = xq @ wq.t()
     if not quantize_output:
         return acc, acc
-    u = None
-    if noise:
-        imap = index_map or IndexMap.whole(acc.shape)
-        u = philox_uniform(seed, stream, imap.flat_indices(acc.shape, acc.device))
-    y = quantize(acc, out_range, levels, noise=u)
+    y = quantize_readout(acc, out_range, lout, seed=seed, stream=stream,
+                         index=(index_map or IndexMap.whole(acc.shape)).flat_indices(
+                             acc.shape, acc.device) if noise else None,
+                         photons=photons, contraction=x.shape[-1])
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype), acc
@@ -396,6 +463,7 @@ def optical_attention_forward(
     key_padding_mask: torch.Tensor | None = None,
     q_start: int = 0,
     noise: bool = True,
+    photons: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Section 3 materialised. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0.
 
@@ -407,7 +475,10 @@ def optical_attention_forward(
     By default S element (b, h, r, j) is keyed by the flat index of (b, h, q_start + r, j) in
     [B, H, Lk, Lk], Y elements likewise in [B, H, Lk, D]; explicit maps must place row r at
     q_start + r themselves. `noise=False` (`q_noise: false`) makes Q_s and Q_y deterministic
-    (the seeds are then unused). Returns y (input dtype) and the float32 intermediates the
+    (the seeds are then unused; the shot noise is off too). `levels`: an int, or the levels of
+    (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y). `photons` > 0: the shot read-out (`q_readout: shot`) for
+    Q_s (K = head dim D) and Q_y (K = the number of keys the row sees, >= 1). Returns y (input
+    dtype) and the float32 intermediates the
     backward and the ranges need; `s_obs` is the range of S over the visible positions only (the
     only ones a fused kernel computes), (+inf, -inf) when there are none.
     """
@@ -417,14 +488,15 @@ def optical_attention_forward(
     check_attention_args(q, k, key_padding_mask, q_start, causal)
     scale = D ** -0.5 if scale is None else scale
     lk = k.shape[2]
-    qq = quantize(q, q_range, levels).float()
-    kq = _expand_kv(quantize(k, k_range, levels, lut=lut).float(), H)
-    vq = _expand_kv(quantize(v, v_range, levels, lut=lut).float(), H)
+    lq_, lk_, ls_, lp_, lv_, ly_ = split_levels(levels, 6)
+    qq = quantize(q, q_range, lq_).float()
+    kq = _expand_kv(quantize(k, k_range, lk_, lut=lut).float(), H)
+    vq = _expand_kv(quantize(v, v_range, lv_, lut=lut).float(), H)
     s_raw = qq @ kq.transpose(-1, -2)
     smap, ymap = _attention_maps(B, H, L, lk, D, q_start, s_index_map, y_index_map)
-    u_s = philox_uniform(seeds[0], stream, smap.flat_indices(s_raw.shape, s_raw.device)) \
-        if noise else None
-    s = quantize(s_raw, s_range, levels, noise=u_s)
+    s = quantize_readout(s_raw, s_range, ls_, seed=seeds[0], stream=stream,
+                         index=smap.flat_indices(s_raw.shape, s_raw.device) if noise else None,
+                         photons=photons, contraction=D)
     logits = s * scale
     vis = attention_visibility(B, L, lk, causal=causal, q_start=q_start,
                                key_padding_mask=key_padding_mask, device=q.device)
@@ -435,11 +507,14 @@ def optical_attention_forward(
     if vis is not None:
         alive = vis.any(-1, keepdim=True).expand(B, H, L, 1)
         p = torch.where(alive, p, 0.0)  # softmax of an all -inf row is NaN: such rows get P = 0
-    pq = quantize(p, torch.tensor(P_RANGE, device=p.device), levels)
+    pq = quantize(p, torch.tensor(P_RANGE, device=p.device), lp_)
     y_raw = pq @ vq
-    u_y = philox_uniform(seeds[1], stream, ymap.flat_indices(y_raw.shape, y_raw.device)) \
-        if noise else None
-    y = quantize(y_raw, y_range, levels, noise=u_y)
+    # Q_y's contraction length: the keys row r sees (at least 1; rows that see none output 0).
+    keys_seen = lk if vis is None else \
+        vis.expand(B, 1, L, lk).sum(-1, keepdim=True).clamp(min=1)
+    y = quantize_readout(y_raw, y_range, ly_, seed=seeds[1], stream=stream,
+                         index=ymap.flat_indices(y_raw.shape, y_raw.device) if noise else None,
+                         photons=photons, contraction=keys_seen)
     if alive is not None:
         y = torch.where(alive, y, 0.0)
     s_obs = _observe_or_empty(s_raw[vis.expand_as(s_raw)] if vis is not None else s_raw)
@@ -510,12 +585,12 @@ class OpticalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_range, k_range, v_range, s_range, y_range, levels, lut, seeds,
                 stream, scale, causal, s_index_map, y_index_map, clipped, key_padding_mask=None,
-                q_start=0, noise=True):
+                q_start=0, noise=True, photons=0.0):
         fwd = optical_attention_forward(
             q, k, v, q_range, k_range, v_range, s_range, y_range, levels=levels, lut=lut,
             seeds=seeds, stream=stream, scale=scale, causal=causal, s_index_map=s_index_map,
             y_index_map=y_index_map, key_padding_mask=key_padding_mask, q_start=q_start,
-            noise=noise,
+            noise=noise, photons=photons,
         )
         ctx.save_for_backward(q, k, v, fwd["s_raw"], fwd["p"], fwd["y"], q_range, k_range,
                               s_range, v_range)
@@ -529,4 +604,4 @@ class OpticalAttentionFunction(torch.autograd.Function):
             grad_y, q, k, v, {"s_raw": s_raw, "p": p, "y": y}, q_range, k_range, s_range,
             v_range, scale=ctx.scale, clipped=ctx.clipped,
         )
-        return (dq, dk, dv) + (None,) * 17
+        return (dq, dk, dv) + (None,) * 18

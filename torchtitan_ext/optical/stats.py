@@ -47,40 +47,43 @@ def _outside(x: torch.Tensor, rng: torch.Tensor, valid: torch.Tensor | None = No
 
 @torch.no_grad()
 def linear_clamp_fractions(x: torch.Tensor, weight: torch.Tensor, ranges: torch.Tensor, *,
-                           levels: int, lut: float | None) -> torch.Tensor:
+                           levels, lut: float | None) -> torch.Tensor:
     """float32 [3]: fractions of x, W and the accumulator Q_x(x) @ Q_w(W)^T outside their ranges
-    (`ranges` [3, 2] float32 as the module holds them)."""
+    (`ranges` [3, 2] float32 as the module holds them). `levels`: an int or (L_x, L_w, L_out)."""
+    lx, lw, _ = ref.split_levels(levels, 3)
     x2 = x.detach().reshape(-1, x.shape[-1])
     rows = x2[:ACC_ROWS]
-    acc = ref.quantize(rows, ranges[0], levels).float() @ \
-        ref.quantize(weight.detach(), ranges[1], levels, lut=lut).float().t()
+    acc = ref.quantize(rows, ranges[0], lx).float() @ \
+        ref.quantize(weight.detach(), ranges[1], lw, lut=lut).float().t()
     return torch.stack([_outside(x2, ranges[0]), _outside(weight.detach(), ranges[1]),
                         _outside(acc, ranges[2])])
 
 
 @torch.no_grad()
 def attention_clamp_fractions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              ranges: torch.Tensor, *, levels: int, lut: float | None,
+                              ranges: torch.Tensor, *, levels, lut: float | None,
                               scale: float, causal: bool) -> torch.Tensor:
     """float32 [6]: fractions of q, k, v, S (causal positions), Y outside their ranges
     (`ranges` [5, 2]) and the fraction of non-zero probabilities Q_p zeroes.
 
     S and Y are rebuilt on the first sequence's first ATTN_PREFIX positions with deterministic
     rounding of S (the noise moves a value by less than one level, which does not decide
-    whether the value before Q_y lies outside its range by more than noise)."""
+    whether the value before Q_y lies outside its range by more than noise; likewise the shot
+    read-out). `levels`: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y)."""
+    lq, lk, ls, lp, lv, _ = ref.split_levels(levels, 6)
     h = q.shape[1]
     n = min(q.shape[2], ATTN_PREFIX)
     q1, k1, v1 = (t.detach()[:1, :, :n] for t in (q, k, v))
-    qq = ref.quantize(q1, ranges[0], levels).float()
-    kq = ref._expand_kv(ref.quantize(k1, ranges[1], levels, lut=lut).float(), h)
-    vq = ref._expand_kv(ref.quantize(v1, ranges[2], levels, lut=lut).float(), h)
+    qq = ref.quantize(q1, ranges[0], lq).float()
+    kq = ref._expand_kv(ref.quantize(k1, ranges[1], lk, lut=lut).float(), h)
+    vq = ref._expand_kv(ref.quantize(v1, ranges[2], lv, lut=lut).float(), h)
     s_raw = qq @ kq.transpose(-1, -2)
     mask = ref._causal_mask(n, n, q.device) if causal else torch.ones(
         n, n, dtype=torch.bool, device=q.device)
     mask = mask.expand_as(s_raw)
-    logits = (ref.quantize(s_raw, ranges[3], levels) * scale).masked_fill(~mask, float("-inf"))
+    logits = (ref.quantize(s_raw, ranges[3], ls) * scale).masked_fill(~mask, float("-inf"))
     p = torch.softmax(logits, dim=-1)
-    pq = ref.quantize(p, torch.tensor(ref.P_RANGE, device=p.device), levels)
+    pq = ref.quantize(p, torch.tensor(ref.P_RANGE, device=p.device), lp)
     y_raw = pq @ vq
     nonzero = p > 0
     p_zeroed = (nonzero & (pq == 0)).float().sum() / nonzero.float().sum().clamp(min=1.0)

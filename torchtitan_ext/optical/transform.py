@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from .config import OpticalConfigError, QuantizerConfig, TransformConfig
+from .config import (ATTENTION_LEVEL_KEYS, LINEAR_LEVEL_KEYS, OpticalConfigError,
+                     QuantizerConfig, TransformConfig)
 from .modules import OpticalAttention, OpticalLinear
 
 __all__ = [
@@ -66,7 +67,20 @@ class ModelLayout:
         setattr(block, INNER_ATTENTION, OpticalAttention(config, device=_module_device(block)))
 
 
+def _check_level_keys(name: str, pattern: str, config: QuantizerConfig, kind: str) -> None:
+    """A per-quantizer levels key of the other module kind is bad input, never ignored."""
+    wrong = config.level_keys_set(ATTENTION_LEVEL_KEYS if kind == "linear" else LINEAR_LEVEL_KEYS)
+    if wrong:
+        allowed = LINEAR_LEVEL_KEYS if kind == "linear" else ATTENTION_LEVEL_KEYS
+        raise OpticalConfigError(
+            f"layer_name_to_config['{pattern}'].{wrong[0]}: a per-quantizer levels key of "
+            f"{'attention' if kind == 'linear' else 'linear'} modules, but the pattern matches "
+            f"{kind} module {name}; allowed for {kind} modules: {list(allowed)}"
+        )
+
+
 def _check_attention_config(name: str, pattern: str, config: QuantizerConfig) -> None:
+    _check_level_keys(name, pattern, config, "attention")
     if config.q_quantiles is not None:
         raise OpticalConfigError(
             f"layer_name_to_config['{pattern}'].q_quantiles: quantile ranges are supported for "
@@ -106,6 +120,13 @@ def transform_model(model: nn.Module, config: TransformConfig,
     candidates = candidate_modules(model, layout)
     config.check_patterns(candidates.keys())
     report = report if report is not None else TransformReport()
+    for name, mod in candidates.items():  # validate every match before changing anything
+        pattern, qcfg = config.match(name)
+        if qcfg is not None:
+            if isinstance(mod, nn.Linear):
+                _check_level_keys(name, pattern, qcfg, "linear")
+            else:
+                _check_attention_config(name, pattern, qcfg)
     for name, mod in candidates.items():
         pattern, qcfg = config.match(name)
         if qcfg is None:
@@ -116,7 +137,6 @@ def transform_model(model: nn.Module, config: TransformConfig,
             new.train(mod.training)
             _set_submodule(model, name, new)
         else:
-            _check_attention_config(name, pattern, qcfg)
             layout.attach_attention(mod, qcfg)
         report.by_pattern.setdefault(pattern, []).append(name)
     return report

@@ -70,6 +70,16 @@ Why the design looks like this
   visible key output 0 and store lse = +inf (P = 0 in the backward). `q_start` (runtime int)
   places query row r at absolute position q_start + r over Lk >= Lq keys: causal limit and noise
   indices are those of row q_start + r of the full attention at key length Lk.
+* Per-quantizer levels and the shot read-out (issue 16): `LEVELS` is Q_s's levels (the S
+  tiles, their codes and `inv_lm1`); `LEVELS_Q`, `LEVELS_K`, `LEVELS_P`, `LEVELS_Y` (and the
+  pre-pass's `LEVELS_V`) are constexprs of their own, whose reciprocals are `inv_lm1` itself when
+  they equal `LEVELS` (the default: the same code as before) and one div_rn per item otherwise;
+  P_MODE follows Q_p's levels, the code dtype Q_s's. `NOISE` is 0 (q_noise off), 1 (stochastic
+  rounding) or 2 (shot read-out): S tiles then draw z by Box-Muller from the rounding word and
+  the same word at Philox counter word 2 = 1 (`philox_bits24_rows_c2`, runs of four as before)
+  with the constexpr NK_S = float32(n) * float32(D); Y takes its per-row n * K (K = keys the
+  row sees, >= 1) from a float32 [B, Lq] tensor the host builds with torch ops (no sync). The
+  backward's and the deterministic dQ pass's S regeneration run the same code.
 * Rows and keys past L are masked; padded keys in the backward get P = 0 so that no inf * 0 can
   reach dQ. Tile configurations are a small table per head dim (chosen by bench/attention.py
   --sweep on an H200), no autotuning: one compile per shape family, no stalls in a trainer.
@@ -90,14 +100,18 @@ import triton.language as tl
 
 from .. import reference as ref
 from .quantizer import (
+    box_muller,
     cast_rne,
     dequantize,
     div_rn_by,
     in_range,
     inv_levels_minus_1,
+    philox_bits24_c2,
     philox_bits24_rows,
+    philox_bits24_rows_c2,
     philox_uniform,
     quantize,
+    quantize_shot,
     quantize_level,
     quantize_with,
     range_consts,
@@ -123,6 +137,17 @@ def _store_inv_ranges(INV, r0, r1, r2, r3, r4):
     tl.store(INV + 2, range_inv_span(r2))
     tl.store(INV + 3, range_inv_span(r3))
     tl.store(INV + 4, range_inv_span(r4))
+
+
+@triton.jit
+def _inv_of(inv_lm1, LEVELS: tl.constexpr, LEVELS_X: tl.constexpr):
+    """RN(1 / (LEVELS_X - 1)) given inv_lm1 = RN(1 / (LEVELS - 1)): inv_lm1 itself when the
+    levels agree (the default: the same code as before per-quantizer levels), else by div_rn."""
+    if LEVELS_X == LEVELS:
+        return inv_lm1
+    else:
+        return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.full([], LEVELS_X - 1.0,
+                                                                     tl.float32))
 
 
 @triton.jit
@@ -152,9 +177,10 @@ def _prep_kv_kernel(
     skb, skh, skl, skd, svb, svh, svl, svd,
     HKV, L, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr,
-    OBSERVE: tl.constexpr,
+    OBSERVE: tl.constexpr, LEVELS_V: tl.constexpr,
 ):
-    """Q_k(k) and Q_v(v) into contiguous temporaries (input dtype), their observed ranges, and the
+    """Q_k(k) (LEVELS) and Q_v(v) (LEVELS_V) into contiguous temporaries (input dtype), their
+    observed ranges, and the
     range reciprocals of the forward kernel."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -177,7 +203,7 @@ def _prep_kv_kernel(
     vlo = tl.load(v_rng)
     vhi = tl.load(v_rng + 1)
     kq = cast_rne(quantize(k, klo, khi, LEVELS, lut, HAS_LUT, 0.0, False), KQ.dtype.element_ty)
-    vq = cast_rne(quantize(v, vlo, vhi, LEVELS, lut, HAS_LUT, 0.0, False), VQ.dtype.element_ty)
+    vq = cast_rne(quantize(v, vlo, vhi, LEVELS_V, lut, HAS_LUT, 0.0, False), VQ.dtype.element_ty)
     out = ((b * HKV + hk).to(tl.int64) * L + r64) * D + offs_d[None, :]
     tl.store(KQ + out, kq, mask=m2)
     tl.store(VQ + out, vq, mask=m2)
@@ -196,7 +222,9 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
-                INTERP: tl.constexpr, NOISE: tl.constexpr):
+                INTERP: tl.constexpr,
+                NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
     index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
     absolute positions (q_start + r), `L` the key length. NOISE=False (`q_noise` off): Q_s
@@ -208,11 +236,17 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    if NOISE:
-        w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+    if NOISE == 2:  # shot read-out (q_readout: shot), K = D: Box-Muller on two Philox draws
+        z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 0),
+                       philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 1))
+        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
+                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
     else:
-        w = 0.0
-    s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+        if NOISE:
+            w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
@@ -241,7 +275,9 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr, NOISE: tl.constexpr):
+               INTERP: tl.constexpr,
+               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
     have seen no visible key yet (max -inf); it keeps l = 0 instead of a NaN."""
@@ -250,7 +286,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
-            NOISE)
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         x = s_q * scale_log2
         if MASK:
             x = tl.where(valid, x, float("-inf"))
@@ -315,16 +351,18 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                          P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-                         NOISE: tl.constexpr):
+                         NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
-            NOISE)
-        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
-                       scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+                       _inv_of(inv_lm1, LEVELS, LEVELS_P), scale_log2, LEVELS_P, D, MASK, P_MODE,
+                       INTERP)
     return acc
 
 
@@ -333,7 +371,7 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
                      offs_d, L, slo, shi, inv_lm1, scale_log2,
                      LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                     P_MODE: tl.constexpr, INTERP: tl.constexpr):
+                     P_MODE: tl.constexpr, INTERP: tl.constexpr, LEVELS_P: tl.constexpr):
     """Pass 2 from the level codes pass 1 wrote: Q_s(S) = k / (levels - 1) * (hi - lo) + lo by
     the same expression as in `_fwd_s_tile`, hence the same bits, without the S dot or Philox."""
     rl = tl.arange(0, BM)
@@ -342,8 +380,9 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
         lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
         s_q = dequantize(lvl, slo, shi, inv_lm1, LEVELS)
         valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
-        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1,
-                       scale_log2, LEVELS, D, MASK, P_MODE, INTERP)
+        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+                       _inv_of(inv_lm1, LEVELS, LEVELS_P), scale_log2, LEVELS_P, D, MASK, P_MODE,
+                       INTERP)
     return acc
 
 
@@ -351,11 +390,12 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
 def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
               inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
-              seed_s, seed_y,
+              seed_s, seed_y, NKY,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-              INTERP: tl.constexpr, NOISE: tl.constexpr):
+              INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...). Row r is
     absolute position q_start + r of the full attention over LK keys (its noise indices too)."""
@@ -376,8 +416,8 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
                 + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd,
                 mask=row_ok[:, None], other=0.0)
-    qq = cast_rne(quantize_with(q, qlo, qhi, q_w, q_inv, inv_lm1, LEVELS, 0.0, False, 0.0, False),
-                  DT)
+    qq = cast_rne(quantize_with(q, qlo, qhi, q_w, q_inv, _inv_of(inv_lm1, LEVELS, LEVELS_Q),
+                                LEVELS_Q, 0.0, False, 0.0, False), DT)
     if OBSERVE:
         qf = q.to(tl.float32)
         q_min = tl.min(tl.where(row_ok[:, None], qf, float("inf")))
@@ -406,11 +446,13 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
         row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
         offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE)
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
 
     if HAS_KPM:
         alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
@@ -421,17 +463,27 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
                      inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
-                     RUNS4, INTERP, NOISE)
+                     RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     if P_MODE < 2:
-        y_raw = div_rn_by(acc, LEVELS - 1.0, inv_lm1)
+        y_raw = div_rn_by(acc, LEVELS_P - 1.0, _inv_of(inv_lm1, LEVELS, LEVELS_P))
     else:
         y_raw = acc
 
-    if NOISE:
-        u_y = philox_uniform(seed_y, stream, (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+    inv_ly = _inv_of(inv_lm1, LEVELS, LEVELS_Y)
+    if NOISE == 2:  # shot read-out of Y: K = the keys each row sees (host-computed n * K)
+        y_idx = (bh_g * LK + pos)[:, None] * D + offs_d[None, :]
+        z_y = box_muller(philox_bits24_c2(seed_y, stream, y_idx, 0),
+                         philox_bits24_c2(seed_y, stream, y_idx, 1))
+        nk_y = tl.load(NKY + b.to(tl.int64) * LQ + offs_m, mask=row_ok, other=1.0)
+        y, _ = quantize_shot(y_raw, ylo, yhi, y_w, y_inv, inv_ly, z_y,
+                             nk_y[:, None] + tl.zeros([BM, D], tl.float32), LEVELS_Y)
     else:
-        u_y = 0.0
-    y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, 0.0, False, u_y, NOISE)
+        if NOISE:
+            u_y = philox_uniform(seed_y, stream,
+                                 (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+        else:
+            u_y = 0.0
+        y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_ly, LEVELS_Y, 0.0, False, u_y, NOISE)
     y_ok = row_ok
     if HAS_KPM:
         l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
@@ -461,7 +513,9 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
                scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-               INTERP: tl.constexpr, NOISE: tl.constexpr):
+               INTERP: tl.constexpr,
+               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
     codes when kept, else regenerating S."""
     acc = tl.zeros([BM, D], tl.float32)
@@ -475,31 +529,35 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
         acc = _fwd_pass2_codes(
             acc, m_i, inv_l, CODES, W, vq_base, kvis_base, 0, n_full, pos, offs_n, offs_d, LK,
             slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, P_MODE,
-            INTERP)
+            INTERP, LEVELS_P)
         acc = _fwd_pass2_codes(
             acc, m_i, inv_l, CODES, W, vq_base, kvis_base, n_full, n_end, pos, offs_n, offs_d,
             LK, slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, P_MODE,
-            INTERP)
+            INTERP, LEVELS_P)
     else:
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
+            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP,
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP, NOISE)
+            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP,
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     return acc
 
 
 @triton.jit(do_not_specialize=["stream", "b_off", "h_off", "q_start"])
 def _fwd_kernel(
-    Q, KQ, VQ, Y, LSE, PART, CODES, KPM, INV, q_rng, s_rng_ptr, y_rng, seeds,
+    Q, KQ, VQ, Y, LSE, PART, CODES, KPM, INV, q_rng, s_rng_ptr, y_rng, seeds, NKY,
     sqb, sqh, sql, sqd,
     H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2.
@@ -520,8 +578,9 @@ def _fwd_kernel(
         _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, KPM, sqb, sqh, sql, sqd,
                   H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
                   inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
-                  seed_s, seed_y, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE, USE_CODES,
-                  RUNS4, INTERP, NOISE)
+                  seed_s, seed_y, NKY, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE,
+                  USE_CODES,
+                  RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +626,9 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+               RUNS4: tl.constexpr, INTERP: tl.constexpr,
+               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
                DQ: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
     accumulate dV += P^T dY, dK += dS^T q (unscaled), and (DQ) dQ (atomically) += dS k
@@ -590,12 +651,20 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
 
         s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
         # S^T's words: those of the [BM, BN] tile of S, transposed.
-        if NOISE:
-            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
-                                            start_n, offs_n, BN, RUNS4))
+        if NOISE == 2:  # the forward's shot read-out of S, transposed
+            ridx = row_idx0 + (q_start + r64) * LK
+            z = tl.trans(box_muller(
+                philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 0),
+                philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 1)))
+            s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
+                                     tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
         else:
-            w = 0.0
-        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+            if NOISE:
+                w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
+                                                start_n, offs_n, BN, RUNS4))
+            else:
+                w = 0.0
+            s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -626,7 +695,9 @@ def _bwd_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
     DQ: tl.constexpr,
 ):
     """One program per key block [start_n, start_n + BN) of one (batch, kv head): dK, dV of its
@@ -652,8 +723,8 @@ def _bwd_kernel(
                 mask=col_ok[:, None], other=0.0)
     DT: tl.constexpr = k.dtype
     klo, khi, k_w, k_inv = range_consts(k_rng, INV + 1)
-    kq = cast_rne(quantize_with(k, klo, khi, k_w, k_inv, inv_lm1, LEVELS, lut, HAS_LUT, 0.0, False),
-                   DT)
+    kq = cast_rne(quantize_with(k, klo, khi, k_w, k_inv, _inv_of(inv_lm1, LEVELS, LEVELS_K),
+                                LEVELS_K, lut, HAS_LUT, 0.0, False), DT)
 
     slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
     seed_s = tl.load(seeds)
@@ -675,12 +746,13 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
             row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
             seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-            CAUSAL, True, CLIPPED, RUNS4, INTERP, NOISE, DQ)
+            CAUSAL, True, CLIPPED, RUNS4, INTERP,
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
         dk, dv = _bwd_tiles(
             dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
             LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
             slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP, NOISE, DQ)
+            CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
 
     dk = dk * scale
     if CLIPPED:
@@ -746,7 +818,8 @@ def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, sv
               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
               CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-              NOISE: tl.constexpr):
+              NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
     `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`)."""
     DT: tl.constexpr = kq_base.dtype.element_ty
@@ -754,7 +827,7 @@ def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, sv
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
-            NOISE)
+            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         # rows past Lq and rows with no visible key have lse = +inf, hence P = 0
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[:, None]))
         c64 = cols.to(tl.int64)[:, None]
@@ -781,7 +854,8 @@ def _bwd_dq_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS4: tl.constexpr,
-    INTERP: tl.constexpr, NOISE: tl.constexpr,
+    INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
 ):
     """dq of query rows [pid * BM, pid * BM + BM) of one (batch, head), scaled, clipped, cast.
     L is the key length; row r is absolute position q_start + r; KPM uint8 [B, L] (HAS_KPM)."""
@@ -820,11 +894,11 @@ def _bwd_dq_kernel(
     dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
                    n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
                    s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
-                   RUNS4, INTERP, NOISE)
+                   RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
                    n_full, n_end, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi,
                    s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
-                   CLIPPED, RUNS4, INTERP, NOISE)
+                   CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     dq = dq * scale
     if CLIPPED:
         q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64[:, None] * sql
@@ -974,8 +1048,10 @@ def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_
                          "use the reference path for float32")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("q, k, v must share a dtype")
-    if not (isinstance(levels, int) and levels >= 2):
-        raise ValueError(f"levels must be an integer >= 2, got {levels}")
+    lv = (levels,) * 6 if isinstance(levels, int) else tuple(levels)
+    if len(lv) != 6 or not all(isinstance(x, int) and x >= 2 for x in lv):
+        raise ValueError(f"levels must be an integer >= 2 or six of them (q, k, s, p, v, y), "
+                         f"got {levels}")
     if lut is not None and not (0.0 <= lut < 1.0):
         raise ValueError(f"lut must be in [0, 1), got {lut}")
     if batch_offset < 0 or batch_offset + B > batch_global:
@@ -983,6 +1059,31 @@ def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_
     if head_offset < 0 or head_offset + H > heads_global:
         raise ValueError(f"head shard [{head_offset}, {head_offset + H}) exceeds {heads_global}")
     return B, H, k.shape[1], L, k.shape[2], D
+
+
+def _levels6(levels) -> tuple[int, int, int, int, int, int]:
+    return (int(levels),) * 6 if isinstance(levels, int) else tuple(int(x) for x in levels)
+
+
+def _level_kw(lv, noise: bool, photons: float, D: int) -> dict:
+    """The per-quantizer-level and read-out constexprs shared by the S-generating kernels.
+    NOISE: 0 off, 1 stochastic rounding, 2 shot read-out (NK_S = float32(n) * float32(D))."""
+    shot = bool(noise) and photons > 0
+    return dict(LEVELS=lv[2], LEVELS_Q=lv[0], LEVELS_K=lv[1], LEVELS_P=lv[3], LEVELS_Y=lv[5],
+                NOISE=2 if shot else bool(noise),
+                NK_S=ref.shot_nk(photons, D, "cpu").item() if shot else 1.0)
+
+
+def _nk_y(B, LQ, LK, causal, q_start, key_padding_mask, photons, dev):
+    """float32 [B, LQ]: n * K of Q_y's shot read-out, K = the keys row r sees (>= 1), as the
+    reference computes it (device ops, no host sync)."""
+    vis = ref.attention_visibility(B, LQ, LK, causal=causal, q_start=q_start,
+                                   key_padding_mask=key_padding_mask, device=dev)
+    if vis is None:
+        seen = torch.full((B, LQ), LK, dtype=torch.int64, device=dev)
+    else:
+        seen = vis.expand(B, 1, LQ, LK).sum(-1).reshape(B, LQ).clamp(min=1)
+    return ref.shot_nk(photons, seen, dev).contiguous()
 
 
 def _key_mask_arg(key_padding_mask, dev):
@@ -997,13 +1098,14 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
                       lut: float | None, stream: int, scale: float, causal: bool, batch_offset: int,
                       batch_global: int, head_offset: int, heads_global: int, observe: bool,
                       noise: bool = True, key_padding_mask: torch.Tensor | None = None,
-                      q_start: int = 0):
+                      q_start: int = 0, photons: float = 0.0):
     """q [B,H,Lq,D], k/v [B,Hkv,Lk,D] (any strides); *_range float32 [2] device tensors (lo > hi =
     uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host);
     key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
     [.., Lk, Lk] / [.., Lk, D] tensors. noise=False (`q_noise: false`): Q_s and Q_y round
-    deterministically, no Philox runs.
+    deterministically, no Philox runs. levels: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v,
+    Q_y). photons > 0: the shot read-out of Q_s (K = D) and Q_y (K = the keys the row sees).
 
     Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =
     log2-domain log-sum-exp of the scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e
@@ -1019,6 +1121,10 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     BM, BN, warps, stages = _config("fwd", D, interp, LQ if LQ < L else None)
     has_lut = lut is not None and lut > 0
     has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
+    lv = _levels6(levels)
+    lkw = _level_kw(lv, noise, photons, D)
+    nky = _nk_y(B, LQ, L, causal, q_start, key_padding_mask, photons, dev) \
+        if lkw["NOISE"] == 2 else None
 
     kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
@@ -1031,7 +1137,8 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         k, v, kq, vq, part_kv, inv, q_range, k_range, v_range, s_range, y_range,
         *k.stride(), *v.stride(), HKV, L,
         float(lut) if has_lut else 0.0,
-        LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe, num_warps=4, **_OPTS)
+        LEVELS=lv[1], LEVELS_V=lv[4], HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe,
+        num_warps=4, **_OPTS)
 
     y = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
@@ -1039,16 +1146,18 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     n_items = B * H * num_m
     part = torch.empty((n_items, 6) if observe else (1, 6), dtype=torch.float32, device=dev)
     W = triton.cdiv(L, BN) * BN  # row length of the level-code scratch
-    n_prog, code_dtype = _fwd_grid(n_items, BM * W, levels, warps, dev, interp)
+    n_prog, code_dtype = _fwd_grid(n_items, BM * W, lv[2], warps, dev, interp)
     codes = torch.empty((n_prog * BM * W,) if code_dtype is not None else (1,),
                         dtype=code_dtype or torch.uint8, device=dev)
     _fwd_kernel[(n_prog,)](
-        q, kq, vq, y, lse, part, codes, kpm, inv, q_range, s_range, y_range, seeds, *q.stride(),
+        q, kq, vq, y, lse, part, codes, kpm, inv, q_range, s_range, y_range, seeds,
+        nky if nky is not None else inv,  # never read unless NOISE == 2
+        *q.stride(),
         H, HKV, LQ, L, int(q_start), W, num_m, B * H, int(stream), int(batch_offset),
-        int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(levels),
-        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
-        P_MODE=_p_mode(levels, q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
-        INTERP=interp, NOISE=bool(noise),
+        int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
+        D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
+        P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
+        INTERP=interp, **lkw,
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -1068,7 +1177,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
                        lut, stream, scale, causal, batch_offset, batch_global, head_offset,
                        heads_global, clipped: bool, noise: bool = True,
                        deterministic: bool | None = None,
-                       key_padding_mask: torch.Tensor | None = None, q_start: int = 0):
+                       key_padding_mask: torch.Tensor | None = None, q_start: int = 0,
+                       photons: float = 0.0):
     """Straight-through (or `clipped`) gradients of `attention_forward` (same mask, q_start and
     `noise`: S is recomputed with the same rounding), as
     `reference.optical_attention_backward` defines them. Returns (dq, dk, dv), input dtypes;
@@ -1086,6 +1196,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     BM, BN, warps, stages = _config("bwd", D, interp)
     has_lut = lut is not None and lut > 0
     has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
+    lv = _levels6(levels)
+    lkw = _level_kw(lv, noise, photons, D)
     if dy.dtype != q.dtype:
         dy = dy.to(q.dtype)
     y = y.contiguous()
@@ -1098,7 +1210,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     _prep_bwd_kernel[(triton.cdiv(LQ, blk), H, B)](
         q, dy, y, qq, delta, inv, q_range, k_range, v_range, s_range, *q.stride(), *dy.stride(),
         H, LQ,
-        LEVELS=levels, D=D, BLK=blk, num_warps=4, **_OPTS)
+        LEVELS=lv[0], D=D, BLK=blk, num_warps=4, **_OPTS)
 
     if deterministic is None:  # a host-side flag, not a tensor value: no synchronisation
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -1109,17 +1221,18 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         qq, q, k, v, dy, stats, delta, dqa, dk, dv, kpm, inv, k_range, v_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
         H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
-        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         float(lut) if has_lut else 0.0,
-        LEVELS=levels, HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
+        HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
-        NOISE=bool(noise), DQ=not deterministic, num_warps=warps, num_stages=stages, **_OPTS)
+        **lkw, DQ=not deterministic, num_warps=warps, num_stages=stages, **_OPTS)
     if deterministic:
         dq = _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range,
                                s_range, seeds, kpm, levels=levels, lut=lut, stream=stream,
                                scale=scale, causal=causal, batch_offset=batch_offset,
                                head_offset=head_offset, heads_global=heads_global,
-                               clipped=clipped, noise=noise, has_kpm=has_kpm, q_start=q_start)
+                               clipped=clipped, noise=noise, has_kpm=has_kpm, q_start=q_start,
+                               photons=photons)
         return dq, dk, dv
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
@@ -1132,7 +1245,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
 
 def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range, s_range,
                       seeds, kpm, *, levels, lut, stream, scale, causal, batch_offset, head_offset,
-                      heads_global, clipped, noise, has_kpm, q_start):
+                      heads_global, clipped, noise, has_kpm, q_start, photons=0.0):
     """dq by `_bwd_dq_kernel` (no atomics): Q_k(k) into a temporary by the forward's pre-pass
     (its Q_v(v) output is unused), then one program per query block. `qq`, `delta`, `inv` are
     the backward pre-pass's outputs."""
@@ -1142,6 +1255,8 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
     interp = _interpreting()
     BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None)
     has_lut = lut is not None and lut > 0
+    lv = _levels6(levels)
+    lkw = _level_kw(lv, noise, photons, D)
     kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
     vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
     scratch = torch.empty((1, 4), dtype=torch.float32, device=dev)
@@ -1150,16 +1265,17 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
     _prep_kv_kernel[(triton.cdiv(L, blk), HKV, B)](
         k, v, kq, vq, scratch, inv_kv, q_range, k_range, v_range, s_range, s_range,
         *k.stride(), *v.stride(), HKV, L, float(lut) if has_lut else 0.0,
-        LEVELS=levels, HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=False, num_warps=4, **_OPTS)
+        LEVELS=lv[1], LEVELS_V=lv[4], HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=False,
+        num_warps=4, **_OPTS)
     del vq
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
     _bwd_dq_kernel[(triton.cdiv(LQ, BM), H, B)](
         qq, kq, q, k, v, dy, stats, delta, dq, kpm, inv, q_range, s_range, seeds,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
         H, HKV, LQ, L, int(q_start), int(stream), int(batch_offset), int(head_offset),
-        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(levels),
-        LEVELS=levels, D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
+        D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         CLIPPED=bool(clipped),
-        RUNS4=L % 4 == 0, INTERP=interp, NOISE=bool(noise), num_warps=warps,
+        RUNS4=L % 4 == 0, INTERP=interp, **lkw, num_warps=warps,
         num_stages=stages, **_OPTS)
     return dq

@@ -71,11 +71,13 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .quantizer import cast_rne, in_range, philox_bits24_rows, philox_uniform, quantize
+from .quantizer import (box_muller, cast_rne, in_range, philox_bits24_c2, philox_bits24_rows,
+                        philox_bits24_rows_c2, philox_uniform, quantize, quantize_shot)
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the pointer path below is the fallback.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -139,8 +141,10 @@ def _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
 def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, stride_sc,
                    stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base, n_global,
                    col_offset, LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr,
-                   OBSERVE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """dst = Q(src) on one [BR, BC] tile (row-major tile order); min/max of src into obs[0:2]."""
+                   OBSERVE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                   SHOT: tl.constexpr, nk):
+    """dst = Q(src) on one [BR, BC] tile (row-major tile order); min/max of src into obs[0:2].
+    SHOT (with NOISY): the shot read-out with nk = n * K instead of stochastic rounding."""
     n_cb = tl.cdiv(C, BC)
     rows = (tile // n_cb) * BR + tl.arange(0, BR)
     cols = (tile % n_cb) * BC + tl.arange(0, BC)
@@ -154,12 +158,19 @@ def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, st
         tl.atomic_max(obs_ptr + 1, tl.max(tl.where(mask, xf, float("-inf"))))
     lo = tl.load(rng_ptr)
     hi = tl.load(rng_ptr + 1)
-    if NOISY:
+    if NOISY and SHOT:
         idx = _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
-        u = philox_uniform(tl.load(seed_ptr), stream, idx)
+        seed = tl.load(seed_ptr)
+        z = box_muller(philox_bits24_c2(seed, stream, idx, 0),
+                       philox_bits24_c2(seed, stream, idx, 1))
+        y, _ = quantize_shot(x, lo, hi, None, None, None, z, nk, LEVELS)
     else:
-        u = 0.0
-    y = quantize(x, lo, hi, LEVELS, lut, HAS_LUT, u, NOISY)
+        if NOISY:
+            idx = _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
+            u = philox_uniform(tl.load(seed_ptr), stream, idx)
+        else:
+            u = 0.0
+        y = quantize(x, lo, hi, LEVELS, lut, HAS_LUT, u, NOISY)
     tl.store(dst_ptr + r64[:, None] * stride_dr + cols[None, :],
              cast_rne(y, dst_ptr.dtype.element_ty), mask=mask)
 
@@ -169,16 +180,22 @@ def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, st
 def _quantize_2d_kernel(
     src_ptr, dst_ptr, rng_ptr, seed_ptr, obs_ptr,
     R, C, stride_sr, stride_sc, stride_dr,
-    lut, stream, s_local, s_global, row_base, n_global, col_offset,
+    lut, stream, s_local, s_global, row_base, n_global, col_offset, nk,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr, OBSERVE: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, SHOT: tl.constexpr,
 ):
     _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tl.program_id(0), R, C, stride_sr,
                    stride_sc, stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base,
-                   n_global, col_offset, LEVELS, HAS_LUT, NOISY, OBSERVE, BR, BC)
+                   n_global, col_offset, LEVELS, HAS_LUT, NOISY, OBSERVE, BR, BC, SHOT, nk)
 
 
-def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, index):
+def shot_nk(photons: float, contraction: int) -> float:
+    """float32(n) * float32(K) as a Python float (exact): the reference's `shot_nk`."""
+    return float(np.float32(photons) * np.float32(contraction))
+
+
+def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, index,
+                   photons=0.0, contraction=1):
     """dst[:R, :C] = Q(src) (dst row-contiguous, any row stride); obs_row[0:2] gets min/max."""
     R, C = src.shape
     if R == 0 or C == 0:
@@ -194,9 +211,10 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
     _quantize_2d_kernel[grid](
         src, dst, rng, seed if seed is not None else rng, obs_row if obs_row is not None else rng,
         R, C, src.stride(0), src.stride(1), dst.stride(0),
-        float(lut or 0.0), int(stream) & 0xFFFFFFFF, *il,
+        float(lut or 0.0), int(stream) & 0xFFFFFFFF, *il, shot_nk(photons, contraction),
         LEVELS=int(levels), HAS_LUT=bool(lut), NOISY=bool(noisy), OBSERVE=obs_row is not None,
-        BR=BR, BC=BC, num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+        BR=BR, BC=BC, SHOT=bool(noisy) and photons > 0, num_warps=4 if _INTERPRET else 8,
+        enable_fp_fusion=False,
     )
 
 
@@ -216,9 +234,10 @@ def _quantize_operands_kernel(
     x_ptr, w_ptr, xq_ptr, wq_ptr, rng_ptr, obs_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xq, stride_wq, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, OBSERVE: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr,
 ):
-    """Q_x over the first programs, Q_w (with lut) over the rest: one launch for both operands
+    """Q_x (LEVELS) over the first programs, Q_w (LEVELS_W, with lut) over the rest: one launch
+    for both operands
     (each launch costs tens of microseconds of host time, which launch-bound small models pay
     per layer). Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2] tensors."""
     pid = tl.program_id(0)
@@ -227,11 +246,11 @@ def _quantize_operands_kernel(
     if pid < x_tiles:
         _quantize_tile(x_ptr, xq_ptr, rng_ptr, obs_ptr, pid, M, K, stride_xm, stride_xk,
                        stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False, False, OBSERVE,
-                       BR, BC)
+                       BR, BC, False, 1.0)
     else:
         _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, obs_ptr + 2, pid - x_tiles, N, K, stride_wn,
-                       stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, HAS_LUT,
-                       False, OBSERVE, BR, BC)
+                       stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS_W, HAS_LUT,
+                       False, OBSERVE, BR, BC, False, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +261,9 @@ def _quantize_operands_kernel(
 def _linear_fwd_kernel(
     a_src, b_src, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
     M, N, K, stride_am, stride_bn,
-    stream, s_local, s_global, row_base, n_global, col_offset,
-    LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stream, s_local, s_global, row_base, n_global, col_offset, nk,
+    LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr, SHOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     OBSERVE: tl.constexpr, SAVE_MASK: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
@@ -315,49 +335,53 @@ def _linear_fwd_kernel(
     # spilled registers). Splitting the tile into column chunks bounds that to one chunk.
     if EPI_SPLIT == 1:
         _epilogue(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
-                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN)
     elif EPI_SPLIT == 2:
         a0, a1 = _halves(acc, BM, BN)
         _epilogue(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
-                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN // 2)
         _epilogue(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
-                  col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                  col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN // 2)
     elif EPI_SPLIT == 4:
         _epilogue_quarters(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
-                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+                           HAS_BIAS,
                            SAVE_MASK, RUNS4, BM, BN)
     else:  # 8 chunks
         a0, a1 = _halves(acc, BM, BN)
         _epilogue_quarters(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
-                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+                           col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+                           HAS_BIAS,
                            SAVE_MASK, RUNS4, BM, BN // 2)
         _epilogue_quarters(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr,
-                           N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE,
+                           N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
                            HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
 
 
 @triton.jit
 def _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                        lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
-                       NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
+                       NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
+                       SAVE_MASK: tl.constexpr,
                        RUNS4: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """_epilogue on the four column quarters of an [R, C] tile starting at column col0."""
     a0, a1 = _halves(acc, R, C)
     a00, a01 = _halves(a0, R, C // 2)
     a10, a11 = _halves(a1, R, C // 2)
     _epilogue(a00, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
-              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
+              lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
+              HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
     _epilogue(a01, r64, row_ok, g_row, col0 + C // 4, y_ptr, bias_ptr, mask_ptr, N,
-              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
               SAVE_MASK, RUNS4, C // 4)
     _epilogue(a10, r64, row_ok, g_row, col0 + C // 2, y_ptr, bias_ptr, mask_ptr, N,
-              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
               SAVE_MASK, RUNS4, C // 4)
     _epilogue(a11, r64, row_ok, g_row, col0 + 3 * (C // 4), y_ptr, bias_ptr, mask_ptr,
-              N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, HAS_BIAS,
+              N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
               SAVE_MASK, RUNS4, C // 4)
 
 
@@ -370,7 +394,8 @@ def _halves(t, R: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
               lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
-              NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_MASK: tl.constexpr,
+              NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
+              SAVE_MASK: tl.constexpr,
               RUNS4: tl.constexpr, W: tl.constexpr):
     """Q_out (noisy), bias, mask and store for the accumulator columns [col0, col0 + W)."""
     cols = col0 + tl.arange(0, W)
@@ -382,7 +407,15 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
             tl.store(mask_ptr + r64[:, None] * N + cols[None, :], in_range(acc, lo, hi), mask=ok)
         # An uninitialised range passes through (calibration): skip the Philox work there.
         if lo <= hi:
-            if NOISE:
+            if NOISE and SHOT:  # shot read-out (q_readout: shot): Box-Muller on two draws
+                gcols = cols.to(tl.int64) + col_offset
+                z = box_muller(
+                    philox_bits24_rows_c2(seed, stream, g_row, col0 + col_offset, gcols, W,
+                                          RUNS4, 0),
+                    philox_bits24_rows_c2(seed, stream, g_row, col0 + col_offset, gcols, W,
+                                          RUNS4, 1))
+                y, _ = quantize_shot(acc, lo, hi, None, None, None, z, nk, LEVELS)
+            elif NOISE:
                 u = philox_bits24_rows(seed, stream, g_row, col0 + col_offset,
                                        cols.to(tl.int64) + col_offset, W, RUNS4)
                 u = u * (1.0 / 16777216.0)  # as philox_uniform
@@ -472,7 +505,8 @@ def _new_obs(device: torch.device) -> torch.Tensor:
 
 def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, levels: int,
                    lut: float | None, stream: int, index: LinearIndex, observe: bool,
-                   quantize_output: bool = True, save_out_mask: bool = False, noise: bool = True):
+                   quantize_output: bool = True, save_out_mask: bool = False, noise: bool = True,
+                   photons: float = 0.0):
     """x2d [M, K] (any strides), weight [N, K], bias [N] or None; *_range float32 [2] device
     tensors (lo, hi), lo > hi means uninitialised (passthrough); seed: int64 device tensor of shape
     [] or [1] (read in-kernel, never .item()).
@@ -483,6 +517,8 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
     where the accumulator lay inside out_range, or everywhere if it is uninitialised) if
     save_out_mask else None). With quantize_output=False the mask refers to the local accumulator.
     noise=False (`q_noise: false`): Q_out rounds deterministically and no Philox runs.
+    levels: an int or (L_x, L_w, L_out). photons > 0: the shot read-out of Q_out (n = photons,
+    K = in_features; `q_readout: shot`).
     """
     if x2d.dim() != 2 or weight.dim() != 2 or x2d.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_forward: x {tuple(x2d.shape)} and weight {tuple(weight.shape)}")
@@ -495,11 +531,11 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
         index = LinearIndex.whole(x2d.shape[0], weight.shape[0])
     il = index.args()
     return forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, il, observe,
-                          quantize_output, save_out_mask, noise)
+                          quantize_output, save_out_mask, noise, photons)
 
 
 def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, observe,
-                   quantize_output, save_out_mask, noise=True):
+                   quantize_output, save_out_mask, noise=True, photons=0.0):
     """`linear_forward` on the operands the op already holds: ranges a contiguous float32
     [3, 2] tensor (x, W, output), index the five integers of `LinearIndex.args()` (unchecked).
 
@@ -509,6 +545,8 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
     N = weight.shape[0]
     dev = x2d.device
     dtype = x2d.dtype
+    lx, lw, lout = (levels,) * 3 if isinstance(levels, int) else levels
+    shot = bool(noise) and photons > 0
     obs = _obs_template(dev).clone()
     y = torch.empty((M, N), dtype=dtype if quantize_output else torch.float32, device=dev)
     mask = torch.empty((M, N), dtype=torch.bool, device=dev) if save_out_mask else None
@@ -525,8 +563,8 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
             x2d, weight, xq, wq, ranges, obs,
             M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
             xq.stride(0), wq.stride(0), float(lut or 0.0),
-            LEVELS=int(levels), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
-            num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+            LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
+            LEVELS_W=int(lw), num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
         )
     use_tma = cfg.use_tma and K > 0
     if use_tma:
@@ -540,8 +578,8 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
         seed if seed is not None else obs,  # loaded by the kernel, never used without Q_out
         obs, mask if mask is not None else y,
         M, N, K, xq.stride(0), wq.stride(0),
-        int(stream) & 0xFFFFFFFF, *index,
-        LEVELS=int(levels), QUANT_OUT=bool(quantize_output), NOISE=bool(noise),
+        int(stream) & 0xFFFFFFFF, *index, shot_nk(photons, K) if shot else 1.0,
+        LEVELS=int(lout), QUANT_OUT=bool(quantize_output), NOISE=bool(noise), SHOT=shot,
         HAS_BIAS=bias is not None and quantize_output, OBSERVE=bool(observe),
         SAVE_MASK=mask is not None and quantize_output, USE_TMA=use_tma,
         EPI_SPLIT=cfg.epi_split, RUNS4=index[3] % 4 == 0 and index[4] % 4 == 0,
@@ -626,9 +664,13 @@ def linear_backward(grad_y2d, x2d, weight, x_range, w_range, out_mask, *, clippe
 # Stand-alone pieces
 # --------------------------------------------------------------------------------------------
 def quantize_tensor(x, rng, seed, *, levels: int, lut: float | None, stream: int, noisy: bool,
-                    index: LinearIndex | None) -> torch.Tensor:
+                    index: LinearIndex | None, photons: float = 0.0,
+                    contraction: int = 1) -> torch.Tensor:
     """Elementwise Q on a 2-D [M, N] tensor (index only for noisy; default: the whole tensor);
-    used for Q_out after a TP reduction. Returns x's dtype."""
+    used for Q_out after a TP reduction. Returns x's dtype. photons > 0 (with noisy): the shot
+    read-out with n = photons, K = contraction (no lut)."""
+    if noisy and photons > 0 and lut:
+        raise ValueError("quantize_tensor: the shot read-out (photons > 0) takes no lut")
     if x.dim() != 2:
         raise ValueError(f"quantize_tensor: expected a 2-D tensor, got {tuple(x.shape)}")
     M, N = x.shape
@@ -638,7 +680,8 @@ def quantize_tensor(x, rng, seed, *, levels: int, lut: float | None, stream: int
             raise ValueError("quantize_tensor: noisy mode needs a seed tensor")
         index = index if index is not None else LinearIndex.whole(M, N)
     _quantize_into(x, out, rng, seed, None, levels=levels, lut=lut, noisy=noisy, stream=stream,
-                   index=index.args() if noisy else None)
+                   index=index.args() if noisy else None, photons=photons,
+                   contraction=contraction)
     return out
 
 

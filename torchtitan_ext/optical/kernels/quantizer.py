@@ -55,10 +55,20 @@ def _mulhilo32(a, b: tl.constexpr):
 def _philox4(seed, stream, counter):
     """The four 32-bit output words of Philox-4x32-10 for int64 `counter` (counter words
     (lo, hi, 0, 0)), key (seed, stream)."""
+    return _philox4_c2(seed, stream, counter, 0)
+
+
+@triton.jit
+def _philox4_c2(seed, stream, counter, C2: tl.constexpr):
+    """`_philox4` with counter word 2 = C2 (0: the rounding noise and Box-Muller's first draw;
+    1: Box-Muller's second draw of the shot read-out)."""
     c = counter.to(tl.int64)
     c0 = (c & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((c >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros(c0.shape, tl.uint32)
+    if C2 == 0:
+        c2 = tl.zeros(c0.shape, tl.uint32)
+    else:
+        c2 = tl.full(c0.shape, C2, tl.uint32)
     c3 = tl.zeros(c0.shape, tl.uint32)
     k0 = (seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
     k1 = (stream.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
@@ -84,8 +94,14 @@ def philox_bits24(seed, stream, index):
     four words thrown away): for index sets without aligned runs of four; hot loops whose indices
     come in aligned runs use `philox_bits24_runs`. Returning w lets a hot loop fold "+ u" into one
     exact fma (`quantize_with_bits24`)."""
+    return philox_bits24_c2(seed, stream, index, 0)
+
+
+@triton.jit
+def philox_bits24_c2(seed, stream, index, C2: tl.constexpr):
+    """`philox_bits24` from the blocks at counter word 2 = C2."""
     idx = index.to(tl.int64)
-    w0, w1, w2, w3 = _philox4(seed, stream, idx >> 2)
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 2, C2)
     lane = idx & 3
     w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
     return _bits24(w)
@@ -96,7 +112,13 @@ def philox_bits24_runs(seed, stream, block):
     """`philox_bits24` of an [R, 4 * C] tile whose element (r, 4 c + j) has global index
     4 * block[r, c] + j (block: int64 [R, C]), from one Philox per four elements: the tile's
     indices run along its columns in aligned groups of four, each group one Philox block."""
-    w0, w1, w2, w3 = _philox4(seed, stream, block)
+    return philox_bits24_runs_c2(seed, stream, block, 0)
+
+
+@triton.jit
+def philox_bits24_runs_c2(seed, stream, block, C2: tl.constexpr):
+    """`philox_bits24_runs` from the blocks at counter word 2 = C2."""
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, block, C2)
     # join(x, y) adds a minor dim selecting x or y: join(join(a, b), join(c, d))[r, c, i, j] is
     # (a, b)[i] at j = 0 and (c, d)[i] at j = 1. With (a, b, c, d) = words (0, 2, 1, 3) that is
     # word 2 i + j, which the row-major reshape puts at column 4 c + 2 i + j.
@@ -110,11 +132,19 @@ def philox_bits24_rows(seed, stream, row_index, col0, cols, W: tl.constexpr, RUN
     index of each row's column 0, `cols` [W] = col0 + [0, W) the tile's global columns. RUNS4: the
     row indices and col0 are multiples of 4, so (with W % 4 == 0) every aligned four columns share
     one Philox block (`philox_bits24_runs`); otherwise one block per element."""
+    return philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W, RUNS4, 0)
+
+
+@triton.jit
+def philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W: tl.constexpr,
+                          RUNS4: tl.constexpr, C2: tl.constexpr):
+    """`philox_bits24_rows` from the blocks at counter word 2 = C2."""
     if RUNS4 and (W % 4 == 0):
         blocks = (col0 // 4 + tl.arange(0, W // 4)).to(tl.int64)
-        return philox_bits24_runs(seed, stream, (row_index // 4)[:, None] + blocks[None, :])
+        return philox_bits24_runs_c2(seed, stream, (row_index // 4)[:, None] + blocks[None, :],
+                                     C2)
     else:
-        return philox_bits24(seed, stream, row_index[:, None] + cols[None, :])
+        return philox_bits24_c2(seed, stream, row_index[:, None] + cols[None, :], C2)
 
 
 @triton.jit
@@ -264,6 +294,43 @@ def quantize_level(x, lo, hi, span, inv_span, inv_lm1, w, LEVELS: tl.constexpr,
     else:
         k = round_half_even(_level_position(x, lo, hi, span, inv_span, LEVELS))
         return tl.where(lo <= hi, dequantize(k, lo, hi, inv_lm1, LEVELS), x), k
+
+
+# --------------------------------------------------------------------------------------------
+# Shot-noise read-out (semantics s.1, `q_readout: shot`)
+# --------------------------------------------------------------------------------------------
+_TWO_PI = tl.constexpr(6.2831854820251465)  # float32(2 pi), as reference.TWO_PI
+
+
+@triton.jit
+def box_muller(w1, w2):
+    """Standard normal z from the two 24-bit Philox words (float32, as `philox_bits24` returns):
+    u1 = 1 - w1 2^-24 in (0, 1] (exact), u2 = w2 2^-24, z = sqrt(-2 ln u1) cos(u2 2 pi), the
+    reference's `shot_normal` op for op (sqrt correctly rounded; log and cos are the platform's
+    float32 functions, within a few ulp of torch's)."""
+    u1 = 1.0 - w1 * (1.0 / 16777216.0)
+    u2 = w2 * (1.0 / 16777216.0)
+    r = tl.sqrt_rn(-2.0 * tl.log(u1))
+    return r * tl.cos(u2 * _TWO_PI)
+
+
+@triton.jit
+def quantize_shot(x, lo, hi, span, inv_span, inv_lm1, z, nk, LEVELS: tl.constexpr):
+    """The shot read-out Q of x (no lut): v = (clamp(x) - lo) / span, v' = v + sqrt(max(v, 0) /
+    nk) z (IEEE division and sqrt), then deterministic rounding of clamp(v', 0, 1) * (L - 1) and
+    the usual dequantization. nk = n * K in float32 (a scalar or a tensor broadcastable to x);
+    span, inv_span, inv_lm1 = None: computed here (as `quantize`). Returns (Q(x), k)."""
+    xf = x.to(tl.float32)
+    c = tl.minimum(tl.maximum(xf, lo), hi)
+    if span is None:
+        span = range_span(lo, hi)
+        v = div_rn_by(c - lo, span, tl.math.div_rn(1.0, span))
+    else:
+        v = div_rn_by(c - lo, span, inv_span)
+    v = v + tl.sqrt_rn(tl.math.div_rn(tl.maximum(v, 0.0), nk)) * z
+    v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+    k = round_half_even(v * (LEVELS - 1.0))
+    return tl.where(lo <= hi, dequantize(k, lo, hi, inv_lm1, LEVELS), xf), k
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,16 @@ def test_from_pretrained_trust_remote_code_is_the_optical_model(folder):
     assert not torch.equal(_logits(digital, tokens), a)
 
 
+@pytest.mark.gpu
+def test_gpu_from_pretrained_bitwise_equals_transform_by_hand(folder):
+    """On the GPU (Triton kernels) the auto-class load and the hand transform draw the same noise."""
+    tokens = _tokens().cuda()
+    model = _auto(folder).cuda()
+    a, b = _logits(model, tokens), _logits(_by_hand(folder).cuda(), tokens)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, _logits(model, tokens, seed=99))
+
+
 def test_without_trust_remote_code_digital_llama_and_one_log_line(folder, caplog):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 

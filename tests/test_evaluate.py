@@ -15,12 +15,13 @@ def checkpoint(tmp_path_factory):
     """A DCP checkpoint of the optical debug model with random weights and calibrated ranges."""
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_ext.hf.export import build_titan_model, load_job_config
+    from torchtitan_ext.hf.checkpoint import load_job_config
+    from torchtitan_ext.titan.model import build_titan_model
     from torchtitan_ext.optical.ranges import update_ranges
 
     torch.manual_seed(0)
     job = load_job_config(CONFIG)
-    model = build_titan_model(job, device="cpu")[0]
+    model = build_titan_model(job, device="cpu").model
     with torch.no_grad():
         model.init_weights()
     model.train()
@@ -69,7 +70,8 @@ def test_grid_restores_the_trained_settings(checkpoint):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--q-noise", "true,false"], "--q-noise: the transform config of this tree has no key 'q_noise'"),
+    (["--readout", "rounding"], "--readout: the transform config of this tree has no key 'q_readout'"),
+    (["--q-noise", "maybe"], "q_noise: must be true or false"),
     (["--photons", "1,10"], "no key 'q_photons_per_mac'"),
     (["--levels", "1"], "q_levels: must be an integer with 2 <= q_levels"),
     (["--set", "q_levels_p=256"], "--set q_levels_p: the transform config of this tree has no key"),

@@ -138,6 +138,9 @@ def test_export_writes_a_complete_folder(exported):
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 1, 2)
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (0, 1)
+    card = (out / "README.md").read_text()
+    energy = card.split("## Energy per token (estimate)")[1]  # optical export: the energy table
+    assert "| **total** |" in energy and "Not estimated" not in energy
 
     from transformers import AutoTokenizer
 

@@ -1,6 +1,7 @@
 """python -m torchtitan_ext.evaluate on a random debug-model checkpoint: 2x2 grid x 2 seeds."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -67,6 +68,27 @@ def test_grid_restores_the_trained_settings(checkpoint):
     after = ev._optical_modules(loaded.model)
     assert {n: m.config for n, m in after.items()} == before
     assert all(torch.equal(m.optical_ranges, ranges[n]) for n, m in after.items())
+
+
+def test_export_folder_loads_the_optical_model_with_its_ranges(checkpoint, tmp_path):
+    """--hf-folder goes through hf/auto.py: the same optical modules and trained ranges as the
+    checkpoint, and the grid runs on it."""
+    from torchtitan_ext.hf.export import export
+    from torchtitan_ext.titan.hf_adapter import titan_to_hf_module
+
+    folder = export(CONFIG, checkpoint, tmp_path / "export", log=lambda *_: None)
+    titan = ev.load_model_for_eval(config=CONFIG, checkpoint=str(checkpoint), seq_len=16)
+    hf = ev.load_model_for_eval(hf_folder=str(folder), seq_len=16)
+    assert hf.naming == "hf" and hf.transform is not None and hf.dims == titan.dims
+    hf_mods = ev._optical_modules(hf.model)
+    for name, mod in ev._optical_modules(titan.model).items():
+        twin = hf_mods[titan_to_hf_module(name)]
+        assert twin.config == mod.config and torch.equal(twin.optical_ranges, mod.optical_ranges)
+    results = ev.run(["--hf-folder", str(folder), "--levels", "256", "--seeds", "0", "--digital",
+                      "--seq-len", "16", "--sequences", "2", "--batch-size", "2", "--device",
+                      "cpu", "--no-progress", "--out", str(tmp_path / "eval")])
+    assert [r["label"] for r in results] == ["q_levels=256", "digital"]
+    assert all(math.isfinite(r["loss_mean"]) for r in results)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -410,3 +410,19 @@ def test_export_with_an_allowed_transform_change_says_so_in_the_card(exported, t
     card = (tmp_path / "y" / "README.md").read_text()
     assert "Transform changed at export" in card and "checkpoint 256, exported 16" in card
     assert "q_levels: 16" in (tmp_path / "y" / TRANSFORM_FILE).read_text()
+
+
+def test_model_card_energy_section_never_fails_an_export(monkeypatch):
+    import torchtitan_ext.optical.energy as energy
+    from torchtitan_ext.hf.model_card import _energy
+
+    def boom(*a, **k):
+        raise KeyError("adc_pj_per_sample")
+
+    monkeypatch.setattr(energy, "energy_markdown", boom)
+    ck = SimpleNamespace(optical=True, args=None, transform=None,
+                         job_config=SimpleNamespace(training=SimpleNamespace(seq_len=8)))
+    lines = _energy(ck)
+    assert "## Energy per token (estimate)" in lines
+    assert lines[-1] == "Not estimated: KeyError: 'adc_pj_per_sample'"
+    assert _energy(SimpleNamespace(optical=False)) == []  # digital exports: no table

@@ -9,6 +9,10 @@ whenever a new bad input is found. Two tables:
   hand, so the exit code is run.py's own) against a copy of a 2-step checkpoint of the debug
   model, damaged or resumed differently as the row says. Under torchrun the same worker exit
   code 2 becomes torchrun's exit code 1 with its ChildFailedError summary (one row checks it).
+- EXPORT_CASES run the exporter's `main()` (or, for the HF writer, `save_optical_hf`) in this
+  process against `trained`'s step-2 and one shared export of it: bad input ends with exit code
+  2 and one `error:` line; rows that must fail before the checkpoint is read fail if it is read;
+  each row's check says what must be left on disk.
 """
 
 from __future__ import annotations

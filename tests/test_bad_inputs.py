@@ -9,6 +9,10 @@ whenever a new bad input is found. Two tables:
   hand, so the exit code is run.py's own) against a copy of a 2-step checkpoint of the debug
   model, damaged or resumed differently as the row says. Under torchrun the same worker exit
   code 2 becomes torchrun's exit code 1 with its ChildFailedError summary (one row checks it).
+- EXPORT_CASES run the exporter's `main()` (or, for the HF writer, `save_optical_hf`) in this
+  process against `trained`'s step-2 and one shared export of it: bad input ends with exit code
+  2 and one `error:` line; rows that must fail before the checkpoint is read fail if it is read;
+  each row's check says what must be left on disk.
 """
 
 from __future__ import annotations
@@ -295,3 +299,192 @@ def test_allowed_change_initialises_range_buffers_the_checkpoint_lacks(tmp_path)
     assert r.returncode == 0, out[-4000:]
     assert "(freshly initialised): 4 ['layers.0.attention.inner_attention.optical_ranges'" in out
     assert "(dropped): 0 []" in out
+
+
+# ----------------------------------------------------------------- exporter and HF writer cases
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """`trained`'s step-2 exported once (optical, in this process); the rows copy what they
+    change."""
+    from torchtitan_ext.hf.export import export
+
+    out = tmp_path_factory.mktemp("bad_inputs_export") / "export"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # the TOML names its tokenizer relative to the repository root
+        export(CONFIG, trained / "checkpoint" / "step-2", out, log=lambda *_: None)
+    return out
+
+
+def _truncated_copy(ctx) -> None:
+    shutil.copytree(ctx.step, ctx.tmp / "step-2")
+    truncate(sorted((ctx.tmp / "step-2").glob("*.distcp"))[0])
+
+
+def _user_folder(ctx) -> None:
+    (ctx.tmp / "z").mkdir()
+    (ctx.tmp / "z" / "notes.txt").write_text("mine")
+
+
+def _export_with_user_file(ctx) -> None:
+    shutil.copytree(ctx.export, ctx.tmp / "y")
+    (ctx.tmp / "y" / "eval_results.json").write_text("mine")
+
+
+def _read_only_parent(ctx) -> None:
+    (ctx.tmp / "ro").mkdir()
+    (ctx.tmp / "ro").chmod(0o555)
+
+
+def _stale_temporaries(ctx) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (ctx.tmp / f".x.tmp-{dead.pid}-abc").mkdir()
+    (ctx.tmp / f".x.tmp-{os.getpid()}-xyz").mkdir()  # a live writer's: kept
+
+
+def _save_digital_into_export(ctx) -> None:
+    """save_optical_hf of the digital model into a folder that held an optical export."""
+    from transformers import LlamaForCausalLM
+
+    from torchtitan_ext.hf.save import save_optical_hf
+
+    _export_with_user_file(ctx)
+    model = LlamaForCausalLM.from_pretrained(ctx.tmp / "y")  # digital: no trust_remote_code
+    save_optical_hf(model, ctx.tmp / "y", tokenizer_dir=ctx.export)
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def _only_user_file_left(ctx) -> None:
+    assert (ctx.tmp / "z" / "notes.txt").read_text() == "mine"
+    assert _names(ctx.tmp / "z") == {"notes.txt"}
+
+
+def _user_file_kept(ctx) -> None:
+    assert (ctx.tmp / "y" / "eval_results.json").read_text() == "mine"
+    assert (ctx.tmp / "y" / "config.json").is_file()
+
+
+def _no_optical_files(ctx) -> None:
+    from torchtitan_ext.titan.hf_adapter import RANGES_FILE, TRANSFORM_FILE
+
+    _user_file_kept(ctx)
+    assert not _names(ctx.tmp / "y") & {TRANSFORM_FILE, RANGES_FILE, "modeling_optical_llama.py",
+                                         "configuration_optical_llama.py"}
+    assert "auto_map" not in (ctx.tmp / "y" / "config.json").read_text()
+
+
+def _stale_removed(ctx) -> None:
+    assert _names(ctx.tmp) == {"x", f".x.tmp-{os.getpid()}-xyz"}
+
+
+def _nothing_written(ctx) -> None:
+    assert not (ctx.tmp / "x").exists()
+
+
+OTHER_TRANSFORM = "train_configs/transforms/optical_16levels.yaml"
+NOT_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+
+# (id, export arguments or a callable(ctx), prepare(ctx) or None, reads the checkpoint,
+#  exit code, words, check(ctx) or None). Arguments name {step} (trained step-2), {ckpts} (its
+#  checkpoint folder), {run} (the dump folder), {export} (an export of step-2), {tmp}.
+EXPORT_CASES = [
+    ("export: checkpoint does not exist", ["--checkpoint", "{tmp}/nope"], None, False, 2,
+     ["--checkpoint", "does not exist"], _nothing_written),
+    ("export: the checkpoint folder, not a step", ["--checkpoint", "{ckpts}"], None, False, 2,
+     ["not a torchtitan DCP checkpoint", "step-2"], _nothing_written),
+    ("export: missing config", ["--config", "{tmp}/missing.toml"], None, True, 2, ["--config"],
+     _nothing_written),
+    ("export: flavor of another size", ["--model.flavor", "60M"], None, True, 2,
+     ["60M", "tok_embeddings.weight", "[8192, 256]"], _nothing_written),
+    ("export: truncated checkpoint", ["--checkpoint", "{tmp}/step-2"], _truncated_copy, True, 2,
+     ["--checkpoint", "cannot be loaded"], _nothing_written),
+    ("export: explicit other transform", ["--optical.transform_config", OTHER_TRANSFORM], None,
+     True, 2, ["differs from the transform", "--optical.allow_transform_change", "q_levels",
+               "256", "16"], _nothing_written),
+    ("export: --out exists", ["--out", "{export}"], None, False, 2,
+     ["already exists", "--overwrite"], None),
+    ("export: --out holds the checkpoint", ["--out", "{run}", "--overwrite"], None, False, 2,
+     ["holds the checkpoint"], None),
+    ("export: --out below a file", ["--out", "{tmp}/afile/out"],
+     lambda ctx: (ctx.tmp / "afile").write_text(""), False, 2, ["--out", "is not a folder"], None),
+    pytest.param("export: --out not writable", ["--out", "{tmp}/ro/out"], _read_only_parent,
+                 False, 2, ["--out", "not writable"], None, marks=NOT_AS_ROOT),
+    ("export --overwrite: a folder that is not an export", ["--out", "{tmp}/z", "--overwrite"],
+     _user_folder, False, 2, ["--out", "not a Hugging Face folder"], _only_user_file_left),
+    ("export --overwrite: a user's file stays", ["--out", "{tmp}/y", "--overwrite"],
+     _export_with_user_file, True, 0, ["exported", "optical"], _user_file_kept),
+    ("export: stale temporary of a dead writer", [], _stale_temporaries, True, 0, ["exported"],
+     _stale_removed),
+    ("save_optical_hf: digital model into an optical export", _save_digital_into_export, None,
+     False, 0, [], _no_optical_files),
+]
+
+
+def _export_argv(args: list[str], ctx) -> list[str]:
+    """The row's arguments after the defaults it does not name (--config, --checkpoint {step},
+    --out {tmp}/x)."""
+    defaults = {"--config": CONFIG, "--checkpoint": "{step}", "--out": "{tmp}/x"}
+    argv = [x for k, v in defaults.items() if k not in args for x in (k, v)] + list(args)
+    return [a.format(**vars(ctx)) for a in argv]
+
+
+def _run_row(action, ctx) -> int:
+    """Run the row as its command line does: exit code; ExportError -> 'error: ...', exit 2."""
+    from torchtitan_ext.hf import export as hf_export
+    from torchtitan_ext.hf.errors import ExportError
+
+    try:
+        if callable(action):
+            action(ctx)
+        else:
+            hf_export.main(_export_argv(action, ctx))
+    except SystemExit as e:
+        return e.code
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,action,prepare,reads,code,words,check", EXPORT_CASES,
+                         ids=[getattr(c, "values", c)[0] for c in EXPORT_CASES])
+def test_export_case(name, action, prepare, reads, code, words, check, trained, exported,
+                     tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from torchtitan_ext.hf import export as hf_export
+
+    monkeypatch.chdir(ROOT)
+    ctx = SimpleNamespace(tmp=tmp_path, step=trained / "checkpoint" / "step-2",
+                          ckpts=trained / "checkpoint", run=trained, export=exported)
+    if prepare is not None:
+        prepare(ctx)
+    if not reads:  # checked before the (expensive) read
+        monkeypatch.setattr(hf_export, "load_titan_checkpoint",
+                            lambda *a, **k: pytest.fail("read the checkpoint first"))
+    got = _run_row(action, ctx)
+    out, err = capsys.readouterr()
+    assert got == code, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == (0 if code == 0 else 1), err[-3000:]
+    for w in words:
+        assert w in (err if code else out), (w, err[-3000:] if code else out[-3000:])
+    if code and "differs" not in err:
+        assert len(err.strip().splitlines()) == 1, err  # one line (a transform diff follows it)
+    if check is not None:
+        check(ctx)
+
+
+def test_export_cli_process_exits_2(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "torchtitan_ext.hf.export", "--config", CONFIG, "--checkpoint",
+         str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2 and "error: --checkpoint" in r.stderr, r.stderr

@@ -32,13 +32,13 @@ def test_energy_table_for_job_counts_the_debug_model():
 def test_converter_logs_the_table_once_and_survives_a_failure(caplog, monkeypatch):
     import torchtitan_ext.titan.energy as energy_hooks
     from torchtitan_ext.titan.converter import OpticalTransformerConverter
-    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan_ext.titan.model import spec_and_args
 
     job = _job()
     conv = OpticalTransformerConverter(job, None)
+    spec, _, args = spec_and_args(job)
     with torch.device("meta"):
-        models = [get_train_spec(job.model.name).model_cls(energy_hooks._model_args(job))
-                  for _ in range(2)]
+        models = [spec.model_cls(args) for _ in range(2)]
     caplog.set_level(logging.INFO)
     root = logging.getLogger()
     root.addHandler(caplog.handler)  # torchtitan's logger may not propagate to caplog's

@@ -1,6 +1,7 @@
 """python -m torchtitan_ext.evaluate on a random debug-model checkpoint: 2x2 grid x 2 seeds."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,12 +16,13 @@ def checkpoint(tmp_path_factory):
     """A DCP checkpoint of the optical debug model with random weights and calibrated ranges."""
     import torch.distributed.checkpoint as dcp
 
-    from torchtitan_ext.hf.export import build_titan_model, load_job_config
+    from torchtitan_ext.hf.checkpoint import load_job_config
+    from torchtitan_ext.titan.model import build_titan_model
     from torchtitan_ext.optical.ranges import update_ranges
 
     torch.manual_seed(0)
     job = load_job_config(CONFIG)
-    model = build_titan_model(job, device="cpu")[0]
+    model = build_titan_model(job, device="cpu").model
     with torch.no_grad():
         model.init_weights()
     model.train()
@@ -68,8 +70,30 @@ def test_grid_restores_the_trained_settings(checkpoint):
     assert all(torch.equal(m.optical_ranges, ranges[n]) for n, m in after.items())
 
 
+def test_export_folder_loads_the_optical_model_with_its_ranges(checkpoint, tmp_path):
+    """--hf-folder goes through hf/auto.py: the same optical modules and trained ranges as the
+    checkpoint, and the grid runs on it."""
+    from torchtitan_ext.hf.export import export
+    from torchtitan_ext.titan.hf_adapter import titan_to_hf_module
+
+    folder = export(CONFIG, checkpoint, tmp_path / "export", log=lambda *_: None)
+    titan = ev.load_model_for_eval(config=CONFIG, checkpoint=str(checkpoint), seq_len=16)
+    hf = ev.load_model_for_eval(hf_folder=str(folder), seq_len=16)
+    assert hf.naming == "hf" and hf.transform is not None and hf.dims == titan.dims
+    hf_mods = ev._optical_modules(hf.model)
+    for name, mod in ev._optical_modules(titan.model).items():
+        twin = hf_mods[titan_to_hf_module(name)]
+        assert twin.config == mod.config and torch.equal(twin.optical_ranges, mod.optical_ranges)
+    results = ev.run(["--hf-folder", str(folder), "--levels", "256", "--seeds", "0", "--digital",
+                      "--seq-len", "16", "--sequences", "2", "--batch-size", "2", "--device",
+                      "cpu", "--no-progress", "--out", str(tmp_path / "eval")])
+    assert [r["label"] for r in results] == ["q_levels=256", "digital"]
+    assert all(math.isfinite(r["loss_mean"]) for r in results)
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--q-noise", "true,false"], "--q-noise: the transform config of this tree has no key 'q_noise'"),
+    (["--readout", "rounding"], "--readout: the transform config of this tree has no key 'q_readout'"),
+    (["--q-noise", "maybe"], "q_noise: must be true or false"),
     (["--photons", "1,10"], "no key 'q_photons_per_mac'"),
     (["--levels", "1"], "q_levels: must be an integer with 2 <= q_levels"),
     (["--set", "q_levels_p=256"], "--set q_levels_p: the transform config of this tree has no key"),

@@ -11,8 +11,8 @@ per token (torchtitan_ext.optical.energy). Writes eval.json, eval.md and, with m
 `report`), loss_vs_levels.png / loss_vs_photons.png.
 
 Grid keys are the transform file's per-layer keys (`QuantizerConfig`); options for keys this
-tree's transform config does not have (q_noise, q_readout, q_photons_per_mac, per-quantizer
-levels) are rejected with an error rather than ignored.
+tree's transform config does not have (q_readout, q_photons_per_mac, per-quantizer levels) are
+rejected with an error rather than ignored.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class EvalError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# The one adapter to the loading code (hf/ is being reorganised: re-point only this function).
+# The one adapter to the loading code (titan/model.py, hf/checkpoint.py, hf/auto.py).
 
 
 @dataclass
@@ -79,41 +79,40 @@ def load_model_for_eval(*, config: str | None = None, checkpoint: str | None = N
     """Load a torchtitan checkpoint (`config` TOML + `checkpoint` DCP folder) or an export folder
     (`hf_folder`) with its trained ranges, in eval mode on `device`.
 
-    The only place that calls the loading functions of torchtitan_ext.hf."""
+    The only place that calls the loading functions of torchtitan_ext.hf and .titan."""
     if hf_folder is not None:
-        from transformers import AutoModelForCausalLM
-
-        from torchtitan_ext.hf.transform import transform_hf_model
-
-        folder = Path(hf_folder)
-        if not (folder / "config.json").is_file():
-            raise EvalError(f"--hf-folder: {str(folder)!r} is not an export folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
-        transform = None
-        if (folder / "optical_transform.yaml").is_file():
-            ranges = folder / "optical_ranges.safetensors"
-            transform = _load_tc(folder)
-            transform_hf_model(model, transform, ranges=str(ranges) if ranges.is_file() else None)
-        model.to(device).eval()
-        dims = ModelDims.from_hf_config(model.config, seq_len)
-        return LoadedModel(model, lambda t: model(input_ids=t).logits, dims, transform, "hf",
-                           str(folder))
+        return _load_export_folder(Path(hf_folder), seq_len, device)
     if config is None or checkpoint is None:
         raise EvalError("give either --hf-folder, or both --config and --checkpoint")
-    from torchtitan_ext.hf.export import build_titan_model, load_titan_checkpoint
+    from torchtitan_ext.hf.checkpoint import load_titan_checkpoint
+    from torchtitan_ext.titan.model import build_titan_model
 
     ck = load_titan_checkpoint(config, checkpoint)
-    model, args, tcfg, _, _ = build_titan_model(ck.job_config, device="cpu", optical=ck.optical)
+    built = build_titan_model(ck.job_config, device="cpu", optical=ck.optical,
+                              transform=ck.transform)
+    model = built.model
     model.load_state_dict(ck.state_dict, strict=True)
     model.to(device).eval()
-    dims = ModelDims.from_titan_args(args, seq_len)
-    return LoadedModel(model, model, dims, tcfg, "titan", ck.job_config.model.hf_assets_path)
+    dims = ModelDims.from_titan_args(built.args, seq_len)
+    return LoadedModel(model, model, dims, built.transform, "titan",
+                       ck.job_config.model.hf_assets_path)
 
 
-def _load_tc(folder: Path) -> TransformConfig:
-    from torchtitan_ext.optical.config import load_transform_config
+def _load_export_folder(folder: Path, seq_len: int, device) -> LoadedModel:
+    """An export folder through the project's loading path (`torchtitan_ext.hf.auto`): the optical
+    model with the folder's transform and trained ranges, or the digital Llama."""
+    from transformers import AutoModelForCausalLM
 
-    return load_transform_config(folder / "optical_transform.yaml", key="--hf-folder")
+    from torchtitan_ext.hf.transform import transform_config_of_model
+
+    if not (folder / "config.json").is_file():
+        raise EvalError(f"--hf-folder: {str(folder)!r} is not an export folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True,
+                                                 torch_dtype=torch.float32)
+    model.to(device).eval()
+    dims = ModelDims.from_hf_config(model.config, seq_len)
+    return LoadedModel(model, lambda t: model(input_ids=t).logits, dims,
+                       transform_config_of_model(model), "hf", str(folder))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,9 +49,24 @@ def _use(optical: bool) -> list[str]:
     return lines
 
 
+def _energy(ck) -> list[str]:
+    """The energy-per-token table of an optical export (torchtitan_ext.optical.energy) at the
+    training sequence length; any failure gives a line saying why, never a failed export."""
+    if not ck.optical:
+        return []
+    from torchtitan_ext.optical.energy import energy_markdown
+
+    try:
+        return ["", energy_markdown(ck.args, ck.transform, ck.job_config.training.seq_len)]
+    except Exception as e:  # an estimate must never stop an export
+        return ["", "## Energy per token (estimate)", "",
+                f"Not estimated: {type(e).__name__}: {e}"]
+
+
 def model_card(ck, hf_config, files: list[str], histogram: str | None, notes: list[str],
                dtype_name: str, transform_change: list[tuple] | None = None) -> str:
-    """The card: what the model is, how to load it, its transform histogram, how to continue."""
+    """The card: what the model is, how to load it, its transform histogram, its energy per
+    token (optical exports), how to continue."""
     lines = _header(ck, hf_config, dtype_name) + _use(ck.optical)
     if transform_change:
         lines += ["", "## Transform changed at export", "",
@@ -62,6 +77,7 @@ def model_card(ck, hf_config, files: list[str], histogram: str | None, notes: li
         lines += ["", "```", histogram, "```"]
     if notes:
         lines += [""] + [f"- note: {n}" for n in notes]
+    lines += _energy(ck)
     lines += [
         "", "## Continue pretraining", "",
         "- Hugging Face Trainer: `python -m torchtitan_ext.hf.run_clm --model_name_or_path PATH "

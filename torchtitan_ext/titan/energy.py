@@ -6,7 +6,6 @@ through `log_energy_table`, which logs why an estimate could not be made instead
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from torchtitan.tools.logging import logger
@@ -22,29 +21,18 @@ from torchtitan_ext.optical.energy import (
 __all__ = ["energy_report_for_job", "energy_table_for_job", "log_energy_table"]
 
 
-def _model_args(job_config):
-    from torchtitan.protocols.train_spec import get_train_spec
-
-    spec = get_train_spec(job_config.model.name)
-    flavor = job_config.model.flavor
-    if flavor not in spec.model_args:
-        raise ValueError(f"model.flavor: {flavor!r} is not a flavor of {job_config.model.name!r}; "
-                         f"allowed: {sorted(spec.model_args)}")
-    args = copy.deepcopy(spec.model_args[flavor])
-    args.update_from_config(job_config)
-    return args
-
-
 def energy_report_for_job(job_config, transform=None, *,
                           profile: HardwareProfile | str | Path | None = None,
                           photons_per_mac: float | None = None) -> EnergyReport:
     """EnergyReport of the job's model at `training.seq_len` under `transform` (default: the
     job's transform config when the optical converter is listed, else the model is digital)."""
-    from .converter import CONVERTER_NAME, transform_config_of
+    from .converter import transform_config_of
+    from .model import is_optical, spec_and_args
 
-    if transform is None and CONVERTER_NAME in job_config.model.converters:
+    if transform is None and is_optical(job_config):
         transform = transform_config_of(job_config)
-    dims = ModelDims.from_titan_args(_model_args(job_config), job_config.training.seq_len)
+    _, _, args = spec_and_args(job_config)
+    dims = ModelDims.from_titan_args(args, job_config.training.seq_len)
     if not isinstance(profile, HardwareProfile):
         profile = load_hardware_profile(profile)
     return estimate_energy(dims, transform, profile, photons_per_mac)

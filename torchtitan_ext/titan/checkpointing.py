@@ -76,7 +76,8 @@ class OpticalCheckpointManager(CheckpointManager):
     def save(self, curr_step: int, last_step: bool = False) -> None:
         checks = (self._should_save(curr_step, last_step) and not self.ft_manager
                   and _rank() == 0)
-        step_dir = self._create_checkpoint_id(curr_step)
+        # Only a manager that saves has a folder (torchtitan's disabled one has none).
+        step_dir = self._create_checkpoint_id(curr_step) if checks else None
         if checks:
             # A manifest of an earlier save into this folder would vouch for other bytes.
             (Path(step_dir) / MANIFEST_FILE).unlink(missing_ok=True)

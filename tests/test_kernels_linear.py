@@ -279,17 +279,23 @@ def test_empty_rows(kernel_device):
 # --------------------------------------------------------------------------------------------
 # Stand-alone quantizer
 # --------------------------------------------------------------------------------------------
-def test_quantize_tensor_noise_equals_reference(kernel_device):
-    """Noisy Q keyed by (seed, stream, global index): identical u, so identical output."""
-    dev = kernel_device
+def _standalone_quantizer_case(dev):
+    """A [21, 77] input, its range and seed, and the index placing it as 3 blocks of 7 rows
+    inside [Bg, 11, Ng] at (b_off, s_off, 100): (x, rng, seed, index, imap)."""
     M, N = 21, 77
     x = torch.randn(M, N, device=dev)
     rng = _rng(-1.5, 2.0, dev)
     seed = _seed(dev, 2**35 + 9)
-    # 3 blocks of 7 rows inside [Bg, 11, Ng] at (b_off, s_off, 100)
     b_off, s_off, n_g = 190650, 3, 2**11 + 1
     index = LinearIndex(7, 11, b_off * 11 + s_off, n_g, 100)
     imap = ref.IndexMap((b_off, s_off, 100), (b_off + 3, 11, n_g))
+    return x, rng, seed, index, imap
+
+
+def test_quantize_tensor_noise_equals_reference(kernel_device):
+    """Noisy Q keyed by (seed, stream, global index): identical u, so identical output."""
+    x, rng, seed, index, imap = _standalone_quantizer_case(kernel_device)
+    M, N = x.shape
     y = klinear.quantize_tensor(x, rng, seed, levels=256, lut=None, stream=42, noisy=True,
                                 index=index)
     u = ref.philox_uniform(seed.cpu(), 42, imap.flat_indices((3, 7, N), "cpu")).reshape(M, N)
@@ -565,14 +571,8 @@ def test_shot_readout_global_index_past_2_32(kernel_device):
 
 def test_quantize_tensor_shot_equals_reference(kernel_device):
     """The row-wise TP Q_out: the element-wise kernel's shot read-out == the reference."""
-    dev = kernel_device
-    M, N = 21, 77
-    x = torch.randn(M, N, device=dev)
-    rng = _rng(-1.5, 2.0, dev)
-    seed = _seed(dev, 2**35 + 9)
-    b_off, s_off, n_g = 190650, 3, 2**11 + 1
-    index = LinearIndex(7, 11, b_off * 11 + s_off, n_g, 100)
-    imap = ref.IndexMap((b_off, s_off, 100), (b_off + 3, 11, n_g))
+    x, rng, seed, index, imap = _standalone_quantizer_case(kernel_device)
+    M, N = x.shape
     y = klinear.quantize_tensor(x, rng, seed, levels=32, lut=None, stream=42, noisy=True,
                                 index=index, photons=0.7, contraction=96)
     idx = imap.flat_indices((3, 7, N), "cpu").reshape(M, N)

@@ -135,80 +135,14 @@ class QuantizerConfig:
                 f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(known)}"
             )
         values = dict(data)
+        # Checked in this order, so the first bad key named is always the same one.
         _check_levels(values.get("q_levels", cls.q_levels), f"{where}.q_levels")
-        lut = values.get("q_lut_min", cls.q_lut_min)
-        if lut is not None:
-            if isinstance(lut, bool) or not isinstance(lut, (int, float)) or not 0 <= lut < 1:
-                raise OpticalConfigError(
-                    f"{where}.q_lut_min: must be a number with 0 <= q_lut_min < 1 "
-                    f"(or null for no floor), got {lut!r}"
-                )
-            values["q_lut_min"] = float(lut)
-        quantiles = values.get("q_quantiles")
-        if quantiles is not None:
-            ok = (
-                isinstance(quantiles, (list, tuple))
-                and len(quantiles) == 2
-                and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles)
-                and 0 < quantiles[0] < quantiles[1] < 1
-            )
-            if not ok:
-                raise OpticalConfigError(
-                    f"{where}.q_quantiles: must be null or [lo, hi] with 0 < lo < hi < 1, "
-                    f"got {quantiles!r}"
-                )
-            values["q_quantiles"] = (float(quantiles[0]), float(quantiles[1]))
-        smooth = values.get("q_smooth_factor", cls.q_smooth_factor)
-        if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth < 1:
-            raise OpticalConfigError(
-                f"{where}.q_smooth_factor: must be a number with 0 <= q_smooth_factor < 1, "
-                f"got {smooth!r}"
-            )
-        values["q_smooth_factor"] = float(smooth)
-        seed = values.get("q_init_seed", cls.q_init_seed)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise OpticalConfigError(
-                f"{where}.q_init_seed: must be an integer with 0 <= q_init_seed < 2^32, got {seed!r}"
-            )
-        bypass = values.get("q_bypass", cls.q_bypass)
-        if not isinstance(bypass, bool):
-            raise OpticalConfigError(f"{where}.q_bypass: must be true or false, got {bypass!r}")
-        grad = values.get("q_grad", cls.q_grad)
-        if grad not in GRAD_MODES:
-            raise OpticalConfigError(
-                f"{where}.q_grad: must be one of {list(GRAD_MODES)}, got {grad!r}"
-            )
-        noise = values.get("q_noise", cls.q_noise)
-        if not isinstance(noise, bool):
-            raise OpticalConfigError(
-                f"{where}.q_noise: must be true or false (read-out noise on/off), got {noise!r}"
-            )
+        _normalise_range_keys(values, where, cls)
+        _check_switch_keys(values, where, cls)
         for key in LINEAR_LEVEL_KEYS + ATTENTION_LEVEL_KEYS:
             if values.get(key) is not None:
                 _check_levels(values[key], f"{where}.{key}", key)
-        readout = values.get("q_readout", cls.q_readout)
-        if readout not in READOUT_MODES:
-            raise OpticalConfigError(
-                f"{where}.q_readout: must be one of {list(READOUT_MODES)}, got {readout!r}"
-            )
-        photons = values.get("q_photons_per_mac")
-        if readout == "shot":
-            if photons is None:
-                raise OpticalConfigError(
-                    f"{where}.q_photons_per_mac: required with q_readout 'shot' (photons per "
-                    "multiply-accumulate, a number > 0)"
-                )
-            if (isinstance(photons, bool) or not isinstance(photons, (int, float))
-                    or not photons > 0 or photons == float("inf")):
-                raise OpticalConfigError(
-                    f"{where}.q_photons_per_mac: must be a finite number > 0, got {photons!r}"
-                )
-            values["q_photons_per_mac"] = float(photons)
-        elif photons is not None:
-            raise OpticalConfigError(
-                f"{where}.q_photons_per_mac: only allowed with q_readout 'shot' (got "
-                f"q_readout {readout!r}); allowed here: null"
-            )
+        _normalise_readout_keys(values, where, cls)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +157,91 @@ def _check_levels(levels: Any, where: str, key: str = "q_levels") -> None:
         raise OpticalConfigError(
             f"{where}: must be an integer with 2 <= {key} <= {MAX_LEVELS}"
             + (" (or null = q_levels)" if key != "q_levels" else "") + f", got {levels!r}"
+        )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _normalise_range_keys(values: dict[str, Any], where: str, cls) -> None:
+    """q_lut_min, q_quantiles, q_smooth_factor: checked, and stored as floats in `values`."""
+    lut = values.get("q_lut_min", cls.q_lut_min)
+    if lut is not None:
+        if not _is_number(lut) or not 0 <= lut < 1:
+            raise OpticalConfigError(
+                f"{where}.q_lut_min: must be a number with 0 <= q_lut_min < 1 "
+                f"(or null for no floor), got {lut!r}"
+            )
+        values["q_lut_min"] = float(lut)
+    quantiles = values.get("q_quantiles")
+    if quantiles is not None:
+        ok = (
+            isinstance(quantiles, (list, tuple))
+            and len(quantiles) == 2
+            and all(_is_number(q) for q in quantiles)
+            and 0 < quantiles[0] < quantiles[1] < 1
+        )
+        if not ok:
+            raise OpticalConfigError(
+                f"{where}.q_quantiles: must be null or [lo, hi] with 0 < lo < hi < 1, "
+                f"got {quantiles!r}"
+            )
+        values["q_quantiles"] = (float(quantiles[0]), float(quantiles[1]))
+    smooth = values.get("q_smooth_factor", cls.q_smooth_factor)
+    if not _is_number(smooth) or not 0 <= smooth < 1:
+        raise OpticalConfigError(
+            f"{where}.q_smooth_factor: must be a number with 0 <= q_smooth_factor < 1, "
+            f"got {smooth!r}"
+        )
+    values["q_smooth_factor"] = float(smooth)
+
+
+def _check_switch_keys(values: dict[str, Any], where: str, cls) -> None:
+    """q_init_seed, q_bypass, q_grad, q_noise."""
+    seed = values.get("q_init_seed", cls.q_init_seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise OpticalConfigError(
+            f"{where}.q_init_seed: must be an integer with 0 <= q_init_seed < 2^32, got {seed!r}"
+        )
+    bypass = values.get("q_bypass", cls.q_bypass)
+    if not isinstance(bypass, bool):
+        raise OpticalConfigError(f"{where}.q_bypass: must be true or false, got {bypass!r}")
+    grad = values.get("q_grad", cls.q_grad)
+    if grad not in GRAD_MODES:
+        raise OpticalConfigError(
+            f"{where}.q_grad: must be one of {list(GRAD_MODES)}, got {grad!r}"
+        )
+    noise = values.get("q_noise", cls.q_noise)
+    if not isinstance(noise, bool):
+        raise OpticalConfigError(
+            f"{where}.q_noise: must be true or false (read-out noise on/off), got {noise!r}"
+        )
+
+
+def _normalise_readout_keys(values: dict[str, Any], where: str, cls) -> None:
+    """q_readout and q_photons_per_mac (required with "shot", stored as a float)."""
+    readout = values.get("q_readout", cls.q_readout)
+    if readout not in READOUT_MODES:
+        raise OpticalConfigError(
+            f"{where}.q_readout: must be one of {list(READOUT_MODES)}, got {readout!r}"
+        )
+    photons = values.get("q_photons_per_mac")
+    if readout == "shot":
+        if photons is None:
+            raise OpticalConfigError(
+                f"{where}.q_photons_per_mac: required with q_readout 'shot' (photons per "
+                "multiply-accumulate, a number > 0)"
+            )
+        if not _is_number(photons) or not photons > 0 or photons == float("inf"):
+            raise OpticalConfigError(
+                f"{where}.q_photons_per_mac: must be a finite number > 0, got {photons!r}"
+            )
+        values["q_photons_per_mac"] = float(photons)
+    elif photons is not None:
+        raise OpticalConfigError(
+            f"{where}.q_photons_per_mac: only allowed with q_readout 'shot' (got "
+            f"q_readout {readout!r}); allowed here: null"
         )
 
 

@@ -134,10 +134,124 @@ def _install_checkpoint_checks(trainer) -> None:
             manifest=optical.checkpoint_manifest)
 
 
-def build_trainer_class():
+def _check_finite(trainer) -> bool:
+    """Whether the trainer stops before an optimizer step on a non-finite loss or gradient."""
+    optical = getattr(trainer.job_config, "optical", None)
+    return optical is None or optical.stop_on_nonfinite
+
+
+def _install_nonfinite_guard(trainer) -> None:
+    """Collect each microbatch's loss flag and check it, with the gradients, before each
+    optimizer step (see `_stop_if_nonfinite`)."""
+    trainer._finite_flags = []
+    if _check_finite(trainer):
+        trainer.optimizers.register_step_pre_hook(
+            lambda *args, **kwargs: _stop_if_nonfinite(trainer)
+        )
+
+
+def _record_loss_finite(trainer, loss) -> None:
+    if _check_finite(trainer):
+        from torchtitan_ext.optical.ranges import local
+
+        # Under loss parallelism the loss is a replicated DTensor.
+        trainer._finite_flags.append(torch.isfinite(local(loss.detach())).all())
+
+
+def _stop_if_nonfinite(trainer) -> None:
+    """Runs before each optimizer step: one fused norm over the gradients, one all-reduce so
+    that every rank stops together (the others would hang in the next collective otherwise),
+    one host read."""
+    from torchtitan_ext.optical.ranges import local
+
+    flags, trainer._finite_flags = trainer._finite_flags, []
+    grads = [local(p.grad) for m in trainer.model_parts for p in m.parameters()
+             if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g
+                                     for g in grads])
+        flags.append(torch.isfinite(torch.stack(norms)).all())
+    if not flags:
+        return
+    ok = torch.stack([f.to(trainer.device) for f in flags]).all().to(torch.int32)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if not bool(ok.item()):
+        raise NonFiniteLossError(
+            f"training stopped: the loss or the gradients are not finite at step "
+            f"{trainer.step}; the optimizer step was not taken and no checkpoint of step "
+            f"{trainer.step} was written, so the last checkpoint saved holds finite state"
+        )
+
+
+def _train_exiting_on_config_error(trainer, trainer_cls):
+    """torchtitan's train() carries torchelastic's @record, which copies an escaping
+    exception's traceback into torchrun's failure summary. Bad input found here (no loadable
+    checkpoint, a transform mismatch) leaves as one line and SystemExit(2) instead, which
+    @record passes through; every other error keeps @record."""
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    unrecorded = getattr(trainer_cls.train, "__wrapped__", trainer_cls.train)
+
+    @record
+    def run():
+        try:
+            return unrecorded(trainer)
+        except OpticalConfigError as e:
+            _exit_with_error(e)
+
+    return run()
+
+
+def _apply_quant_warmup(trainer, optical) -> None:
+    """The recipe's digital warm-up: decided from the step alone, so a resumed run switches at
+    the same step as an uninterrupted one."""
     from torchtitan.tools.logging import logger
+    from torchtitan_ext.optical.ranges import set_optical_enabled
+
+    if optical is None or not optical.quant_warmup_steps:
+        return
+    enabled = trainer.step > optical.quant_warmup_steps
+    if enabled != getattr(trainer, "_optical_enabled", True):
+        set_optical_enabled(trainer.model_parts, enabled)
+        trainer._optical_enabled = enabled
+        logger.info(f"optical simulation {'on' if enabled else 'off (digital warm-up)'}"
+                    f" from step {trainer.step}")
+
+
+def _is_stats_step(trainer, optical) -> bool:
+    return bool(optical is not None and optical.stats_every
+                and trainer.step % optical.stats_every == 0)
+
+
+def _log_range_statistics(trainer) -> None:
+    from torchtitan.tools.logging import logger
+    from torchtitan_ext.optical.ranges import range_statistics
+
+    stats = range_statistics(trainer.model_parts)
+    if stats:
+        trainer.metrics_processor.logger.log(stats, trainer.step)
+        summary = "  ".join(f"{k.split('/', 1)[1]}={v:.2e}" for k, v in
+                            sorted(stats.items()) if k.startswith("optical_clamp/"))
+        logger.info(f"optical clamp fractions step {trainer.step}: {summary}")
+
+
+def _restore_pending_rng(trainer) -> None:
+    """Apply the generator states a resume loaded (see `load_state_dict`), once."""
+    pending = getattr(trainer, "_pending_rng", None)
+    if pending is None:
+        return
+    cpu_state, cuda_state = pending
+    if cpu_state is not None:
+        torch.set_rng_state(cpu_state)
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)
+    trainer._pending_rng = None
+
+
+def build_trainer_class():
     from torchtitan.train import Trainer
+    from torchtitan_ext.optical.ranges import set_clamp_stats
 
     class OpticalTrainer(Trainer):
         """torchtitan's Trainer, stopping before an optimizer step that would apply a non-finite
@@ -146,55 +260,21 @@ def build_trainer_class():
         def __init__(self, job_config):
             super().__init__(job_config)
             _install_checkpoint_checks(self)
-            self._finite_flags = []
-            if self._check_finite():
-                self.optimizers.register_step_pre_hook(
-                    lambda *args, **kwargs: self._stop_if_nonfinite()
-                )
+            _install_nonfinite_guard(self)
 
         def train(self):
-            # torchtitan's train() carries torchelastic's @record, which copies an escaping
-            # exception's traceback into torchrun's failure summary. Bad input found here (no
-            # loadable checkpoint, a transform mismatch) leaves as one line and SystemExit(2)
-            # instead, which @record passes through; every other error keeps @record.
-            unrecorded = getattr(Trainer.train, "__wrapped__", Trainer.train)
-
-            @record
-            def run():
-                try:
-                    return unrecorded(self)
-                except OpticalConfigError as e:
-                    _exit_with_error(e)
-
-            return run()
+            return _train_exiting_on_config_error(self, Trainer)
 
         def forward_backward_step(self, *args, **kwargs):
-            self._restore_pending_rng()
+            _restore_pending_rng(self)
             loss = super().forward_backward_step(*args, **kwargs)
-            if self._check_finite():
-                from torchtitan_ext.optical.ranges import local
-
-                # Under loss parallelism the loss is a replicated DTensor.
-                self._finite_flags.append(torch.isfinite(local(loss.detach())).all())
+            _record_loss_finite(self, loss)
             return loss
 
         def train_step(self, data_iterator):
-            from torchtitan_ext.optical.ranges import (
-                range_statistics, set_clamp_stats, set_optical_enabled,
-            )
-
             optical = getattr(self.job_config, "optical", None)
-            if optical is not None and optical.quant_warmup_steps:
-                # The recipe's digital warm-up: decided from the step alone, so a resumed run
-                # switches at the same step as an uninterrupted one.
-                enabled = self.step > optical.quant_warmup_steps
-                if enabled != getattr(self, "_optical_enabled", True):
-                    set_optical_enabled(self.model_parts, enabled)
-                    self._optical_enabled = enabled
-                    logger.info(f"optical simulation {'on' if enabled else 'off (digital warm-up)'}"
-                                f" from step {self.step}")
-            stats_step = bool(optical is not None and optical.stats_every
-                              and self.step % optical.stats_every == 0)
+            _apply_quant_warmup(self, optical)
+            stats_step = _is_stats_step(self, optical)
             if stats_step:
                 set_clamp_stats(self.model_parts, True)
             try:
@@ -203,48 +283,7 @@ def build_trainer_class():
                 if stats_step:
                     set_clamp_stats(self.model_parts, False)
             if stats_step:
-                stats = range_statistics(self.model_parts)
-                if stats:
-                    self.metrics_processor.logger.log(stats, self.step)
-                    summary = "  ".join(f"{k.split('/', 1)[1]}={v:.2e}" for k, v in
-                                        sorted(stats.items()) if k.startswith("optical_clamp/"))
-                    logger.info(f"optical clamp fractions step {self.step}: {summary}")
-
-        def _stop_if_nonfinite(self):
-            """Runs before each optimizer step: one fused norm over the gradients, one
-            all-reduce so that every rank stops together (the others would hang in the next
-            collective otherwise), one host read."""
-            from torchtitan_ext.optical.ranges import local
-
-            flags, self._finite_flags = self._finite_flags, []
-            grads = [local(p.grad) for m in self.model_parts for p in m.parameters()
-                     if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm([g.float() if g.dtype == torch.float64 else g
-                                             for g in grads])
-                flags.append(torch.isfinite(torch.stack(norms)).all())
-            if not flags:
-                return
-            ok = torch.stack([f.to(self.device) for f in flags]).all().to(torch.int32)
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-            if not bool(ok.item()):
-                raise NonFiniteLossError(
-                    f"training stopped: the loss or the gradients are not finite at step "
-                    f"{self.step}; the optimizer step was not taken and no checkpoint of step "
-                    f"{self.step} was written, so the last checkpoint saved holds finite state"
-                )
-
-        def _restore_pending_rng(self):
-            pending = getattr(self, "_pending_rng", None)
-            if pending is None:
-                return
-            cpu_state, cuda_state = pending
-            if cpu_state is not None:
-                torch.set_rng_state(cpu_state)
-            if cuda_state is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(cuda_state)
-            self._pending_rng = None
+                _log_range_statistics(self)
 
         # The noise seeds are drawn from the default generators, so a resumed run continues the
         # same noise only if their states are checkpointed with the step (every rank's are equal).
@@ -261,10 +300,6 @@ def build_trainer_class():
             # creates its data iterator (lazily, at the first batch), which draws from the CPU
             # generator; the saved state is the one the uninterrupted run had at that point.
             self._pending_rng = (state_dict.get("rng_state"), state_dict.get("cuda_rng_state"))
-
-        def _check_finite(self) -> bool:
-            optical = getattr(self.job_config, "optical", None)
-            return optical is None or optical.stop_on_nonfinite
 
     return OpticalTrainer
 

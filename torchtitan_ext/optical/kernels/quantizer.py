@@ -212,18 +212,25 @@ def round_half_even(t):
 
 
 @triton.jit
-def _level_position(xf, lo, hi, span, inv_span, LEVELS: tl.constexpr):
-    """t = (clamp(x, lo, hi) - lo) / span * (L - 1), before noise and rounding. span = None (with
-    inv_span = None): both computed here, after the clamp, by `quantize`."""
+def _unit_position(xf, lo, hi, span, inv_span):
+    """v = (clamp(x, lo, hi) - lo) / span in [0, 1], the position shared by both read-outs.
+    span = None (with inv_span = None): both computed here, after the clamp, by `quantize`."""
     c = tl.minimum(tl.maximum(xf, lo), hi)
     # The None branch keeps `quantize`'s instruction order (the division emitted after the clamp):
     # its kernels compile to the same PTX as the H200-verified code did before this was shared.
     if span is None:
         span = range_span(lo, hi)
-        t = div_rn_by(c - lo, span, tl.math.div_rn(1.0, span))
+        v = div_rn_by(c - lo, span, tl.math.div_rn(1.0, span))
     else:
-        t = div_rn_by(c - lo, span, inv_span)
-    return t * (LEVELS - 1.0)
+        v = div_rn_by(c - lo, span, inv_span)
+    return v
+
+
+@triton.jit
+def _level_position(xf, lo, hi, span, inv_span, LEVELS: tl.constexpr):
+    """t = (clamp(x, lo, hi) - lo) / span * (L - 1), before noise and rounding (see
+    `_unit_position` for span = None)."""
+    return _unit_position(xf, lo, hi, span, inv_span) * (LEVELS - 1.0)
 
 
 @triton.jit
@@ -321,12 +328,7 @@ def quantize_shot(x, lo, hi, span, inv_span, inv_lm1, z, nk, LEVELS: tl.constexp
     the usual dequantization. nk = n * K in float32 (a scalar or a tensor broadcastable to x);
     span, inv_span, inv_lm1 = None: computed here (as `quantize`). Returns (Q(x), k)."""
     xf = x.to(tl.float32)
-    c = tl.minimum(tl.maximum(xf, lo), hi)
-    if span is None:
-        span = range_span(lo, hi)
-        v = div_rn_by(c - lo, span, tl.math.div_rn(1.0, span))
-    else:
-        v = div_rn_by(c - lo, span, inv_span)
+    v = _unit_position(xf, lo, hi, span, inv_span)
     v = v + tl.sqrt_rn(tl.math.div_rn(tl.maximum(v, 0.0), nk)) * z
     v = tl.minimum(tl.maximum(v, 0.0), 1.0)
     k = round_half_even(v * (LEVELS - 1.0))

@@ -92,11 +92,13 @@ def test_export_folder_loads_the_optical_model_with_its_ranges(checkpoint, tmp_p
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--readout", "rounding"], "--readout: the transform config of this tree has no key 'q_readout'"),
+    (["--readout", "bogus"], "q_readout: must be one of ['rounding', 'shot']"),
+    (["--readout", "shot"], "q_photons_per_mac: required with q_readout 'shot'"),
+    (["--photons", "1,10"], "q_photons_per_mac"),  # refused with the rounding read-out
     (["--q-noise", "maybe"], "q_noise: must be true or false"),
-    (["--photons", "1,10"], "no key 'q_photons_per_mac'"),
     (["--levels", "1"], "q_levels: must be an integer with 2 <= q_levels"),
-    (["--set", "q_levels_p=256"], "--set q_levels_p: the transform config of this tree has no key"),
+    (["--set", "q_levels_p=1"], "q_levels_p"),
+    (["--set", "q_levels_pp=256"], "--set q_levels_pp: the transform config of this tree has no key"),
     (["--set", "oops"], "--set: expected KEY=V1,V2"),
     ([], "give either --hf-folder, or both --config and --checkpoint"),
 ])
@@ -122,3 +124,23 @@ def test_reports_plot_loss_vs_levels_and_photons(tmp_path):
     assert {f.name for f in files} == {"eval.json", "eval.md", "loss_vs_levels.png",
                                        "loss_vs_photons.png"}
     assert "| >= 5 |" in (tmp_path / "eval.md").read_text()
+
+
+def test_grid_validates_whole_points_and_level_keys_reach_their_kind_only():
+    """shot + photons are valid together (each alone is not); q_levels_p reaches attention only,
+    and a level key that no module of its kind takes is refused instead of ignored."""
+    from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
+
+    points = ev.build_grid({"readout": "shot", "photons": "1,10"})
+    assert [p.as_dict() for p in points] == [
+        {"q_readout": "shot", "q_photons_per_mac": 1},
+        {"q_readout": "shot", "q_photons_per_mac": 10}]
+    model = torch.nn.ModuleDict({"lin": OpticalLinear(8, 8), "att": OpticalAttention()})
+    trained = {n: m.config for n, m in model.items()}
+    ev.apply_point(model, ev.build_grid({"q_levels_p": "64"})[0], trained)
+    assert model["att"].config.q_levels_p == 64
+    assert model["lin"].config == trained["lin"]
+    linear_only = torch.nn.ModuleDict({"lin": OpticalLinear(8, 8)})
+    with pytest.raises(ev.EvalError, match="no optical attention module"):
+        ev.apply_point(linear_only, ev.build_grid({"q_levels_p": "64"})[0],
+                       {"lin": linear_only["lin"].config})

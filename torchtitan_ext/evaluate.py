@@ -32,7 +32,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from torchtitan_ext.optical.config import OpticalConfigError, QuantizerConfig, TransformConfig
+from torchtitan_ext.optical.config import (
+    ATTENTION_LEVEL_KEYS,
+    LINEAR_LEVEL_KEYS,
+    OpticalConfigError,
+    QuantizerConfig,
+    TransformConfig,
+)
 from torchtitan_ext.optical.energy import (
     HardwareProfile,
     ModelDims,
@@ -165,15 +171,16 @@ def build_grid(axes: dict[str, str], digital: bool = False) -> list[GridPoint]:
                 f"{flag}: the transform config of this tree has no key {key!r}, so it cannot be "
                 f"set at inference; allowed keys: {allowed}"
             )
-        values = _parse_values(flag, text)
-        for v in values:
-            try:
-                QuantizerConfig.from_dict({key: v}, where=flag)
-            except OpticalConfigError as e:
-                raise EvalError(str(e)) from e
-        keyed.append((key, values))
+        keyed.append((key, _parse_values(flag, text)))
     points = [GridPoint(tuple(zip([k for k, _ in keyed], combo)))
               for combo in itertools.product(*[v for _, v in keyed])]
+    for point in points:
+        # Whole points, not single values: some keys only make sense together
+        # (q_readout 'shot' needs q_photons_per_mac, which 'rounding' refuses).
+        try:
+            QuantizerConfig.from_dict(point.as_dict(), where=f"grid point ({point.label})")
+        except OpticalConfigError as e:
+            raise EvalError(str(e)) from e
     return points + ([GridPoint(digital=True)] if digital else [])
 
 
@@ -187,11 +194,35 @@ def apply_point(model: torch.nn.Module, point: GridPoint,
                 trained: dict[str, QuantizerConfig]) -> None:
     """Set every optical module's settings to its trained ones with `point`'s keys replaced
     (digital: computed digitally, q_bypass). Range buffers are not touched."""
-    for name, mod in _optical_modules(model).items():
+    modules = _optical_modules(model)
+    _check_point_reaches_modules(point, modules)
+    for name, mod in modules.items():
         base = trained[name]
-        values = {"q_bypass": True} if point.digital else point.as_dict()
+        values = {"q_bypass": True} if point.digital else _values_for(mod, point)
         merged = {**base.to_dict(), **values}
         mod.config = QuantizerConfig.from_dict(merged, where=name)
+
+
+def _values_for(mod: torch.nn.Module, point: GridPoint) -> dict[str, Any]:
+    """`point`'s keys that this module's kind has: a per-quantizer level key of the other
+    kind (q_levels_p on a linear, q_levels_input on attention) would be refused there."""
+    from torchtitan_ext.optical.modules import OpticalLinear
+
+    other = ATTENTION_LEVEL_KEYS if isinstance(mod, OpticalLinear) else LINEAR_LEVEL_KEYS
+    return {k: v for k, v in point.as_dict().items() if k not in other}
+
+
+def _check_point_reaches_modules(point: GridPoint, modules: dict[str, torch.nn.Module]) -> None:
+    """A per-quantizer level key that no optical module of its kind takes would be ignored."""
+    from torchtitan_ext.optical.modules import OpticalLinear
+
+    kinds = {isinstance(m, OpticalLinear) for m in modules.values()}
+    for key in point.as_dict():
+        if (key in LINEAR_LEVEL_KEYS and True not in kinds) or (
+                key in ATTENTION_LEVEL_KEYS and False not in kinds):
+            raise EvalError(f"{key}: this model has no optical "
+                            f"{'linear' if key in LINEAR_LEVEL_KEYS else 'attention'} module to "
+                            "apply it to (the setting would be ignored)")
 
 
 def point_transform(tcfg: TransformConfig | None, point: GridPoint) -> TransformConfig | None:

@@ -12,7 +12,7 @@ checkpoint every `--interval` steps, once with the manifest (the default) and on
 
 Command for bench/results/checkpoint-manifest-h200.json (one H200, the 1.1B):
 
-    python3 bench/checkpoint_manifest.py --flavor 1.1B --steps 31 --interval 10 \\
+    python3 bench/checkpoint_manifest.py --flavor 1.1B --steps 16 --interval 5 \\
         --workdir /tmp/manifest_bench --out $OUT/checkpoint-manifest-h200.json
 
 The full checkpoint of the 1.1B (weights and AdamW state, fp32) is about 13 GB per step;
@@ -79,7 +79,7 @@ def run(flavor: str, manifest: bool, args) -> dict:
     shutil.rmtree(dump, ignore_errors=True)
     if r.returncode != 0:
         sys.exit(f"run failed ({r.returncode}): {' '.join(cmd)}\n{(r.stdout + r.stderr)[-4000:]}")
-    return {"manifest": manifest, "wall_s": wall, **parse(r.stdout + r.stderr, args.interval)}
+    return {"with_manifest": manifest, "wall_s": wall, **parse(r.stdout + r.stderr, args.interval)}
 
 
 def main() -> None:
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=31, help="training steps per run (> 2 intervals)")
     ap.add_argument("--interval", type=int, default=10, help="checkpoint every N steps (>= 3)")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="pairs of runs (without, with), alternating")
     ap.add_argument("--workdir", default="/tmp/checkpoint_manifest_bench",
                     help="where the runs' dump folders go (removed after each run)")
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -104,18 +106,28 @@ def main() -> None:
         Path(args.out).touch()
     except OSError as e:
         ap.error(f"--out: cannot write {args.out}: {e}")
-    without = run(args.flavor, False, args)
-    with_ = run(args.flavor, True, args)
-    growth = None
-    if with_["save_s_median"] and without["save_s_median"]:
-        growth = with_["save_s_median"] / without["save_s_median"] - 1
-    result = {"flavor": args.flavor, "steps": args.steps, "interval": args.interval,
-              "nproc": args.nproc, "save_growth": growth, "without_manifest": without,
-              "with_manifest": with_}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"save_growth": growth, "save_s_median": [without["save_s_median"],
-                                                                with_["save_s_median"]]}))
+    runs: list[dict] = []
+    for i in range(args.repeats):  # alternating arms, one machine start
+        for manifest in (False, True):
+            runs.append({"repeat": i, **run(args.flavor, manifest, args)})
+            print(json.dumps({k: runs[-1][k] for k in ("repeat", "with_manifest", "save_s")}),
+                  flush=True)
+            write(args, runs)  # partial results survive a cut-off
 
+
+def write(args, runs: list[dict]) -> None:
+    """The JSON of the runs so far: every save time per arm, their medians and spreads."""
+    arms = {}
+    for manifest in (False, True):
+        saves = [t for r in runs if r["with_manifest"] == manifest for t in r["save_s"]]
+        arms["with_manifest" if manifest else "without_manifest"] = {
+            "save_s": saves, "save_s_median": statistics.median(saves) if saves else None,
+            "save_s_min_max": [min(saves), max(saves)] if saves else None}
+    a, b = arms["without_manifest"]["save_s_median"], arms["with_manifest"]["save_s_median"]
+    result = {"flavor": args.flavor, "steps": args.steps, "interval": args.interval,
+              "nproc": args.nproc, "repeats": args.repeats,
+              "save_growth": b / a - 1 if a and b else None, **arms, "runs": runs}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,10 @@
    tests/lm_eval_tasks (a log-likelihood and a generation task): digital (no trust_remote_code:
    transformers' Llama) and optical (trust_remote_code=True: the folder's auto_map).
 4. `generate` of --new-tokens (256) greedy tokens for a batch of 8 left-padded prompts of the
-   validation corpus, optical model, use_cache=True vs use_cache=False, each after a warm-up call,
-   timed with CUDA synchronisation; the speed-up and whether the tokens agree.
+   validation corpus, optical model loaded in each of --dtypes (float32 as saved, bfloat16),
+   use_cache=True vs use_cache=False, each after a warm-up call, timed with CUDA
+   synchronisation; the speed-up and whether the tokens agree. --timeline N first clocks N
+   tokens per step (diagnosis: compilation stalls vs steady cost).
 
 Everything goes to --out as JSON (and a line per stage to stdout).
 """
@@ -106,6 +108,7 @@ def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str,
         return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               use_cache=use_cache, pad_token_id=model.config.pad_token_id)
 
+    print(f"generate use_cache={use_cache}: {warmup} warm-up tokens, then {new_tokens}", flush=True)
     with torch.no_grad():
         t0 = time.perf_counter()
         call(warmup)  # warm-up: kernels compiled and autotuned, caches allocated
@@ -117,30 +120,96 @@ def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str,
     return time.perf_counter() - t0, warm_s, out
 
 
-def generate_timing(folder: Path, args) -> dict:
+class _StepClock:
+    """A logits processor that records the wall time of every decoding step (synchronising the
+    device first): the per-token timeline shows compilation stalls apart from steady cost."""
+
+    def __init__(self, device: str):
+        self.device, self.times = device, [time.perf_counter()]
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+    def steps_ms(self) -> list[float]:
+        return [1e3 * (b - a) for a, b in zip(self.times, self.times[1:])]
+
+
+def _timeline(model, batch, tokens: int, use_cache: bool, device: str) -> dict:
+    """Clocked greedy generate of `tokens` tokens: per-step milliseconds (first = prefill)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock(device)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       use_cache=use_cache, pad_token_id=model.config.pad_token_id,
+                       logits_processor=LogitsProcessorList([clock]))
+    ms = clock.steps_ms()
+    print(f"timeline use_cache={use_cache}: " + " ".join(f"{x:.0f}" for x in ms), flush=True)
+    return {"use_cache": use_cache, "step_ms": [round(x, 2) for x in ms]}
+
+
+def _profile(model, batch, tokens: int, device: str, out: Path) -> dict:
+    """torch.profiler of a cached generate of `tokens` tokens: kernel launches and host time per
+    step (where the time of a decode step goes), its top operators written to `out`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       use_cache=True, pad_token_id=model.config.pad_token_id)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                     "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in ev)
+    out.write_text(ev.table(sort_by="self_cpu_time_total", row_limit=30))
+    return {"tokens": tokens, "wall_ms_per_step": 1e3 * wall / tokens,
+            "kernel_launches_per_step": launches / tokens,
+            "device_busy_ms_per_step": device_us / 1e3 / tokens, "table": out.name}
+
+
+def generate_timing(folder: Path, args, dtype: str) -> dict:
+    """Cached vs uncached greedy generate of the optical export loaded in `dtype`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                 dtype=getattr(torch, dtype))
+    model = model.to(args.device).eval()
     prompts = _prompts(tok, args.batch, args.prompt_min, args.prompt_max)
     batch = tok(prompts, return_tensors="pt", padding=True).to(args.device)
+    timelines = [_timeline(model, batch, args.timeline, c, args.device)
+                 for c in (True, False) for _ in range(2)] if args.timeline else []
     cached_s, cached_warm_s, cached = _timed_generate(model, batch, args.new_tokens, True,
                                                       args.device, args.warmup_tokens)
     uncached_s, uncached_warm_s, uncached = _timed_generate(model, batch, args.new_tokens, False,
                                                             args.device, args.warmup_tokens)
     new = cached.shape[1] - batch["input_ids"].shape[1]
-    return {
-        "model_class": type(model).__name__, "batch": args.batch, "new_tokens": int(new),
-        "prompt_tokens": [int(x) for x in batch["attention_mask"].sum(1)],
+    prof = _profile(model, batch, 8, args.device, Path(args.out).with_suffix(f".{dtype}.prof.txt"))
+    result = {
+        "dtype": dtype, "model_class": type(model).__name__, "batch": args.batch,
+        "new_tokens": int(new), "prompt_tokens": [int(x) for x in batch["attention_mask"].sum(1)],
         "use_cache_true_s": cached_s, "use_cache_false_s": uncached_s,
+        "ms_per_step": {"use_cache_true": 1e3 * cached_s / new,
+                        "use_cache_false": 1e3 * uncached_s / new},
         "warmup_tokens": args.warmup_tokens, "warmup_s": {"use_cache_true": cached_warm_s,
                                                            "use_cache_false": uncached_warm_s},
         "speedup": uncached_s / cached_s, "acceptance_10x": uncached_s / cached_s >= 10.0,
         "same_tokens_fraction": float((cached == uncached).float().mean()),
+        "timelines": timelines, "profile_cached_8_tokens": prof,
         "note": "with read-out noise the two runs draw different noise, so tokens may differ",
     }
+    del model
+    return result
 
 
 def main(argv=None) -> None:
@@ -157,6 +226,11 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--warmup-tokens", type=int, default=16,
                    help="generate this many tokens untimed first, per mode (--new-tokens: full)")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="generate: load the export in these dtypes in turn (float32: as saved)")
+    p.add_argument("--timeline", type=int, default=0,
+                   help="first clock this many tokens per step, twice per mode (diagnosis)")
+    p.add_argument("--skip-harness", action="store_true", help="generate timing only")
     p.add_argument("--prompt-min", type=int, default=64)
     p.add_argument("--prompt-max", type=int, default=192)
     args = p.parse_args(argv)
@@ -170,6 +244,10 @@ def main(argv=None) -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
+        lm_eval = None
+    if args.skip_harness:
+        report["harness_skipped"] = "--skip-harness"
+    elif lm_eval is None:
         report["harness_skipped"] = "lm_eval is not installed here (pip install -e '.[eval]')"
         print(f"warning: {report['harness_skipped']}: harness not run", flush=True)
     else:
@@ -177,8 +255,11 @@ def main(argv=None) -> None:
             report[f"harness_{kind}"] = harness(folder, kind == "optical", args.eval_batch_size,
                                                 args.device)
             print(kind, json.dumps(report[f"harness_{kind}"]["results"]), flush=True)
-    report["generate"] = generate_timing(folder, args)
-    print("generate", json.dumps(report["generate"]), flush=True)
+    report["generate"] = []
+    for dtype in args.dtypes.split(","):
+        report["generate"].append(generate_timing(folder, args, dtype))
+        print("generate", json.dumps({k: v for k, v in report["generate"][-1].items()
+                                      if k != "timelines"}), flush=True)
     report["seconds"] = time.time() - report.pop("t0")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

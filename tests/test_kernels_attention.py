@@ -425,8 +425,8 @@ def test_errors(kernel_device):
         A.attention_forward(case.q[..., :48], case.k[..., :48], case.v[..., :48], case.q_range,
                             case.k_range, case.v_range, case.s_range, case.y_range, case.seeds,
                             observe=True, **case.kw())
-    with pytest.raises(ValueError, match="float32"):
-        A.attention_forward(case.q.float(), case.k.float(), case.v.float(), case.q_range,
+    with pytest.raises(ValueError, match="float64"):
+        A.attention_forward(case.q.double(), case.k.double(), case.v.double(), case.q_range,
                             case.k_range, case.v_range, case.s_range, case.y_range, case.seeds,
                             observe=True, **case.kw())
     kw = case.kw()
@@ -438,6 +438,25 @@ def test_errors(kernel_device):
         A.attention_forward(case.q, case.k.expand(-1, 3, -1, -1), case.v.expand(-1, 3, -1, -1),
                             case.q_range, case.k_range, case.v_range, case.s_range, case.y_range,
                             case.seeds, observe=True, **case.kw())
+
+
+@pytest.mark.parametrize("L, Lq, D, group, padded", [
+    (40, None, 64, 2, False), (33, None, 128, 1, True), (37, 1, 64, 2, True), (48, 5, 32, 1, False)])
+def test_float32(kernel_device, L, Lq, D, group, padded):
+    """float32 operands (an HF export loaded as saved): the kernels in IEEE precision equal the
+    float32 reference, forward and backward; also decode steps (Lq = 1) and chunks."""
+    kpm = _pad_mask(2, L, [3, 0], [0, 2]) if padded else None
+    case = Case(kernel_device, B=2, H=2, HKV=2 // group, L=L, Lq=Lq, D=D, dtype=torch.float32,
+                seed=70 + L, kpm=kpm)
+    ref = case.reference()
+    y, stats, obs = case.forward()
+    assert y.dtype == torch.float32
+    check_y(case, y, ref["y"], ref=ref, stats=stats)
+    check_stats(case, stats, ref)
+    if Lq is None:  # the reference backward covers whole-sequence attention
+        grads = case.backward(y, stats, False)
+        check_grads(grads, case.reference_backward(ref, False), tol=1e-3)
+        check_padding(case, y, stats, grads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,13 +65,13 @@ def _use_kernels(t: Tensor) -> bool:
 
 
 def _use_attention_kernel(q: Tensor) -> bool:
-    """The fused attention covers bf16/fp16 and the usual head dims; anything else (float32
-    training, unusual heads) takes the materialised reference, which is exact but O(L^2)."""
+    """The fused attention covers bf16/fp16/fp32 and the usual head dims; anything else (unusual
+    heads, float64) takes the materialised reference, which is exact but O(L^2)."""
     if not _use_kernels(q):
         return False
-    from .kernels.attention import SUPPORTED_HEAD_DIMS
+    from .kernels.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
-    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in SUPPORTED_HEAD_DIMS
+    return q.dtype in SUPPORTED_DTYPES and q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
 def _no_autocast(fn):

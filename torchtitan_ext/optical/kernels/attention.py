@@ -119,9 +119,13 @@ from .quantizer import (
     round_half_even,
 )
 
-__all__ = ["attention_forward", "attention_backward", "override_configs", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_forward", "attention_backward", "override_configs", "SUPPORTED_HEAD_DIMS",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# float32 runs its dots in IEEE precision (FMA units, not tensor cores): for inference of float32
+# models (HF exports), where the reference's materialised L x L path would be far slower.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -155,6 +159,11 @@ def _dot(a, b, INTERP: tl.constexpr):
     if INTERP:
         # The interpreter's bf16 dot multiplies the raw uint16 bit patterns; float32 is exact here.
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        # float32 operands (a float32 model, e.g. an HF export loaded as saved): full-precision
+        # products as the reference's float32 matmuls, not TF32's 10-bit mantissas. The branch
+        # is resolved at compile time: the 16-bit kernels are unchanged.
+        return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 
@@ -962,9 +971,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(kind: str, D: int, interp: bool, lq: int | None = None) -> tuple[int, int, int, int]:
+def _config(kind: str, D: int, interp: bool, lq: int | None = None,
+            dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages); the forward of at most _DECODE_MAX_LQ query rows (`lq`)
-    takes the small-row decode table."""
+    takes the small-row decode table; float32 operands take the 16-bit table with D=128's key
+    blocks halved and one stage (twice the bytes per tile in registers and shared memory)."""
     decode = kind != "bwd" and lq is not None and lq <= _DECODE_MAX_LQ
     if _OVERRIDE[kind] is not None:
         cfg = _OVERRIDE[kind]
@@ -973,6 +984,9 @@ def _config(kind: str, D: int, interp: bool, lq: int | None = None) -> tuple[int
             _INTERP_DECODE_FWD_CFG if decode else _INTERP_FWD_CFG)
     else:
         cfg = (_BWD_CFG if kind == "bwd" else _DECODE_FWD_CFG if decode else _FWD_CFG)[D]
+    if dtype == torch.float32 and not interp and _OVERRIDE[kind] is None:
+        bn = cfg[1] // 2 if D == 128 and cfg[1] // 2 >= cfg[0] else cfg[1]
+        cfg = (cfg[0], bn, cfg[2], 1)
     bm, bn = cfg[0], cfg[1]
     if kind == "bwd" and bn % bm:
         raise ValueError(f"backward config needs BN % BM == 0, got {cfg}")
@@ -1022,7 +1036,8 @@ def _fwd_grid(n_items: int, codes_per_prog: int, levels: int, warps: int, dev: t
 def _p_mode(levels: int, dtype: torch.dtype) -> int:
     """How Q_p(P) enters the P @ V product (see `_fwd_pass2`): 0 when every level index
     0..levels-1 is exact in the operand dtype, 1 when it is after a split in two bytes, else 2."""
-    if levels - 1 <= (256 if dtype == torch.bfloat16 else 2048):
+    exact = {torch.bfloat16: 256, torch.float16: 2048, torch.float32: 2**24}[dtype]
+    if levels - 1 <= exact:
         return 0
     return 1 if levels - 1 <= 65535 else 2
 
@@ -1043,9 +1058,8 @@ def _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {D} not supported by the fused optical attention "
                          f"(supported: {SUPPORTED_HEAD_DIMS})")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"fused optical attention supports bfloat16 and float16, got {q.dtype}; "
-                         "use the reference path for float32")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"fused optical attention supports {SUPPORTED_DTYPES}, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("q, k, v must share a dtype")
     lv = (levels,) * 6 if isinstance(levels, int) else tuple(levels)
@@ -1118,7 +1132,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     dev = q.device
     interp = _interpreting()
     # decode table only for cached steps: the training path (Lq == Lk) keeps its tiles and bits
-    BM, BN, warps, stages = _config("fwd", D, interp, LQ if LQ < L else None)
+    BM, BN, warps, stages = _config("fwd", D, interp, LQ if LQ < L else None, q.dtype)
     has_lut = lut is not None and lut > 0
     has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
     lv = _levels6(levels)
@@ -1193,7 +1207,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         raise ValueError("dy and y must have q's shape")
     dev = q.device
     interp = _interpreting()
-    BM, BN, warps, stages = _config("bwd", D, interp)
+    BM, BN, warps, stages = _config("bwd", D, interp, dtype=q.dtype)
     has_lut = lut is not None and lut > 0
     has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
     lv = _levels6(levels)
@@ -1253,7 +1267,7 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
     HKV, L = k.shape[1], k.shape[2]
     dev = q.device
     interp = _interpreting()
-    BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None)
+    BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None, q.dtype)
     has_lut = lut is not None and lut > 0
     lv = _levels6(levels)
     lkw = _level_kw(lv, noise, photons, D)

@@ -14,8 +14,9 @@
 4. `generate` of --new-tokens (256) greedy tokens for a batch of 8 left-padded prompts of the
    validation corpus, optical model loaded in each of --dtypes (float32 as saved, bfloat16),
    use_cache=True vs use_cache=False, each after a warm-up call, timed with CUDA
-   synchronisation; the speed-up and whether the tokens agree. --timeline N first clocks N
-   tokens per step (diagnosis: compilation stalls vs steady cost).
+   synchronisation; the speed-up and whether the tokens agree; then with transformers' static
+   cache (compiled by transformers on CUDA: CUDA graphs). --timeline N first clocks N tokens
+   per step (diagnosis: compilation stalls vs steady cost).
 
 Everything goes to --out as JSON (and a line per stage to stdout).
 """
@@ -100,15 +101,17 @@ def _prompts(tokenizer, n: int, lo: int, hi: int) -> list[str]:
     raise SystemExit(f"error: the validation corpus has fewer than {n} documents of {hi} tokens")
 
 
-def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int):
+def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int,
+                    **kw):
     import torch
 
     def call(n):
         torch.manual_seed(0)
         return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              use_cache=use_cache, pad_token_id=model.config.pad_token_id)
+                              use_cache=use_cache, pad_token_id=model.config.pad_token_id, **kw)
 
-    print(f"generate use_cache={use_cache}: {warmup} warm-up tokens, then {new_tokens}", flush=True)
+    print(f"generate use_cache={use_cache} {kw}: {warmup} warm-up tokens, then {new_tokens}",
+          flush=True)
     with torch.no_grad():
         t0 = time.perf_counter()
         call(warmup)  # warm-up: kernels compiled and autotuned, caches allocated
@@ -118,6 +121,19 @@ def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str,
         out = call(new_tokens)
         _sync(device)
     return time.perf_counter() - t0, warm_s, out
+
+
+def _timed_static(model, batch, args) -> dict:
+    """generate with transformers' static cache: on CUDA, transformers compiles the decoding
+    step (torch.compile, mode reduce-overhead: one CUDA graph replayed per step; the optical
+    attention reads its position on the device). The warm-up generates as many tokens as the
+    timed call, so that the cache (and the graph) has the timed call's shape."""
+    try:
+        s, warm_s, out = _timed_generate(model, batch, args.new_tokens, True, args.device,
+                                         args.new_tokens, cache_implementation="static")
+    except Exception as e:  # reported, not fatal: the dynamic-cache figures stand on their own
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    return {"s": s, "warmup_s": warm_s, "tokens": out}
 
 
 class _StepClock:
@@ -193,6 +209,7 @@ def generate_timing(folder: Path, args, dtype: str) -> dict:
                                                       args.device, args.warmup_tokens)
     uncached_s, uncached_warm_s, uncached = _timed_generate(model, batch, args.new_tokens, False,
                                                             args.device, args.warmup_tokens)
+    static = _timed_static(model, batch, args) if args.static_cache else {"skipped": True}
     new = cached.shape[1] - batch["input_ids"].shape[1]
     prof = _profile(model, batch, 8, args.device, Path(args.out).with_suffix(f".{dtype}.prof.txt"))
     result = {
@@ -205,6 +222,8 @@ def generate_timing(folder: Path, args, dtype: str) -> dict:
                                                            "use_cache_false": uncached_warm_s},
         "speedup": uncached_s / cached_s, "acceptance_10x": uncached_s / cached_s >= 10.0,
         "same_tokens_fraction": float((cached == uncached).float().mean()),
+        "static_cache": {k: v for k, v in static.items() if k != "tokens"},
+        "static_speedup": uncached_s / static["s"] if "s" in static else None,
         "timelines": timelines, "profile_cached_8_tokens": prof,
         "note": "with read-out noise the two runs draw different noise, so tokens may differ",
     }
@@ -228,6 +247,8 @@ def main(argv=None) -> None:
                    help="generate this many tokens untimed first, per mode (--new-tokens: full)")
     p.add_argument("--dtypes", default="float32,bfloat16",
                    help="generate: load the export in these dtypes in turn (float32: as saved)")
+    p.add_argument("--no-static-cache", dest="static_cache", action="store_false",
+                   help="skip the static-cache (compiled, CUDA-graph) generate")
     p.add_argument("--timeline", type=int, default=0,
                    help="first clock this many tokens per step, twice per mode (diagnosis)")
     p.add_argument("--skip-harness", action="store_true", help="generate timing only")

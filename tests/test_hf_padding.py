@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_tiny import calibrate, tiny_config  # noqa: E402
 
-from torchtitan_ext.hf.transform import key_padding_mask_of  # noqa: E402
+from torchtitan_ext.hf.transform import key_padding_mask_of, query_start_of  # noqa: E402
 from torchtitan_ext.optical.config import OpticalConfigError, TransformConfig  # noqa: E402
 
 LENGTHS = (11, 6, 9)
@@ -102,12 +102,81 @@ def test_padded_positions_do_not_touch_the_noise_of_real_ones(side):
     assert not torch.equal(_real(other, mask, 0), _real(outs[1], mask, 0))  # the noise is live
 
 
-def _generate(model, use_cache: bool, n=8):
+def _generate(model, use_cache: bool, n=8, **kw):
     ids, mask, _ = _batch(_seqs(seed=3), "left")
     torch.manual_seed(5)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                              use_cache=use_cache, pad_token_id=PAD)
+                              use_cache=use_cache, pad_token_id=PAD, **kw)
+
+
+@pytest.mark.parametrize("default", NOISE_OFF)
+def test_greedy_generate_with_a_static_cache_equals_without(default):
+    """A static cache (the CUDA-graph path of `generate`): keys span the cache's capacity, so
+    the queries' position comes from the mask, on the device; without noise the tokens equal
+    the uncached ones."""
+    model = _model(noise=False, default=default)
+    a = _generate(model, True, cache_implementation="static")
+    assert torch.equal(a, _generate(model, False))
+
+
+@pytest.mark.parametrize("default", NOISE_OFF)
+def test_static_cache_decoding_step_compiles_whole(default):
+    """What `generate` compiles on a GPU (static cache: the decoding step, then CUDA graphs):
+    here traced on the CPU as one graph (fullgraph: no break, no host read of the position)
+    through AOT autograd, and the tokens equal the eager ones."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch._dynamo.reset()
+    model = _model(noise=False, default=default)
+    cc = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    cc._compile_all_devices = True  # transformers compiles on accelerators only by default
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = _generate(model, True, cache_implementation="static", compile_config=cc)
+    assert counters["stats"]["unique_graphs"] >= 1  # the step was compiled, as one graph
+    assert not counters["graph_break"]
+    assert torch.equal(compiled, _generate(model, True, cache_implementation="static",
+                                           disable_compile=True))
+
+
+def test_static_cache_steps_take_their_absolute_position():
+    """With noise on, a static-cache step hands OpticalAttention the absolute position of its
+    query (a device tensor: prompt length + step), not the cache's last row."""
+    model = _model(noise=True)
+    seen = []
+
+    def record(mod, args, kwargs):
+        seen.append((args[0].shape[2], args[1].shape[2], kwargs["q_start"]))
+
+    hook = model.model.layers[0].self_attn.optical_attention.register_forward_pre_hook(
+        record, with_kwargs=True)
+    _generate(model, True, n=4, cache_implementation="static")
+    hook.remove()
+    width, capacity = max(LENGTHS), seen[0][1]
+    assert seen[0][0] == width and int(seen[0][2]) == 0  # the prefill, at the cache's start
+    assert len(seen) == 4
+    for t, (lq, lk, q_start) in enumerate(seen[1:]):
+        assert (lq, lk) == (1, capacity)
+        assert isinstance(q_start, torch.Tensor) and q_start.dtype == torch.int64
+        assert int(q_start) == width + t
+    assert width < capacity - 1  # the first steps are not the cache's last row
+
+
+def test_query_start_of_a_4d_mask():
+    """The position of query row 0 read from transformers' 4-D mask: the newest key the last
+    query row sees, maximised over the batch (an element padded on the right still counts)."""
+    lk, lq = 10, 2
+    causal = torch.arange(lk)[None, :] <= (torch.arange(lq)[:, None] + 5)  # rows at 5 and 6
+    pad = torch.ones(2, lk, dtype=torch.bool)
+    pad[0, :2] = False  # left padding
+    pad[1, 6] = False  # the other element's newest key is padding
+    mask = (causal[None] & pad[:, None, :])[:, None]
+    assert int(query_start_of(mask, lq)) == 5
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert int(query_start_of(additive, lq)) == 5
+    assert query_start_of(None, lq) is None and query_start_of(pad, lq) is None
 
 
 @pytest.mark.parametrize("default", NOISE_OFF)

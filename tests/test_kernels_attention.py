@@ -535,6 +535,35 @@ def test_chunked_prefill_padded_noise_bits(kernel_device):
     assert (y.float() == ref["y"].float()).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("Lq, q_start, dtype, photons", [
+    (1, 9, torch.bfloat16, 0.0), (1, 23, torch.float32, 0.0), (4, 7, torch.float16, 2.0)])
+def test_q_start_on_the_device(kernel_device, Lq, q_start, dtype, photons):
+    """q_start as a 0-d int64 device tensor (a static-cache step under a CUDA graph) gives the
+    bits of the int q_start, with the row noise of its absolute position (decode rows far from
+    the key tensor's end, as in a static cache); the backward refuses it."""
+    kpm = _pad_mask(2, 24, [3, 0], [0, 0]) & (torch.arange(24) <= q_start + Lq - 1)[None, :]
+    case = Case(kernel_device, B=2, H=2, HKV=1, L=24, Lq=Lq, q_start=q_start, dtype=dtype,
+                seed=80 + q_start, kpm=kpm, photons=photons)
+    torch.manual_seed(0)
+    y, stats, obs = case.forward()
+    ref = case.reference()
+    check_y(case, y, ref["y"], ref=ref, stats=stats)
+    on_device = torch.tensor(q_start, dtype=torch.int64, device=kernel_device)
+    kw = dict(case.kw(), q_start=on_device)
+    y2, stats2, obs2 = A.attention_forward(case.q, case.k, case.v, case.q_range, case.k_range,
+                                           case.v_range, case.s_range, case.y_range, case.seeds,
+                                           observe=True, **kw)
+    assert torch.equal(y, y2) and torch.equal(stats, stats2) and torch.equal(obs, obs2)
+    with pytest.raises(ValueError, match="device tensor is for inference"):
+        A.attention_backward(case.dy, case.q, case.k, case.v, y, stats, case.q_range,
+                             case.k_range, case.v_range, case.s_range, case.seeds, clipped=False,
+                             **kw)
+    with pytest.raises(ValueError, match="0-d torch.int64"):
+        A.attention_forward(case.q, case.k, case.v, case.q_range, case.k_range, case.v_range,
+                            case.s_range, case.y_range, case.seeds, observe=True,
+                            **dict(kw, q_start=on_device.int()))
+
+
 @pytest.mark.parametrize("shape", ["left_pad", "decode", "chunk_pad", "chunk_non_causal"])
 def test_padding_and_cache_deterministic_dq(kernel_device, shape):
     """The deterministic dQ pass (no atomics) with key mask and q_start: equals the reference

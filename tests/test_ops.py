@@ -122,6 +122,40 @@ def test_attention_padding_and_cache_through_the_op(kernel_device):
     assert (gr[1][hidden] == 0).all() and (gr[2][hidden] == 0).all()
 
 
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_attention_q_start_on_the_device_through_the_op(kernel_device, mode):
+    """ops.optical_attention with q_start as a 0-d int64 device tensor (static-cache decoding):
+    the op (schema, fake, both paths) gives the int q_start's bits; backward is refused."""
+    dev = kernel_device
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 1, 64, generator=g).to(dev, torch.bfloat16)
+    k, v = (torch.randn(2, 2, 21, 64, generator=g).to(dev, torch.bfloat16) for _ in "kv")
+    mask = (torch.arange(21)[None, :] <= 11).expand(2, 21).to(dev)  # a static cache filled to 11
+    if mode == "triton" and dev.type == "cpu":
+        ops.set_kernel_mode("triton")
+    try:
+        ys = []
+        for q_start in (11, torch.tensor(11, device=dev)):
+            torch.manual_seed(0)
+            ys.append(ops.optical_attention(q, k, v, _ranges(5, dev), _seed(dev, 2), levels=16,
+                                            lut=0.02, stream=3, scale=0.125,
+                                            key_padding_mask=mask, q_start=q_start)[0])
+        assert torch.equal(ys[0], ys[1])
+        args = (q, k, v, _ranges(5, dev), _seed(dev, 2), 16, 0.02, 3, 0.125, True,
+                [0, 2, 0, 4], False, False, True, mask, 0, None, 0.0,
+                torch.tensor(11, device=dev))
+        torch.library.opcheck(torch.ops.optical.attention.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        qg = q.clone().requires_grad_()
+        y, _ = ops.optical_attention(qg, k, v, _ranges(5, dev), _seed(dev, 2), levels=16,
+                                     lut=0.02, stream=3, scale=0.125, key_padding_mask=mask,
+                                     q_start=torch.tensor(11, device=dev))
+        with pytest.raises(RuntimeError, match="for inference"):
+            y.float().sum().backward()
+    finally:
+        ops.set_kernel_mode("auto")
+
+
 def test_attention_argument_errors():
     q = torch.randn(1, 2, 3, 16)
     k = torch.randn(1, 2, 8, 16)

@@ -82,6 +82,28 @@ ATTN_IMPLEMENTATION = "optical"
 # The attention function
 
 
+def _as_bool_mask(m: torch.Tensor) -> torch.Tensor:
+    if m.dtype == torch.bool:
+        return m
+    # additive float masks: 0 = visible, -inf (or min) = hidden
+    return m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
+
+
+def query_start_of(attention_mask, q_len: int) -> torch.Tensor | None:
+    """0-d int64 device tensor: the absolute position of query row 0 of a cached step, read from
+    transformers' 4-D mask [B, 1, Lq, Lk] (None for other masks). The last query row is the
+    newest token, at the position of the newest key it sees; rows of a batch share positions,
+    so the maximum over the batch also covers an element whose last row is padding. Device ops
+    only: a static cache keeps its position on the device, and a CUDA graph of the step must
+    not bake it in as a Python int."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last = _as_bool_mask(attention_mask[:, 0, -1, :])
+    k_len = last.shape[-1]
+    newest = (k_len - 1) - last.flip(-1).to(torch.int32).argmax(-1)
+    return (newest.amax() - (q_len - 1)).to(torch.int64)
+
+
 def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor | None:
     """The 2-D key mask [B, Lk] (True = visible) behind transformers' attention mask.
 
@@ -95,8 +117,7 @@ def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor 
     m = attention_mask
     if m.dim() == 4:
         m = m[:, 0, -1, :]
-    if m.dtype != torch.bool:  # additive float masks: 0 = visible, -inf (or min) = hidden
-        m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
+    m = _as_bool_mask(m)
     if tuple(m.shape) != (batch, k_len):
         m = m[..., -k_len:].expand(batch, k_len)
     return m.contiguous()  # no `.all()` test: that would read the device once per layer and step
@@ -106,8 +127,11 @@ def optical_attention_forward(module, query, key, value, attention_mask, scaling
                               dropout=0.0, **kwargs):
     """transformers attention function: q [B,H,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,H,D], None).
 
-    Padding (`attention_mask`) and cached decoding (Lq < Lk: the queries are the last Lq
-    positions, `q_start = Lk - Lq`) go to OpticalAttention (semantics page, section 3)."""
+    Padding (`attention_mask`) and cached decoding go to OpticalAttention (semantics page,
+    section 3). A cached step (Lq < Lk) with a 4-D mask takes its queries' position from the
+    mask, on the device: with a static cache (Lk = the cache's capacity) the queries are not
+    the last Lk positions. Without a mask (a dynamic cache, no padding) they are:
+    `q_start = Lk - Lq`."""
     opt = getattr(module, HF_OPTICAL_ATTENTION, None)
     if opt is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -116,8 +140,9 @@ def optical_attention_forward(module, query, key, value, attention_mask, scaling
                                       scaling=scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
     kpm = key_padding_mask_of(attention_mask, query.shape[0], k_len)
+    q_start = query_start_of(attention_mask, q_len) if q_len < k_len else None
     y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
-            q_start=k_len - q_len)
+            q_start=k_len - q_len if q_start is None else q_start)
     return y.transpose(1, 2).contiguous(), None
 
 

@@ -235,12 +235,13 @@ class OpticalAttention(RangeState, nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 scale: float | None = None, enable_gqa: bool = False,
                 is_causal: bool = True, key_padding_mask: torch.Tensor | None = None,
-                q_start: int = 0) -> torch.Tensor:
+                q_start: "int | torch.Tensor" = 0) -> torch.Tensor:
         """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (H % Hkv == 0, grouped-query attention).
 
         `key_padding_mask`: None or bool [B, Lk], True = key visible (Hugging Face's 2-D
         attention_mask `.bool()`). `q_start`: absolute position of query row 0, q_start + Lq <=
-        Lk (a KV-cache step: q_start = Lk - Lq). Causal: row r sees visible keys j <= q_start + r.
+        Lk (a KV-cache step: q_start = Lk - Lq; a 0-d int64 device tensor for a static-cache
+        step, forward only). Causal: row r sees visible keys j <= q_start + r.
         Rows with no visible key output 0. Semantics page, section 3; bad arguments raise
         ValueError."""
         q, k, v = _autocast(q, k, v)
@@ -248,7 +249,8 @@ class OpticalAttention(RangeState, nn.Module):
         ops.ref.check_attention_args(q, k, key_padding_mask, q_start, is_causal)
         scale = d ** -0.5 if scale is None else scale
         c = self.config
-        if self.training and self.collect_clamp_stats and lq == k.shape[2] and q_start == 0:
+        whole = lq == k.shape[2] and isinstance(q_start, int) and q_start == 0
+        if self.training and self.collect_clamp_stats and whole:
             # the clamp statistics sample whole-sequence causal attention (padding ignored)
             self.record_clamp(clamp_stats.attention_clamp_fractions(
                 q, k, v, self.ranges(), levels=c.attention_levels, lut=c.lut, scale=scale,
@@ -278,7 +280,8 @@ def _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start):
     """The electronic attention of the bypass, with the same mask semantics (rows with no visible
     key output 0, where SDPA would give NaN)."""
     gqa = k.shape[1] != q.shape[1]
-    if key_padding_mask is None and q_start == 0 and q.shape[2] == k.shape[2]:
+    if key_padding_mask is None and isinstance(q_start, int) and q_start == 0 \
+            and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal,
                                               enable_gqa=gqa)
     vis = ops.ref.attention_visibility(q.shape[0], q.shape[2], k.shape[2], causal=is_causal,

@@ -507,11 +507,15 @@ def _attention(
     q_start: int = 0,
     qlevels: Optional[List[int]] = None,
     photons: float = 0.0,
+    q_start_dev: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # `clipped` changes only the backward; it is an argument so the autograd context sees it.
     # qlevels: levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y) overriding `levels`; photons > 0: shot
-    # read-out of Q_s and Q_y.
+    # read-out of Q_s and Q_y. q_start_dev: q_start as a 0-d int64 device tensor (replaces the
+    # int; a static-cache decoding step, forward only).
     levels = _levels6(levels, qlevels)
+    if q_start_dev is not None:
+        q_start = q_start_dev
     if _use_attention_kernel(q):
         from .kernels import attention as kattn
         b_off, b_glob, h_off, h_glob = index
@@ -538,7 +542,8 @@ def _attention(
 
 @_attention.register_fake
 def _attention_fake(q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe,
-                    clipped, noise=True, key_mask=None, q_start=0, qlevels=None, photons=0.0):
+                    clipped, noise=True, key_mask=None, q_start=0, qlevels=None, photons=0.0,
+                    q_start_dev=None):
     b, h, lq, _ = q.shape
     # The kernels keep per-row statistics [B, H, L] (float32); the reference keeps none. The
     # compiler must know the real size, which depends on the path the eager op will take.
@@ -604,23 +609,26 @@ def _attention_backward_fake(grad_y, q, k, v, y, stats, ranges, seeds, levels, l
 
 def _attention_setup_context(ctx, inputs, output):
     (q, k, v, ranges, seeds, levels, lut, stream, scale, causal, index, observe, clipped, noise,
-     key_mask, q_start, qlevels, photons) = inputs
+     key_mask, q_start, qlevels, photons, q_start_dev) = inputs
     y, stats, _ = output
     ctx.save_for_backward(q, k, v, y, stats, ranges, seeds, key_mask)
     ctx.args = (levels, lut, stream, scale, causal, index)
     ctx.clipped, ctx.noise = clipped, noise
-    ctx.q_start = q_start
+    ctx.q_start, ctx.q_start_on_device = q_start, q_start_dev is not None
     ctx.qlevels, ctx.photons = qlevels, photons
 
 
 def _attention_autograd_backward(ctx, grad_y, _grad_stats, _grad_obs):
+    if ctx.q_start_on_device:
+        raise RuntimeError("optical attention: q_start as a device tensor is for inference "
+                           "(static-cache decoding); training passes an int q_start")
     q, k, v, y, stats, ranges, seeds, key_mask = ctx.saved_tensors
     levels, lut, stream, scale, causal, index = ctx.args
     dq, dk, dv = torch.ops.optical.attention_backward(
         grad_y, q, k, v, y, stats, ranges, seeds, levels, lut, stream, scale, causal, index,
         ctx.clipped, ctx.noise, key_mask, ctx.q_start, ctx.qlevels, ctx.photons,
     )
-    return (dq, dk, dv) + (None,) * 15
+    return (dq, dk, dv) + (None,) * 16
 
 
 _attention.register_autograd(_attention_autograd_backward, setup_context=_attention_setup_context)
@@ -643,7 +651,7 @@ def optical_attention(
     clipped: bool = False,
     noise: bool = True,
     key_padding_mask: Tensor | None = None,
-    q_start: int = 0,
+    q_start: int | Tensor = 0,
     qlevels: tuple[int, ...] | None = None,
     photons: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
@@ -652,7 +660,9 @@ def optical_attention(
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D]. `key_padding_mask`: None or bool [B, Lk], True = key
     visible. `q_start`: absolute position of query row 0 (q_start + Lq <= Lk; a KV-cache step
     has q_start = Lk - Lq); row r takes the noise indices of row q_start + r of the full
-    attention at key length Lk and, causal, sees keys j <= q_start + r. Rows with no visible key
+    attention at key length Lk and, causal, sees keys j <= q_start + r; a 0-d int64 device
+    tensor instead of an int is read on the device (static-cache decoding under a CUDA graph;
+    forward only, its value unchecked). Rows with no visible key
     output 0. noise=False (`q_noise: false`): Q_s and Q_y round deterministically (`seeds`
     unused). qlevels: levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y) overriding `levels`. photons > 0:
     shot read-out of Q_s (K = head dim) and Q_y (K = keys the row sees). Bad arguments raise
@@ -661,9 +671,10 @@ def optical_attention(
     if index is None:
         index = [0, q.shape[0], 0, q.shape[1]]
     ref.check_attention_args(q, k, key_padding_mask, q_start, causal)
+    on_device = isinstance(q_start, Tensor)
     y, _, obs = torch.ops.optical.attention(
         q, k, v, ranges, seeds, levels, float(lut or 0.0), stream, float(scale), causal, index,
-        observe, clipped, bool(noise), key_padding_mask, int(q_start),
-        _qlevels_arg(levels, qlevels), float(photons),
+        observe, clipped, bool(noise), key_padding_mask, 0 if on_device else int(q_start),
+        _qlevels_arg(levels, qlevels), float(photons), q_start if on_device else None,
     )
     return y, obs

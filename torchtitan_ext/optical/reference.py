@@ -78,6 +78,8 @@ class IndexMap:
                 f"offsets {self.offsets}, global shape {self.global_shape}"
             )
         for d, (n, o, g) in enumerate(zip(local_shape, self.offsets, self.global_shape)):
+            if isinstance(o, torch.Tensor):  # a device offset (q_start of a static-cache step):
+                continue  # checking its value would read the device
             if o < 0 or o + n > g:
                 raise ValueError(
                     f"IndexMap: local dim {d} of size {n} at offset {o} exceeds global size {g}"
@@ -393,19 +395,27 @@ def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                         q_start: int, causal: bool) -> None:
+                         q_start: "int | torch.Tensor", causal: bool) -> None:
     """Validate the padding / cached-decoding arguments of an attention call (section 3).
 
     q [B, H, Lq, D], k [B, Hkv, Lk, D]; `key_padding_mask` None or bool [B, Lk] (True = visible);
-    `q_start` an int >= 0 with q_start + Lq <= Lk (query row r is absolute position q_start + r).
+    `q_start` an int >= 0 with q_start + Lq <= Lk (query row r is absolute position q_start + r),
+    or the same as a 0-d int64 tensor on q's device (a step of a static KV cache, whose position
+    lives on the device: its value is the caller's contract, checking it would read the device).
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B, H, L, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     b, _, lq, _ = q.shape
     lk = k.shape[2]
-    if isinstance(q_start, bool) or not isinstance(q_start, int) or q_start < 0:
-        raise ValueError(f"q_start must be an int >= 0, got {q_start!r}")
-    if q_start + lq > lk:
+    if isinstance(q_start, torch.Tensor):
+        if q_start.dim() != 0 or q_start.dtype != torch.int64 or q_start.device != q.device:
+            raise ValueError("q_start as a tensor must be a 0-d torch.int64 tensor on q's device "
+                             f"{q.device}, got {q_start.dtype} {list(q_start.shape)} on "
+                             f"{q_start.device}")
+    elif isinstance(q_start, bool) or not isinstance(q_start, int) or q_start < 0:
+        raise ValueError(f"q_start must be an int >= 0 or a 0-d int64 device tensor, got "
+                         f"{q_start!r}")
+    elif q_start + lq > lk:
         raise ValueError(f"q_start + query length must be <= key length: q_start={q_start}, "
                          f"Lq={lq}, Lk={lk}")
     if key_padding_mask is not None:
@@ -421,7 +431,7 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor, key_padding_mask: tor
                              f"{key_padding_mask.device}")
 
 
-def attention_visibility(b: int, lq: int, lk: int, *, causal: bool, q_start: int,
+def attention_visibility(b: int, lq: int, lk: int, *, causal: bool, q_start: "int | torch.Tensor",
                          key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
     """bool [B or 1, 1, Lq, Lk]: True where query row r may see key j (causal: j <= q_start + r;
     and the key is visible in `key_padding_mask`); None when every key is visible to every row."""
@@ -443,31 +453,17 @@ def _attention_maps(b, h, lq, lk, d, q_start, s_index_map, y_index_map):
 
 
 def optical_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_range: torch.Tensor,
-    k_range: torch.Tensor,
-    v_range: torch.Tensor,
-    s_range: torch.Tensor,
-    y_range: torch.Tensor,
-    *,
-    levels: int,
-    lut: float | None,
-    seeds: torch.Tensor | tuple[int, int],
-    stream: int,
-    scale: float | None = None,
-    causal: bool = True,
-    s_index_map: IndexMap | None = None,
-    y_index_map: IndexMap | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    q_start: int = 0,
-    noise: bool = True,
-    photons: float = 0.0,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range: torch.Tensor,
+    k_range: torch.Tensor, v_range: torch.Tensor, s_range: torch.Tensor, y_range: torch.Tensor,
+    *, levels: int, lut: float | None, seeds: torch.Tensor | tuple[int, int], stream: int,
+    scale: float | None = None, causal: bool = True, s_index_map: IndexMap | None = None,
+    y_index_map: IndexMap | None = None, key_padding_mask: torch.Tensor | None = None,
+    q_start: "int | torch.Tensor" = 0, noise: bool = True, photons: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Section 3 materialised. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0.
 
-    Query row r is absolute position q_start + r (q_start + Lq <= Lk); causal: it sees keys
+    Query row r is absolute position q_start + r (q_start + Lq <= Lk; an int, or a 0-d int64
+    device tensor for a static-cache step); causal: it sees keys
     j <= q_start + r. `key_padding_mask` (bool [B, Lk], True = visible) hides keys: they get
     P = 0 exactly, are left out of S's range observation, and move no other element's noise
     index. A row with no visible key outputs exactly 0 (and is left out of y_raw's observation).
@@ -489,26 +485,18 @@ def optical_attention_forward(
     scale = D ** -0.5 if scale is None else scale
     lk = k.shape[2]
     lq_, lk_, ls_, lp_, lv_, ly_ = split_levels(levels, 6)
+    smap, ymap = _attention_maps(B, H, L, lk, D, q_start, s_index_map, y_index_map)
     qq = quantize(q, q_range, lq_).float()
     kq = _expand_kv(quantize(k, k_range, lk_, lut=lut).float(), H)
-    vq = _expand_kv(quantize(v, v_range, lv_, lut=lut).float(), H)
     s_raw = qq @ kq.transpose(-1, -2)
-    smap, ymap = _attention_maps(B, H, L, lk, D, q_start, s_index_map, y_index_map)
     s = quantize_readout(s_raw, s_range, ls_, seed=seeds[0], stream=stream,
                          index=smap.flat_indices(s_raw.shape, s_raw.device) if noise else None,
                          photons=photons, contraction=D)
-    logits = s * scale
     vis = attention_visibility(B, L, lk, causal=causal, q_start=q_start,
                                key_padding_mask=key_padding_mask, device=q.device)
-    if vis is not None:
-        logits = logits.masked_fill(~vis, float("-inf"))
-    p = torch.softmax(logits, dim=-1)
-    alive = None  # rows with at least one visible key
-    if vis is not None:
-        alive = vis.any(-1, keepdim=True).expand(B, H, L, 1)
-        p = torch.where(alive, p, 0.0)  # softmax of an all -inf row is NaN: such rows get P = 0
-    pq = quantize(p, torch.tensor(P_RANGE, device=p.device), lp_)
-    y_raw = pq @ vq
+    p, alive = _masked_softmax(s * scale, vis)
+    vq = _expand_kv(quantize(v, v_range, lv_, lut=lut).float(), H)
+    y_raw = quantize(p, torch.tensor(P_RANGE, device=p.device), lp_) @ vq
     # Q_y's contraction length: the keys row r sees (at least 1; rows that see none output 0).
     keys_seen = lk if vis is None else \
         vis.expand(B, 1, L, lk).sum(-1, keepdim=True).clamp(min=1)
@@ -521,6 +509,16 @@ def optical_attention_forward(
     y_obs = _observe_or_empty(y_raw[alive.expand_as(y_raw)] if alive is not None else y_raw)
     return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs,
             "y_obs": y_obs}
+
+
+def _masked_softmax(logits: torch.Tensor, vis: torch.Tensor | None):
+    """(P, rows with a visible key [B, H, L, 1] or None): softmax over the visible keys; rows
+    that see none get P = 0 (a softmax of an all -inf row would be NaN)."""
+    if vis is None:
+        return torch.softmax(logits, dim=-1), None
+    p = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
+    alive = vis.any(-1, keepdim=True).expand(*p.shape[:3], 1)
+    return torch.where(alive, p, 0.0), alive
 
 
 def _observe_or_empty(x: torch.Tensor) -> torch.Tensor:

@@ -559,7 +559,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
 
 @triton.jit(do_not_specialize=["stream", "b_off", "h_off", "q_start"])
 def _fwd_kernel(
-    Q, KQ, VQ, Y, LSE, PART, CODES, KPM, INV, q_rng, s_rng_ptr, y_rng, seeds, NKY,
+    Q, KQ, VQ, Y, LSE, PART, CODES, KPM, INV, q_rng, s_rng_ptr, y_rng, seeds, NKY, QSTART,
     sqb, sqh, sql, sqd,
     H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -567,10 +567,15 @@ def _fwd_kernel(
     USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
     NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
+    QSTART_PTR: tl.constexpr,
 ):
     """Persistent forward: program `pid` takes items pid, pid + P, ... (P programs, longest items
     first), and owns scratch rows CODES[pid] ([BM, W] level codes) for pass 1 -> pass 2.
-    KPM: uint8 [B, LK] key visibility (read only when HAS_KPM)."""
+    KPM: uint8 [B, LK] key visibility (read only when HAS_KPM). QSTART_PTR: q_start is read from
+    QSTART (int64 [1]) instead of the argument, so that a CUDA graph of a static-cache decoding
+    step replays at every position."""
+    if QSTART_PTR:
+        q_start = tl.load(QSTART).to(tl.int32)
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     qlo, qhi, q_w, q_inv = range_consts(q_rng, INV + 0)
@@ -1117,7 +1122,8 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     uninitialised -> passthrough); seeds int64 device tensor [2] (never read on the host);
     key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
-    [.., Lk, Lk] / [.., Lk, D] tensors. noise=False (`q_noise: false`): Q_s and Q_y round
+    [.., Lk, Lk] / [.., Lk, D] tensors; an int, or a 0-d int64 device tensor read in-kernel (a
+    static-cache decoding step: one CUDA graph serves every position). noise=False (`q_noise: false`): Q_s and Q_y round
     deterministically, no Philox runs. levels: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v,
     Q_y). photons > 0: the shot read-out of Q_s (K = D) and Q_y (K = the keys the row sees).
 
@@ -1163,15 +1169,18 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     n_prog, code_dtype = _fwd_grid(n_items, BM * W, lv[2], warps, dev, interp)
     codes = torch.empty((n_prog * BM * W,) if code_dtype is not None else (1,),
                         dtype=code_dtype or torch.uint8, device=dev)
+    q_start_dev = isinstance(q_start, torch.Tensor)
     _fwd_kernel[(n_prog,)](
         q, kq, vq, y, lse, part, codes, kpm, inv, q_range, s_range, y_range, seeds,
         nky if nky is not None else inv,  # never read unless NOISE == 2
+        q_start if q_start_dev else seeds,  # never read unless QSTART_PTR
         *q.stride(),
-        H, HKV, LQ, L, int(q_start), W, num_m, B * H, int(stream), int(batch_offset),
+        H, HKV, LQ, L, 0 if q_start_dev else int(q_start), W, num_m, B * H, int(stream),
+        int(batch_offset),
         int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
         P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
-        INTERP=interp, **lkw,
+        INTERP=interp, **lkw, QSTART_PTR=q_start_dev,
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
 
@@ -1203,6 +1212,9 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     False with the dQ atomics of the fast path. dk and dv never use atomics."""
     B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
                                  heads_global, key_padding_mask, q_start, causal)
+    if isinstance(q_start, torch.Tensor):
+        raise ValueError("q_start as a device tensor is for inference (static-cache decoding); "
+                         "the backward takes an int q_start")
     if dy.shape != q.shape or y.shape != q.shape:
         raise ValueError("dy and y must have q's shape")
     dev = q.device

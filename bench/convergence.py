@@ -10,6 +10,14 @@ one GPU: a 60M model leaves most of an H200 idle, so sharing it costs each run l
     python3 bench/convergence.py watch --workdir /tmp/conv --seconds 500 --out $OUT/convergence.json
     python3 bench/convergence.py stop --workdir /tmp/conv --runs q16  # end runs early
 
+Without --runs, the report's runs (digital, optical, precision sweep, recipe ablation). Named
+with --runs: issue 16's variants (VARIANTS: shot-noise read-out at 1/10/100 photons per MAC,
+`q_noise: false`, per-quantizer levels; each trains on a transform written into its run folder)
+and second seeds of the twins (`digital_seed1`, `optical_seed1`), e.g.
+
+    python3 bench/convergence.py start --runs digital optical digital_seed1 optical_seed1 \
+        shot1 shot10 shot100 noise_off
+
 `start` launches the runs in their own process sessions (they outlive the command); `watch`
 prints progress and writes what the logs hold so far: train loss, validation loss, clamp
 fractions, tokens/s, and each run's exit status. `bench/plot_convergence.py` turns the JSON
@@ -54,6 +62,49 @@ RUNS: dict[str, tuple[str, list[str], str]] = {
                       "16 levels without the digital warm-up"),
 }
 
+DEFAULT_RUNS = list(RUNS)  # the report's runs; the ones below are named with --runs
+
+# Issue 16's experiments: the recipe's transform (optical_8bit.yaml, or optical_64levels.yaml)
+# with keys added to its linear and attention entries; `start` writes the variant into the run's
+# folder and trains on it. name -> (base transform, linear keys, attention keys, what it tests).
+VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
+    **{f"shot{n}": ("optical_8bit.yaml", {"q_readout": "shot", "q_photons_per_mac": float(n)},
+                    {"q_readout": "shot", "q_photons_per_mac": float(n)},
+                    f"shot-noise read-out, {n} photons per MAC, 256 levels")
+       for n in (1, 10, 100)},
+    "noise_off": ("optical_8bit.yaml", {"q_noise": False}, {"q_noise": False},
+                  "read-out noise off (q_noise: false), 256 levels"),
+    "q64_p256": ("optical_64levels.yaml", {}, {"q_levels_p": 256}, "64 levels, Q_p at 256"),
+    "q64_s256": ("optical_64levels.yaml", {}, {"q_levels_s": 256}, "64 levels, Q_s at 256"),
+    **{f"q256_{k}64": ("optical_8bit.yaml", {f"q_levels_{k}": 64}, {},
+                       f"256 levels, the linears' Q_{k} alone at 64")
+       for k in ("input", "weight", "output")},
+    **{f"q256_{k}64": ("optical_8bit.yaml", {}, {f"q_levels_{k}": 64},
+                       f"256 levels, attention's Q_{k} alone at 64")
+       for k in ("q", "k", "s", "p", "v", "y")},
+}
+for _name, (_base, _lin, _att, _what) in VARIANTS.items():
+    RUNS[_name] = ("optical", [], _what)
+# Second seeds of the twins (issue 18: the gap after a change of the noise bits, within seeds).
+RUNS["digital_seed1"] = ("digital", ["--debug.seed", "1"], "digital twin, seed 1")
+RUNS["optical_seed1"] = ("optical", ["--debug.seed", "1"], "optical recipe, 256 levels, seed 1")
+
+
+def variant_transform(name: str) -> str:
+    """The YAML of VARIANTS[name]: its base transform with the keys added to the linear entry
+    (the pattern naming wq) and the attention entry (the pattern ending in 'attention')."""
+    import yaml
+
+    base, lin, att, _ = VARIANTS[name]
+    doc = yaml.safe_load((ROOT / T / base).read_text())
+    for pattern, cfg in doc["layer_name_to_config"].items():
+        if cfg is None:
+            continue
+        cfg.update(lin if "wq" in pattern else att if pattern.endswith("attention") else {})
+    return f"# bench/convergence.py variant {name}: {base} + {lin} (linears), {att} (attention)\n" \
+        + yaml.safe_dump(doc, sort_keys=False)
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP = re.compile(r"\bstep:\s+(\d+)\s+loss:\s+([-0-9.naninf]+).*?tps:\s+([0-9,]+)")
 VAL = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([-0-9.naninf]+)")
@@ -63,6 +114,8 @@ CLAMP = re.compile(r"optical clamp fractions step (\d+): (.*)")
 def command(name: str, args) -> list[str]:
     mode, overrides, _ = RUNS[name]
     run_dir = Path(args.workdir) / name
+    if name in VARIANTS:
+        overrides = ["--optical.transform_config", str(run_dir / "transform.yaml"), *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
             "run.py", "--job.config_file", f"train_configs/{mode}_60M.toml",
             "--training.steps", str(args.steps), "--job.dump_folder", str(run_dir),
@@ -75,6 +128,8 @@ def start(args) -> None:
     for name in args.runs:
         run_dir = work / name
         run_dir.mkdir(parents=True, exist_ok=True)
+        if name in VARIANTS:
+            (run_dir / "transform.yaml").write_text(variant_transform(name))
         cmd = command(name, args)
         (run_dir / "command.txt").write_text(shlex.join(cmd[1:]) + "\n")
         shell = f"{shlex.join(cmd)} > {shlex.quote(str(run_dir / 'log.txt'))} 2>&1; " \
@@ -172,7 +227,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("start", "watch", "stop"))
     p.add_argument("--workdir", default="/tmp/optical-convergence")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     p.add_argument("--steps", type=int, default=2000, help="16384 tokens each (2000: 32.8M)")
     p.add_argument("--extra", default="", help="more torchtitan flags for every run")
     p.add_argument("--seconds", type=float, default=500, help="watch: how long")

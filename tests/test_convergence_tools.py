@@ -115,3 +115,26 @@ def test_train_bench_alternates_modes_and_reports_median_and_spread(tmp_path, mo
     only = bt.summarize_mode([{"tps_per_gpu_median": 7.0, "profiled": True,
                                "peak_memory_gib": 1.0}, {"error_tail": "x"}])
     assert only["tps_per_gpu_median"] == 7.0 and only["repeats_timed"] == 1
+
+
+def test_variants_are_valid_transforms_that_change_only_their_keys():
+    """Issue 16's experiment matrix: every variant loads through the transform loader, differs
+    from its base transform exactly by its added keys, in the right module kind, and trains on
+    its own file (the command names it)."""
+    import yaml
+
+    from torchtitan_ext.optical.config import TransformConfig
+
+    conv = _driver()
+    assert set(conv.DEFAULT_RUNS).isdisjoint(conv.VARIANTS)  # named on demand only
+    for name, (base, lin, att, _) in conv.VARIANTS.items():
+        doc = yaml.safe_load(conv.variant_transform(name))
+        TransformConfig.from_dict(doc)
+        ref = yaml.safe_load((ROOT / conv.T / base).read_text())["layer_name_to_config"]
+        for pattern, cfg in doc["layer_name_to_config"].items():
+            added = lin if "wq" in pattern else att if pattern.endswith("attention") else {}
+            assert cfg == (None if ref[pattern] is None else {**ref[pattern], **added}), name
+        assert lin or att, name
+        args = type("A", (), {"workdir": "/w", "steps": 10, "extra": ""})()
+        cmd = conv.command(name, args)
+        assert cmd[cmd.index("--optical.transform_config") + 1] == f"/w/{name}/transform.yaml"

@@ -102,7 +102,8 @@ def test_philox_matches_triton_randint4x():
     _randint4x[(1,)](out, 4242, 64)
     words = out.cpu().to(torch.int64) & 0xFFFFFFFF
     expect = R.philox_uniform(4242, 0, torch.arange(256))
-    assert torch.equal((words >> 8).float() / 16777216.0, expect)
+    # u = (j + 1/2) 2^-23 with j the word's top 23 bits (section 1.3, b = 23)
+    assert torch.equal(((words >> 9).float() + 0.5) / 8388608.0, expect)
     # Elements of one block draw different words (no repeats inside a block).
     assert (expect.view(64, 4).diff(dim=1) != 0).all()
 

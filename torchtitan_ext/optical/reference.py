@@ -12,7 +12,8 @@ Conventions shared with the kernels:
   layer's `q_init_seed`. Element `idx` (its 64-bit global index) takes output word idx & 3 of the
   block at counter (c_lo, c_hi, 0, 0), c = idx >> 2 -- as `tl.randint4x` lays out four draws --
   so one Philox serves four consecutive elements (docs/semantics-notes.md says why). Word w gives
-  u = (w >> 8) * 2^-24, exactly representable in float32, in [0, 1).
+  u = ((w >> 8) | 1) * 2^-24 = (j + 1/2) * 2^-23 with j = w >> 9: the page's unbiased draw with
+  b = 23 random bits, exactly representable in float32, in (0, 1).
 - The global index of an element is described by an `IndexMap`: the local tensor is a block of a
   larger logical tensor (data-, tensor- or sequence-parallel shards), at per-dimension offsets.
 """
@@ -120,8 +121,9 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _philox_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor,
                    counter_word2: int = 0) -> torch.Tensor:
-    """The 24-bit draw (int64) behind `philox_uniform`; `counter_word2` is Philox counter word 2
-    (0 for the rounding noise and Box-Muller's first draw, 1 for Box-Muller's second)."""
+    """The odd 24-bit draw 2 j + 1 (int64, j = word >> 9) behind `philox_uniform`;
+    `counter_word2` is Philox counter word 2 (0 for the rounding noise and Box-Muller's first
+    draw, 1 for Box-Muller's second)."""
     index = index.to(torch.int64)
     counter = index >> 2
     c0 = counter & _M32
@@ -141,12 +143,12 @@ def _philox_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor,
         k1 = (k1 + PHILOX_KEY_B) & _M32
     lane = index & 3
     word = torch.where(lane < 2, torch.where(lane == 0, c0, c1), torch.where(lane == 2, c2, c3))
-    return word >> 8
+    return (word >> 8) | 1
 
 
 def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float32 for every int64 `index`, keyed by (seed, stream): word index & 3 of
-    the Philox-4x32-10 block at counter index >> 2."""
+    """u = (j + 1/2) 2^-23 in (0, 1), float32, for every int64 `index`, keyed by (seed, stream):
+    j = bits 9..31 of word index & 3 of the Philox-4x32-10 block at counter index >> 2."""
     return _philox_bits24(seed, stream, index).to(torch.float32) * (1.0 / 16777216.0)
 
 
@@ -156,7 +158,7 @@ TWO_PI = 6.2831854820251465  # float32(2 pi)
 def shot_normal(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """Standard normal z (float32) per int64 `index` for the shot read-out, by Box-Muller:
     w1 = the rounding noise's 24-bit draw (counter (idx >> 2, 0, 0) word idx & 3), w2 = the same
-    word of the block at counter word 2 = 1; u1 = 1 - w1 2^-24 in (0, 1], u2 = w2 2^-24;
+    word of the block at counter word 2 = 1; u1 = 1 - w1 2^-24 in (0, 1), u2 = w2 2^-24;
     z = sqrt(-2 ln u1) * cos(2 pi u2), every op in float32 (docs/semantics-notes.md)."""
     w1 = _philox_bits24(seed, stream, index, 0).to(torch.float32)
     w2 = _philox_bits24(seed, stream, index, 1).to(torch.float32)

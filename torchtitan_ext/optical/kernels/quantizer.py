@@ -83,14 +83,16 @@ def _philox4_c2(seed, stream, counter, C2: tl.constexpr):
 
 @triton.jit
 def _bits24(word):
-    return (word >> 8).to(tl.float32)
+    # (word >> 8) | 1 = 2 j + 1 with j = word >> 9 (23 random bits): u = (2 j + 1) 2^-24 =
+    # (j + 1/2) 2^-23, the page's unbiased draw with b = 23, exact in float32 (section 1.3)
+    return ((word >> 8) | 1).to(tl.float32)
 
 
 @triton.jit
 def philox_bits24(seed, stream, index):
-    """The 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24, for any
-    int64 `index` tensor: word (index & 3) of the Philox-4x32-10 block at counter index >> 2, key
-    (seed, stream), shifted right by 8, as the reference. One Philox per element (three of its
+    """The odd 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24, for
+    any int64 `index` tensor: word (index & 3) of the Philox-4x32-10 block at counter index >> 2,
+    key (seed, stream), shifted right by 8 with its lowest bit set, as the reference. One Philox per element (three of its
     four words thrown away): for index sets without aligned runs of four; hot loops whose indices
     come in aligned runs use `philox_bits24_runs`. Returning w lets a hot loop fold "+ u" into one
     exact fma (`quantize_with_bits24`)."""
@@ -149,7 +151,8 @@ def philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W: tl.constexpr,
 
 @triton.jit
 def philox_uniform(seed, stream, index):
-    """u in [0, 1) (float32) for int64 `index`, keyed by (seed, stream); same as the reference."""
+    """u = (j + 1/2) 2^-23 in (0, 1) (float32) for int64 `index`, keyed by (seed, stream); same
+    as the reference."""
     return philox_bits24(seed, stream, index) * (1.0 / 16777216.0)
 
 
@@ -312,7 +315,7 @@ _TWO_PI = tl.constexpr(6.2831854820251465)  # float32(2 pi), as reference.TWO_PI
 @triton.jit
 def box_muller(w1, w2):
     """Standard normal z from the two 24-bit Philox words (float32, as `philox_bits24` returns):
-    u1 = 1 - w1 2^-24 in (0, 1] (exact), u2 = w2 2^-24, z = sqrt(-2 ln u1) cos(u2 2 pi), the
+    u1 = 1 - w1 2^-24 in (0, 1) (exact), u2 = w2 2^-24, z = sqrt(-2 ln u1) cos(u2 2 pi), the
     reference's `shot_normal` op for op (sqrt correctly rounded; log and cos are the platform's
     float32 functions, within a few ulp of torch's)."""
     u1 = 1.0 - w1 * (1.0 / 16777216.0)

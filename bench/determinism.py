@@ -6,7 +6,11 @@ and the same `--debug.seed`:
   a: STEPS steps, a checkpoint at RESUME_STEP;
   b: the same again, in a fresh dump folder;
   resumed: a fresh dump folder holding only a copy of a's `checkpoint/step-RESUME_STEP`, run to
-     STEPS: torchtitan loads it and trains steps RESUME_STEP+1 .. STEPS.
+     STEPS: torchtitan loads it and trains steps RESUME_STEP+1 .. STEPS;
+  fallback (unless --no-fallback): a copy of a's step-RESUME_STEP and of its newest step folder
+     with its largest data file truncated to half (a damaged newest checkpoint): the resume
+     skips the damaged folder with a warning, loads step-RESUME_STEP, and must repeat a's
+     steps after it as `resumed` does (issue 17's fallback, on the GPU).
 Losses are read at full float32 precision from TensorBoard (`loss_metrics/global_avg_loss`), not
 from the 5-digit log line. The verdict: a == b at every step, and resumed == a at every step after
 RESUME_STEP, bit for bit. The digital warm-up is off (optical from the first step, which
@@ -15,6 +19,9 @@ calibrates the ranges) so that every step runs the optical kernels.
 Command for the lead (one H200, from the repository root):
 
     PYTHONPATH=$PWD python3 bench/determinism.py --out bench/results/determinism-h200.json
+
+The fallback run answers issue 17 on the GPU: a damaged newest checkpoint is skipped and the
+resume still repeats the uninterrupted run.
 
 `--config train_configs/debug_model.toml --extra "--training.seq_len 64 ..."` runs the same check
 on the CPU debug model (tests/test_determinism.py does that in CI). Exit status 0 when
@@ -92,6 +99,26 @@ def run(args, dump: Path) -> dict:
         return rec
     rec["resumed_from_checkpoint"] = "Loading the checkpoint" in r.stdout + r.stderr
     rec["losses"] = tb_scalars(dump)
+    rec["log"] = r.stdout + r.stderr  # read by fallback_run, dropped before the JSON
+    return rec
+
+
+def fallback_run(args, work: Path, ckpt: Path) -> dict:
+    """A resume whose newest step folder is damaged (its largest file cut to half): it must warn,
+    skip that folder and load `ckpt` instead."""
+    newest = max((d for d in ckpt.parent.glob("step-*") if d.is_dir()),
+                 key=lambda d: int(d.name.split("-")[1]))
+    dest = work / "fallback" / "checkpoint"
+    shutil.copytree(ckpt, dest / ckpt.name)
+    if newest == ckpt:
+        return {"error_tail": f"no step folder newer than {ckpt.name} to damage"}
+    shutil.copytree(newest, dest / newest.name)
+    victim = max((dest / newest.name).rglob("*.distcp"), key=lambda f: f.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    rec = run(args, work / "fallback")
+    rec["damaged"] = str(victim.relative_to(work))
+    rec["skipped"] = "skipped newer step folder(s) that cannot be loaded" in rec.pop("log", "")
     return rec
 
 
@@ -106,6 +133,8 @@ def main() -> int:
     p.add_argument("--port", type=int, default=29613)
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default="bench/results/determinism-h200.json")
+    p.add_argument("--no-fallback", dest="fallback", action="store_false",
+                   help="skip the damaged-newest-checkpoint resume")
     args = p.parse_args()
     if not 1 <= args.resume_step < args.steps:
         p.error(f"--resume-step must be in 1..{args.steps - 1}, got {args.resume_step}")
@@ -116,6 +145,8 @@ def main() -> int:
     if ckpt.is_dir():
         shutil.copytree(ckpt, work / "resumed" / "checkpoint" / ckpt.name)
         runs["resumed"] = run(args, work / "resumed")
+    if ckpt.is_dir() and args.fallback:
+        runs["fallback"] = fallback_run(args, work, ckpt)
     failed = [k for k, r in runs.items() if "losses" not in r] or ([] if ckpt.is_dir()
                                                                   else ["no checkpoint"])
     record = {"config": args.config, "steps": args.steps, "resume_step": args.resume_step,
@@ -132,11 +163,18 @@ def main() -> int:
                               runs["resumed"]["losses"], args.steps, args.resume_step))
         record["deterministic"] = record["deterministic"] and runs["resumed"][
             "resumed_from_checkpoint"]
+        if "fallback" in runs:
+            fb = compare(runs["a"]["losses"], runs["a"]["losses"], runs["fallback"]["losses"],
+                         args.steps, args.resume_step)
+            record["fallback_identical"] = fb["resume_identical"] and runs["fallback"]["skipped"]
+    for r in runs.values():
+        r.pop("log", None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}))
     print(f"wrote {args.out}")
-    return 2 if failed else (0 if record["deterministic"] else 1)
+    ok = record.get("deterministic") and record.get("fallback_identical", True)
+    return 2 if failed else (0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -1139,27 +1139,14 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     interp = _interpreting()
     # decode table only for cached steps: the training path (Lq == Lk) keeps its tiles and bits
     BM, BN, warps, stages = _config("fwd", D, interp, LQ if LQ < L else None, q.dtype)
-    has_lut = lut is not None and lut > 0
     has_kpm, kpm = _key_mask_arg(key_padding_mask, dev)
     lv = _levels6(levels)
     lkw = _level_kw(lv, noise, photons, D)
     nky = _nk_y(B, LQ, L, causal, q_start, key_padding_mask, photons, dev) \
         if lkw["NOISE"] == 2 else None
 
-    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
-    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
-    blk = 32  # elementwise pre-pass: small blocks keep register use (and occupancy) sane
-    n_prep = triton.cdiv(L, blk)
-    part_kv = torch.empty((max(B * HKV * n_prep, 1), 4) if observe else (1, 4),
-                          dtype=torch.float32, device=dev)
-    inv = torch.empty(5, dtype=torch.float32, device=dev)
-    _prep_kv_kernel[(n_prep, HKV, B)](
-        k, v, kq, vq, part_kv, inv, q_range, k_range, v_range, s_range, y_range,
-        *k.stride(), *v.stride(), HKV, L,
-        float(lut) if has_lut else 0.0,
-        LEVELS=lv[1], LEVELS_V=lv[4], HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe,
-        num_warps=4, **_OPTS)
-
+    kq, vq, part_kv, inv = _quantize_kv(k, v, (q_range, k_range, v_range, s_range, y_range),
+                                        lv, lut, observe)
     y = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
     num_m = triton.cdiv(LQ, BM)
@@ -1183,17 +1170,43 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         INTERP=interp, **lkw, QSTART_PTR=q_start_dev,
         num_warps=warps, num_stages=stages, **_OPTS)
     del codes, kq, vq
+    return y, lse, _observations(part, part_kv, observe, dev)
 
+
+def _quantize_kv(k, v, ranges, lv, lut, observe: bool):
+    """The forward's pre-pass: (Q_k(k), Q_v(v) as contiguous [B, Hkv, L, D] temporaries, the
+    partial (min, max) of k and v per program, the five range reciprocals). `ranges`: the
+    (q, k, v, s, y) range tensors."""
+    B, HKV, L, D = k.shape
+    dev = k.device
+    has_lut = lut is not None and lut > 0
+    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
+    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
+    blk = 32  # elementwise pre-pass: small blocks keep register use (and occupancy) sane
+    n_prep = triton.cdiv(L, blk)
+    part_kv = torch.empty((max(B * HKV * n_prep, 1), 4) if observe else (1, 4),
+                          dtype=torch.float32, device=dev)
+    inv = torch.empty(5, dtype=torch.float32, device=dev)
+    _prep_kv_kernel[(n_prep, HKV, B)](
+        k, v, kq, vq, part_kv, inv, *ranges, *k.stride(), *v.stride(), HKV, L,
+        float(lut) if has_lut else 0.0,
+        LEVELS=lv[1], LEVELS_V=lv[4], HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=observe,
+        num_warps=4, **_OPTS)
+    return kq, vq, part_kv, inv
+
+
+def _observations(part, part_kv, observe: bool, dev) -> torch.Tensor:
+    """float32 [5, 2]: (min, max) of q, k, v, S, y_raw folded from the programs' partials by
+    device reductions; (+inf, -inf) rows when not observing."""
     if observe:
         fwd_mm = torch.stack([part[:, 0::2].amin(0), part[:, 1::2].amax(0)], dim=1)  # q, s, y
         kv_mm = torch.stack([part_kv[:, 0::2].amin(0), part_kv[:, 1::2].amax(0)], dim=1)  # k, v
-        obs = torch.cat([fwd_mm[:1], kv_mm, fwd_mm[1:]])
-    else:
-        # Built with fills, not from a host list: no host-to-device copy.
-        obs = torch.empty((5, 2), dtype=torch.float32, device=dev)
-        obs[:, 0].fill_(float("inf"))
-        obs[:, 1].fill_(float("-inf"))
-    return y, lse, obs
+        return torch.cat([fwd_mm[:1], kv_mm, fwd_mm[1:]])
+    # Built with fills, not from a host list: no host-to-device copy.
+    obs = torch.empty((5, 2), dtype=torch.float32, device=dev)
+    obs[:, 0].fill_(float("inf"))
+    obs[:, 1].fill_(float("-inf"))
+    return obs
 
 
 def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range, seeds, *, levels,
@@ -1226,17 +1239,9 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     lkw = _level_kw(lv, noise, photons, D)
     if dy.dtype != q.dtype:
         dy = dy.to(q.dtype)
-    y = y.contiguous()
     stats = stats.contiguous()
-
-    qq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
-    delta = torch.empty((B, H, LQ), dtype=torch.float32, device=dev)
-    blk = 32
-    inv = torch.empty(5, dtype=torch.float32, device=dev)
-    _prep_bwd_kernel[(triton.cdiv(LQ, blk), H, B)](
-        q, dy, y, qq, delta, inv, q_range, k_range, v_range, s_range, *q.stride(), *dy.stride(),
-        H, LQ,
-        LEVELS=lv[0], D=D, BLK=blk, num_warps=4, **_OPTS)
+    qq, delta, inv = _prepare_backward(q, dy, y.contiguous(), (q_range, k_range, v_range, s_range),
+                                       lv[0])
 
     if deterministic is None:  # a host-side flag, not a tensor value: no synchronisation
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -1263,10 +1268,25 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
 
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+    blk = 32
     _dq_finish_kernel[(triton.cdiv(LQ, blk), H, B)](
         dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
     return dq, dk, dv
+
+
+def _prepare_backward(q, dy, y, ranges, levels_q: int):
+    """The backward's pre-pass: (Q_q(q) as a contiguous temporary, D_i = rowsum(dY * Y) float32
+    [B, H, Lq], the five range reciprocals). `ranges`: the (q, k, v, s) range tensors."""
+    B, H, LQ, D = q.shape
+    qq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=q.device)
+    delta = torch.empty((B, H, LQ), dtype=torch.float32, device=q.device)
+    inv = torch.empty(5, dtype=torch.float32, device=q.device)
+    blk = 32
+    _prep_bwd_kernel[(triton.cdiv(LQ, blk), H, B)](
+        q, dy, y, qq, delta, inv, *ranges, *q.stride(), *dy.stride(), H, LQ,
+        LEVELS=levels_q, D=D, BLK=blk, num_warps=4, **_OPTS)
+    return qq, delta, inv
 
 
 def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range, s_range,
@@ -1280,19 +1300,10 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
     dev = q.device
     interp = _interpreting()
     BM, BN, warps, stages = _config("dq", D, interp, LQ if LQ < L else None, q.dtype)
-    has_lut = lut is not None and lut > 0
     lv = _levels6(levels)
     lkw = _level_kw(lv, noise, photons, D)
-    kq = torch.empty((B, HKV, L, D), dtype=k.dtype, device=dev)
-    vq = torch.empty((B, HKV, L, D), dtype=v.dtype, device=dev)
-    scratch = torch.empty((1, 4), dtype=torch.float32, device=dev)
-    inv_kv = torch.empty(5, dtype=torch.float32, device=dev)
-    blk = 32
-    _prep_kv_kernel[(triton.cdiv(L, blk), HKV, B)](
-        k, v, kq, vq, scratch, inv_kv, q_range, k_range, v_range, s_range, s_range,
-        *k.stride(), *v.stride(), HKV, L, float(lut) if has_lut else 0.0,
-        LEVELS=lv[1], LEVELS_V=lv[4], HAS_LUT=has_lut, D=D, BLK=blk, OBSERVE=False,
-        num_warps=4, **_OPTS)
+    kq, vq, _, _ = _quantize_kv(k, v, (q_range, k_range, v_range, s_range, s_range), lv, lut,
+                                False)
     del vq
     dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
     _bwd_dq_kernel[(triton.cdiv(LQ, BM), H, B)](

@@ -99,6 +99,8 @@ def main() -> None:
     args.config = args.config or f"train_configs/optical_{args.flavor}.toml"
     if not (ROOT / args.config).is_file():
         ap.error(f"--flavor/--config: no file {args.config}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.interval < 3 or args.steps <= 2 * args.interval:
         ap.error("--interval must be >= 3 and --steps > 2 x --interval (at least two saves)")
     try:

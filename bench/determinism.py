@@ -99,7 +99,8 @@ def run(args, dump: Path) -> dict:
         return rec
     rec["resumed_from_checkpoint"] = "Loading the checkpoint" in r.stdout + r.stderr
     rec["losses"] = tb_scalars(dump)
-    rec["log"] = r.stdout + r.stderr  # read by fallback_run, dropped before the JSON
+    rec["skipped_damaged_checkpoint"] = ("skipped newer step folder(s) that cannot be loaded"
+                                         in r.stdout + r.stderr)
     return rec
 
 
@@ -116,10 +117,7 @@ def fallback_run(args, work: Path, ckpt: Path) -> dict:
     victim = max((dest / newest.name).rglob("*.distcp"), key=lambda f: f.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    rec = run(args, work / "fallback")
-    rec["damaged"] = str(victim.relative_to(work))
-    rec["skipped"] = "skipped newer step folder(s) that cannot be loaded" in rec.pop("log", "")
-    return rec
+    return {**run(args, work / "fallback"), "damaged": str(victim.relative_to(work))}
 
 
 def main() -> int:
@@ -166,9 +164,8 @@ def main() -> int:
         if "fallback" in runs:
             fb = compare(runs["a"]["losses"], runs["a"]["losses"], runs["fallback"]["losses"],
                          args.steps, args.resume_step)
-            record["fallback_identical"] = fb["resume_identical"] and runs["fallback"]["skipped"]
-    for r in runs.values():
-        r.pop("log", None)
+            record["fallback_identical"] = (fb["resume_identical"]
+                                            and runs["fallback"]["skipped_damaged_checkpoint"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}))

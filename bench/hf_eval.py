@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["optical_code_ll", "optical_code_gen"]
 CONFIG = "train_configs/optical_60M.toml"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -101,14 +102,19 @@ def _prompts(tokenizer, n: int, lo: int, hi: int) -> list[str]:
     raise SystemExit(f"error: the validation corpus has fewer than {n} documents of {hi} tokens")
 
 
+def _generate(model, batch, n: int, use_cache: bool, **kw):
+    """Greedy generate of exactly n new tokens (the one call every measurement below makes)."""
+    return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          use_cache=use_cache, pad_token_id=model.config.pad_token_id, **kw)
+
+
 def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int,
                     **kw):
     import torch
 
     def call(n):
         torch.manual_seed(0)
-        return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              use_cache=use_cache, pad_token_id=model.config.pad_token_id, **kw)
+        return _generate(model, batch, n, use_cache, **kw)
 
     print(f"generate use_cache={use_cache} {kw}: {warmup} warm-up tokens, then {new_tokens}",
           flush=True)
@@ -159,9 +165,7 @@ def _timeline(model, batch, tokens: int, use_cache: bool, device: str) -> dict:
 
     clock = _StepClock(device)
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       use_cache=use_cache, pad_token_id=model.config.pad_token_id,
-                       logits_processor=LogitsProcessorList([clock]))
+        _generate(model, batch, tokens, use_cache, logits_processor=LogitsProcessorList([clock]))
     ms = clock.steps_ms()
     print(f"timeline use_cache={use_cache}: " + " ".join(f"{x:.0f}" for x in ms), flush=True)
     return {"use_cache": use_cache, "step_ms": [round(x, 2) for x in ms]}
@@ -176,8 +180,7 @@ def _profile(model, batch, tokens: int, device: str, out: Path) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       use_cache=True, pad_token_id=model.config.pad_token_id)
+        _generate(model, batch, tokens, True)
         _sync(device)
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
@@ -255,6 +258,11 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-min", type=int, default=64)
     p.add_argument("--prompt-max", type=int, default=192)
     args = p.parse_args(argv)
+    bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
+    if bad:
+        p.error(f"--dtypes: {', '.join(bad)} not allowed; allowed: {', '.join(DTYPES)}")
+    if args.timeline < 0:
+        p.error(f"--timeline must be >= 0 (0: off), got {args.timeline}")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": args.config, "t0": time.time()}

@@ -48,6 +48,30 @@ def _child(case: dict) -> int:
     return code
 
 
+def run_forked(argvs: list[list[str]], folder, env: dict[str, str], *,
+               case_env: dict[str, str] | None = None, timeout: float = 300.0) -> list[dict]:
+    """The tests' side: run `python run.py ARGV` for each argument list through this script in a
+    subprocess (environment `env`, each child adding `case_env`), outputs under `folder`.
+    Returns per case {"returncode", "stdout", "stderr", "elapsed"}."""
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = [{"argv": list(argv), "stdout": str(folder / f"{i}.out"),
+              "stderr": str(folder / f"{i}.err"), "env": dict(case_env or {})}
+             for i, argv in enumerate(argvs)]
+    (folder / "cases.json").write_text(json.dumps(cases))
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, __file__, str(folder / "cases.json")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=timeout * len(argvs))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    return [{**res, "stdout": Path(c["stdout"]).read_text(errors="replace"),
+             "stderr": Path(c["stderr"]).read_text(errors="replace")}
+            for c, res in zip(cases, results)]
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         cases = json.load(f)

@@ -165,24 +165,13 @@ def run_py_forked(*argvs: list[str], folder: Path) -> list[subprocess.CompletedP
     one after the other, each in a fresh process forked from one interpreter that imported
     run.py's imports once (tests/run_py_forked.py): the same exit status and output as separate
     launches without paying the ~4 s import for each."""
-    import json
+    from run_py_forked import run_forked
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cases = [{"argv": list(argv), "stdout": str(folder / f"{i}.out"),
-              "stderr": str(folder / f"{i}.err"),
-              "env": dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))}
-             for i, argv in enumerate(argvs)]
-    (folder / "cases.json").write_text(json.dumps(cases))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "run_py_forked.py"),
-                        str(folder / "cases.json")], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300 * len(argvs))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
-    return [subprocess.CompletedProcess(case["argv"], res["returncode"],
-                                        Path(case["stdout"]).read_text(errors="replace"),
-                                        Path(case["stderr"]).read_text(errors="replace"))
-            for case, res in zip(cases, results)]
+    torchrun_vars = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    return [subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"])
+            for argv, r in zip(argvs, run_forked(list(argvs), folder, _env(),
+                                                 case_env=torchrun_vars))]
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """Bitwise determinism end to end (semantics 6b) on the CPU debug model, and the verdict logic of
 bench/determinism.py (its GPU counterpart for the 60M flavor).
 
-With `--debug.deterministic` two identical 10-step runs give the same losses bit for bit, and a run
-resumed from the step-5 checkpoint repeats steps 6-10 exactly (step 10 is a statistics step). Losses are compared at full
+With `--debug.deterministic` two identical 20-step runs give the same losses bit for bit, and a run
+resumed from the step-10 checkpoint repeats steps 11-20 exactly. Losses are compared at full
 float32 precision (TensorBoard scalars), not at the 5 digits of the log line.
 """
 
@@ -41,20 +41,20 @@ def test_verdict_needs_every_step_and_exact_equality():
 @pytest.mark.slow
 def test_deterministic_runs_and_resume_repeat_bit_for_bit(tmp_path):
     bench = _bench()
-    common = ["--job.config_file", CONFIG, "--training.steps", "10", "--training.seq_len", "64",
+    common = ["--job.config_file", CONFIG, "--training.steps", "20", "--training.seq_len", "64",
               "--training.local_batch_size", "2", "--debug.deterministic", "--debug.seed", "5",
-              "--checkpoint.enable", "--checkpoint.interval", "5",
+              "--checkpoint.enable", "--checkpoint.interval", "10",
               "--metrics.enable_tensorboard"]
     logs, tb = {}, {}
     for name in ("a", "b", "resumed"):
         if name == "resumed":
-            step5 = tmp_path / "a" / "checkpoint" / "step-5"
-            shutil.copytree(step5, tmp_path / name / "checkpoint" / "step-5")
+            step10 = tmp_path / "a" / "checkpoint" / "step-10"
+            shutil.copytree(step10, tmp_path / name / "checkpoint" / "step-10")
         r = torchrun(1, *common, "--job.dump_folder", str(tmp_path / name))
         logs[name] = r.stdout + r.stderr
         assert r.returncode == 0, logs[name][-4000:]
         tb[name] = bench.tb_scalars(tmp_path / name)
     assert "Loading the checkpoint" in logs["resumed"]
-    verdict = bench.compare(tb["a"], tb["b"], tb["resumed"], 10, 5)
+    verdict = bench.compare(tb["a"], tb["b"], tb["resumed"], 20, 10)
     assert verdict["deterministic"], (verdict, tb)
     assert losses(logs["a"]) == losses(logs["b"])  # and the log lines agree

@@ -188,26 +188,19 @@ def bad_config_runs(tmp_path_factory):
     """Every case as `python run.py --job.config_file CONFIG ...`, each in a fresh process forked
     from one interpreter that imported run.py's imports once (tests/run_py_forked.py): the same
     exit status and output as separate launches, without paying the ~4 s import 11 times."""
-    import json
+    from run_py_forked import run_forked
 
     tmp = tmp_path_factory.mktemp("bad_config")
-    cases = []
+    argvs = []
     for i, case in enumerate(BAD_CASES):
         if case in BAD:
             extra = BAD[case][0]
         else:
             extra = _bad_yaml(tmp, f"bad{i}.yaml", YAML_CASES[case][0])
-        cases.append({"argv": ["--job.config_file", CONFIG, *extra],
-                      "stdout": str(tmp / f"{i}.out"), "stderr": str(tmp / f"{i}.err")})
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "run_py_forked.py"),
-                        str(tmp / "cases.json")], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
-    return {case: (res["returncode"], (tmp / f"{i}.err").read_text(errors="replace"),
-                   res["elapsed"])
-            for i, (case, res) in enumerate(zip(BAD_CASES, results))}
+        argvs.append(["--job.config_file", CONFIG, *extra])
+    results = run_forked(argvs, tmp / "forked", _env(), timeout=60)
+    return {case: (r["returncode"], r["stderr"], r["elapsed"])
+            for case, r in zip(BAD_CASES, results)}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -7,6 +7,7 @@ checkpoint (digital and optical), round-trip it through torchtitan's own HF impo
 pretraining with `run_clm`, and check the error messages. No network: HF_HUB_OFFLINE=1.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -192,6 +193,19 @@ def _call_order(model):
     return order, hooks
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread: a multi-threaded CPU GEMM may split its sums differently from call
+    to call on a loaded machine (seen once in CI: logits one quantizer level apart, 8e-4), which
+    is not what the comparisons here are about."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_optical_logits_equal_torchtitan_optical(exported):
     from torchtitan_ext.hf.transform import transform_hf_model
 
@@ -206,12 +220,7 @@ def test_optical_logits_equal_torchtitan_optical(exported):
 
     order_tt, h1 = _call_order(titan)
     order_hf, h2 = _call_order(hf)
-    threads = torch.get_num_threads()
-    # One thread: a multi-threaded CPU GEMM may split its sums differently from call to call on
-    # a loaded machine (seen once in CI: one quantizer level apart, 8e-4), which is not what
-    # this test is about.
-    torch.set_num_threads(1)
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         torch.manual_seed(1234)
         a = titan(tokens)
         torch.manual_seed(1234)
@@ -221,7 +230,6 @@ def test_optical_logits_equal_torchtitan_optical(exported):
         torch.manual_seed(4321)
         c = hf(tokens).logits
         digital = _titan_model(exported.ck, optical=False)(tokens)
-    torch.set_num_threads(threads)
     # Both frameworks call the optical modules in the same order, so they draw the same seeds.
     assert [titan_to_hf_module(n) for n in order_tt] == order_hf
     assert len(order_hf) == 32
@@ -233,12 +241,9 @@ def test_optical_logits_equal_torchtitan_optical(exported):
     # The folder by name (auto_map, trust_remote_code) is the same optical model, bit for bit.
     by_name = transformers.AutoModelForCausalLM.from_pretrained(exported.out, trust_remote_code=True,
                                                                dtype=torch.float32).eval()
-    torch.set_num_threads(1)
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         torch.manual_seed(1234)
-        same = torch.equal(by_name(tokens).logits, b)
-    torch.set_num_threads(threads)
-    assert same
+        assert torch.equal(by_name(tokens).logits, b)
     assert _rel(c, b) > 1e-4  # the noise is live: another seed gives other logits
     assert _rel(digital, b) > 1e-4  # and the model is optical
 

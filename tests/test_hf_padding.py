@@ -173,10 +173,35 @@ def test_query_start_of_a_4d_mask():
     pad[0, :2] = False  # left padding
     pad[1, 6] = False  # the other element's newest key is padding
     mask = (causal[None] & pad[:, None, :])[:, None]
-    assert int(query_start_of(mask, lq)) == 5
+    assert int(query_start_of(key_padding_mask_of(mask, 2, lk), lq)) == 5
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    assert int(query_start_of(additive, lq)) == 5
-    assert query_start_of(None, lq) is None and query_start_of(pad, lq) is None
+    assert int(query_start_of(key_padding_mask_of(additive, 2, lk), lq)) == 5
+
+
+@pytest.mark.parametrize("mask", ["none", "2d", "4d"])
+def test_only_a_4d_mask_moves_the_position_to_the_device(mask):
+    """Without a mask (a dynamic cache, no padding) or with a 2-D one, a cached step's queries
+    are the last Lq positions, an int; a 4-D mask gives the device position."""
+    from types import SimpleNamespace
+
+    from torchtitan_ext.hf.transform import HF_OPTICAL_ATTENTION, optical_attention_forward
+
+    seen = {}
+
+    def opt(q, k, v, **kw):
+        seen.update(kw)
+        return q
+
+    lq, lk = 2, 7
+    q, k = torch.zeros(2, 4, lq, 16), torch.zeros(2, 2, lk, 16)
+    visible = torch.ones(2, lk, dtype=torch.bool)
+    causal = torch.arange(lk)[None, :] <= (torch.arange(lq)[:, None] + lk - lq)
+    am = {"none": None, "2d": visible.long(), "4d": (causal[None] & visible[:, None])[:, None]}
+    optical_attention_forward(SimpleNamespace(**{HF_OPTICAL_ATTENTION: opt}), q, k, k, am[mask])
+    if mask == "4d":
+        assert isinstance(seen["q_start"], torch.Tensor) and int(seen["q_start"]) == lk - lq
+    else:
+        assert seen["q_start"] == lk - lq and isinstance(seen["q_start"], int)
 
 
 @pytest.mark.parametrize("default", NOISE_OFF)

@@ -89,18 +89,15 @@ def _as_bool_mask(m: torch.Tensor) -> torch.Tensor:
     return m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
 
 
-def query_start_of(attention_mask, q_len: int) -> torch.Tensor | None:
-    """0-d int64 device tensor: the absolute position of query row 0 of a cached step, read from
-    transformers' 4-D mask [B, 1, Lq, Lk] (None for other masks). The last query row is the
-    newest token, at the position of the newest key it sees; rows of a batch share positions,
-    so the maximum over the batch also covers an element whose last row is padding. Device ops
-    only: a static cache keeps its position on the device, and a CUDA graph of the step must
-    not bake it in as a Python int."""
-    if attention_mask is None or attention_mask.dim() != 4:
-        return None
-    last = _as_bool_mask(attention_mask[:, 0, -1, :])
-    k_len = last.shape[-1]
-    newest = (k_len - 1) - last.flip(-1).to(torch.int32).argmax(-1)
+def query_start_of(last_row_keys: torch.Tensor, q_len: int) -> torch.Tensor:
+    """0-d int64 device tensor: the absolute position of query row 0 of a cached step, from the
+    keys the last query row sees (bool [B, Lk]: `key_padding_mask_of` a 4-D mask). The last
+    query row is the newest token, at the position of the newest key it sees; rows of a batch
+    share positions, so the maximum over the batch also covers an element whose last row is
+    padding. Device ops only: a static cache keeps its position on the device, and a CUDA graph
+    of the step must not bake it in as a Python int."""
+    k_len = last_row_keys.shape[-1]
+    newest = (k_len - 1) - last_row_keys.flip(-1).to(torch.int32).argmax(-1)
     return (newest.amax() - (q_len - 1)).to(torch.int64)
 
 
@@ -140,9 +137,11 @@ def optical_attention_forward(module, query, key, value, attention_mask, scaling
                                       scaling=scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
     kpm = key_padding_mask_of(attention_mask, query.shape[0], k_len)
-    q_start = query_start_of(attention_mask, q_len) if q_len < k_len else None
+    q_start = k_len - q_len
+    if q_len < k_len and attention_mask is not None and attention_mask.dim() == 4:
+        q_start = query_start_of(kpm, q_len)  # kpm is the mask's last row: what it sees
     y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
-            q_start=k_len - q_len if q_start is None else q_start)
+            q_start=q_start)
     return y.transpose(1, 2).contiguous(), None
 
 

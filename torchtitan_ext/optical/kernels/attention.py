@@ -1123,8 +1123,8 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     key_padding_mask None or bool [B, Lk] (True = visible); q_start: absolute position of query
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
     [.., Lk, Lk] / [.., Lk, D] tensors; an int, or a 0-d int64 device tensor read in-kernel (a
-    static-cache decoding step: one CUDA graph serves every position). noise=False (`q_noise: false`): Q_s and Q_y round
-    deterministically, no Philox runs. levels: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v,
+    static-cache decoding step: one CUDA graph serves every position). noise=False
+    (`q_noise: false`): Q_s and Q_y round deterministically, no Philox runs. levels: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v,
     Q_y). photons > 0: the shot read-out of Q_s (K = D) and Q_y (K = the keys the row sees).
 
     Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =

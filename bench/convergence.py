@@ -8,7 +8,7 @@ one GPU: a 60M model leaves most of an H200 idle, so sharing it costs each run l
 
     python3 bench/convergence.py start --workdir /tmp/conv            # returns at once
     python3 bench/convergence.py watch --workdir /tmp/conv --seconds 500 --out $OUT/convergence.json
-    python3 bench/convergence.py stop --workdir /tmp/conv --runs q16  # end runs early
+    python3 bench/convergence.py stop --workdir /tmp/conv --runs q16  # end early, lane too
 
 Without --runs, the report's runs (digital, optical, precision sweep, recipe ablation). Named
 with --runs: issue 16's variants (VARIANTS: shot-noise read-out at 1/10/100 photons per MAC,
@@ -116,31 +116,42 @@ def command(name: str, args) -> list[str]:
     run_dir = Path(args.workdir) / name
     if name in VARIANTS:
         overrides = ["--optical.transform_config", str(run_dir / "transform.yaml"), *overrides]
+    # Checkpoints only where asked (a run evaluated afterwards): the others skip the disk writes.
+    ckpt = ["--checkpoint.no-enable"] if name not in args.checkpoint_runs else [
+        "--checkpoint.interval", str(args.checkpoint_interval), "--checkpoint.keep_latest_k", "2"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
             "run.py", "--job.config_file", f"train_configs/{mode}_60M.toml",
             "--training.steps", str(args.steps), "--job.dump_folder", str(run_dir),
-            "--checkpoint.no-enable", "--debug.seed", "0", *overrides, *shlex.split(args.extra)]
+            *ckpt, "--debug.seed", "0", *overrides, *shlex.split(args.extra)]
 
 
 def start(args) -> None:
+    """Launch the runs in --max-parallel lanes: each lane is one detached shell that trains its
+    runs one after another (a 60M run holds ~10 GiB on an H200: 20 at once ran out of memory)."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    for name in args.runs:
+    lanes: list[list[str]] = [[] for _ in range(min(args.max_parallel, len(args.runs)))]
+    for i, name in enumerate(args.runs):
         run_dir = work / name
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("rc", "log.txt", "pid"):  # a previous attempt's status must not show
+            (run_dir / stale).unlink(missing_ok=True)
         if name in VARIANTS:
             (run_dir / "transform.yaml").write_text(variant_transform(name))
         cmd = command(name, args)
         (run_dir / "command.txt").write_text(shlex.join(cmd[1:]) + "\n")
-        shell = f"{shlex.join(cmd)} > {shlex.quote(str(run_dir / 'log.txt'))} 2>&1; " \
-                f"echo $? > {shlex.quote(str(run_dir / 'rc'))}"
-        # Several runs share the host: one CPU thread each for ops, a few compile workers.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "4"}
-        proc = subprocess.Popen(["bash", "-c", shell], cwd=ROOT, start_new_session=True, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        lanes[i % len(lanes)].append(
+            f"{shlex.join(cmd)} > {shlex.quote(str(run_dir / 'log.txt'))} 2>&1; "
+            f"echo $? > {shlex.quote(str(run_dir / 'rc'))}")
+    # Several runs share the host: one CPU thread each for ops, a few compile workers.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "4"}
+    for i, lane in enumerate(lanes):
+        proc = subprocess.Popen(["bash", "-c", "; ".join(lane)], cwd=ROOT, start_new_session=True,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        (run_dir / "pid").write_text(str(proc.pid))
-        print(f"started {name}: {shlex.join(cmd[1:])}", flush=True)
+        for name in args.runs[i::len(lanes)]:
+            (work / name / "pid").write_text(str(proc.pid))
+        print(f"lane {i}: {' then '.join(args.runs[i::len(lanes)])}", flush=True)
 
 
 def parse_run(run_dir: Path) -> dict:
@@ -165,7 +176,8 @@ def parse_run(run_dir: Path) -> dict:
                                         (kv.split("=") for kv in m.group(2).split())}
     rc = run_dir / "rc"
     rec["returncode"] = int(rc.read_text()) if rc.exists() and rc.read_text().strip() else None
-    rec["status"] = ("running" if rec["returncode"] is None
+    rec["status"] = ("queued" if rec["returncode"] is None and not (run_dir / "log.txt").exists()
+                     else "running" if rec["returncode"] is None
                      else "done" if rec["returncode"] == 0 else "failed")
     rec["nonfinite_stop"] = "training stopped: the loss or the gradients are not finite" in log
     if rec["tps"][2:]:
@@ -195,7 +207,8 @@ def watch(args) -> None:
             tps = f"{r['tps'][-1] / 1000:.0f}k" if r["tps"] else "-"
             line.append(f"{name}:{r['status'][0]}{step}/v{val}/{tps}")
         print(time.strftime("%H:%M:%S"), " ".join(line), flush=True)
-        if all(r["status"] != "running" for r in data["runs"].values()) or time.time() >= deadline:
+        busy = any(r["status"] in ("running", "queued") for r in data["runs"].values())
+        if not busy or time.time() >= deadline:
             break
         time.sleep(min(args.interval, max(1.0, deadline - time.time())))
     for name, r in data["runs"].items():
@@ -213,6 +226,7 @@ def watch(args) -> None:
 
 
 def stop(args) -> None:
+    """SIGTERM to each named run's lane: the run and the runs queued after it in its lane."""
     for name in args.runs:
         pid_file = Path(args.workdir) / name / "pid"
         if pid_file.exists():
@@ -229,12 +243,19 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/optical-convergence")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     p.add_argument("--steps", type=int, default=2000, help="16384 tokens each (2000: 32.8M)")
+    p.add_argument("--max-parallel", type=int, default=10,
+                   help="runs training at once (lanes); the others queue")
+    p.add_argument("--checkpoint-runs", nargs="*", default=[], choices=list(RUNS),
+                   help="runs that keep checkpoints (every --checkpoint-interval steps, last 2)")
+    p.add_argument("--checkpoint-interval", type=int, default=100)
     p.add_argument("--extra", default="", help="more torchtitan flags for every run")
     p.add_argument("--seconds", type=float, default=500, help="watch: how long")
     p.add_argument("--interval", type=float, default=60, help="watch: seconds between reports")
     p.add_argument("--out", default="", help="watch: JSON of everything parsed so far")
     p.add_argument("--archive", default="", help="watch: .tar.gz of the TensorBoard logs and logs")
     args = p.parse_args()
+    if args.max_parallel < 1:
+        p.error(f"--max-parallel must be >= 1, got {args.max_parallel}")
     {"start": start, "watch": watch, "stop": stop}[args.action](args)
 
 

@@ -109,24 +109,29 @@ def _generate(model, batch, n: int, use_cache: bool, **kw):
 
 
 def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str, warmup: int,
-                    **kw):
+                    warmup_kw: dict | None = None, **kw):
+    """Seconds of a greedy generate of `new_tokens` after an untimed one of `warmup` tokens
+    (which also gets `warmup_kw`, e.g. a step clock); returns (seconds, warm-up seconds, ids)."""
     import torch
 
-    def call(n):
+    def call(n, **extra):
         torch.manual_seed(0)
-        return _generate(model, batch, n, use_cache, **kw)
+        return _generate(model, batch, n, use_cache, **kw, **extra)
 
     print(f"generate use_cache={use_cache} {kw}: {warmup} warm-up tokens, then {new_tokens}",
           flush=True)
     with torch.no_grad():
         t0 = time.perf_counter()
-        call(warmup)  # warm-up: kernels compiled and autotuned, caches allocated
+        call(warmup, **(warmup_kw or {}))  # warm-up: kernels compiled, caches allocated
         _sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = call(new_tokens)
         _sync(device)
-    return time.perf_counter() - t0, warm_s, out
+    s = time.perf_counter() - t0
+    # printed at once: a run cut short by a time limit still shows the arms it finished
+    print(f"  use_cache={use_cache} {kw}: warm-up {warm_s:.1f} s, timed {s:.2f} s", flush=True)
+    return s, warm_s, out
 
 
 def _timed_static(model, batch, args) -> dict:
@@ -134,9 +139,16 @@ def _timed_static(model, batch, args) -> dict:
     step (torch.compile, mode reduce-overhead: one CUDA graph replayed per step; the optical
     attention reads its position on the device). The warm-up generates as many tokens as the
     timed call, so that the cache (and the graph) has the timed call's shape."""
+    from transformers import LogitsProcessorList
+
+    # The warm-up is where compilation happens: its clock prints as it goes, so a run cut short
+    # by a time limit still shows whether compiling or stepping took the time.
+    clock = _StepClock(args.device, label="static warm-up")
     try:
-        s, warm_s, out = _timed_generate(model, batch, args.new_tokens, True, args.device,
-                                         args.new_tokens, cache_implementation="static")
+        s, warm_s, out = _timed_generate(
+            model, batch, args.new_tokens, True, args.device, args.new_tokens,
+            warmup_kw={"logits_processor": LogitsProcessorList([clock])},
+            cache_implementation="static")
     except Exception as e:  # reported, not fatal: the dynamic-cache figures stand on their own
         return {"error": f"{type(e).__name__}: {e}"[:2000]}
     return {"s": s, "warmup_s": warm_s, "tokens": out}
@@ -146,12 +158,16 @@ class _StepClock:
     """A logits processor that records the wall time of every decoding step (synchronising the
     device first): the per-token timeline shows compilation stalls apart from steady cost."""
 
-    def __init__(self, device: str):
-        self.device, self.times = device, [time.perf_counter()]
+    def __init__(self, device: str, label: str = ""):
+        self.device, self.times, self.label = device, [time.perf_counter()], label
 
     def __call__(self, input_ids, scores):
         _sync(self.device)
         self.times.append(time.perf_counter())
+        n = len(self.times) - 1
+        if self.label and n & (n - 1) == 0:  # steps 1, 2, 4, 8, ...: where a stall sits
+            print(f"  {self.label}: step {n} after {self.times[-1] - self.times[0]:.1f} s",
+                  flush=True)
         return scores
 
     def steps_ms(self) -> list[float]:
@@ -269,7 +285,7 @@ def main(argv=None) -> None:
     checkpoint = Path(args.checkpoint) if args.checkpoint else train(args, work)
     report["checkpoint"], report["train_steps"] = str(checkpoint), None if args.checkpoint else args.steps
     folder = export(args, checkpoint, work)
-    print(f"exported {checkpoint} to {folder}", flush=True)
+    print(f"exported {checkpoint} to {folder} ({time.time() - report['t0']:.0f} s in)", flush=True)
     try:
         import lm_eval  # noqa: F401
     except ImportError:

@@ -17,6 +17,17 @@ LEVELS = (("digital", "digital"), ("optical", "256 levels"), ("q64", "64 levels"
 ABLATION = (("optical", "recipe"), ("no_warmup", "- digital warm-up"),
             ("no_grad_clip", "- gradient clipping"),
             ("unsmoothed", "range EMA 0.9 -> 0"), ("clipped_grad", "STE -> clipped gradients"))
+# Second seeds and issue 16's runs (bench/convergence.py VARIANTS), when the JSON has them.
+TWINS = (("digital", "digital, seed 0"), ("digital_seed1", "digital, seed 1"),
+         ("optical", "optical, seed 0"), ("optical_seed1", "optical, seed 1"))
+QUANTIZERS = (("optical", "256 levels"), ("q256_s64", "256, Q_s at 64"),
+              ("q256_p64", "256, Q_p at 64"), *((f"q256_{k}64", f"256, Q_{k} at 64")
+                                                for k in ("input", "weight", "output", "q", "k",
+                                                          "v", "y")),
+              ("q64", "64 levels"), ("q64_p256", "64, Q_p at 256"), ("q64_s256", "64, Q_s at 256"))
+SHOT = (("digital", "digital"), ("optical", "rounding read-out"), ("noise_off", "q_noise: false"),
+        ("shot100", "shot, 100 photons/MAC"), ("shot10", "shot, 10 photons/MAC"),
+        ("shot1", "shot, 1 photon/MAC"))
 CLAMPS = ("linear_x", "linear_w", "linear_out", "attention_q", "attention_k", "attention_v",
           "attention_s", "attention_y")
 
@@ -29,7 +40,7 @@ def smooth(values: list[float], k: int = 5) -> list[float]:
     return out
 
 
-def plot(data: dict, outdir: Path) -> None:
+def plot(data: dict, outdir: Path, prefix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,15 +73,23 @@ def plot(data: dict, outdir: Path) -> None:
          "Precision: levels per quantizer (recipe otherwise unchanged)"),
         ("loss-ablation.png", ABLATION, False, (2.75, 4.5),
          "Ablation at 256 levels: one part of the recipe changed at a time"),
+        ("loss-twins-seeds.png", TWINS, False, (2.7, 5.0), "Twins, two seeds each"),
+        ("loss-per-quantizer.png", QUANTIZERS, False, (2.9, 5.0),
+         "Per-quantizer levels: one quantizer changed at a time"),
+        ("loss-shot-noise.png", SHOT, False, (2.9, 7.5), "Read-out noise"),
     )
     for filename, names, train, ylim, title in figures:
+        if not any(runs.get(n) and runs[n]["val_steps"] for n, _ in names if n not in MAIN):
+            continue  # a JSON without these runs
         fig, ax = plt.subplots(figsize=(7, 4.2))
         curves(ax, names, train=train)
         ax.set_ylim(*ylim)
         ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(outdir / filename, dpi=120)
+        fig.savefig(outdir / (prefix + filename), dpi=120)
 
+    if not runs.get("optical", {}).get("clamp"):
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     r = runs["optical"]
     steps = sorted(int(s) for s in r["clamp"])
@@ -95,14 +114,16 @@ def plot(data: dict, outdir: Path) -> None:
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(outdir / "clamp-fractions.png", dpi=120)
+    fig.savefig(outdir / (prefix + "clamp-fractions.png"), dpi=120)
 
 
 def tables(data: dict) -> str:
+    """One row per run: its last validation loss against the digital twin's at the same step
+    (runs cut short compare at equal tokens, not against the twin's final loss)."""
     runs = data["runs"]
     tokens = data["tokens_per_step"]
-    digital = runs["digital"]["val_loss"][-1]
-    lines = ["| run | what | tokens | final val loss | vs digital | best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
+    digital = dict(zip(runs["digital"]["val_steps"], runs["digital"]["val_loss"]))
+    lines = ["| run | what | tokens | last val loss (step) | vs digital at that step | best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
              "|---|---|---|---|---|---|---|---|"]
     order = ["digital", "optical", "q64", "q16", "no_warmup", "no_grad_clip", "unsmoothed",
              "clipped_grad", "q16_no_warmup"]
@@ -110,12 +131,12 @@ def tables(data: dict) -> str:
         r = runs.get(name)
         if not r or not r["val_loss"]:
             continue
-        final = r["val_loss"][-1]
+        step, last = r["val_steps"][-1], r["val_loss"][-1]
+        vs = f"{(last / digital[step] - 1) * 100:+.1f}%" if step in digital else "n/a"
         nan = any(v != v for v in r["loss"] + r["val_loss"]) or r["nonfinite_stop"]
         lines.append(
-            f"| `{name}` | {r['what']} | {r['steps'][-1] * tokens / 1e6:.1f}M | {final:.4f} | "
-            f"{(final / digital - 1) * 100:+.1f}% | "
-            f"{min(v for s, v in zip(r['val_steps'], r['val_loss']) if s > 100):.4f} | "
+            f"| `{name}` | {r['what']} | {r['steps'][-1] * tokens / 1e6:.1f}M | {last:.4f} ({step}) | "
+            f"{vs} | {min((v for s, v in zip(r['val_steps'], r['val_loss']) if s > 100), default=float('nan')):.4f} | "
             f"{'yes' if nan else 'none'} | {r.get('tps_median', 0) / 1000:.1f}k |")
     return "\n".join(lines)
 
@@ -124,9 +145,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json")
     p.add_argument("--outdir", default="docs/results")
+    p.add_argument("--prefix", default="", help="prepended to every plot's file name")
     args = p.parse_args()
     data = json.loads(Path(args.json).read_text())
-    plot(data, Path(args.outdir))
+    plot(data, Path(args.outdir), args.prefix)
     print(tables(data))
 
 

@@ -135,6 +135,39 @@ def test_variants_are_valid_transforms_that_change_only_their_keys():
             added = lin if "wq" in pattern else att if pattern.endswith("attention") else {}
             assert cfg == (None if ref[pattern] is None else {**ref[pattern], **added}), name
         assert lin or att, name
-        args = type("A", (), {"workdir": "/w", "steps": 10, "extra": ""})()
+        args = type("A", (), {"workdir": "/w", "steps": 10, "extra": "",
+                              "checkpoint_runs": [], "checkpoint_interval": 100})()
         cmd = conv.command(name, args)
         assert cmd[cmd.index("--optical.transform_config") + 1] == f"/w/{name}/transform.yaml"
+        assert "--checkpoint.no-enable" in cmd
+    args.checkpoint_runs = ["optical"]  # a run evaluated afterwards keeps its last checkpoints
+    cmd = conv.command("optical", args)
+    assert "--checkpoint.no-enable" not in cmd
+    assert cmd[cmd.index("--checkpoint.interval") + 1] == "100"
+
+
+def test_start_runs_in_lanes_and_clears_a_previous_attempt(tmp_path, monkeypatch):
+    """`start --max-parallel 2` with three runs: two lanes, the third run queued behind the
+    first in lane 0 (same process group), each reaching its own exit status; a stale `rc` of an
+    earlier attempt is removed before anything runs (it once showed live runs as failed)."""
+    import sys
+    import time
+
+    conv = _driver()
+    monkeypatch.setattr(conv, "command", lambda name, args: [
+        sys.executable, "-c",
+        f"print('step: 1  loss: 1.0  tps: 5'); raise SystemExit({name!r} == 'q16')"])
+    (tmp_path / "digital").mkdir()
+    (tmp_path / "digital" / "rc").write_text("1\n")
+    args = type("A", (), {"workdir": str(tmp_path), "runs": ["digital", "optical", "q16"],
+                          "max_parallel": 2})()
+    conv.start(args)
+    pid = {n: (tmp_path / n / "pid").read_text() for n in args.runs}
+    assert pid["digital"] == pid["q16"] != pid["optical"]
+    deadline = time.time() + 60
+    while time.time() < deadline and not all((tmp_path / n / "rc").exists() for n in args.runs):
+        time.sleep(0.2)
+    runs = conv.collect(args)["runs"]
+    assert {n: r["status"] for n, r in runs.items()} == {
+        "digital": "done", "optical": "done", "q16": "failed"}
+    assert runs["optical"]["steps"] == [1]

@@ -396,6 +396,150 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
 
 
 @triton.jit
+def _fwd_q_tile(Q, b, h, offs_m, offs_d, row_ok, sqb, sqh, sql, sqd, qlo, qhi, q_w, q_inv,
+                inv_lm1, DT: tl.constexpr, LEVELS: tl.constexpr, LEVELS_Q: tl.constexpr,
+                OBSERVE: tl.constexpr):
+    """The item's Q tile, quantized once in registers: (Q_q(q) in DT, and (OBSERVE) the min and
+    max of its in-bounds rows, else 0.0 placeholders that are never read)."""
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+                + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    qq = cast_rne(quantize_with(q, qlo, qhi, q_w, q_inv, _inv_of(inv_lm1, LEVELS, LEVELS_Q),
+                                LEVELS_Q, 0.0, False, 0.0, False), DT)
+    if OBSERVE:
+        qf = q.to(tl.float32)
+        q_min = tl.min(tl.where(row_ok[:, None], qf, float("inf")))
+        q_max = tl.max(tl.where(row_ok[:, None], qf, float("-inf")))
+    else:
+        q_min = 0.0
+        q_max = 0.0
+    return qq, q_min, q_max
+
+
+@triton.jit
+def _key_tile_split(q_start, start_m, LK, BM: tl.constexpr, BN: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(n_full, n_end) for query rows [start_m, start_m + BM) at absolute position q_start + r:
+    key tiles [0, n_full) need no mask, [n_full, n_end) do (n_full a BN multiple below the
+    diagonal; 0 with a key mask, which every tile needs). Shared by the forward and the
+    deterministic dQ pass, which walk S alike."""
+    if CAUSAL:
+        n_full = ((q_start + start_m) // BN) * BN  # keys j < q_start + start_m: no mask needed
+        n_end = tl.minimum(q_start + start_m + BM, LK)
+    else:
+        n_full = (LK // BN) * BN
+        n_end = LK
+    if HAS_KPM:
+        n_full = 0  # every tile needs the key mask
+    return n_full, n_end
+
+
+@triton.jit
+def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n, offs_d, row_idx,
+                   LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+                   LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
+                   USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                   NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+                   LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
+    """Pass 1 over the item's key tiles, unmasked [0, n_full) then masked [n_full, n_end):
+    (row max m, row sum l of exp2, S min, S max), each [BM] float32 (see `_fwd_pass1`)."""
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    smin = tl.full([BM], float("inf"), tl.float32)
+    smax = tl.full([BM], float("-inf"), tl.float32)
+    m_i, l_i, smin, smax = _fwd_pass1(
+        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
+        row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+    m_i, l_i, smin, smax = _fwd_pass1(
+        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
+        offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+    return m_i, l_i, smin, smax
+
+
+@triton.jit
+def _fwd_softmax_norm(m_i, l_i, HAS_KPM: tl.constexpr):
+    """(m, 1 / l, alive) from pass 1's row statistics, for P = exp2(S c - m) / l. HAS_KPM: a row
+    that saw no visible key (l = 0) is not alive and gets m = 0, 1 / l = 0, hence P = 0 without
+    a NaN; without a key mask every row sees a key (alive is True, never read)."""
+    if HAS_KPM:
+        alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
+        inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
+        m_i = tl.where(alive, m_i, 0.0)  # P = exp2(S c - m) * 0 = 0 in dead rows, no NaN
+    else:
+        alive = True
+        inv_l = 1.0 / l_i
+    return m_i, inv_l, alive
+
+
+@triton.jit
+def _fwd_quantize_y(acc, bh_g, b, pos, offs_m, offs_d, row_ok, LQ, LK, NKY, seed_y, stream, ylo,
+                    yhi, y_w, y_inv, inv_lm1, LEVELS: tl.constexpr, D: tl.constexpr,
+                    BM: tl.constexpr, P_MODE: tl.constexpr, NOISE: tl.constexpr,
+                    LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
+    """(Q_y(y_raw), y_raw) of a [BM, D] output tile: y_raw = acc / (LEVELS_P - 1) (P_MODE < 2:
+    acc holds level indices; 2: it is y_raw already); Q_y's noise index of element (row, d) is
+    that of row `pos` of the full [.., LK, D] output."""
+    if P_MODE < 2:
+        y_raw = div_rn_by(acc, LEVELS_P - 1.0, _inv_of(inv_lm1, LEVELS, LEVELS_P))
+    else:
+        y_raw = acc
+
+    inv_ly = _inv_of(inv_lm1, LEVELS, LEVELS_Y)
+    if NOISE == 2:  # shot read-out of Y: K = the keys each row sees (host-computed n * K)
+        y_idx = (bh_g * LK + pos)[:, None] * D + offs_d[None, :]
+        z_y = box_muller(philox_bits24_c2(seed_y, stream, y_idx, 0),
+                         philox_bits24_c2(seed_y, stream, y_idx, 1))
+        nk_y = tl.load(NKY + b.to(tl.int64) * LQ + offs_m, mask=row_ok, other=1.0)
+        y, _ = quantize_shot(y_raw, ylo, yhi, y_w, y_inv, inv_ly, z_y,
+                             nk_y[:, None] + tl.zeros([BM, D], tl.float32), LEVELS_Y)
+    else:
+        if NOISE:
+            u_y = philox_uniform(seed_y, stream,
+                                 (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
+        else:
+            u_y = 0.0
+        y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_ly, LEVELS_Y, 0.0, False, u_y, NOISE)
+    return y, y_raw
+
+
+@triton.jit
+def _fwd_store_rows(Y, LSE, y, m_i, l_i, alive, bh, offs_m, offs_d, row_ok, LQ,
+                    DT: tl.constexpr, D: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Stores the item's output rows (y cast to DT) and their log2-domain log-sum-exp; returns
+    the rows whose y_raw counts as observed: in bounds and (HAS_KPM) alive."""
+    y_ok = row_ok
+    if HAS_KPM:
+        l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_KPM:
+        # no visible key: output exactly 0; lse = +inf makes the backward's P = 0 there
+        y = tl.where(alive[:, None], y, 0.0)
+        lse = tl.where(alive, lse, float("inf"))
+        y_ok = row_ok & alive
+    row_lin = bh.to(tl.int64) * LQ + offs_m
+    tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
+    tl.store(LSE + row_lin, lse, mask=row_ok)
+    return y_ok
+
+
+@triton.jit
+def _fwd_store_observed(part, q_min, q_max, smin, smax, y_raw, row_ok, y_ok):
+    """The item's six observed extrema at `part`: (min, max) of q, of S over in-bounds rows and
+    of y_raw over `y_ok` rows."""
+    tl.store(part + 0, q_min)
+    tl.store(part + 1, q_max)
+    tl.store(part + 2, tl.min(tl.where(row_ok, smin, float("inf"))))
+    tl.store(part + 3, tl.max(tl.where(row_ok, smax, float("-inf"))))
+    tl.store(part + 4, tl.min(tl.where(y_ok[:, None], y_raw, float("inf"))))
+    tl.store(part + 5, tl.max(tl.where(y_ok[:, None], y_raw, float("-inf"))))
+
+
+@triton.jit
 def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
               inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
@@ -421,99 +565,34 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     row_ok = offs_m < LQ
     DT: tl.constexpr = KQ.dtype.element_ty
 
-    # Q tile: quantized once, in registers.
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-                + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :] * sqd,
-                mask=row_ok[:, None], other=0.0)
-    qq = cast_rne(quantize_with(q, qlo, qhi, q_w, q_inv, _inv_of(inv_lm1, LEVELS, LEVELS_Q),
-                                LEVELS_Q, 0.0, False, 0.0, False), DT)
-    if OBSERVE:
-        qf = q.to(tl.float32)
-        q_min = tl.min(tl.where(row_ok[:, None], qf, float("inf")))
-        q_max = tl.max(tl.where(row_ok[:, None], qf, float("-inf")))
-
+    qq, q_min, q_max = _fwd_q_tile(Q, b, h, offs_m, offs_d, row_ok, sqb, sqh, sql, sqd, qlo, qhi,
+                                   q_w, q_inv, inv_lm1, DT, LEVELS, LEVELS_Q, OBSERVE)
     bh_g = (b + b_off).to(tl.int64) * Hg + (h + h_off)
     row_idx = (bh_g * LK + pos) * LK  # global S index of (q_start + r, 0), int64
     kv_off = (b * HKV + hk).to(tl.int64) * LK * D
     kq_base = KQ + kv_off
     vq_base = VQ + kv_off
     kvis_base = KPM + b.to(tl.int64) * LK  # read only when HAS_KPM
+    n_full, n_end = _key_tile_split(q_start, start_m, LK, BM, BN, CAUSAL, HAS_KPM)
 
-    if CAUSAL:
-        n_full = ((q_start + start_m) // BN) * BN  # keys j < q_start + start_m: no mask needed
-        n_end = tl.minimum(q_start + start_m + BM, LK)
-    else:
-        n_full = (LK // BN) * BN
-        n_end = LK
-    if HAS_KPM:
-        n_full = 0  # every tile needs the key mask
-
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    smin = tl.full([BM], float("inf"), tl.float32)
-    smax = tl.full([BM], float("-inf"), tl.float32)
-    m_i, l_i, smin, smax = _fwd_pass1(
-        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
-        row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
-        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-    m_i, l_i, smin, smax = _fwd_pass1(
-        m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
-        offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
-        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-
-    if HAS_KPM:
-        alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
-        inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
-        m_i = tl.where(alive, m_i, 0.0)  # P = exp2(S c - m) * 0 = 0 in dead rows, no NaN
-    else:
-        inv_l = 1.0 / l_i
+    m_i, l_i, smin, smax = _fwd_row_stats(
+        qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n, offs_d, row_idx, LK,
+        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL,
+        HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P,
+        LEVELS_Y)
+    m_i, inv_l, alive = _fwd_softmax_norm(m_i, l_i, HAS_KPM)
     acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
                      inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
                      RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-    if P_MODE < 2:
-        y_raw = div_rn_by(acc, LEVELS_P - 1.0, _inv_of(inv_lm1, LEVELS, LEVELS_P))
-    else:
-        y_raw = acc
-
-    inv_ly = _inv_of(inv_lm1, LEVELS, LEVELS_Y)
-    if NOISE == 2:  # shot read-out of Y: K = the keys each row sees (host-computed n * K)
-        y_idx = (bh_g * LK + pos)[:, None] * D + offs_d[None, :]
-        z_y = box_muller(philox_bits24_c2(seed_y, stream, y_idx, 0),
-                         philox_bits24_c2(seed_y, stream, y_idx, 1))
-        nk_y = tl.load(NKY + b.to(tl.int64) * LQ + offs_m, mask=row_ok, other=1.0)
-        y, _ = quantize_shot(y_raw, ylo, yhi, y_w, y_inv, inv_ly, z_y,
-                             nk_y[:, None] + tl.zeros([BM, D], tl.float32), LEVELS_Y)
-    else:
-        if NOISE:
-            u_y = philox_uniform(seed_y, stream,
-                                 (bh_g * LK + pos)[:, None] * D + offs_d[None, :])
-        else:
-            u_y = 0.0
-        y = quantize_with(y_raw, ylo, yhi, y_w, y_inv, inv_ly, LEVELS_Y, 0.0, False, u_y, NOISE)
-    y_ok = row_ok
-    if HAS_KPM:
-        l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
-    lse = m_i + tl.math.log2(l_i)
-    if HAS_KPM:
-        # no visible key: output exactly 0; lse = +inf makes the backward's P = 0 there
-        y = tl.where(alive[:, None], y, 0.0)
-        lse = tl.where(alive, lse, float("inf"))
-        y_ok = row_ok & alive
-    row_lin = bh.to(tl.int64) * LQ + offs_m
-    tl.store(Y + row_lin[:, None] * D + offs_d[None, :], cast_rne(y, DT), mask=row_ok[:, None])
-    tl.store(LSE + row_lin, lse, mask=row_ok)
-
+    y, y_raw = _fwd_quantize_y(acc, bh_g, b, pos, offs_m, offs_d, row_ok, LQ, LK, NKY, seed_y,
+                               stream, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, D, BM, P_MODE,
+                               NOISE, LEVELS_P, LEVELS_Y)
+    y_ok = _fwd_store_rows(Y, LSE, y, m_i, l_i, alive, bh, offs_m, offs_d, row_ok, LQ, DT, D,
+                           HAS_KPM)
     if OBSERVE:
-        part = PART + (bh * num_m + pid_m).to(tl.int64) * 6
-        tl.store(part + 0, q_min)
-        tl.store(part + 1, q_max)
-        tl.store(part + 2, tl.min(tl.where(row_ok, smin, float("inf"))))
-        tl.store(part + 3, tl.max(tl.where(row_ok, smax, float("-inf"))))
-        tl.store(part + 4, tl.min(tl.where(y_ok[:, None], y_raw, float("inf"))))
-        tl.store(part + 5, tl.max(tl.where(y_ok[:, None], y_raw, float("-inf"))))
+        _fwd_store_observed(PART + (bh * num_m + pid_m).to(tl.int64) * 6, q_min, q_max, smin,
+                            smax, y_raw, row_ok, y_ok)
 
 
 @triton.jit
@@ -635,6 +714,33 @@ def _prep_bwd_kernel(
 
 
 @triton.jit
+def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stream, slo, shi,
+                 s_rng, s_inv, inv_lm1, LEVELS: tl.constexpr, BN: tl.constexpr,
+                 RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+                 NK_S: tl.constexpr):
+    """One [BN, BM] tile of S^T from the key block and a query block: (raw S^T as the float32
+    accumulator, Q_s(S^T)), drawing the forward's noise words of the [BM, BN] tile of S
+    (query rows r64 at absolute positions q_start + r64, keys offs_n), transposed."""
+    s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
+    # S^T's words: those of the [BM, BN] tile of S, transposed.
+    if NOISE == 2:  # the forward's shot read-out of S, transposed
+        ridx = row_idx0 + (q_start + r64) * LK
+        z = tl.trans(box_muller(
+            philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 0),
+            philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 1)))
+        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
+                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
+    else:
+        if NOISE:
+            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
+                                            start_n, offs_n, BN, RUNS4))
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+    return s_raw, s_q
+
+
+@triton.jit
 def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, LQ, LK,
                q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
@@ -663,22 +769,9 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
         lse = tl.load(LSE_h + r64, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
-        s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
-        # S^T's words: those of the [BM, BN] tile of S, transposed.
-        if NOISE == 2:  # the forward's shot read-out of S, transposed
-            ridx = row_idx0 + (q_start + r64) * LK
-            z = tl.trans(box_muller(
-                philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 0),
-                philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 1)))
-            s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
-                                     tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
-        else:
-            if NOISE:
-                w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
-                                                start_n, offs_n, BN, RUNS4))
-            else:
-                w = 0.0
-            s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+        s_raw, s_q = _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed,
+                                  stream, slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS4,
+                                  INTERP, NOISE, NK_S)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
             valid = col_ok[:, None]
@@ -747,27 +840,56 @@ def _bwd_kernel(
     dv = tl.zeros([BN, D], tl.float32)
     diag_lo, diag_end, full_lo = _bwd_row_blocks(start_n, LQ, q_start, BM, BN, CAUSAL)
     for g in range(GROUP):
-        h = hk * GROUP + g
-        bh = (b * H + h).to(tl.int64)
-        QQ_h = QQ + bh * LQ * D
-        Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        DY_h = DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        LSE_h = LSE + bh * LQ
-        DELTA_h = DELTA + bh * LQ
-        DQA_h = DQA + bh * LQ * D
-        row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
-        dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
-            row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
-            seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-            CAUSAL, True, CLIPPED, RUNS4, INTERP,
-            NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
-        dk, dv = _bwd_tiles(
-            dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
-            LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-            CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
+        dk, dv = _bwd_head(
+            dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, hk * GROUP + g, H, LQ, L, q_start,
+            b_off, h_off, Hg, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, start_n, offs_n, col_vis,
+            offs_d, diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
+            scale_log2, LEVELS, D, BM, BN, CAUSAL, CLIPPED, RUNS4, INTERP, NOISE, NK_S,
+            LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
+    _bwd_store_dk_dv(DK, DV, dk, dv, k, v, klo, khi, v_rng, scale, b, hk, HKV, L, n64, offs_d,
+                     col_ok, D, CLIPPED)
 
+
+@triton.jit
+def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_start, b_off, h_off,
+              Hg, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, start_n, offs_n, col_vis, offs_d,
+              diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
+              scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
+              RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+              NK_S: tl.constexpr, LEVELS_Q: tl.constexpr, LEVELS_K: tl.constexpr,
+              LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr, DQ: tl.constexpr):
+    """(dk, dv) plus the contributions of query head h of batch b to the key block: its
+    diagonal row blocks [diag_lo, diag_end) under the causal mask, then [full_lo, LQ) without
+    (see `_bwd_row_blocks`); (DQ) its dQ rows by atomics."""
+    bh = (b * H + h).to(tl.int64)
+    QQ_h = QQ + bh * LQ * D
+    Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    DY_h = DY + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    LSE_h = LSE + bh * LQ
+    DELTA_h = DELTA + bh * LQ
+    DQA_h = DQA + bh * LQ * D
+    row_idx0 = ((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L * L
+    dk, dv = _bwd_tiles(
+        dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
+        row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
+        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
+        CAUSAL, True, CLIPPED, RUNS4, INTERP,
+        NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
+    dk, dv = _bwd_tiles(
+        dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
+        LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
+        slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
+        CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_store_dk_dv(DK, DV, dk, dv, k, v, klo, khi, v_rng, scale, b, hk, HKV, L, n64, offs_d,
+                     col_ok, D: tl.constexpr, CLIPPED: tl.constexpr):
+    """Stores the key block's dk = scale * dk and dv in k's dtype, zeroed (CLIPPED) where k, v
+    were clamped by their quantizer's range."""
+    DT: tl.constexpr = k.dtype
     dk = dk * scale
     if CLIPPED:
         vlo = tl.load(v_rng)
@@ -896,14 +1018,7 @@ def _bwd_dq_kernel(
     kvis_base = KPM + b.to(tl.int64) * L
     K_h = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     V_h = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    if CAUSAL:  # the forward's split: unmasked tiles end at a BN multiple below the diagonal
-        n_full = ((q_start + start_m) // BN) * BN
-        n_end = tl.minimum(q_start + start_m + BM, L)
-    else:
-        n_full = (L // BN) * BN
-        n_end = L
-    if HAS_KPM:
-        n_full = 0
+    n_full, n_end = _key_tile_split(q_start, start_m, L, BM, BN, CAUSAL, HAS_KPM)
     dq = tl.zeros([BM, D], tl.float32)
     dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
                    n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
@@ -1223,13 +1338,9 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
     deterministic: None (default) follows `torch.are_deterministic_algorithms_enabled()` at call
     time; True computes dq without atomics (`_bwd_dq_kernel`: bitwise reproducible, slower),
     False with the dQ atomics of the fast path. dk and dv never use atomics."""
-    B, H, HKV, LQ, L, D = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset,
-                                 heads_global, key_padding_mask, q_start, causal)
-    if isinstance(q_start, torch.Tensor):
-        raise ValueError("q_start as a device tensor is for inference (static-cache decoding); "
-                         "the backward takes an int q_start")
-    if dy.shape != q.shape or y.shape != q.shape:
-        raise ValueError("dy and y must have q's shape")
+    B, H, HKV, LQ, L, D = _check_backward(dy, q, k, v, y, levels, lut, batch_offset, batch_global,
+                                          head_offset, heads_global, key_padding_mask, q_start,
+                                          causal)
     dev = q.device
     interp = _interpreting()
     BM, BN, warps, stages = _config("bwd", D, interp, dtype=q.dtype)
@@ -1266,13 +1377,33 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
                                photons=photons)
         return dq, dk, dv
     del qq, delta  # free before dq is allocated: lowers the peak by one [B, H, L, D] tensor
+    return _dq_from_atomics(dqa, q, q_range, scale, clipped), dk, dv
 
-    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=dev)
+
+def _check_backward(dy, q, k, v, y, levels, lut, batch_offset, batch_global, head_offset,
+                    heads_global, key_padding_mask, q_start, causal):
+    """`_check` plus what only the backward requires (an int q_start; dy and y of q's shape);
+    returns (B, H, Hkv, Lq, Lk, D)."""
+    dims = _check(q, k, v, levels, lut, batch_offset, batch_global, head_offset, heads_global,
+                  key_padding_mask, q_start, causal)
+    if isinstance(q_start, torch.Tensor):
+        raise ValueError("q_start as a device tensor is for inference (static-cache decoding); "
+                         "the backward takes an int q_start")
+    if dy.shape != q.shape or y.shape != q.shape:
+        raise ValueError("dy and y must have q's shape")
+    return dims
+
+
+def _dq_from_atomics(dqa, q, q_range, scale, clipped: bool):
+    """dq from the float32 dS @ k that `_bwd_kernel`'s atomics summed into `dqa`: scaled, zeroed
+    where q was clamped (`clipped`) and cast to q's dtype by `_dq_finish_kernel`."""
+    B, H, LQ, D = q.shape
+    dq = torch.empty((B, H, LQ, D), dtype=q.dtype, device=q.device)
     blk = 32
     _dq_finish_kernel[(triton.cdiv(LQ, blk), H, B)](
         dqa, q, dq, q_range, *q.stride(), H, LQ, float(scale), D=D, BLK=blk, CLIPPED=bool(clipped),
         num_warps=4, **_OPTS)
-    return dq, dk, dv
+    return dq
 
 
 def _prepare_backward(q, dy, y, ranges, levels_q: int):

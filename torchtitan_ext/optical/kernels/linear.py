@@ -269,18 +269,9 @@ def _linear_fwd_kernel(
     EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles sweep the columns together so the W tiles they share
-    # stay in L2.
-    pid = tl.program_id(0)
-    n_pm = tl.cdiv(M, BM)
-    n_pn = tl.cdiv(N, BN)
-    per_group = GROUP_M * n_pn
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(n_pm - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    off_m = pid_m * BM
-    off_n = pid_n * BN
+    """One [BM, BN] tile of y: the float32 GEMM of the quantized operands over all of K, then
+    _tile_epilogue (observation, Q_out, bias, mask, store)."""
+    off_m, off_n = _grouped_tile_origin(M, N, BM, BN, GROUP_M)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if USE_TMA:
@@ -317,6 +308,40 @@ def _linear_fwd_kernel(
             a_ptrs += BK
             b_ptrs += BK
 
+    _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
+                   stream, s_local, s_global, row_base, n_global, col_offset, nk, LEVELS,
+                   QUANT_OUT, NOISE, SHOT, HAS_BIAS, OBSERVE, SAVE_MASK, EPI_SPLIT, RUNS4, BM, BN)
+
+
+@triton.jit
+def _grouped_tile_origin(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(off_m, off_n): first row and column of this program's [BM, BN] output tile.
+
+    Grouped tile order: GROUP_M row-tiles sweep the columns together so the W tiles they share
+    stay in L2 (the last group may hold fewer row-tiles)."""
+    pid = tl.program_id(0)
+    n_pm = tl.cdiv(M, BM)
+    n_pn = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_pn
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(n_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    return off_m, off_n
+
+
+@triton.jit
+def _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
+                   stream, s_local, s_global, row_base, n_global, col_offset, nk,
+                   LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr,
+                   SHOT: tl.constexpr, HAS_BIAS: tl.constexpr, OBSERVE: tl.constexpr,
+                   SAVE_MASK: tl.constexpr, EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr):
+    """Everything after the mainloop for the [BM, BN] accumulator at (off_m, off_n): min/max of
+    its in-bounds elements into obs[2] (if OBSERVE), then Q_out, bias, mask and the store of y,
+    in EPI_SPLIT column chunks (see _epilogue_chunks)."""
     rows = off_m + tl.arange(0, BM)
     row_ok = rows < M
     if OBSERVE:
@@ -330,33 +355,44 @@ def _linear_fwd_kernel(
     lo = tl.load(rng_ptr + 4)  # row 2 of the [3, 2] ranges: the output's
     hi = tl.load(rng_ptr + 5)
     seed = tl.load(seed_ptr)
+    _epilogue_chunks(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+                     lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
+                     SAVE_MASK, RUNS4, EPI_SPLIT, BM, BN)
+
+
+@triton.jit
+def _epilogue_chunks(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+                     lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
+                     NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
+                     SAVE_MASK: tl.constexpr, RUNS4: tl.constexpr, EPI_SPLIT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
+    """_epilogue on the [BM, BN] accumulator starting at column col0, split into EPI_SPLIT
+    (1, 2, 4 or 8; anything else means 8) column chunks of BN // EPI_SPLIT columns each."""
     # Triton emits elementwise code op by op over a thread's whole share of the tile, so a
     # Philox over the full tile keeps every element's 4-word state live at once (hundreds of
     # spilled registers). Splitting the tile into column chunks bounds that to one chunk.
     if EPI_SPLIT == 1:
-        _epilogue(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+        _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN)
     elif EPI_SPLIT == 2:
         a0, a1 = _halves(acc, BM, BN)
-        _epilogue(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
+        _epilogue(a0, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN // 2)
-        _epilogue(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
+        _epilogue(a1, r64, row_ok, g_row, col0 + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
                   col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
                   SAVE_MASK, RUNS4, BN // 2)
     elif EPI_SPLIT == 4:
-        _epilogue_quarters(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
+        _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-                           HAS_BIAS,
-                           SAVE_MASK, RUNS4, BM, BN)
+                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN)
     else:  # 8 chunks
         a0, a1 = _halves(acc, BM, BN)
-        _epilogue_quarters(a0, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N,
+        _epilogue_quarters(a0, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-                           HAS_BIAS,
-                           SAVE_MASK, RUNS4, BM, BN // 2)
-        _epilogue_quarters(a1, r64, row_ok, g_row, off_n + BN // 2, y_ptr, bias_ptr, mask_ptr,
+                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
+        _epilogue_quarters(a1, r64, row_ok, g_row, col0 + BN // 2, y_ptr, bias_ptr, mask_ptr,
                            N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
                            HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
 
@@ -534,6 +570,33 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
                           quantize_output, save_out_mask, noise, photons)
 
 
+def _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, observe):
+    """xq = Q_x(x2d) at lx levels and wq = Q_w(weight) at lw levels (with lut), in one launch
+    of _quantize_operands_kernel; min/max of x and W into obs rows 0 and 1 if observe.
+    Needs K = x2d.shape[1] > 0."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    BR, BC = _operand_tile(K)
+    grid = ((triton.cdiv(M, BR) + triton.cdiv(N, BR)) * triton.cdiv(K, BC),)
+    _quantize_operands_kernel[grid](
+        x2d, weight, xq, wq, ranges, obs,
+        M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        xq.stride(0), wq.stride(0), float(lut or 0.0),
+        LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
+        LEVELS_W=int(lw), num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+    )
+
+
+def _gemm_operand_sources(xq, wq, cfg: GemmConfig, use_tma: bool):
+    """(a_src, b_src) for _linear_fwd_kernel: TMA descriptors over the quantized operands xq
+    [M, K] and wq [N, K] with cfg's block shapes if use_tma, else the tensors themselves."""
+    if not use_tma:
+        return xq, wq
+    (M, K), N = xq.shape, wq.shape[0]
+    return (TensorDescriptor(xq, [M, K], [xq.stride(0), 1], [cfg.BM, cfg.BK]),
+            TensorDescriptor(wq, [N, K], [wq.stride(0), 1], [cfg.BN, cfg.BK]))
+
+
 def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, observe,
                    quantize_output, save_out_mask, noise=True, photons=0.0):
     """`linear_forward` on the operands the op already holds: ranges a contiguous float32
@@ -557,21 +620,9 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
     xq = _operand_buffer(M, K, dtype, dev, align)
     wq = _operand_buffer(N, K, dtype, dev, align)
     if K > 0:
-        BR, BC = _operand_tile(K)
-        grid = ((triton.cdiv(M, BR) + triton.cdiv(N, BR)) * triton.cdiv(K, BC),)
-        _quantize_operands_kernel[grid](
-            x2d, weight, xq, wq, ranges, obs,
-            M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-            xq.stride(0), wq.stride(0), float(lut or 0.0),
-            LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
-            LEVELS_W=int(lw), num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
-        )
+        _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, observe)
     use_tma = cfg.use_tma and K > 0
-    if use_tma:
-        a_src = TensorDescriptor(xq, [M, K], [xq.stride(0), 1], [cfg.BM, cfg.BK])
-        b_src = TensorDescriptor(wq, [N, K], [wq.stride(0), 1], [cfg.BN, cfg.BK])
-    else:
-        a_src, b_src = xq, wq
+    a_src, b_src = _gemm_operand_sources(xq, wq, cfg, use_tma)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
     _linear_fwd_kernel[grid](
         a_src, b_src, y, bias if bias is not None else y, ranges,

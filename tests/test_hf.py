@@ -10,6 +10,7 @@ pretraining with `run_clm`, and check the error messages. No network: HF_HUB_OFF
 import contextlib
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -371,6 +372,18 @@ def _corpus_docs(n: int, chars: int) -> list[str]:
     return docs
 
 
+@contextlib.contextmanager
+def _bare_root_logger():
+    """The root logger without handlers inside the block (what a CLI's basicConfig adds there
+    is dropped on exit), its own handlers back afterwards."""
+    root = logging.getLogger()
+    saved, root.handlers = root.handlers, []
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
 @pytest.mark.slow
 def test_run_clm_continues_pretraining_and_loss_falls(exported, capsys):
     from torchtitan_ext.hf import run_clm
@@ -383,7 +396,9 @@ def test_run_clm_continues_pretraining_and_loss_falls(exported, capsys):
     out = exported.tmp / "clm_out"
     # Outside pytest's output capture: under it (sys- or fd-level alike) these 5 Trainer steps
     # take about two minutes on two CPU cores instead of ~5 s. Nothing here reads the output.
-    with capsys.disabled():
+    # Root logging is set aside meanwhile: torchtitan's init_logger, run by earlier in-process
+    # tests, bound a root handler to a capture stream that is closed by now.
+    with capsys.disabled(), _bare_root_logger():
         result = run_clm.main([
             "--model_name_or_path", str(exported.out), "--train_file", str(data / "train.jsonl"),
             "--output_dir", str(out), "--max_steps", "5", "--block_size", "32",

@@ -280,8 +280,8 @@ def main():
                              reference=not args.no_reference and L <= args.reference_max_len,
                              deterministic=args.deterministic)
             rec.update(meta)
-            rec["fwd_config"] = list(fwd_cfg or A._FWD_CFG[args.head_dim])
-            rec["bwd_config"] = list(bwd_cfg or A._BWD_CFG[args.head_dim])
+            rec["fwd_config"] = list(A.kernel_config("fwd", args.head_dim))
+            rec["bwd_config"] = list(A.kernel_config("bwd", args.head_dim))
             records.append(rec)
             gc.collect()
             torch.cuda.empty_cache()

@@ -218,7 +218,6 @@ def sweep(dtype):
         lin = _median_ms(lambda: F.linear(x, w, b))
         row = {"M": M, "K": K, "N": N, "linear_ms": lin}
         for name, cfg in configs.items():
-            klinear._OVERRIDE = cfg
             for noise in (True, False):
                 key = name + ("" if noise else " nonoise")
                 if not noise and name not in nonoise:
@@ -227,12 +226,12 @@ def sweep(dtype):
                     fn = lambda: klinear.linear_forward(  # noqa: E731
                         x, w, b, *ranges, seed, levels=LEVELS, lut=LUT, stream=0,
                         index=klinear.LinearIndex.whole(M, N), observe=True, noise=noise)
-                    fn()
-                    ms = _median_ms(fn, rep_ms=100)
+                    with klinear.override_gemm_config(cfg):
+                        fn()
+                        ms = _median_ms(fn, rep_ms=100)
                     row[key] = ms / lin
                 except Exception as e:  # noqa: BLE001
                     row[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
-            klinear._OVERRIDE = None
         # the two memory-bound operand passes alone
         xq = torch.empty_like(x)
         wq = torch.empty_like(w)
@@ -266,6 +265,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": triton.__version__, "records": []}
     t0 = time.time()
+    large = None  # the table's large-shape config unless the sweep picks another
     if args.sweep:
         rows = sweep(dtype)
         results["sweep"] = rows
@@ -277,17 +277,19 @@ def main():
         best = min(worst, key=worst.get)
         results["sweep_worst_fwd_ratio"] = worst
         results["sweep_choice"] = best
-        klinear._LARGE_CONFIG = SWEEP_CONFIGS[best]
+        large = SWEEP_CONFIGS[best]
         print(f"sweep done in {time.time() - t0:.0f}s; worst fwd ratio per config: "
               f"{json.dumps(worst)}; using {best}", flush=True)
-    results["large_config"] = repr(klinear._LARGE_CONFIG)
     shapes = [("large", s) for s in LARGE] * (args.shapes != "small") + \
              [("small", s) for s in SMALL] * (args.shapes != "large")
-    for case, (M, K, N) in shapes:
-        rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}")
-        results["records"].append(rec)
-        print(json.dumps(rec), flush=True)
-        torch.cuda.empty_cache()
+    with klinear.override_gemm_config(large=large):
+        M, K, N = LARGE[0]
+        results["large_config"] = repr(klinear.gemm_config(M, N, K, dtype, torch.device("cuda")))
+        for case, (M, K, N) in shapes:
+            rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}")
+            results["records"].append(rec)
+            print(json.dumps(rec), flush=True)
+            torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results if args.sweep else results["records"], f, indent=1)

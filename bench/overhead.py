@@ -93,21 +93,17 @@ def main() -> None:
     rec["  one Triton launch: clip-grad (8 args)"] = per_call_us(
         lambda: klinear._clip_grad_(g, src, ranges[2]))
     rec["  config lookup (cached)"] = per_call_us(
-        lambda: klinear._gemm_config(16, 1152, 384, dt, dev))
+        lambda: klinear.gemm_config(16, 1152, 384, dt, dev))
     rec["  allocations (obs clone, y, 2 operand buffers)"] = per_call_us(lambda: (
         klinear._obs_template(dev).clone(), torch.empty(16, 1152, dtype=dt, device=dev),
         klinear._operand_buffer(16, 384, dt, dev, 8), klinear._operand_buffer(1152, 384, dt, dev, 8)))
-    if dev.type == "cuda" and klinear._gpu_has_tma(dev):
-        klinear._OVERRIDE = klinear.GemmConfig(64, 64, 64, 8, 4, 4, False)
-        rec["kernels.forward_packed, pointer mainloop"] = per_call_us(
-            lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02, 0, index,
-                                           True, True, False))
+    if dev.type == "cuda" and klinear.gpu_has_tma(dev):
         # What the host-side TMA descriptors add (against the pointer mainloop of the same tiles).
-        klinear._OVERRIDE = klinear.GemmConfig(64, 64, 64, 8, 4, 4, True)
-        rec["kernels.forward_packed with TMA descriptors"] = per_call_us(
-            lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02, 0, index,
-                                           True, True, False))
-        klinear._OVERRIDE = None
+        for label, tma in (("pointer mainloop", False), ("with TMA descriptors", True)):
+            with klinear.override_gemm_config(klinear.GemmConfig(64, 64, 64, 8, 4, 4, tma)):
+                rec[f"kernels.forward_packed, {label}"] = per_call_us(
+                    lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02,
+                                                   0, index, True, True, False))
     with torch.no_grad():
         rec["torch.ops.optical.linear (the op alone)"] = per_call_us(
             lambda: torch.ops.optical.linear(x, opt.weight, None, packed, seed, 256, 0.02, 0,

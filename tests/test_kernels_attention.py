@@ -865,3 +865,16 @@ def test_gpu_shot_and_levels_realistic(L, D):
     kpm = _pad_mask(2, L, [0, 100], [37, 0])
     case = Case(dev, B=2, H=8, HKV=2, L=L, D=D, photons=0.02, kpm=kpm, seed=L + D + 1)
     run_full(case)
+
+
+def test_kernel_config_reports_overrides_within_their_block_only():
+    """`kernel_config` is what a launch takes: the table, or what `override_configs` forces
+    inside its block, and the table again after it."""
+    base = {k: A.kernel_config(k, 64) for k in ("fwd", "bwd", "dq")}
+    with A.override_configs(fwd=(16, 16, 1, 1), dq=(32, 16, 1, 1), code_scratch_bytes=0):
+        assert A.kernel_config("fwd", 64) == (16, 16, 1, 1)
+        assert A.kernel_config("dq", 64, lq=1) == (32, 16, 1, 1)
+        assert A.kernel_config("bwd", 64) == base["bwd"]
+    assert {k: A.kernel_config(k, 64) for k in base} == base
+    with pytest.raises(ValueError, match="kind: must be one of fwd, bwd, dq"):
+        A.kernel_config("forward", 64)

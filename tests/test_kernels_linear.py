@@ -245,23 +245,23 @@ def test_tma_and_pointer_paths_agree(kernel_device):
     under the interpreter both run, so CPU CI covers the path the H200 takes."""
     if klinear.TensorDescriptor is None:
         pytest.skip("Triton without host tensor descriptors")
-    if kernel_device.type == "cuda" and not klinear._gpu_has_tma(kernel_device):
+    if kernel_device.type == "cuda" and not klinear.gpu_has_tma(kernel_device):
         pytest.skip("GPU without TMA")
     dev = kernel_device
     x, w, b = _inputs(45, 50, 39, torch.bfloat16, dev, gen_seed=12)
     ranges = _ranges_from_data(x, w, dev)
     outs = []
-    base = klinear._gemm_config(45, 39, 50, torch.bfloat16, dev)
+    base = klinear.gemm_config(45, 39, 50, torch.bfloat16, dev)
     for use_tma in (False, True):
-        klinear._OVERRIDE = klinear.GemmConfig(64 if dev.type == "cuda" else 32, 32, 16, 4, 4,
-                                               base.num_stages, use_tma)
-        try:
+        cfg = klinear.GemmConfig(64 if dev.type == "cuda" else 32, 32, 16, 4, 4, base.num_stages,
+                                 use_tma)
+        with klinear.override_gemm_config(cfg):
+            assert klinear.gemm_config(45, 39, 50, torch.bfloat16, dev) == cfg
             y, obs, _ = klinear.linear_forward(x, w, b, *ranges, _seed(dev), levels=256, lut=0.05,
                                                stream=4, index=LinearIndex.whole(45, 39),
                                                observe=True)
-        finally:
-            klinear._OVERRIDE = None
         outs.append((y, obs))
+    assert klinear.gemm_config(45, 39, 50, torch.bfloat16, dev) == base  # the override ended
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -596,3 +596,26 @@ def test_gpu_shot_and_levels_large_bf16():
                                        stream=3, photons=0.05)
     # tensor-core accumulation (as test_gpu_large_bf16) plus GPU log/cos within a few ulp
     _level_mismatches(y, yr, ranges[2], 256, allowed_fraction=5e-3)
+
+
+def test_override_gemm_config_is_scoped_and_large_applies_to_large_shapes_only():
+    """The public way to pick the forward's configuration: `config` forces every problem,
+    `large` only the problems the table gives its large-shape entry; both end with the block,
+    nested blocks restore the outer one."""
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    small = klinear.gemm_config(64, 64, 64, bf16, cpu)
+    forced = klinear.GemmConfig(16, 16, 16, 1, 1, 1, False)
+    other = klinear.GemmConfig(32, 16, 16, 1, 1, 1, False)
+    with klinear.override_gemm_config(forced):
+        assert klinear.gemm_config(64, 64, 64, bf16, cpu) == forced
+        with klinear.override_gemm_config(other):
+            assert klinear.gemm_config(8, 8, 8, bf16, cpu) == other
+        assert klinear.gemm_config(8, 8, 8, bf16, cpu) == forced
+    assert klinear.gemm_config(64, 64, 64, bf16, cpu) == small
+    with klinear.override_gemm_config(large=forced):  # a small problem keeps the table's entry
+        assert klinear.gemm_config(64, 64, 64, bf16, cpu) == small
+    if torch.cuda.is_available() and klinear.gpu_has_tma(torch.device("cuda")):
+        gpu = torch.device("cuda")
+        with klinear.override_gemm_config(large=forced):
+            assert klinear.gemm_config(16384, 8192, 2048, bf16, gpu) == forced
+            assert klinear.gemm_config(64, 64, 64, bf16, gpu) != forced

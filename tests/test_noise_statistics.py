@@ -238,7 +238,7 @@ def _linear_epilogue_stats(dev, rows, cols, dtype, n_seeds, tiles_of_cfg):
                                       lut=None, stream=9, index=index, observe=False)[0]
 
     gidx = (torch.arange(rows)[:, None] + 5 * rows) * cols + torch.arange(cols)[None, :]
-    cfg = klinear._gemm_config(rows, cols, 1, dtype, torch.device(dev))
+    cfg = klinear.gemm_config(rows, cols, 1, dtype, torch.device(dev))
     e, f, pairs = _kernel_errors(y_of, acc, n_seeds, gidx, tiles_of_cfg(cfg), dev)
     return check_all(e, f, pairs)
 

@@ -119,7 +119,8 @@ from .quantizer import (
     round_half_even,
 )
 
-__all__ = ["attention_forward", "attention_backward", "override_configs", "SUPPORTED_HEAD_DIMS",
+__all__ = ["attention_forward", "attention_backward", "override_configs", "kernel_config",
+           "SUPPORTED_HEAD_DIMS",
            "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -1070,17 +1071,20 @@ _INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
 # The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
 # the forward's table (not swept on its own yet).
-_OVERRIDE: dict[str, tuple[int, int, int, int] | None] = {"fwd": None, "bwd": None, "dq": None}
+_OVERRIDE: dict[str, tuple[int, int, int, int] | int | None] = {
+    "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None}
 
 
 @contextlib.contextmanager
 def override_configs(fwd: tuple[int, int, int, int] | None = None,
                      bwd: tuple[int, int, int, int] | None = None,
-                     dq: tuple[int, int, int, int] | None = None):
+                     dq: tuple[int, int, int, int] | None = None,
+                     code_scratch_bytes: int | None = None):
     """Temporarily force (BM, BN, num_warps, num_stages) of the forward / backward / deterministic
-    dQ pass (tests, sweeps)."""
+    dQ pass, and the cap on the forward's saved-code scratch (0: pass 2 always regenerates S).
+    The one way benchmarks and tests pick a configuration; not thread-safe."""
     old = dict(_OVERRIDE)
-    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq)
+    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq, code_scratch_bytes=code_scratch_bytes)
     try:
         yield
     finally:
@@ -1089,6 +1093,16 @@ def override_configs(fwd: tuple[int, int, int, int] | None = None,
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_config(kind: str, head_dim: int, *, lq: int | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) that `kind` ("fwd", "bwd" or "dq") launches at this head
+    dim, query length `lq` (None: as many queries as keys) and operand dtype, overrides
+    included."""
+    if kind not in ("fwd", "bwd", "dq"):
+        raise ValueError(f"kind: must be one of fwd, bwd, dq, got {kind!r}")
+    return _config(kind, head_dim, _interpreting(), lq, dtype)
 
 
 def _config(kind: str, D: int, interp: bool, lq: int | None = None,
@@ -1143,7 +1157,8 @@ def _fwd_grid(n_items: int, codes_per_prog: int, levels: int, warps: int, dev: t
     n_prog = min(n_items, resident)
     if code_dtype is not None:
         per_prog = codes_per_prog * (1 if code_dtype == torch.uint8 else 2)
-        fit = _CODE_SCRATCH_CAP // per_prog
+        cap = _OVERRIDE["code_scratch_bytes"]
+        fit = (_CODE_SCRATCH_CAP if cap is None else cap) // per_prog
         if fit >= n_prog:
             pass
         elif fit * 2 >= resident:  # keeping at least half the machine busy beats regenerating S

@@ -37,7 +37,7 @@ in check:
   128x256 tiles, which put twice the elements on a thread, ran the noise 2x slower);
 - the quantizer's divisions by a per-call scalar use a reciprocal and a Markstein correction and
   the Philox multiplies are 32x32->64-bit (both bit-identical, in quantizer.py).
-The config table (``_gemm_config``) comes from two sweeps on an H200 (bench/linear.py --sweep,
+The config table (``gemm_config``) comes from two sweeps on an H200 (bench/linear.py --sweep,
 bench/results/linear-h200-sweep{1,2}.json); it is fixed and keyed on shape and dtype, so there is
 no autotuning stall inside a trainer (one compile per dtype/config, cached by Triton).
 
@@ -67,6 +67,7 @@ Index arithmetic: the noise index and every pointer offset that scales with M*N 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -85,7 +86,11 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 __all__ = [
+    "GemmConfig",
     "LinearIndex",
+    "gemm_config",
+    "gpu_has_tma",
+    "override_gemm_config",
     "linear_forward",
     "linear_backward",
     "quantize_tensor",
@@ -466,6 +471,9 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """One launch configuration of the fused linear forward: tiles, grouping, warps, pipeline
+    stages, TMA operand loads, epilogue column chunks and an optional register cap."""
+
     BM: int
     BN: int
     BK: int
@@ -477,7 +485,9 @@ class GemmConfig:
     maxnreg: int | None = None  # register cap: 128 lets two 8-warp programs share an SM
 
 
-def _gpu_has_tma(device: torch.device) -> bool:
+def gpu_has_tma(device: torch.device) -> bool:
+    """Whether `device` can take the TMA operand loads (a CUDA GPU of compute capability 9+ and a
+    Triton with host tensor descriptors)."""
     if TensorDescriptor is None or device.type != "cuda":
         return False
     return _capability_major(device.index if device.index is not None
@@ -497,7 +507,7 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     if _INTERPRET or device.type != "cuda":
         # The interpreter runs each program in numpy: small tiles keep the tests' padding cheap.
         return GemmConfig(32, 32, 32, 4, 4, 1, False)
-    tma = _gpu_has_tma(device)
+    tma = gpu_has_tma(device)
     if dtype == torch.float32:
         return GemmConfig(64, 64, 32, 8, 4, 3, False)
     if M <= 64:
@@ -510,7 +520,30 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
 # Chosen by the H200 sweep (see module docstring and bench/results/).
 _LARGE_CONFIG = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
 
-_OVERRIDE: GemmConfig | None = None  # set by the benchmark's config sweep only
+# What override_gemm_config forces: every problem's config ("all") or the large shapes' ("large").
+_OVERRIDE: dict[str, GemmConfig | None] = {"all": None, "large": None}
+
+
+@contextlib.contextmanager
+def override_gemm_config(config: GemmConfig | None = None, *, large: GemmConfig | None = None):
+    """Temporarily force the forward's configuration: `config` for every problem, or `large`
+    for the problems the table gives its large-shape entry (what bench/linear.py --sweep
+    chooses). The one way benchmarks and tests pick a configuration; not thread-safe."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(all=config, large=large)
+    try:
+        yield
+    finally:
+        _OVERRIDE.update(old)
+
+
+def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The configuration the forward launches for an [M, K] x [K, N] problem: an override of
+    `override_gemm_config` if one applies, else the fixed table."""
+    if _OVERRIDE["all"] is not None:
+        return _OVERRIDE["all"]
+    cfg = _gemm_config(M, N, K, dtype, device)
+    return _OVERRIDE["large"] if cfg is _LARGE_CONFIG and _OVERRIDE["large"] else cfg
 
 
 def _operand_buffer(R: int, C: int, dtype: torch.dtype, device, align: int) -> torch.Tensor:
@@ -615,7 +648,7 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
     mask = torch.empty((M, N), dtype=torch.bool, device=dev) if save_out_mask else None
     if M == 0 or N == 0:
         return y, obs, mask
-    cfg = _OVERRIDE or _gemm_config(M, N, K, dtype, dev)
+    cfg = gemm_config(M, N, K, dtype, dev)
     align = max(16 // x2d.element_size(), 1)
     xq = _operand_buffer(M, K, dtype, dev, align)
     wq = _operand_buffer(N, K, dtype, dev, align)

@@ -51,7 +51,22 @@ from torchtitan_ext.optical.ranges import merge_observed  # noqa: E402
 LARGE = [(16384, 2048, 8192), (16384, 4096, 4096), (8192, 4096, 14336)]
 SMALL = [(2048, 384, 1024), (2048, 768, 2048)]
 LEVELS, LUT, SMOOTH = 256, 0.02004, 0.9
-SWEEP_CONFIGS: dict = {}
+_G = klinear.GemmConfig
+# --sweep's candidates for the large shapes: (BM, BN, BK, GROUP_M, warps, stages, TMA, epilogue
+# chunks, maxnreg). The first run (bench/results/linear-h200-sweep1.json) ruled out 4-warp tiles
+# and 4 stages and showed the TMA mainloop ahead of the pointer one; these are the survivors.
+SWEEP_CONFIGS = {
+    "128x128x64 w8 s3 r128": _G(128, 128, 64, 8, 8, 3, True, 8, 128),
+    "128x256x64 w16 s3 r128": _G(128, 256, 64, 8, 16, 3, True, 8, 128),
+    "256x128x64 w16 s3 r128": _G(256, 128, 64, 8, 16, 3, True, 8, 128),
+    "128x256x64 w8 s3": _G(128, 256, 64, 8, 8, 3, True, 8),
+    # Since stop 12 a Philox block serves four outputs: fewer, wider epilogue chunks and
+    # larger tiles hold less noise state per thread than before.
+    "128x128x64 w8 s3 r128 e4": _G(128, 128, 64, 8, 8, 3, True, 4, 128),
+    "128x128x64 w8 s3 r128 e2": _G(128, 128, 64, 8, 8, 3, True, 2, 128),
+    "128x256x64 w8 s3 e4": _G(128, 256, 64, 8, 8, 3, True, 4),
+}
+SWEEP_NONOISE = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}  # also timed without noise
 
 
 def _optical_layer(x, w, b):
@@ -110,6 +125,46 @@ def _mase_layer(K, N, w, b):
     return layer
 
 
+def _interleaved_medians(fns: dict) -> dict:
+    """Milliseconds per call of each function: the functions interleaved, twice, and the median
+    of the two medians kept (every arm sees the same clocks); `<name>_runs` holds both."""
+    runs = {k: [] for k in fns}
+    for _ in range(2):
+        for k, fn in fns.items():
+            runs[k].append(_median_ms(fn))
+    t = {}
+    for k, v in runs.items():
+        t[k] = statistics.median(v)
+        t[k + "_runs"] = v
+    return t
+
+
+def _mase_ratios(x, w, b, gy, t: dict) -> dict:
+    """mase-triton's optical layer on the same tensors: its times go into `t`; returns its
+    ratios to nn.Linear and ours to it (empty when mase-triton is not installed)."""
+    N, K = w.shape
+    layer = _mase_layer(K, N, w.detach(), b.detach())
+    if layer is None:
+        return {}
+    xm = x.detach().clone().requires_grad_()
+
+    def mase_fwd():
+        with torch.no_grad():
+            return layer(xm)
+
+    def mase_fwdbwd():
+        return torch.autograd.grad(layer(xm), (xm, layer.weight, layer.bias), gy)
+
+    mase_fwdbwd()  # autotune + initialise its ranges
+    torch.cuda.synchronize()
+    t["mase_fwd"] = _median_ms(mase_fwd)
+    t["mase_fwdbwd"] = _median_ms(mase_fwdbwd)
+    return {"mase_fwd_ratio_vs_linear": t["mase_fwd"] / t["lin_fwd"],
+            "mase_fwdbwd_ratio_vs_linear": t["mase_fwdbwd"] / t["lin_fwdbwd"],
+            "speedup_vs_mase": t["mase_fwdbwd"] / t["opt_fwdbwd"],
+            "speedup_vs_mase_fwd": t["mase_fwd"] / t["opt_fwd"]}
+
+
 def bench_shape(M, K, N, dtype, with_mase, case):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(M + K + N)
@@ -138,17 +193,8 @@ def bench_shape(M, K, N, dtype, with_mase, case):
     torch.cuda.synchronize()
     assert bool((ranges[:, 0] <= ranges[:, 1]).all()), ranges
     rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
-    t = {}
-    # interleave the two, twice, and keep the medians' median: both see the same clocks
-    runs = {"lin_fwd": [], "opt_fwd": [], "lin_fwdbwd": [], "opt_fwdbwd": []}
-    for _ in range(2):
-        runs["lin_fwd"].append(_median_ms(lin_fwd))
-        runs["opt_fwd"].append(_median_ms(opt_fwd))
-        runs["lin_fwdbwd"].append(_median_ms(lin_fwdbwd))
-        runs["opt_fwdbwd"].append(_median_ms(opt_fwdbwd))
-    for k, v in runs.items():
-        t[k] = statistics.median(v)
-        t[k + "_runs"] = v
+    t = _interleaved_medians({"lin_fwd": lin_fwd, "opt_fwd": opt_fwd,
+                              "lin_fwdbwd": lin_fwdbwd, "opt_fwdbwd": opt_fwdbwd})
     lin_peak, base = _peak_bytes(lin_fwdbwd)
     opt_peak, _ = _peak_bytes(opt_fwdbwd)
     rec.update(
@@ -158,28 +204,7 @@ def bench_shape(M, K, N, dtype, with_mase, case):
         peak_mem_bytes={"linear": lin_peak, "optical": opt_peak, "resident_inputs": base},
     )
     if with_mase:
-        layer = _mase_layer(K, N, w.detach(), b.detach())
-        if layer is not None:
-            xm = x.detach().clone().requires_grad_()
-
-            def mase_fwd():
-                with torch.no_grad():
-                    return layer(xm)
-
-            def mase_fwdbwd():
-                return torch.autograd.grad(layer(xm), (xm, layer.weight, layer.bias), gy)
-
-            mase_fwdbwd()  # autotune + initialise its ranges
-            torch.cuda.synchronize()
-            t["mase_fwd"] = _median_ms(mase_fwd)
-            t["mase_fwdbwd"] = _median_ms(mase_fwdbwd)
-            rec.update(
-                mase_fwd_ratio_vs_linear=t["mase_fwd"] / t["lin_fwd"],
-                mase_fwdbwd_ratio_vs_linear=t["mase_fwdbwd"] / t["lin_fwdbwd"],
-                speedup_vs_mase=t["mase_fwdbwd"] / t["opt_fwdbwd"],
-                speedup_vs_mase_fwd=t["mase_fwd"] / t["opt_fwd"],
-            )
-            del layer
+        rec.update(_mase_ratios(x, w, b, gy, t))
     rec["times_ms"] = t
     flop = 2.0 * M * N * K
     rec["tflops"] = {"linear_fwd": flop / t["lin_fwd"] * 1e-9,
@@ -190,23 +215,7 @@ def bench_shape(M, K, N, dtype, with_mase, case):
 
 def sweep(dtype):
     """Forward-only timings of GEMM configs (and of the epilogue's parts) at the large shapes."""
-    G = klinear.GemmConfig
-    configs = {
-        # (BM, BN, BK, GROUP_M, warps, stages, TMA, epilogue chunks, maxnreg). The first run
-        # (bench/results/linear-h200-sweep1.json) ruled out 4-warp tiles and 4 stages and showed
-        # the TMA mainloop ahead of the pointer one; these are the survivors.
-        "128x128x64 w8 s3 r128": G(128, 128, 64, 8, 8, 3, True, 8, 128),
-        "128x256x64 w16 s3 r128": G(128, 256, 64, 8, 16, 3, True, 8, 128),
-        "256x128x64 w16 s3 r128": G(256, 128, 64, 8, 16, 3, True, 8, 128),
-        "128x256x64 w8 s3": G(128, 256, 64, 8, 8, 3, True, 8),
-        # Since stop 12 a Philox block serves four outputs: fewer, wider epilogue chunks and
-        # larger tiles hold less noise state per thread than before.
-        "128x128x64 w8 s3 r128 e4": G(128, 128, 64, 8, 8, 3, True, 4, 128),
-        "128x128x64 w8 s3 r128 e2": G(128, 128, 64, 8, 8, 3, True, 2, 128),
-        "128x256x64 w8 s3 e4": G(128, 256, 64, 8, 8, 3, True, 4),
-    }
-    nonoise = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}
-    SWEEP_CONFIGS.update(configs)
+    configs, nonoise = SWEEP_CONFIGS, SWEEP_NONOISE
     dev = torch.device("cuda")
     out = []
     for (M, K, N) in LARGE:

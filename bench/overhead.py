@@ -43,67 +43,42 @@ def per_call_us(fn) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    global ITERS, WARMUP, REPEATS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench/results/overhead-h200.json")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
-    p.add_argument("--iters", type=int, default=ITERS)
-    args = p.parse_args()
-    if args.iters != ITERS:
-        ITERS, WARMUP, REPEATS = args.iters, max(1, args.iters // 10), 1
-
+def linear_costs(dev: torch.device, dt: torch.dtype, compile_too: bool) -> dict[str, float]:
+    """Microseconds per call of each layer of the optical linear's stack, x [16, 384] -> 1152,
+    beside nn.Linear."""
     from torchtitan_ext.optical import ops
     from torchtitan_ext.optical.config import QuantizerConfig
     from torchtitan_ext.optical.kernels import linear as klinear
-    from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
+    from torchtitan_ext.optical.modules import OpticalLinear
     from torchtitan_ext.optical.ranges import update_ranges
 
-    dev = torch.device(args.device)
-    if dev.type == "cpu":
-        ops.set_kernel_mode("triton")
-    dt = torch.bfloat16
-    torch.manual_seed(0)
     x = torch.randn(16, 384, device=dev, dtype=dt)
     lin = torch.nn.Linear(384, 1152, bias=False, device=dev, dtype=dt)
     opt = OpticalLinear(384, 1152, bias=False, config=QuantizerConfig(), device=dev, dtype=dt)
     opt(x)
     update_ranges(opt)
-    ranges = opt.ranges()
+    ranges = packed = opt.ranges()
     seed = torch.zeros(1, dtype=torch.int64, device=dev)
     index = ops.linear_index(x.shape, 1152)
     xg = x.clone().requires_grad_(True)
 
+    def packed_forward():
+        return klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02, 0, index,
+                                      True, True, False)
+
     rec: dict[str, float] = {}
     rec["nn.Linear fwd"] = per_call_us(lambda: lin(x))
-    packed = opt.ranges()
-    rec["kernels.forward_packed (2 launches)"] = per_call_us(lambda: klinear.forward_packed(
-        x, opt.weight, None, packed, seed, 256, 0.02, 0, index, True, True, False))
+    rec["kernels.forward_packed (2 launches)"] = per_call_us(packed_forward)
     rec["kernels.linear_forward (public: ranges stacked, index checked)"] = per_call_us(
         lambda: klinear.linear_forward(
             x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256, lut=0.02,
             stream=0, index=klinear.LinearIndex(*index), observe=True))
-    # The pieces of the forward's host path, one at a time.
-    xq = torch.empty_like(x)
-    rec["  one Triton launch: quantize pass (18 args)"] = per_call_us(lambda: klinear._quantize_into(
-        x, xq, ranges[0], None, None, levels=256, lut=None, noisy=False, stream=0, index=None))
-    g = torch.randn(16, 1152, device=dev, dtype=dt)
-    src = torch.randn(16, 1152, device=dev, dtype=dt)
-    rec["  one Triton launch: clip-grad (8 args)"] = per_call_us(
-        lambda: klinear._clip_grad_(g, src, ranges[2]))
-    rec["  config lookup (cached)"] = per_call_us(
-        lambda: klinear.gemm_config(16, 1152, 384, dt, dev))
-    rec["  allocations (obs clone, y, 2 operand buffers)"] = per_call_us(lambda: (
-        klinear._obs_template(dev).clone(), torch.empty(16, 1152, dtype=dt, device=dev),
-        klinear._operand_buffer(16, 384, dt, dev, 8), klinear._operand_buffer(1152, 384, dt, dev, 8)))
+    rec.update(_host_path_pieces(klinear, x, ranges, dev, dt))
     if dev.type == "cuda" and klinear.gpu_has_tma(dev):
         # What the host-side TMA descriptors add (against the pointer mainloop of the same tiles).
         for label, tma in (("pointer mainloop", False), ("with TMA descriptors", True)):
             with klinear.override_gemm_config(klinear.GemmConfig(64, 64, 64, 8, 4, 4, tma)):
-                rec[f"kernels.forward_packed, {label}"] = per_call_us(
-                    lambda: klinear.forward_packed(x, opt.weight, None, packed, seed, 256, 0.02,
-                                                   0, index, True, True, False))
+                rec[f"kernels.forward_packed, {label}"] = per_call_us(packed_forward)
     with torch.no_grad():
         rec["torch.ops.optical.linear (the op alone)"] = per_call_us(
             lambda: torch.ops.optical.linear(x, opt.weight, None, packed, seed, 256, 0.02, 0,
@@ -116,32 +91,75 @@ def main() -> None:
         rec["OpticalLinear fwd (eval, no grad)"] = per_call_us(lambda: opt(x))
         opt.train()
         rec["OpticalLinear fwd (train, no grad: + seed draw, record)"] = per_call_us(lambda: opt(x))
+    rec["nn.Linear fwd+bwd"] = per_call_us(lambda: lin(xg).sum().backward())
+    rec["OpticalLinear fwd+bwd"] = per_call_us(lambda: opt(xg).sum().backward())
+    if compile_too:
+        clin = torch.compile(lin, fullgraph=True)
+        copt = torch.compile(opt, fullgraph=True)
+        rec["compiled nn.Linear fwd+bwd"] = per_call_us(lambda: clin(xg).sum().backward())
+        rec["compiled OpticalLinear fwd+bwd"] = per_call_us(lambda: copt(xg).sum().backward())
+    return rec
 
-    def nn_fb():
-        lin(xg).sum().backward()
 
-    def opt_fb():
-        opt(xg).sum().backward()
+def _host_path_pieces(klinear, x, ranges, dev, dt) -> dict[str, float]:
+    """The pieces of the forward's host path, one at a time (the launcher's internals)."""
+    xq = torch.empty_like(x)
+    g = torch.randn(16, 1152, device=dev, dtype=dt)
+    src = torch.randn(16, 1152, device=dev, dtype=dt)
+    return {
+        "  one Triton launch: quantize pass (18 args)": per_call_us(lambda: klinear._quantize_into(
+            x, xq, ranges[0], None, None, levels=256, lut=None, noisy=False, stream=0,
+            index=None)),
+        "  one Triton launch: clip-grad (8 args)": per_call_us(
+            lambda: klinear._clip_grad_(g, src, ranges[2])),
+        "  config lookup (cached)": per_call_us(
+            lambda: klinear.gemm_config(16, 1152, 384, dt, dev)),
+        "  allocations (obs clone, y, 2 operand buffers)": per_call_us(lambda: (
+            klinear._obs_template(dev).clone(), torch.empty(16, 1152, dtype=dt, device=dev),
+            klinear._operand_buffer(16, 384, dt, dev, 8),
+            klinear._operand_buffer(1152, 384, dt, dev, 8))),
+    }
 
-    rec["nn.Linear fwd+bwd"] = per_call_us(nn_fb)
-    rec["OpticalLinear fwd+bwd"] = per_call_us(opt_fb)
+
+def attention_costs(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
+    """Microseconds per fwd+bwd call of OpticalAttention beside SDPA, B=1 H=6 Hkv=2 L=64 D=64."""
+    from torchtitan_ext.optical.config import QuantizerConfig
+    from torchtitan_ext.optical.modules import OpticalAttention
+    from torchtitan_ext.optical.ranges import update_ranges
 
     q = torch.randn(1, 6, 64, 64, device=dev, dtype=dt, requires_grad=True)
     kv = torch.randn(1, 2, 64, 64, device=dev, dtype=dt, requires_grad=True)
     att = OpticalAttention(QuantizerConfig()).to(dev)
     att(q, kv, kv)
     update_ranges(att)
-    rec["SDPA fwd+bwd (GQA)"] = per_call_us(lambda: F.scaled_dot_product_attention(
-        q, kv, kv, is_causal=True, enable_gqa=True).sum().backward())
-    rec["OpticalAttention fwd+bwd"] = per_call_us(lambda: att(q, kv, kv).sum().backward())
+    return {
+        "SDPA fwd+bwd (GQA)": per_call_us(lambda: F.scaled_dot_product_attention(
+            q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()),
+        "OpticalAttention fwd+bwd": per_call_us(lambda: att(q, kv, kv).sum().backward()),
+    }
 
-    if not args.no_compile:
-        clin = torch.compile(lin, fullgraph=True)
-        copt = torch.compile(opt, fullgraph=True)
-        rec["compiled nn.Linear fwd+bwd"] = per_call_us(lambda: clin(xg).sum().backward())
-        rec["compiled OpticalLinear fwd+bwd"] = per_call_us(lambda: copt(xg).sum().backward())
 
-    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+def main() -> None:
+    global ITERS, WARMUP, REPEATS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench/results/overhead-h200.json")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
+    p.add_argument("--iters", type=int, default=ITERS)
+    args = p.parse_args()
+    if args.iters != ITERS:
+        ITERS, WARMUP, REPEATS = args.iters, max(1, args.iters // 10), 1
+
+    from torchtitan_ext.optical import ops
+
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        ops.set_kernel_mode("triton")
+    torch.manual_seed(0)
+    rec = {**linear_costs(dev, torch.bfloat16, not args.no_compile),
+           **attention_costs(dev, torch.bfloat16)}
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__,
            "shape": "x [16, 384] bf16 -> 1152; attention B=1 H=6 Hkv=2 L=64 D=64",
            "us_per_call": {k: round(v, 1) for k, v in rec.items()}}
     print(json.dumps(out, indent=1))

@@ -40,7 +40,42 @@ def smooth(values: list[float], k: int = 5) -> list[float]:
     return out
 
 
+# Runs drawn in several figures: a figure is drawn when the JSON has one of its other runs.
+SHARED = {*MAIN, "q64"}
+FIGURES = (  # file, runs, with training curves, y limits, title
+    ("loss-optical-vs-digital.png", [(n, n) for n in MAIN], True, (2.6, 6.0),
+     "60M from scratch: optical (256 levels, recipe) vs digital twin"),
+    ("loss-levels.png", LEVELS, False, (2.6, 8.0),
+     "Precision: levels per quantizer (recipe otherwise unchanged)"),
+    ("loss-ablation.png", ABLATION, False, (2.75, 4.5),
+     "Ablation at 256 levels: one part of the recipe changed at a time"),
+    ("loss-twins-seeds.png", TWINS, False, (2.7, 5.0), "Twins, two seeds each"),
+    ("loss-per-quantizer.png", QUANTIZERS, False, (2.9, 5.0),
+     "Per-quantizer levels: one quantizer changed at a time"),
+    ("loss-shot-noise.png", SHOT, False, (2.9, 7.5), "Read-out noise"),
+)
+
+
+def _curves(ax, runs: dict, tokens: float, names, train: bool) -> None:
+    """Validation (and smoothed training) loss against tokens (M) of the named runs present."""
+    for name, label in names:
+        r = runs.get(name)
+        if not r:
+            continue
+        if r["val_steps"]:
+            xs = [s * tokens for s in r["val_steps"][1:]]
+            ax.plot(xs, r["val_loss"][1:], marker="o", ms=2.5, label=f"{label} (validation)")
+        if train and r["steps"]:
+            xs = [s * tokens for s in r["steps"]]
+            ax.plot(xs, smooth(r["loss"]), alpha=0.45, lw=1, label=f"{label} (train)")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(data: dict, outdir: Path, prefix: str = "") -> None:
+    """The loss figures whose runs the JSON has (beyond the twins), and the clamp figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,47 +84,22 @@ def plot(data: dict, outdir: Path, prefix: str = "") -> None:
     runs = data["runs"]
     tokens = data["tokens_per_step"] / 1e6
     outdir.mkdir(parents=True, exist_ok=True)
-
-    def curves(ax, names, val=True, train=False):
-        for name, label in names:
-            r = runs.get(name)
-            if not r:
-                continue
-            if val and r["val_steps"]:
-                xs = [s * tokens for s in r["val_steps"][1:]]
-                ax.plot(xs, r["val_loss"][1:], marker="o", ms=2.5, label=f"{label} (validation)")
-            if train and r["steps"]:
-                xs = [s * tokens for s in r["steps"]]
-                ax.plot(xs, smooth(r["loss"]), alpha=0.45, lw=1, label=f"{label} (train)")
-        ax.set_xlabel("tokens (M)")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-
-    figures = (
-        ("loss-optical-vs-digital.png", [(n, n) for n in MAIN], True, (2.6, 6.0),
-         "60M from scratch: optical (256 levels, recipe) vs digital twin"),
-        ("loss-levels.png", LEVELS, False, (2.6, 8.0),
-         "Precision: levels per quantizer (recipe otherwise unchanged)"),
-        ("loss-ablation.png", ABLATION, False, (2.75, 4.5),
-         "Ablation at 256 levels: one part of the recipe changed at a time"),
-        ("loss-twins-seeds.png", TWINS, False, (2.7, 5.0), "Twins, two seeds each"),
-        ("loss-per-quantizer.png", QUANTIZERS, False, (2.9, 5.0),
-         "Per-quantizer levels: one quantizer changed at a time"),
-        ("loss-shot-noise.png", SHOT, False, (2.9, 7.5), "Read-out noise"),
-    )
-    for filename, names, train, ylim, title in figures:
-        if not any(runs.get(n) and runs[n]["val_steps"] for n, _ in names if n not in MAIN):
-            continue  # a JSON without these runs
+    for filename, names, train, ylim, title in FIGURES:
+        own = [n for n, _ in names if n not in SHARED]
+        if own and not any(runs.get(n) and runs[n]["val_steps"] for n in own):
+            continue  # a JSON without this figure's own runs
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        curves(ax, names, train=train)
+        _curves(ax, runs, tokens, names, train)
         ax.set_ylim(*ylim)
         ax.set_title(title)
         fig.tight_layout()
         fig.savefig(outdir / (prefix + filename), dpi=120)
+    if runs.get("optical", {}).get("clamp"):
+        _clamp_figure(plt, runs, tokens, outdir / (prefix + "clamp-fractions.png"))
 
-    if not runs.get("optical", {}).get("clamp"):
-        return
+
+def _clamp_figure(plt, runs: dict, tokens: float, path: Path) -> None:
+    """Left: the recipe's clamp fraction per quantizer; right: Q_p's zeroed probabilities."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     r = runs["optical"]
     steps = sorted(int(s) for s in r["clamp"])
@@ -114,7 +124,7 @@ def plot(data: dict, outdir: Path, prefix: str = "") -> None:
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(outdir / (prefix + "clamp-fractions.png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def tables(data: dict) -> str:
@@ -123,7 +133,8 @@ def tables(data: dict) -> str:
     runs = data["runs"]
     tokens = data["tokens_per_step"]
     digital = dict(zip(runs["digital"]["val_steps"], runs["digital"]["val_loss"]))
-    lines = ["| run | what | tokens | last val loss (step) | vs digital at that step | best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
+    lines = ["| run | what | tokens | last val loss (step) | vs digital at that step "
+             "| best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
              "|---|---|---|---|---|---|---|---|"]
     order = ["digital", "optical", "q64", "q16", "no_warmup", "no_grad_clip", "unsmoothed",
              "clipped_grad", "q16_no_warmup"]
@@ -133,11 +144,13 @@ def tables(data: dict) -> str:
             continue
         step, last = r["val_steps"][-1], r["val_loss"][-1]
         vs = f"{(last / digital[step] - 1) * 100:+.1f}%" if step in digital else "n/a"
+        best = min((v for s, v in zip(r["val_steps"], r["val_loss"]) if s > 100),
+                   default=float("nan"))
         nan = any(v != v for v in r["loss"] + r["val_loss"]) or r["nonfinite_stop"]
         lines.append(
-            f"| `{name}` | {r['what']} | {r['steps'][-1] * tokens / 1e6:.1f}M | {last:.4f} ({step}) | "
-            f"{vs} | {min((v for s, v in zip(r['val_steps'], r['val_loss']) if s > 100), default=float('nan')):.4f} | "
-            f"{'yes' if nan else 'none'} | {r.get('tps_median', 0) / 1000:.1f}k |")
+            f"| `{name}` | {r['what']} | {r['steps'][-1] * tokens / 1e6:.1f}M | "
+            f"{last:.4f} ({step}) | {vs} | {best:.4f} | {'yes' if nan else 'none'} | "
+            f"{r.get('tps_median', 0) / 1000:.1f}k |")
     return "\n".join(lines)
 
 

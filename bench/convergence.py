@@ -134,7 +134,7 @@ def start(args) -> None:
     for i, name in enumerate(args.runs):
         run_dir = work / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("rc", "log.txt", "pid"):  # a previous attempt's status must not show
+        for stale in ("rc", "log.txt", "pid", "stopped"):  # no status of an earlier attempt
             (run_dir / stale).unlink(missing_ok=True)
         if name in VARIANTS:
             (run_dir / "transform.yaml").write_text(variant_transform(name))
@@ -176,7 +176,9 @@ def parse_run(run_dir: Path) -> dict:
                                         (kv.split("=") for kv in m.group(2).split())}
     rc = run_dir / "rc"
     rec["returncode"] = int(rc.read_text()) if rc.exists() and rc.read_text().strip() else None
-    rec["status"] = ("queued" if rec["returncode"] is None and not (run_dir / "log.txt").exists()
+    started = (run_dir / "log.txt").exists()
+    rec["status"] = ("stopped" if (run_dir / "stopped").exists()
+                     else "queued" if rec["returncode"] is None and not started
                      else "running" if rec["returncode"] is None
                      else "done" if rec["returncode"] == 0 else "failed")
     rec["nonfinite_stop"] = "training stopped: the loss or the gradients are not finite" in log
@@ -207,6 +209,12 @@ def watch(args) -> None:
             tps = f"{r['tps'][-1] / 1000:.0f}k" if r["tps"] else "-"
             line.append(f"{name}:{r['status'][0]}{step}/v{val}/{tps}")
         print(time.strftime("%H:%M:%S"), " ".join(line), flush=True)
+        for name, r in data["runs"].items():
+            if args.stop_at_step and r["status"] == "running" and \
+                    max(r["val_steps"], default=0) >= args.stop_at_step:
+                _stop_run(Path(args.workdir) / name, f"validated step {args.stop_at_step}")
+                r["status"] = "stopped"
+                print(f"stopped {name} at its validation of step {args.stop_at_step}", flush=True)
         busy = any(r["status"] in ("running", "queued") for r in data["runs"].values())
         if not busy or time.time() >= deadline:
             break
@@ -223,6 +231,30 @@ def watch(args) -> None:
             for f in sorted(work.glob("*/tb/**/events.out.tfevents.*")) + sorted(work.glob("*/log.txt")):
                 tar.add(f, arcname=str(f.relative_to(work)))
         print(f"wrote {args.archive}", flush=True)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _stop_run(run_dir: Path, why: str) -> None:
+    """SIGTERM to the run's training process (its lane's child) only: the lane goes on with its
+    queued runs, and the marker file keeps the run's status "stopped" rather than "failed"."""
+    (run_dir / "stopped").write_text(why + "\n")
+    for child in _children(int((run_dir / "pid").read_text())):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def stop(args) -> None:
@@ -251,6 +283,9 @@ def main() -> None:
     p.add_argument("--extra", default="", help="more torchtitan flags for every run")
     p.add_argument("--seconds", type=float, default=500, help="watch: how long")
     p.add_argument("--interval", type=float, default=60, help="watch: seconds between reports")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="watch: stop each run once it has validated this step (0: never); its "
+                        "schedule stays that of --steps, so runs compare at equal steps")
     p.add_argument("--out", default="", help="watch: JSON of everything parsed so far")
     p.add_argument("--archive", default="", help="watch: .tar.gz of the TensorBoard logs and logs")
     args = p.parse_args()

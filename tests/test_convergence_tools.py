@@ -171,3 +171,23 @@ def test_start_runs_in_lanes_and_clears_a_previous_attempt(tmp_path, monkeypatch
     assert {n: r["status"] for n, r in runs.items()} == {
         "digital": "done", "optical": "done", "q16": "failed"}
     assert runs["optical"]["steps"] == [1]
+
+
+def test_watch_stops_a_run_at_its_validation_step_and_its_lane_goes_on(tmp_path, monkeypatch):
+    """`watch --stop-at-step 100`: a run that has validated step 100 is ended (its status then
+    "stopped", not "failed"), and the run queued behind it in the same lane still trains."""
+    import sys
+
+    conv = _driver()
+    script = {"digital": "print('validate step: 100  loss: 2.5', flush=True); "
+                         "import time; time.sleep(120)",
+              "optical": "print('step: 1  loss: 1.0  tps: 5')"}
+    monkeypatch.setattr(conv, "command", lambda name, args: [sys.executable, "-c", script[name]])
+    args = type("A", (), {"workdir": str(tmp_path), "runs": ["digital", "optical"],
+                          "max_parallel": 1, "seconds": 60, "interval": 0.5, "out": "",
+                          "archive": "", "stop_at_step": 100})()
+    conv.start(args)
+    conv.watch(args)  # returns once nothing runs or waits
+    runs = conv.collect(args)["runs"]
+    assert runs["digital"]["status"] == "stopped" and runs["digital"]["val_steps"] == [100]
+    assert runs["optical"]["status"] == "done"

@@ -120,8 +120,7 @@ from .quantizer import (
 )
 
 __all__ = ["attention_forward", "attention_backward", "override_configs", "kernel_config",
-           "SUPPORTED_HEAD_DIMS",
-           "SUPPORTED_DTYPES"]
+           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # float32 runs its dots in IEEE precision (FMA units, not tensor cores): for inference of float32
@@ -228,6 +227,33 @@ def _prep_kv_kernel(
 
 
 @triton.jit
+def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv, inv_lm1,
+                LEVELS: tl.constexpr, BN: tl.constexpr, RUNS4: tl.constexpr, NOISE: tl.constexpr,
+                NK_S: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """(Q_s(S), level index k) of a raw [BM, BN] tile of S, or of its transpose [BN, BM] with
+    TRANSPOSED (the backward): the noise of rows whose global index of column 0 is `row_idx`
+    [BM], columns `cols` [BN] (start_n + [0, BN)). NOISE 2: shot read-out, K = D, Box-Muller on
+    two Philox draws; 1: stochastic rounding; 0: deterministic rounding, no Philox. One code
+    for the forward and the backward's regeneration, so both draw the same words."""
+    if NOISE == 2:
+        z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 0),
+                       philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 1))
+        if TRANSPOSED:
+            z = tl.trans(z)
+        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
+                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
+    else:
+        if NOISE:
+            w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+            if TRANSPOSED:
+                w = tl.trans(w)
+        else:
+            w = 0.0
+        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+    return s_q, lvl
+
+
+@triton.jit
 def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
@@ -246,17 +272,8 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    if NOISE == 2:  # shot read-out (q_readout: shot), K = D: Box-Muller on two Philox draws
-        z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 0),
-                       philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 1))
-        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
-                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
-    else:
-        if NOISE:
-            w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
-        else:
-            w = 0.0
-        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+    s_q, lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
+                           inv_lm1, LEVELS, BN, RUNS4, NOISE, NK_S, False)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
@@ -724,20 +741,8 @@ def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stre
     (query rows r64 at absolute positions q_start + r64, keys offs_n), transposed."""
     s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
     # S^T's words: those of the [BM, BN] tile of S, transposed.
-    if NOISE == 2:  # the forward's shot read-out of S, transposed
-        ridx = row_idx0 + (q_start + r64) * LK
-        z = tl.trans(box_muller(
-            philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 0),
-            philox_bits24_rows_c2(seed, stream, ridx, start_n, offs_n, BN, RUNS4, 1)))
-        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
-                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
-    else:
-        if NOISE:
-            w = tl.trans(philox_bits24_rows(seed, stream, row_idx0 + (q_start + r64) * LK,
-                                            start_n, offs_n, BN, RUNS4))
-        else:
-            w = 0.0
-        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+    s_q, _ = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
+                         slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS4, NOISE, NK_S, True)
     return s_raw, s_q
 
 
@@ -1254,8 +1259,9 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
     row 0 (q_start + Lq <= Lk), whose noise indices are those of row q_start + r of the full
     [.., Lk, Lk] / [.., Lk, D] tensors; an int, or a 0-d int64 device tensor read in-kernel (a
     static-cache decoding step: one CUDA graph serves every position). noise=False
-    (`q_noise: false`): Q_s and Q_y round deterministically, no Philox runs. levels: an int or the levels of (Q_q, Q_k, Q_s, Q_p, Q_v,
-    Q_y). photons > 0: the shot read-out of Q_s (K = D) and Q_y (K = the keys the row sees).
+    (`q_noise: false`): Q_s and Q_y round deterministically, no Philox runs. levels: an int or
+    the levels of (Q_q, Q_k, Q_s, Q_p, Q_v, Q_y). photons > 0: the shot read-out of Q_s (K = D)
+    and Q_y (K = the keys the row sees).
 
     Returns (y [B,H,Lq,D] in q's dtype (0 in rows with no visible key), stats float32 [B,H,Lq] =
     log2-domain log-sum-exp of the scaled logits (the backward's P = exp2(Q_s(S) * scale * log2 e

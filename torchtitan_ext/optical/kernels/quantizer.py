@@ -94,8 +94,8 @@ def philox_bits24(seed, stream, index):
     any int64 `index` tensor: word (index & 3) of the Philox-4x32-10 block at counter index >> 2,
     key (seed, stream), shifted right by 8 with its lowest bit set, as the reference. One Philox
     per element (three of its four words thrown away): for index sets without aligned runs of
-    four; hot loops whose indices come in aligned runs use `philox_bits24_runs`. Returning w lets a hot loop fold "+ u" into one
-    exact fma (`quantize_with_bits24`)."""
+    four; hot loops whose indices come in aligned runs use `philox_bits24_runs`. Returning w
+    lets a hot loop fold "+ u" into one exact fma (`quantize_with_bits24`)."""
     return philox_bits24_c2(seed, stream, index, 0)
 
 

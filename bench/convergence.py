@@ -116,13 +116,14 @@ def command(name: str, args) -> list[str]:
     run_dir = Path(args.workdir) / name
     if name in VARIANTS:
         overrides = ["--optical.transform_config", str(run_dir / "transform.yaml"), *overrides]
+    seed = [] if "--debug.seed" in overrides else ["--debug.seed", "0"]  # one, named once
     # Checkpoints only where asked (a run evaluated afterwards): the others skip the disk writes.
     ckpt = ["--checkpoint.no-enable"] if name not in args.checkpoint_runs else [
         "--checkpoint.interval", str(args.checkpoint_interval), "--checkpoint.keep_latest_k", "2"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
             "run.py", "--job.config_file", f"train_configs/{mode}_60M.toml",
             "--training.steps", str(args.steps), "--job.dump_folder", str(run_dir),
-            *ckpt, "--debug.seed", "0", *overrides, *shlex.split(args.extra)]
+            *ckpt, *seed, *overrides, *shlex.split(args.extra)]
 
 
 def start(args) -> None:
@@ -269,7 +270,8 @@ def stop(args) -> None:
                 pass
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, validated: a bad value exits with the flag's name and what it allows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("start", "watch", "stop"))
     p.add_argument("--workdir", default="/tmp/optical-convergence")
@@ -278,8 +280,10 @@ def main() -> None:
     p.add_argument("--max-parallel", type=int, default=10,
                    help="runs training at once (lanes); the others queue")
     p.add_argument("--checkpoint-runs", nargs="*", default=[], choices=list(RUNS),
-                   help="runs that keep checkpoints (every --checkpoint-interval steps, last 2)")
-    p.add_argument("--checkpoint-interval", type=int, default=100)
+                   help="runs (of --runs) that keep checkpoints (every --checkpoint-interval "
+                        "steps, the last 2)")
+    p.add_argument("--checkpoint-interval", type=int, default=100,
+                   help="steps between the checkpoints of --checkpoint-runs")
     p.add_argument("--extra", default="", help="more torchtitan flags for every run")
     p.add_argument("--seconds", type=float, default=500, help="watch: how long")
     p.add_argument("--interval", type=float, default=60, help="watch: seconds between reports")
@@ -288,9 +292,20 @@ def main() -> None:
                         "schedule stays that of --steps, so runs compare at equal steps")
     p.add_argument("--out", default="", help="watch: JSON of everything parsed so far")
     p.add_argument("--archive", default="", help="watch: .tar.gz of the TensorBoard logs and logs")
-    args = p.parse_args()
-    if args.max_parallel < 1:
-        p.error(f"--max-parallel must be >= 1, got {args.max_parallel}")
+    args = p.parse_args(argv)
+    for flag, value, least in (("--max-parallel", args.max_parallel, 1),
+                               ("--checkpoint-interval", args.checkpoint_interval, 1),
+                               ("--stop-at-step", args.stop_at_step, 0)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    stray = sorted(set(args.checkpoint_runs) - set(args.runs))
+    if args.action == "start" and stray:  # would be silently ignored
+        p.error(f"--checkpoint-runs: {', '.join(stray)} not in --runs ({' '.join(args.runs)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     {"start": start, "watch": watch, "stop": stop}[args.action](args)
 
 

@@ -215,7 +215,6 @@ def bench_shape(M, K, N, dtype, with_mase, case):
 
 def sweep(dtype):
     """Forward-only timings of GEMM configs (and of the epilogue's parts) at the large shapes."""
-    configs, nonoise = SWEEP_CONFIGS, SWEEP_NONOISE
     dev = torch.device("cuda")
     out = []
     for (M, K, N) in LARGE:
@@ -226,10 +225,10 @@ def sweep(dtype):
         seed = torch.tensor([12345], device=dev)
         lin = _median_ms(lambda: F.linear(x, w, b))
         row = {"M": M, "K": K, "N": N, "linear_ms": lin}
-        for name, cfg in configs.items():
+        for name, cfg in SWEEP_CONFIGS.items():
             for noise in (True, False):
                 key = name + ("" if noise else " nonoise")
-                if not noise and name not in nonoise:
+                if not noise and name not in SWEEP_NONOISE:
                     continue
                 try:
                     fn = lambda: klinear.linear_forward(  # noqa: E731

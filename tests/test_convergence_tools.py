@@ -1,7 +1,10 @@
-"""The experiment driver's log parsing (bench/convergence.py), on a synthetic torchtitan log."""
+"""The experiment tools in bench/: the convergence driver (log parsing, lanes, stopping, its
+flags) on synthetic logs and fake runs, and bench/train.py's profile summary and repeats."""
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,11 +138,12 @@ def test_variants_are_valid_transforms_that_change_only_their_keys():
             added = lin if "wq" in pattern else att if pattern.endswith("attention") else {}
             assert cfg == (None if ref[pattern] is None else {**ref[pattern], **added}), name
         assert lin or att, name
-        args = type("A", (), {"workdir": "/w", "steps": 10, "extra": "",
-                              "checkpoint_runs": [], "checkpoint_interval": 100})()
+        args = conv.parse_args(["start", "--workdir", "/w", "--steps", "10"])
         cmd = conv.command(name, args)
         assert cmd[cmd.index("--optical.transform_config") + 1] == f"/w/{name}/transform.yaml"
         assert "--checkpoint.no-enable" in cmd
+    assert conv.command("optical_seed1", args).count("--debug.seed") == 1
+    assert conv.command("optical", args)[-2:] == ["--debug.seed", "0"]
     args.checkpoint_runs = ["optical"]  # a run evaluated afterwards keeps its last checkpoints
     cmd = conv.command("optical", args)
     assert "--checkpoint.no-enable" not in cmd
@@ -159,8 +163,8 @@ def test_start_runs_in_lanes_and_clears_a_previous_attempt(tmp_path, monkeypatch
         f"print('step: 1  loss: 1.0  tps: 5'); raise SystemExit({name!r} == 'q16')"])
     (tmp_path / "digital").mkdir()
     (tmp_path / "digital" / "rc").write_text("1\n")
-    args = type("A", (), {"workdir": str(tmp_path), "runs": ["digital", "optical", "q16"],
-                          "max_parallel": 2})()
+    args = conv.parse_args(["start", "--workdir", str(tmp_path), "--max-parallel", "2",
+                            "--runs", "digital", "optical", "q16"])
     conv.start(args)
     pid = {n: (tmp_path / n / "pid").read_text() for n in args.runs}
     assert pid["digital"] == pid["q16"] != pid["optical"]
@@ -183,11 +187,26 @@ def test_watch_stops_a_run_at_its_validation_step_and_its_lane_goes_on(tmp_path,
                          "import time; time.sleep(120)",
               "optical": "print('step: 1  loss: 1.0  tps: 5')"}
     monkeypatch.setattr(conv, "command", lambda name, args: [sys.executable, "-c", script[name]])
-    args = type("A", (), {"workdir": str(tmp_path), "runs": ["digital", "optical"],
-                          "max_parallel": 1, "seconds": 60, "interval": 0.5, "out": "",
-                          "archive": "", "stop_at_step": 100})()
+    args = conv.parse_args(["watch", "--workdir", str(tmp_path), "--max-parallel", "1",
+                            "--seconds", "60", "--interval", "0.5", "--stop-at-step", "100",
+                            "--runs", "digital", "optical"])
     conv.start(args)
     conv.watch(args)  # returns once nothing runs or waits
     runs = conv.collect(args)["runs"]
     assert runs["digital"]["status"] == "stopped" and runs["digital"]["val_steps"] == [100]
     assert runs["optical"]["status"] == "done"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--max-parallel", "0"], "--max-parallel must be >= 1, got 0"),
+    (["--checkpoint-interval", "0"], "--checkpoint-interval must be >= 1, got 0"),
+    (["--stop-at-step", "-1"], "--stop-at-step must be >= 0, got -1"),
+    (["--runs", "digital", "--checkpoint-runs", "optical"],
+     "--checkpoint-runs: optical not in --runs (digital)"),
+])
+def test_bad_driver_flags_exit_naming_the_flag(argv, words, capsys):
+    """Bad values of the driver's flags stop it before anything starts, naming the flag; a
+    checkpoint run that is not among the runs would otherwise be silently ignored."""
+    with pytest.raises(SystemExit) as e:
+        _driver().parse_args(["start", *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err

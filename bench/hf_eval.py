@@ -12,11 +12,12 @@
    tests/lm_eval_tasks (a log-likelihood and a generation task): digital (no trust_remote_code:
    transformers' Llama) and optical (trust_remote_code=True: the folder's auto_map).
 4. `generate` of --new-tokens (256) greedy tokens for a batch of 8 left-padded prompts of the
-   validation corpus, optical model loaded in each of --dtypes (float32 as saved, bfloat16),
-   use_cache=True vs use_cache=False, each after a warm-up call, timed with CUDA
-   synchronisation; the speed-up and whether the tokens agree; then with transformers' static
-   cache (compiled by transformers on CUDA: CUDA graphs). --timeline N first clocks N tokens
-   per step (diagnosis: compilation stalls vs steady cost).
+   validation corpus, optical model loaded in each of --dtypes (float32 as saved, bfloat16):
+   first with transformers' static cache (compiled by transformers on CUDA: CUDA graphs; its
+   compilation counters and a profile of its steps are reported), then use_cache=True vs
+   use_cache=False, each after a warm-up call, timed with CUDA synchronisation; the speed-ups
+   and whether the tokens agree. --timeline N first clocks N tokens per step (diagnosis:
+   compilation stalls vs steady cost).
 
 Everything goes to --out as JSON (and a line per stage to stdout).
 """
@@ -150,8 +151,22 @@ def _timed_static(model, batch, args) -> dict:
             warmup_kw={"logits_processor": LogitsProcessorList([clock])},
             cache_implementation="static")
     except Exception as e:  # reported, not fatal: the dynamic-cache figures stand on their own
-        return {"error": f"{type(e).__name__}: {e}"[:2000]}
-    return {"s": s, "warmup_s": warm_s, "tokens": out}
+        return {"error": f"{type(e).__name__}: {e}"[:2000], "compile": _compile_report()}
+    return {"s": s, "warmup_s": warm_s, "tokens": out, "compile": _compile_report()}
+
+
+def _compile_report() -> dict:
+    """What torch.compile did so far: graphs, recompilations, graph breaks, and its own
+    per-phase seconds (where a long warm-up went)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    report = {"unique_graphs": counters["stats"]["unique_graphs"],
+              "recompiles": sum(counters["recompiles"].values()),
+              "graph_breaks": sum(counters["graph_break"].values()),
+              "compile_times": compile_times(repr="str")}
+    print("  compile:", json.dumps({k: v for k, v in report.items() if k != "compile_times"}),
+          "\n" + report["compile_times"], flush=True)
+    return report
 
 
 class _StepClock:
@@ -187,23 +202,25 @@ def _timeline(model, batch, tokens: int, use_cache: bool, device: str) -> dict:
     return {"use_cache": use_cache, "step_ms": [round(x, 2) for x in ms]}
 
 
-def _profile(model, batch, tokens: int, device: str, out: Path) -> dict:
-    """torch.profiler of a cached generate of `tokens` tokens: kernel launches and host time per
-    step (where the time of a decode step goes), its top operators written to `out`."""
+def _profile(model, batch, tokens: int, device: str, out: Path, **kw) -> dict:
+    """torch.profiler of a cached generate of `tokens` tokens (`kw`: e.g. the static cache):
+    kernel launches, wall and device time per step (where the time of a decode step goes),
+    its top operators written to `out`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        _generate(model, batch, tokens, True)
+        _generate(model, batch, tokens, True, **kw)
         _sync(device)
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                      "cuLaunchKernelEx", "cudaLaunchKernelExC"))
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in ev)
-    out.write_text(ev.table(sort_by="self_cpu_time_total", row_limit=30))
+    sort = "self_device_time_total" if kw else "self_cpu_time_total"
+    out.write_text(ev.table(sort_by=sort, row_limit=30))
     return {"tokens": tokens, "wall_ms_per_step": 1e3 * wall / tokens,
             "kernel_launches_per_step": launches / tokens,
             "device_busy_ms_per_step": device_us / 1e3 / tokens, "table": out.name}
@@ -224,13 +241,18 @@ def generate_timing(folder: Path, args, dtype: str) -> dict:
     batch = tok(prompts, return_tensors="pt", padding=True).to(args.device)
     timelines = [_timeline(model, batch, args.timeline, c, args.device)
                  for c in (True, False) for _ in range(2)] if args.timeline else []
+    # The static arm first: its compilation is the long, uncertain part of a time-limited call.
+    static = _timed_static(model, batch, args) if args.static_cache else {"skipped": True}
     cached_s, cached_warm_s, cached = _timed_generate(model, batch, args.new_tokens, True,
                                                       args.device, args.warmup_tokens)
     uncached_s, uncached_warm_s, uncached = _timed_generate(model, batch, args.new_tokens, False,
                                                             args.device, args.warmup_tokens)
-    static = _timed_static(model, batch, args) if args.static_cache else {"skipped": True}
     new = cached.shape[1] - batch["input_ids"].shape[1]
     prof = _profile(model, batch, 8, args.device, Path(args.out).with_suffix(f".{dtype}.prof.txt"))
+    if "s" in static:  # the compiled steps (same shapes as the timed call: no recompilation)
+        static["profile"] = _profile(model, batch, args.new_tokens, args.device,
+                                     Path(args.out).with_suffix(f".{dtype}.static.prof.txt"),
+                                     cache_implementation="static")
     result = {
         "dtype": dtype, "model_class": type(model).__name__, "batch": args.batch,
         "new_tokens": int(new), "prompt_tokens": [int(x) for x in batch["attention_mask"].sum(1)],
@@ -243,6 +265,7 @@ def generate_timing(folder: Path, args, dtype: str) -> dict:
         "same_tokens_fraction": float((cached == uncached).float().mean()),
         "static_cache": {k: v for k, v in static.items() if k != "tokens"},
         "static_speedup": uncached_s / static["s"] if "s" in static else None,
+        "acceptance_10x_static": "s" in static and uncached_s / static["s"] >= 10.0,
         "timelines": timelines, "profile_cached_8_tokens": prof,
         "note": "with read-out noise the two runs draw different noise, so tokens may differ",
     }

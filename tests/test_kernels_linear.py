@@ -619,3 +619,35 @@ def test_override_gemm_config_is_scoped_and_large_applies_to_large_shapes_only()
         with klinear.override_gemm_config(large=forced):
             assert klinear.gemm_config(16384, 8192, 2048, bf16, gpu) == forced
             assert klinear.gemm_config(64, 64, 64, bf16, gpu) != forced
+
+
+_DECODE_CANDIDATES = [klinear.DECODE_CONFIG, klinear.GemmConfig(16, 32, 64, 1, 4, 2, False, 2),
+                      klinear.GemmConfig(16, 64, 64, 1, 4, 2, False, 4)]
+
+
+@pytest.mark.parametrize("cfg", _DECODE_CANDIDATES, ids=lambda c: f"{c.BM}x{c.BN}x{c.BK}e{c.epi_split}")
+@pytest.mark.parametrize("M,K,N,dtype,photons", [(8, 70, 44, torch.float32, 0.0),
+                                                  (3, 40, 33, torch.bfloat16, 0.0),
+                                                  (13, 24, 64, torch.float32, 0.5)])
+def test_decode_configs_match_reference(kernel_device, cfg, M, K, N, dtype, photons):
+    """The narrow tiles the GPU table gives a few rows (decoding with a KV cache) and the ones
+    bench/linear_decode.py times compute the reference: rounding and shot read-out."""
+    dev = kernel_device
+    x, w, b = _inputs(M, K, N, dtype, dev, gen_seed=M * 31 + N)
+    ranges = _ranges_from_data(x, w, dev)
+    seed = _seed(dev, 2**35 + M)
+    with klinear.override_gemm_config(cfg):
+        y, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=256, lut=0.05, stream=7,
+                                         index=LinearIndex.whole(M, N), observe=False,
+                                         photons=photons)
+    yr, _ = _ref_linear(x, w, b, ranges, seed, levels=256, lut=0.05, stream=7, photons=photons)
+    _level_mismatches(y.cpu(), yr, ranges[2].cpu(), 256)
+
+
+def test_gpu_table_gives_decoding_rows_the_decode_config():
+    if not torch.cuda.is_available():
+        pytest.skip("the GPU table (the interpreter uses one small config for every problem)")
+    gpu = torch.device("cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert klinear.gemm_config(8, 384, 384, dtype, gpu) == klinear.DECODE_CONFIG
+        assert klinear.gemm_config(16384, 384, 384, dtype, gpu) != klinear.DECODE_CONFIG

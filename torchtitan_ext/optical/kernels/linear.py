@@ -86,6 +86,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 __all__ = [
+    "DECODE_CONFIG",
     "GemmConfig",
     "LinearIndex",
     "gemm_config",
@@ -507,17 +508,20 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     if _INTERPRET or device.type != "cuda":
         # The interpreter runs each program in numpy: small tiles keep the tests' padding cheap.
         return GemmConfig(32, 32, 32, 4, 4, 1, False)
+    if M <= 64:
+        # Decoding (`generate` with a KV cache: a few rows per step): 64-wide tiles left most SMs
+        # idle (2-16 programs per linear of the 60M); narrow ones spread the rows' work.
+        return DECODE_CONFIG
     tma = gpu_has_tma(device)
     if dtype == torch.float32:
         return GemmConfig(64, 64, 32, 8, 4, 3, False)
-    if M <= 64:
-        return GemmConfig(64, 64, 64, 8, 4, 4, tma)
     if M * N <= 2048 * 2048:
         return GemmConfig(128, 64, 64, 8, 4, 4, tma)
     return _LARGE_CONFIG if tma else GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)
 
 
-# Chosen by the H200 sweep (see module docstring and bench/results/).
+# Chosen by the H200 sweeps (bench/linear.py --sweep, bench/linear_decode.py; bench/results/).
+DECODE_CONFIG = GemmConfig(16, 16, 64, 1, 2, 2, False, 1)
 _LARGE_CONFIG = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
 
 # What override_gemm_config forces: every problem's config ("all") or the large shapes' ("large").

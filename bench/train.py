@@ -20,6 +20,14 @@ With the repeats (median of 3 per mode, alternating, min/max reported):
 
 Several GPUs: `--nproc 4 --parallel "--parallelism.data_parallel_shard_degree 4"`.
 
+`--base-tree DIR` adds a third mode, `optical_base`: the optical run from another tree of this
+project (run.py, torchtitan_ext and train_configs of DIR, e.g. an earlier commit's), alternating
+with the other two, and the record's `optical_over_base_tps` says whether this tree's optical
+path regressed. A tree for the GPU host (carried as an ignored folder):
+
+    git archive REV run.py torchtitan_ext train_configs | (mkdir -p .base && tar -x -C .base)
+    python3 bench/train.py --flavors 60M --base-tree .base --out $OUT/train-vs-base.json
+
 `--profile`: torchtitan's profiler records the last step of the last repeat of each mode; the
 record then says how busy the GPU was during that step (the union of its kernels' intervals over
 the step's wall time: well under 1 means the step is host-bound) and which kernels took the GPU
@@ -61,25 +69,31 @@ def parse(log: str) -> dict[int, tuple[float, float, float]]:
 def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = False) -> dict:
     """One trainer run; its per-step metrics and the median tokens/s after `--skip`."""
     dump = Path(args.workdir) / f"{mode}_{flavor}_{args.nproc}_r{repeat}"
+    optical = mode in ("optical", "optical_base")
+    tree = Path(args.base_tree).resolve() if mode == "optical_base" else ROOT
+    config = f"train_configs/{'optical' if optical else mode}_{flavor}.toml"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           "run.py", "--job.config_file", f"train_configs/{mode}_{flavor}.toml",
+           "run.py", "--job.config_file", config,
            "--training.steps", str(args.steps), "--metrics.log_freq", "1",
            "--metrics.no-enable-tensorboard", "--checkpoint.no-enable",
            "--validation.no-enable", "--job.dump_folder", str(dump),
            # Throughput of the optical path itself: no digital warm-up, no statistics steps.
            *(["--optical.quant_warmup_steps", "0", "--optical.stats_every", "0"]
-             if mode == "optical" else []),
+             if optical else []),
            *(["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps),
               "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1"]
              if profile else []),
            *shlex.split(args.parallel), *shlex.split(args.extra)]
     start = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+                       timeout=args.timeout)
     wall = time.time() - start
     log = r.stdout + r.stderr
     steps = parse(log)
     rec = {"flavor": flavor, "mode": mode, "repeat": repeat, "profiled": profile,
-           "nproc": args.nproc, "parallel": args.parallel,
+           "nproc": args.nproc, "parallel": args.parallel, "tree": str(tree),
            "command": " ".join(cmd[1:]), "returncode": r.returncode, "wall_s": round(wall, 1)}
     if r.returncode != 0 or not steps:
         rec["error_tail"] = log[-3000:]
@@ -171,8 +185,19 @@ def summarize_case(flavor: str, args, runs: dict[str, list[dict]]) -> dict:
         if both else None,
         "optical_over_digital_memory": o["peak_memory_gib"] / d["peak_memory_gib"]
         if d.get("peak_memory_gib") and o.get("peak_memory_gib") else None,
+        **_ratio(o, modes.get("optical_base", {}), "optical_over_base_tps"),
         "runs": runs,
     }
+
+
+def _ratio(a: dict, b: dict, key: str) -> dict:
+    """{key: median ratio a/b of tokens/s, key_range: [a min / b max, a max / b min]}, or {}
+    when either mode has no figure."""
+    if not (a.get("tps_per_gpu_median") and b.get("tps_per_gpu_median")):
+        return {}
+    return {key: a["tps_per_gpu_median"] / b["tps_per_gpu_median"],
+            f"{key}_range": [a["tps_per_gpu_min"] / b["tps_per_gpu_max"],
+                             a["tps_per_gpu_max"] / b["tps_per_gpu_min"]]}
 
 
 def main() -> None:
@@ -189,6 +214,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/optical-bench-train")
     p.add_argument("--modes", nargs="+", default=["digital", "optical"],
                    choices=["digital", "optical"])
+    p.add_argument("--base-tree", help="also run optical from this tree (mode optical_base)")
     p.add_argument("--profile", action="store_true",
                    help="profile the last step of each mode's last repeat: GPU busy fraction "
                         "and top kernels")
@@ -196,6 +222,10 @@ def main() -> None:
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be an integer >= 1 (3 or more for a spread), got {args.repeats}")
+    if args.base_tree:
+        if not (Path(args.base_tree) / "run.py").is_file():
+            p.error(f"--base-tree: {args.base_tree} holds no run.py (a tree of this project)")
+        args.modes = [*args.modes, "optical_base"]
     records = []
     for flavor in args.flavors:
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}

@@ -210,3 +210,43 @@ def test_bad_driver_flags_exit_naming_the_flag(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         _driver().parse_args(["start", *argv])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_train_bench_base_tree_runs_optical_from_that_tree(tmp_path, monkeypatch):
+    """bench/train.py --base-tree DIR: a third mode alternates with the other two, runs run.py
+    and the optical config from DIR (cwd and PYTHONPATH), and the record gives this tree's
+    optical tokens/s over DIR's with its range; a folder without run.py is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bt = _bench_train()
+    base = tmp_path / "base"
+    base.mkdir()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--base-tree", str(tmp_path), "--out", "x"])
+    with pytest.raises(SystemExit):
+        bt.main()
+    (base / "run.py").write_text("")
+    seen = []
+
+    def fake_subprocess_run(cmd, cwd, env, **kw):
+        seen.append((cmd, cwd, env["PYTHONPATH"]))
+        mode = "base" if cwd == base.resolve() else "head"
+        tps = {"base": 80, "head": 100}[mode] if "optical" in " ".join(cmd) else 200
+        log = "".join(f"step: {s}  loss: 1.0  memory: 2.0GiB  tps: {tps}\n" for s in range(1, 6))
+        return subprocess.CompletedProcess(cmd, 0, log, "")
+
+    monkeypatch.setattr(bt.subprocess, "run", fake_subprocess_run)
+    out = tmp_path / "train.json"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--flavors", "60M", "--repeats", "1",
+                                      "--skip", "1", "--base-tree", str(base), "--out", str(out)])
+    bt.main()
+    (rec,) = json.loads(out.read_text())
+    assert [r[0]["mode"] for r in rec["runs"].values()] == ["digital", "optical", "optical_base"]
+    assert rec["optical_over_base_tps"] == 1.25
+    assert rec["optical_over_base_tps_range"] == [1.25, 1.25]
+    cmd, cwd, path = seen[2]
+    assert cwd == base.resolve() and path.split(os.pathsep)[0] == str(base.resolve())
+    assert "train_configs/optical_60M.toml" in cmd and "--optical.quant_warmup_steps" in cmd
+    assert seen[1][1] == bt.ROOT and "train_configs/digital_60M.toml" in seen[0][0]

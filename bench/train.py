@@ -171,30 +171,28 @@ def summarize_mode(runs: list[dict]) -> dict:
 
 
 def summarize_case(flavor: str, args, runs: dict[str, list[dict]]) -> dict:
-    """The record of one flavor: per-mode summaries, the optical/digital ratios with their range."""
+    """The record of one flavor: per-mode summaries, the optical/digital ratios with their range
+    (and optical over optical_base with --base-tree)."""
     modes = {m: summarize_mode(rs) for m, rs in runs.items()}
     d, o = modes.get("digital", {}), modes.get("optical", {})
-    both = all(x.get("tps_per_gpu_median") for x in (d, o))
+    base = _ratio(o, modes["optical_base"], "optical_over_base_tps") \
+        if "optical_base" in modes else {}
     return {
         "case": f"{flavor} x{args.nproc} {args.parallel}".strip(), "flavor": flavor,
         "nproc": args.nproc, "repeats": args.repeats, **{f"{m}": s for m, s in modes.items()},
-        "optical_over_digital_tps": o["tps_per_gpu_median"] / d["tps_per_gpu_median"]
-        if both else None,
-        "optical_over_digital_tps_range": [o["tps_per_gpu_min"] / d["tps_per_gpu_max"],
-                                           o["tps_per_gpu_max"] / d["tps_per_gpu_min"]]
-        if both else None,
+        **_ratio(o, d, "optical_over_digital_tps"),
         "optical_over_digital_memory": o["peak_memory_gib"] / d["peak_memory_gib"]
         if d.get("peak_memory_gib") and o.get("peak_memory_gib") else None,
-        **_ratio(o, modes.get("optical_base", {}), "optical_over_base_tps"),
+        **base,
         "runs": runs,
     }
 
 
 def _ratio(a: dict, b: dict, key: str) -> dict:
-    """{key: median ratio a/b of tokens/s, key_range: [a min / b max, a max / b min]}, or {}
-    when either mode has no figure."""
+    """{key: median ratio a/b of tokens/s, key_range: [a min / b max, a max / b min]}, both
+    None when either mode has no figure."""
     if not (a.get("tps_per_gpu_median") and b.get("tps_per_gpu_median")):
-        return {}
+        return {key: None, f"{key}_range": None}
     return {key: a["tps_per_gpu_median"] / b["tps_per_gpu_median"],
             f"{key}_range": [a["tps_per_gpu_min"] / b["tps_per_gpu_max"],
                              a["tps_per_gpu_max"] / b["tps_per_gpu_min"]]}

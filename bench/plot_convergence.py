@@ -2,6 +2,9 @@
 
     python3 bench/plot_convergence.py bench/results/convergence-h200.json --outdir docs/results
 
+Several JSONs are merged in order: a later file's run replaces an earlier one of the same name
+(a session's new runs drawn beside an earlier session's).
+
 Needs matplotlib (`pip install matplotlib`); prints the markdown tables to stdout.
 """
 
@@ -24,7 +27,8 @@ QUANTIZERS = (("optical", "256 levels"), ("q256_s64", "256, Q_s at 64"),
               ("q256_p64", "256, Q_p at 64"), *((f"q256_{k}64", f"256, Q_{k} at 64")
                                                 for k in ("input", "weight", "output", "q", "k",
                                                           "v", "y")),
-              ("q64", "64 levels"), ("q64_p256", "64, Q_p at 256"), ("q64_s256", "64, Q_s at 256"))
+              ("q64", "64 levels"), ("q64_p256", "64, Q_p at 256"), ("q64_s256", "64, Q_s at 256"),
+              ("q64_input256", "64, Q_input at 256"))
 SHOT = (("digital", "digital"), ("optical", "rounding read-out"), ("noise_off", "q_noise: false"),
         ("shot100", "shot, 100 photons/MAC"), ("shot10", "shot, 10 photons/MAC"),
         ("shot1", "shot, 1 photon/MAC"))
@@ -58,13 +62,20 @@ FIGURES = (  # file, runs, with training curves, y limits, title
 
 def _curves(ax, runs: dict, tokens: float, names, train: bool) -> None:
     """Validation (and smoothed training) loss against tokens (M) of the named runs present."""
-    for name, label in names:
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"].colors
+    for i, (name, label) in enumerate(names):
         r = runs.get(name)
         if not r:
             continue
         if r["val_steps"]:
             xs = [s * tokens for s in r["val_steps"][1:]]
-            ax.plot(xs, r["val_loss"][1:], marker="o", ms=2.5, label=f"{label} (validation)")
+            # a figure of more than 10 runs: one color each, dashed for the 64-level family
+            style = dict(color=colors[i % len(colors)],
+                         ls="--" if len(names) > 10 and name.startswith("q64") else "-")
+            ax.plot(xs, r["val_loss"][1:], marker="o", ms=2.5, label=f"{label} (validation)",
+                    **style)
         if train and r["steps"]:
             xs = [s * tokens for s in r["steps"]]
             ax.plot(xs, smooth(r["loss"]), alpha=0.45, lw=1, label=f"{label} (train)")
@@ -154,13 +165,21 @@ def tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(datas: list[dict]) -> dict:
+    """One watch JSON from several: runs by name, a later file's replacing an earlier one's."""
+    if len({d["tokens_per_step"] for d in datas}) > 1:
+        raise SystemExit("plot_convergence.py: the JSONs differ in tokens_per_step")
+    return {"tokens_per_step": datas[0]["tokens_per_step"],
+            "runs": {name: run for d in datas for name, run in d["runs"].items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="watch JSONs, merged in order")
     p.add_argument("--outdir", default="docs/results")
     p.add_argument("--prefix", default="", help="prepended to every plot's file name")
     args = p.parse_args()
-    data = json.loads(Path(args.json).read_text())
+    data = merge([json.loads(Path(f).read_text()) for f in args.json])
     plot(data, Path(args.outdir), args.prefix)
     print(tables(data))
 

@@ -221,3 +221,22 @@ def test_seed_format_defaults_unchanged(tmp_path):
     q = cfg.match("layers.0.attention")[1]
     assert q.q_readout == "rounding" and q.q_photons_per_mac is None and q.photons == 0.0
     assert all(getattr(q, k) is None for k in LEVEL_KEYS)
+
+
+def test_compile_cache_folder_is_named_after_the_op_schemas(monkeypatch):
+    """run.py keeps Inductor's cache apart per optical-op schema (a graph cached by a tree whose
+    op had other arguments failed at its first call in another); a folder the user set wins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from torchtitan_ext.optical import ops
+    from torchtitan_ext.titan.launch import separate_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored (or removed) after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    folder = separate_compile_cache()
+    assert folder == str(Path(default_cache_dir()) / f"optical-ops-{ops.schema_fingerprint()}")
+    fingerprint = ops.schema_fingerprint()
+    monkeypatch.setattr(ops, "_SCHEMAS", [*ops._SCHEMAS, "linear2(Tensor x) -> Tensor"])
+    assert ops.schema_fingerprint() != fingerprint
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert separate_compile_cache() == "/somewhere/else"

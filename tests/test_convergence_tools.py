@@ -250,3 +250,18 @@ def test_train_bench_base_tree_runs_optical_from_that_tree(tmp_path, monkeypatch
     assert cwd == base.resolve() and path.split(os.pathsep)[0] == str(base.resolve())
     assert "train_configs/optical_60M.toml" in cmd and "--optical.quant_warmup_steps" in cmd
     assert seen[1][1] == bt.ROOT and "train_configs/digital_60M.toml" in seen[0][0]
+
+
+def test_plot_merges_sessions_later_runs_win():
+    """plot_convergence.py draws several sessions' JSONs as one: a later file's run replaces an
+    earlier one of the same name; JSONs of different step sizes are refused."""
+    spec = importlib.util.spec_from_file_location("plot_convergence",
+                                                  ROOT / "bench/plot_convergence.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    a = {"tokens_per_step": 16384, "runs": {"optical": {"v": 1}, "q64": {"v": 2}}}
+    b = {"tokens_per_step": 16384, "runs": {"optical": {"v": 3}, "q256_input64": {"v": 4}}}
+    merged = plot.merge([a, b])
+    assert merged["runs"] == {"optical": {"v": 3}, "q64": {"v": 2}, "q256_input64": {"v": 4}}
+    with pytest.raises(SystemExit, match="tokens_per_step"):
+        plot.merge([a, {"tokens_per_step": 8192, "runs": {}}])

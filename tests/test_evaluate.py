@@ -144,3 +144,22 @@ def test_grid_validates_whole_points_and_level_keys_reach_their_kind_only():
     with pytest.raises(ev.EvalError, match="no optical attention module"):
         ev.apply_point(linear_only, ev.build_grid({"q_levels_p": "64"})[0],
                        {"lin": linear_only["lin"].config})
+
+
+def test_validation_windows_are_spread_over_the_split():
+    """The default windows sample the whole split evenly (its first documents are atypical), and
+    the training context is the default window length."""
+    from torchtitan_ext.data import DEFAULT_TOKENIZER_PATH
+
+    every = ev.validation_tokens(DEFAULT_TOKENIZER_PATH, 64, 10**9)
+    n = every.shape[0]
+    assert n > 100  # the whole split, not the first n windows
+    few = ev.validation_tokens(DEFAULT_TOKENIZER_PATH, 64, 4)
+    assert torch.equal(few, every[[0, n // 4, n // 2, 3 * n // 4]])
+
+
+def test_default_window_is_the_training_context(checkpoint):
+    from torchtitan_ext.hf.checkpoint import load_job_config
+
+    loaded = ev.load_model_for_eval(config=CONFIG, checkpoint=str(checkpoint))
+    assert loaded.dims.seq_len == load_job_config(CONFIG).training.seq_len

@@ -32,6 +32,7 @@ __all__ = [
     "optical_linear",
     "optical_quantize",
     "optical_attention",
+    "schema_fingerprint",
 ]
 
 KERNEL_MODES = ("auto", "triton", "reference")
@@ -98,6 +99,7 @@ def _no_autocast(fn):
 # around it: under torch.compile, an autograd.Function's forward inside an activation-checkpointed
 # block was saved instead of recomputed on the GPU (1.1B: +6.6 GiB, bench/results/README.md).
 _LIB = torch.library.Library("optical", "FRAGMENT")
+_SCHEMAS: list[str] = []  # "name(args) -> out" of every op defined, for schema_fingerprint
 
 
 class _Op:
@@ -106,7 +108,9 @@ class _Op:
 
     def __init__(self, name: str, impl):
         self.name = f"optical::{name}"
-        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+        schema = name + torch.library.infer_schema(impl, mutates_args=())
+        _LIB.define(schema)
+        _SCHEMAS.append(schema)
         kernel = _no_autocast(impl)
         for key in ("CPU", "CUDA"):
             _LIB.impl(name, kernel, key)
@@ -123,6 +127,14 @@ class _Op:
 
 def _op(name: str):
     return lambda impl: _Op(name, impl)
+
+
+def schema_fingerprint() -> str:
+    """12 hex digits naming the optical ops' schemas (arguments, defaults, outputs): equal
+    across trees whose compiled graphs can call each other's ops."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(_SCHEMAS)).encode()).hexdigest()[:12]
 
 
 def linear_index(

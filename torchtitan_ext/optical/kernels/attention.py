@@ -77,9 +77,10 @@ Why the design looks like this
   P_MODE follows Q_p's levels, the code dtype Q_s's. `NOISE` is 0 (q_noise off), 1 (stochastic
   rounding) or 2 (shot read-out): S tiles then draw z by Box-Muller from the rounding word and
   the same word at Philox counter word 2 = 1 (`philox_bits24_rows_c2`, runs of four as before)
-  with the constexpr NK_S = float32(n) * float32(D); Y takes its per-row n * K (K = keys the
-  row sees, >= 1) from a float32 [B, Lq] tensor the host builds with torch ops (no sync). The
-  backward's and the deterministic dQ pass's S regeneration run the same code.
+  with NK_S = float32(n) * float32(D), a runtime float32 argument (a constexpr would compile
+  the kernels again for every photon budget of an evaluation sweep); Y takes its per-row n * K
+  (K = keys the row sees, >= 1) from a float32 [B, Lq] tensor the host builds with torch ops
+  (no sync). The backward's and the deterministic dQ pass's S regeneration run the same code.
 * Rows and keys past L are masked; padded keys in the backward get P = 0 so that no inf * 0 can
   reach dQ. Tile configurations are a small table per head dim (chosen by bench/attention.py
   --sweep on an H200), no autotuning: one compile per shape family, no stalls in a trainer.
@@ -229,7 +230,7 @@ def _prep_kv_kernel(
 @triton.jit
 def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, BN: tl.constexpr, RUNS4: tl.constexpr, NOISE: tl.constexpr,
-                NK_S: tl.constexpr, TRANSPOSED: tl.constexpr):
+                NK_S, TRANSPOSED: tl.constexpr):
     """(Q_s(S), level index k) of a raw [BM, BN] tile of S, or of its transpose [BN, BM] with
     TRANSPOSED (the backward): the noise of rows whose global index of column 0 is `row_idx`
     [BM], columns `cols` [BN] (start_n + [0, BN)). NOISE 2: shot read-out, K = D, Box-Muller on
@@ -241,7 +242,7 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
         if TRANSPOSED:
             z = tl.trans(z)
         s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
-                                 tl.full(s_raw.shape, NK_S, tl.float32), LEVELS)
+                                 tl.zeros(s_raw.shape, tl.float32) + NK_S, LEVELS)
     else:
         if NOISE:
             w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
@@ -259,7 +260,7 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
                 INTERP: tl.constexpr,
-                NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+                NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
     index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
@@ -303,7 +304,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
                INTERP: tl.constexpr,
-               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+               NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
     Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
@@ -378,7 +379,7 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                          P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-                         NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+                         NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
@@ -458,7 +459,7 @@ def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
                    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
                    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-                   NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+                   NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
                    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Pass 1 over the item's key tiles, unmasked [0, n_full) then masked [n_full, n_end):
     (row max m, row sum l of exp2, S min, S max), each [BM] float32 (see `_fwd_pass1`)."""
@@ -565,7 +566,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
-              INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+              INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
     longest first (the last causal row block of every head, then the one before, ...). Row r is
@@ -620,7 +621,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
                INTERP: tl.constexpr,
-               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+               NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
     codes when kept, else regenerating S."""
@@ -662,7 +663,7 @@ def _fwd_kernel(
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
     USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-    NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
     QSTART_PTR: tl.constexpr,
 ):
@@ -735,7 +736,7 @@ def _prep_bwd_kernel(
 def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stream, slo, shi,
                  s_rng, s_inv, inv_lm1, LEVELS: tl.constexpr, BN: tl.constexpr,
                  RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
-                 NK_S: tl.constexpr):
+                 NK_S):
     """One [BN, BM] tile of S^T from the key block and a query block: (raw S^T as the float32
     accumulator, Q_s(S^T)), drawing the forward's noise words of the [BM, BN] tile of S
     (query rows r64 at absolute positions q_start + r64, keys offs_n), transposed."""
@@ -753,7 +754,7 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
                RUNS4: tl.constexpr, INTERP: tl.constexpr,
-               NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+               NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
                DQ: tl.constexpr):
     """For query blocks [lo, hi) of one head: recompute P^T (transposed tiles [BN, BM]) and
@@ -809,7 +810,7 @@ def _bwd_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-    NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
     DQ: tl.constexpr,
 ):
@@ -863,7 +864,7 @@ def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_st
               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
               RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
-              NK_S: tl.constexpr, LEVELS_Q: tl.constexpr, LEVELS_K: tl.constexpr,
+              NK_S, LEVELS_Q: tl.constexpr, LEVELS_K: tl.constexpr,
               LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr, DQ: tl.constexpr):
     """(dk, dv) plus the contributions of query head h of batch b to the key block: its
     diagonal row blocks [diag_lo, diag_end) under the causal mask, then [full_lo, LQ) without
@@ -960,7 +961,7 @@ def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, sv
               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
               CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
-              NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+              NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
     `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`)."""
@@ -996,7 +997,7 @@ def _bwd_dq_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS4: tl.constexpr,
-    INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S: tl.constexpr, LEVELS_Q: tl.constexpr,
+    INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
 ):
     """dq of query rows [pid * BM, pid * BM + BM) of one (batch, head), scaled, clipped, cast.

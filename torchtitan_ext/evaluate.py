@@ -7,9 +7,9 @@
 or `--hf-folder exports/debug_model` for an export folder. Each grid point replaces the given keys
 of every optical module's settings (the trained ranges are kept), runs the validation tokens
 once per noise seed (by default 64 windows of the model's training context, spread evenly over
-the embedded validation split), and reports the mean loss, its spread over seeds, perplexity and the energy
-per token (torchtitan_ext.optical.energy). Writes eval.json, eval.md and, with matplotlib (extra
-`report`), loss_vs_levels.png / loss_vs_photons.png.
+the embedded validation split), and reports the mean loss, its spread over seeds, perplexity
+and the energy per token (torchtitan_ext.optical.energy). Writes eval.json, eval.md and, with
+matplotlib (extra `report`), loss_vs_levels.png / loss_vs_photons.png.
 
 Grid keys are the transform file's per-layer keys (`QuantizerConfig`); options for keys this
 tree's transform config does not have (q_readout, q_photons_per_mac, per-quantizer levels) are

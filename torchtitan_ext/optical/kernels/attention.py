@@ -1221,8 +1221,9 @@ def _levels6(levels) -> tuple[int, int, int, int, int, int]:
 
 
 def _level_kw(lv, noise: bool, photons: float, D: int) -> dict:
-    """The per-quantizer-level and read-out constexprs shared by the S-generating kernels.
-    NOISE: 0 off, 1 stochastic rounding, 2 shot read-out (NK_S = float32(n) * float32(D))."""
+    """The per-quantizer-level and read-out arguments shared by the S-generating kernels: the
+    constexprs LEVELS*, NOISE (0 off, 1 stochastic rounding, 2 shot read-out) and the runtime
+    float NK_S = float32(n) * float32(D)."""
     shot = bool(noise) and photons > 0
     return dict(LEVELS=lv[2], LEVELS_Q=lv[0], LEVELS_K=lv[1], LEVELS_P=lv[3], LEVELS_Y=lv[5],
                 NOISE=2 if shot else bool(noise),

@@ -305,29 +305,34 @@ def build_trainer_class():
 
 
 def separate_compile_cache() -> str:
-    """Inductor's cache folder for this run: TORCHINDUCTOR_CACHE_DIR if the user set it, else
-    one named after the optical ops' schemas under Inductor's default. Returns the folder.
+    """Inductor's cache folder for this run: TORCHINDUCTOR_CACHE_DIR if the user set it to a
+    folder of their own, else one named after the optical ops' schemas under Inductor's
+    default. Returns the folder.
 
     Inductor's cache key does not cover a custom op's schema: a graph compiled by a tree whose
     op had three more (defaulted) arguments was loaded by an older tree, and its first call
-    failed ("optical::linear() expected at most 13 argument(s) but received 16"; stop 17 in
-    bench/results/README.md). A folder per schema keeps such trees apart, and each reuses its
-    own compilations."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    failed ("optical::linear() expected at most 13 argument(s) but received 16"; stops 17 and
+    18 in bench/results/README.md). A folder per schema keeps such trees apart, and each reuses
+    its own compilations. Inductor writes its default into the variable the first time it asks
+    for the folder (an import may do so before this runs, in this process or a parent), so
+    the default itself counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    default = os.path.abspath(default_cache_dir())
+    if not chosen or os.path.abspath(chosen) == default:
         from torchtitan_ext.optical.ops import schema_fingerprint
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-            default_cache_dir(), f"optical-ops-{schema_fingerprint()}")
+            default, f"optical-ops-{schema_fingerprint()}")
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def main(argv: list[str] | None = None) -> None:
     from torchtitan_ext.titan.cpu_compat import apply_cpu_compat
 
-    apply_cpu_compat()
     separate_compile_cache()
+    apply_cpu_compat()
     import torchtitan_ext.titan  # noqa: F401  (registers the spec, converter, datasets)
     from torchtitan.config import ConfigManager
     from torchtitan.tools.logging import init_logger, logger

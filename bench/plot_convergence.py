@@ -140,10 +140,12 @@ def _clamp_figure(plt, runs: dict, tokens: float, path: Path) -> None:
 
 def tables(data: dict) -> str:
     """One row per run: its last validation loss against the digital twin's at the same step
-    (runs cut short compare at equal tokens, not against the twin's final loss)."""
+    (runs cut short compare at equal tokens, not against the twin's final loss); "n/a" where
+    the JSONs hold no digital run (a session that trained optical variants only)."""
     runs = data["runs"]
     tokens = data["tokens_per_step"]
-    digital = dict(zip(runs["digital"]["val_steps"], runs["digital"]["val_loss"]))
+    twin = runs.get("digital") or {"val_steps": [], "val_loss": []}
+    digital = dict(zip(twin["val_steps"], twin["val_loss"]))
     lines = ["| run | what | tokens | last val loss (step) | vs digital at that step "
              "| best val loss after step 100 | NaN/stop | tok/s (shared GPU) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,5 +1,6 @@
 """The experiment tools in bench/: the convergence driver (log parsing, lanes, stopping, its
-flags) on synthetic logs and fake runs, and bench/train.py's profile summary and repeats."""
+flags) on synthetic logs and fake runs, bench/train.py's profile summary and repeats, the
+plots' tables and bench/attention.py's flags and as-trained ratio."""
 
 import importlib.util
 from pathlib import Path
@@ -265,3 +266,41 @@ def test_plot_merges_sessions_later_runs_win():
     assert merged["runs"] == {"optical": {"v": 3}, "q64": {"v": 2}, "q256_input64": {"v": 4}}
     with pytest.raises(SystemExit, match="tokens_per_step"):
         plot.merge([a, {"tokens_per_step": 8192, "runs": {}}])
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"bench/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plot_tables_without_a_digital_run_say_n_a():
+    """A session that trained optical variants only (stop 19) still gets its table."""
+    run = {"what": "64 levels", "steps": [1, 1400], "loss": [9.4, 4.7], "val_steps": [1400],
+           "val_loss": [4.7598], "nonfinite_stop": False, "tps_median": 80000.0}
+    table = _module("plot_convergence").tables({"tokens_per_step": 16384, "runs": {"q64": run}})
+    assert "| `q64` | 64 levels | 22.9M | 4.7598 (1400) | n/a |" in table
+
+
+def test_attention_bench_weighs_the_forward_as_training_runs_it():
+    """as_trained_ratio counts the forward that activation checkpointing re-runs: stop 19's
+    32k profile of the 1.1B (per call: optical fwd 56.8 / bwd 58.5 ms, cuDNN 7.56 / 20.5 ms,
+    half the layers recomputed) gives 4.5x where fwd+bwd alone gives 4.1x."""
+    rec = {"optical_fwdbwd_ms": 115.3, "optical_fwd_ms": 56.8,
+           "flash_fwdbwd_ms": 28.06, "flash_fwd_ms": 7.56}
+    bench = _module("attention")
+    assert bench.as_trained_ratio(rec, 0.0) == pytest.approx(115.3 / 28.06)
+    assert bench.as_trained_ratio(rec, 0.5) == pytest.approx(4.513, abs=1e-3)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--heads", "24", "--hkv", "7"], "--heads must be a positive multiple of --hkv, got 24 / 7"),
+    (["--recompute", "1.5"], "--recompute must be in [0, 1], got 1.5"),
+    (["--baseline", "math"], "invalid choice: 'math'"),
+])
+def test_attention_bench_bad_flags_exit_naming_the_flag(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["attention.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        _module("attention").main()
+    assert e.value.code == 2 and words in capsys.readouterr().err

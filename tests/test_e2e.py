@@ -124,12 +124,15 @@ def test_compiled_blocks_train_like_eager_with_statistics_steps(tmp_path, eager_
         assert abs(got[s] - want[s]) <= 1e-3 * want[s], (s, got, want)
 
 
-def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path):
-    """Selective AC (every 2nd layer) on compiled blocks: the optical ops of the checkpointed
-    layers run again in the backward, so the layers keep no activations. Counted from
-    torchtitan's own profiler trace of step 4. (An autograd.Function around the ops lost this
-    recompute on the GPU while keeping it here, bench/results/train-profile-h200.json; there the
-    check is `bench/train.py --profile`, which counts the kernel launches.)"""
+@pytest.mark.parametrize("option", ["2", "op"])
+def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path, option):
+    """Selective AC on compiled blocks. Every 2nd layer ("2"): the optical ops of the
+    checkpointed layers run again in the backward, so the layers keep no activations. Per op
+    ("op", every layer): the optical attention is saved like SDPA in the digital twin, and the
+    linears are recomputed. Counted from torchtitan's own profiler trace of step 4. (An
+    autograd.Function around the ops lost the recompute on the GPU while keeping it here,
+    bench/results/train-profile-h200.json; there the check is `bench/train.py --profile`, which
+    counts the kernel launches.)"""
     import collections
     import json
 
@@ -137,7 +140,7 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
                  "--training.local_batch_size", "2", "--metrics.log_freq", "1",
                  "--optical.quant_warmup_steps", "0", "--optical.stats_every", "0",
                  "--compile.enable", "--activation_checkpoint.mode", "selective",
-                 "--activation_checkpoint.selective_ac_option", "2",
+                 "--activation_checkpoint.selective_ac_option", option,
                  "--profiling.enable_profiling", "--profiling.profile_freq", "4",
                  "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1",
                  "--job.dump_folder", str(tmp_path))
@@ -146,9 +149,10 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     calls = collections.Counter(
         e["name"] for e in json.loads(trace.read_text())["traceEvents"]
         if e.get("ph") == "X" and str(e.get("name", "")).startswith("optical::"))
-    layers, checkpointed = 4, 2
+    layers = 4
+    checkpointed = {"2": 2, "op": 4}[option]
     assert calls["optical::linear"] == 7 * (layers + checkpointed), calls
-    assert calls["optical::attention"] == layers + checkpointed, calls
+    assert calls["optical::attention"] == layers + (checkpointed if option == "2" else 0), calls
     assert calls["optical::linear_backward"] == 7 * layers, calls
     assert calls["optical::attention_backward"] == layers, calls
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.distributed.tensor import Shard
 from torchtitan.components.loss import build_cross_entropy_loss
@@ -108,8 +109,21 @@ def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
         )
 
 
+def save_optical_attention_under_op_sac() -> None:
+    """Selective op AC in torchtitan's Llama saves SDPA's output (its `_op_sac_save_list`) and
+    recomputes what is not listed. The optical attention op takes SDPA's place, so it is listed
+    likewise: unlisted, every layer would run the optical forward (its costliest pass) twice
+    where the digital twin runs SDPA once. The optical linears stay recomputed (listing them
+    would save every one, where torchtitan saves every second `mm`). Idempotent."""
+    from torchtitan.models.llama3.infra import parallelize as llama_parallelize
+
+    # torch.ops.optical exists: this module imports OpticalAttention, whose module registers it
+    llama_parallelize._op_sac_save_list.add(torch.ops.optical.attention.default)
+
+
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     check_supported_parallelism(parallel_dims)
+    save_optical_attention_under_op_sac()
     model = parallelize_llama(model, parallel_dims, job_config)
     if not has_accelerator():
         make_fsdp_gloo_compatible(model)  # gloo has no PREMUL_SUM (see cpu_compat)

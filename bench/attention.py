@@ -38,6 +38,7 @@ peak_mem_ratio, raw times (ms) and peaks}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -119,7 +120,6 @@ class Inputs:
 
     def _sdpa_backend(self):
         """The baseline's SDPA backend context (`default`: SDPA's own choice, as in training)."""
-        import contextlib
         from torch.nn.attention import SDPBackend, sdpa_kernel
         if self.baseline == "default":
             return contextlib.nullcontext()

@@ -10,11 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _driver():
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
+def _module(script: str, name: str | None = None):
+    """bench/<script>.py loaded as a fresh module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name or script, ROOT / f"bench/{script}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _driver():
+    return _module("convergence")
 
 
 LOG = """\
@@ -46,10 +51,7 @@ def test_parse_run_reads_losses_validation_clamps_and_status(tmp_path):
 
 
 def _bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench/train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _module("train", "bench_train")
 
 
 def test_profile_summary_unions_overlapping_kernels_within_the_last_step(tmp_path):
@@ -256,23 +258,13 @@ def test_train_bench_base_tree_runs_optical_from_that_tree(tmp_path, monkeypatch
 def test_plot_merges_sessions_later_runs_win():
     """plot_convergence.py draws several sessions' JSONs as one: a later file's run replaces an
     earlier one of the same name; JSONs of different step sizes are refused."""
-    spec = importlib.util.spec_from_file_location("plot_convergence",
-                                                  ROOT / "bench/plot_convergence.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = _module("plot_convergence")
     a = {"tokens_per_step": 16384, "runs": {"optical": {"v": 1}, "q64": {"v": 2}}}
     b = {"tokens_per_step": 16384, "runs": {"optical": {"v": 3}, "q256_input64": {"v": 4}}}
     merged = plot.merge([a, b])
     assert merged["runs"] == {"optical": {"v": 3}, "q64": {"v": 2}, "q256_input64": {"v": 4}}
     with pytest.raises(SystemExit, match="tokens_per_step"):
         plot.merge([a, {"tokens_per_step": 8192, "runs": {}}])
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"bench/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_plot_tables_without_a_digital_run_say_n_a():

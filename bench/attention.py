@@ -176,8 +176,8 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
     """Time candidate (BM, BN, warps, stages) configurations; return the fastest fwd and bwd."""
     B = 32768 // L
     x = Inputs(B, H, H, L, D, dtype, seed=1)
-    fwd_cands = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
-    bwd_cands = [(32, 128, 8, 2), (16, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2)]
+    fwd_cands = [(64, 32, 4, 4), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)]
+    bwd_cands = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2)]
     res = {"fwd": {}, "bwd": {}}
     y, stats, _ = x.optical_fwd()
     for cfg in fwd_cands:

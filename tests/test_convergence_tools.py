@@ -296,3 +296,27 @@ def test_attention_bench_bad_flags_exit_naming_the_flag(argv, words, capsys, mon
     with pytest.raises(SystemExit) as e:
         _module("attention").main()
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+NCU_SOURCE = '''"Kernel Name","_fwd_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_long_sb","stall_wait"
+"0x0","      MOV R1, c[0x0][0x28]","1","10","0","1"
+"0x10","      FADD R2, R3, R4","5","400","1","4"
+"0x20","      FADD R5, R2, R4","3","400","0","3"
+"0x30","      BAR.SYNC.DEFER_BLOCKING 0x0","90","400","88","2"
+"0x40","  @P0 BRA 0x10","1","10","0","1"
+'''
+
+
+def test_ncu_summary_finds_the_hot_loop_and_the_stalled_instruction(capsys):
+    """bench/ncu_summary.py: opcode shares count executions (not rows), the three instructions
+    run 400 times form one hot block, and the barrier leads the stalls with its top reason."""
+    summ = _module("ncu_summary")
+    for name, rows in summ.kernels(NCU_SOURCE):
+        summ.summary(name, rows)
+    out = capsys.readouterr().out
+    assert "== _fwd_kernel: 1220 warp instructions, 100 stall samples" in out
+    assert "FADD        65.6" in out  # 800 of 1220
+    assert "  1-3 400 3 98.4 98.0" in out  # rows 1-3: 3 x 400 of 1220 executions, 98 of 100 samples
+    stalls = out.split("most stalled instructions")[1].splitlines()
+    assert "BAR.SYNC" in stalls[-2] and "(88, 'long_sb')" in stalls[-2]

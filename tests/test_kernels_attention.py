@@ -878,3 +878,28 @@ def test_kernel_config_reports_overrides_within_their_block_only():
     assert {k: A.kernel_config(k, 64) for k in base} == base
     with pytest.raises(ValueError, match="kind: must be one of fwd, bwd, dq"):
         A.kernel_config("forward", 64)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"maxnreg": {"backward": 128}}, "maxnreg: keys must be among fwd, bwd, dq"),
+    ({"fwd_programs_per_sm": 0}, "fwd_programs_per_sm: must be >= 1, got 0"),
+])
+def test_override_configs_refuses_unknown_experiment_knobs(kw, words):
+    """A register cap for a kernel kind that does not exist would be silently ignored."""
+    with pytest.raises(ValueError, match=words):
+        with A.override_configs(**kw):
+            pass
+
+
+def test_register_cap_reaches_the_compile_options_of_its_kind_only(monkeypatch):
+    """`maxnreg` is passed to the launches of the kind it names (never in the interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = A.compile_options("bwd")
+    assert base == {"enable_fp_fusion": False} and base == A.compile_options("fwd")
+    with A.override_configs(maxnreg={"bwd": 168}):
+        assert A.compile_options("bwd") == {**base, "maxnreg": 168}
+        assert A.compile_options("fwd") == base
+    assert A.compile_options("bwd") == base
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with A.override_configs(maxnreg={"bwd": 168}):
+        assert A.compile_options("bwd") == base

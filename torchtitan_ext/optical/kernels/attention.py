@@ -5,9 +5,9 @@ What is computed, per batch and head (causal or not):
     P = softmax(S * scale + mask)            float32
     Y = Q_y(Q_p(P) @ Q_v(v))                 Q_p det on [0, 1], Q_v det + lut, Q_y noisy (seeds[1])
 and the straight-through (optionally clipped) gradients of `reference.optical_attention_backward`.
-H200, bf16, H=16, causal, B*L=32768: fwd+bwd 2.17-2.44x flash SDPA for L = 2048..32768 at D=128,
-2.60-2.65x for L = 2048..8192 at D=64, peak memory 0.75-0.87x (bench/attention.py,
-bench/results/attention-h200*.json).
+H200, bf16, H=16, causal, B*L=32768: fwd+bwd 2.12-2.35x flash SDPA for L = 2048..8192 at D=128,
+2.22-2.33x at D=64, peak memory 0.75x; 3.7x cuDNN's at the 1.1B flavor's shape at L=32768
+(bench/attention.py, bench/results/attention-h200*-stop20.json, attention-h200-1.1B-cudnn.json).
 
 Why the design looks like this
 ------------------------------
@@ -121,7 +121,7 @@ from .quantizer import (
 )
 
 __all__ = ["attention_forward", "attention_backward", "override_configs", "kernel_config",
-           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+           "compile_options", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # float32 runs its dots in IEEE precision (FMA units, not tensor cores): for inference of float32
@@ -1057,13 +1057,15 @@ def _bwd_dq_kernel(
 _FWD_CFG = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 32, 4, 2),  # H200 sweep, L=2048: 3.33 ms vs 3.38 (64, 64, 4), 4.07 (128, 64, 8)
-    128: (64, 32, 4, 2),  # H200 sweep at L=4096: 9.5 ms vs 10.2 (128, 64, 8) and 10.7 (128, 32, 8)
+    # Four stages: pass 2's loop is short and waits on its code and V tiles from HBM (ncu, stop
+    # 20); a deeper prefetch hides it. bench/results/attention-parts-h200-*.json
+    64: (64, 32, 4, 4),  # H200, 1.1B shape at 32k: 46.8 ms vs 57.1 (2 stages), 50.7 (3)
+    128: (64, 32, 4, 4),  # H200, L=4096: 6.71 ms vs 7.61 (2 stages), 6.96 (3), 7.32 (128, 64, 8, 3)
 }
 _BWD_CFG = {
     16: (32, 64, 4, 2),
     32: (32, 64, 4, 2),
-    64: (64, 128, 8, 2),  # H200 sweep, L=2048: 2.98 ms vs 3.38 (32, 64, 4), 3.88 (32, 128, 8)
+    64: (64, 64, 4, 2),  # H200, 1.1B shape, 32k: 55.6 ms vs 58.8 (64, 128, 8, 2); 2k: 2.87 vs 2.92
     128: (32, 128, 8, 3),  # H200 sweep at L=4096: 10.15 ms vs 10.28 (2 stages), 10.5 (16, 64, 4)
 }
 # Decoding and short chunks (Lq <= 16 query rows): 16-row programs instead of 64 mostly-empty rows.
@@ -1077,24 +1079,43 @@ _INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
 # The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
 # the forward's table (not swept on its own yet).
-_OVERRIDE: dict[str, tuple[int, int, int, int] | int | None] = {
-    "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None}
+_OVERRIDE: dict[str, object] = {
+    "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None, "maxnreg": None,
+    "fwd_programs_per_sm": None}
 
 
 @contextlib.contextmanager
 def override_configs(fwd: tuple[int, int, int, int] | None = None,
                      bwd: tuple[int, int, int, int] | None = None,
                      dq: tuple[int, int, int, int] | None = None,
-                     code_scratch_bytes: int | None = None):
+                     code_scratch_bytes: int | None = None,
+                     maxnreg: dict[str, int] | None = None,
+                     fwd_programs_per_sm: int | None = None):
     """Temporarily force (BM, BN, num_warps, num_stages) of the forward / backward / deterministic
-    dQ pass, and the cap on the forward's saved-code scratch (0: pass 2 always regenerates S).
+    dQ pass, the cap on the forward's saved-code scratch (0: pass 2 always regenerates S), a
+    register cap per kernel kind (`maxnreg`, e.g. {"bwd": 168}: ptxas spills past it; GPU only)
+    and the forward's persistent programs per SM (default 2 for 4 warps, 1 for 8).
     The one way benchmarks and tests pick a configuration; not thread-safe."""
+    if maxnreg is not None and set(maxnreg) - {"fwd", "bwd", "dq"}:
+        raise ValueError(f"maxnreg: keys must be among fwd, bwd, dq, got {sorted(maxnreg)}")
+    if fwd_programs_per_sm is not None and fwd_programs_per_sm < 1:
+        raise ValueError(f"fwd_programs_per_sm: must be >= 1, got {fwd_programs_per_sm}")
     old = dict(_OVERRIDE)
-    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq, code_scratch_bytes=code_scratch_bytes)
+    _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq, code_scratch_bytes=code_scratch_bytes,
+                     maxnreg=maxnreg, fwd_programs_per_sm=fwd_programs_per_sm)
     try:
         yield
     finally:
         _OVERRIDE.update(old)
+
+
+def compile_options(kind: str) -> dict:
+    """Compile options of a `kind` launch: no fp contraction (see _OPTS), plus an overridden
+    register cap (never under the interpreter, which has no registers)."""
+    cap = (_OVERRIDE["maxnreg"] or {}).get(kind)
+    if cap is None or _interpreting():
+        return _OPTS
+    return {**_OPTS, "maxnreg": int(cap)}
 
 
 def _interpreting() -> bool:
@@ -1158,8 +1179,8 @@ def _fwd_grid(n_items: int, codes_per_prog: int, levels: int, warps: int, dev: t
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    # one 8-warp program or two 4-warp programs per SM (registers allow no more)
-    resident = _SM_COUNT[idx] * max(1, 8 // warps)
+    # one 8-warp program or two 4-warp programs per SM (registers allow no more, unless capped)
+    resident = _SM_COUNT[idx] * (_OVERRIDE["fwd_programs_per_sm"] or max(1, 8 // warps))
     n_prog = min(n_items, resident)
     if code_dtype is not None:
         per_prog = codes_per_prog * (1 if code_dtype == torch.uint8 else 2)
@@ -1306,7 +1327,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
         P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
         INTERP=interp, **lkw, QSTART_PTR=q_start_dev,
-        num_warps=warps, num_stages=stages, **_OPTS)
+        num_warps=warps, num_stages=stages, **compile_options("fwd"))
     del codes, kq, vq
     return y, lse, _observations(part, part_kv, observe, dev)
 
@@ -1390,7 +1411,8 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         float(lut) if has_lut else 0.0,
         HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
         HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
-        **lkw, DQ=not deterministic, num_warps=warps, num_stages=stages, **_OPTS)
+        **lkw, DQ=not deterministic, num_warps=warps, num_stages=stages,
+        **compile_options("bwd"))
     if deterministic:
         dq = _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_range,
                                s_range, seeds, kpm, levels=levels, lut=lut, stream=stream,
@@ -1468,5 +1490,5 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         CLIPPED=bool(clipped),
         RUNS4=L % 4 == 0, INTERP=interp, **lkw, num_warps=warps,
-        num_stages=stages, **_OPTS)
+        num_stages=stages, **compile_options("dq"))
     return dq

@@ -1,0 +1,159 @@
+"""Where the optical attention's time goes, by leaving one stage out: variants of one shape.
+
+Command (H200, from the repository root; the 1.1B flavor's attention at 32k, batch 1):
+
+    PYTHONPATH=$PWD python bench/attention_parts.py --batch 1 --heads 24 --hkv 8 \
+        --head-dim 64 --length 32768 --out bench/results/attention-parts-h200.json
+
+Without hardware counters, a stage's cost is the difference between two variants (H200.md):
+- forward: shipped (noise, range observation, pass 2 from the level codes); `noise=False` (no
+  Philox: Q_s and Q_y round deterministically); `observe=False` (eval mode); pass 2
+  regenerating S (`override_configs(code_scratch_bytes=0)`: one more S generation instead of the
+  code round trip); and each candidate tile configuration of `--fwd-configs`;
+- backward: shipped; `noise=False`; the deterministic dQ path; each of `--bwd-configs`;
+- the baselines: SDPA forced onto cuDNN and onto flash, forward and forward+backward.
+Times: CUDA events, warm-up, median of `--reps` (METHOD.md); the variants alternate in rounds
+(`--rounds`), and each record keeps the per-round medians, so drift shows as spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
+
+
+def _bench_attention():
+    """bench/attention.py as a module (its Inputs and timer), without a package."""
+    spec = importlib.util.spec_from_file_location("bench_attention",
+                                                  os.path.join(ROOT, "bench", "attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cfg(text: str) -> tuple[int, int, int, int]:
+    bm, bn, w, s = (int(v) for v in text.split("x"))
+    return bm, bn, w, s
+
+
+def _reg_variant(text: str):
+    """"kind:BMxBNxWxS:maxnreg[:programs_per_sm]" -> (kind, config, maxnreg, programs or None)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[0] not in ("fwd", "bwd"):
+        raise SystemExit(f"--reg-variants: want kind:BMxBNxWxS:maxnreg[:programs_per_sm] with "
+                         f"kind fwd or bwd, got {text!r}")
+    return parts[0], _cfg(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else None
+
+
+def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
+    """name -> zero-argument callable, each one kernel path of the same inputs."""
+    def fwd(**kw):
+        return A.attention_forward(x.q, x.k, x.v, x.q_range, x.k_range, x.v_range, x.s_range,
+                                   x.y_range, x.seeds, **{**x.kw, "observe": True, **kw})
+    y, stats, _ = fwd()
+
+    def bwd(**kw):
+        return A.attention_backward(x.dy, x.q, x.k, x.v, y, stats, x.q_range, x.k_range,
+                                    x.v_range, x.s_range, x.seeds, clipped=False,
+                                    **{**x.kw, "deterministic": False, **kw})
+
+    def under(ctx_kw, fn, **kw):
+        def run():
+            with A.override_configs(**ctx_kw):
+                return fn(**kw)
+        return run
+
+    v = {"fwd": fwd, "fwd_noise_off": lambda: fwd(noise=False),
+         "fwd_observe_off": lambda: fwd(observe=False),
+         "fwd_pass2_regenerates": under({"code_scratch_bytes": 0}, fwd),
+         "bwd": bwd, "bwd_noise_off": lambda: bwd(noise=False),
+         "bwd_deterministic": lambda: bwd(deterministic=True)}
+    for c in fwd_cfgs:
+        v["fwd_cfg_" + "x".join(map(str, c))] = under({"fwd": c}, fwd)
+    for c in bwd_cfgs:
+        v["bwd_cfg_" + "x".join(map(str, c))] = under({"bwd": c}, bwd)
+    for kind, c, nreg, progs in reg_variants:
+        name = f"{kind}_cfg_{'x'.join(map(str, c))}_maxnreg{nreg}" + (f"_p{progs}" if progs else "")
+        ctx = {kind: c, "maxnreg": {kind: nreg}, "fwd_programs_per_sm": progs,
+               "code_scratch_bytes": scratch_bytes}
+        v[name] = under(ctx, fwd if kind == "fwd" else bwd)
+    for base in ("cudnn", "flash"):
+        x.baseline = base
+        v[f"{base}_fwd"] = _bound(x.flash_fwd, x, base)
+        v[f"{base}_fwdbwd"] = _bound(x.flash_fwdbwd, x, base)
+    return v
+
+
+def _bound(fn, x, baseline):
+    def run():
+        x.baseline = baseline
+        return fn()
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--fwd-configs", default="64x64x4x2,128x64x8x2,128x32x8x2,64x32x4x3")
+    ap.add_argument("--bwd-configs", default="64x64x4x2,32x128x8x2,128x128x8x2,64x128x8x3")
+    ap.add_argument("--reg-variants", default="",
+                    help="comma-separated kind:BMxBNxWxS:maxnreg[:programs_per_sm] (register cap, "
+                         "and for fwd the persistent programs per SM)")
+    ap.add_argument("--scratch-bytes", type=int, default=None,
+                    help="code-scratch cap for the --reg-variants (more programs need more)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/attention-parts-h200.json")
+    args = ap.parse_args()
+    BA = _bench_attention()
+    x = BA.Inputs(args.batch, args.heads, args.hkv, args.length, args.head_dim, torch.bfloat16)
+    fns = variants(x, [_cfg(c) for c in args.fwd_configs.split(",") if c],
+                   [_cfg(c) for c in args.bwd_configs.split(",") if c],
+                   [_reg_variant(t) for t in args.reg_variants.split(",") if t], args.scratch_bytes)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    failed = {}
+    for r in range(args.rounds):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                times[name].append(BA._events_median(fn, 2 if r == 0 else 1, args.reps))
+            except Exception as e:  # a tile config that does not compile or fit
+                failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"round {r} {name}: {times[name][-1] if times[name] else failed[name]}",
+                  flush=True)
+    rec = {"shape": {"B": args.batch, "H": args.heads, "Hkv": args.hkv, "D": args.head_dim,
+                     "L": args.length, "dtype": "bfloat16", "causal": True},
+           "shipped_configs": {k: A.kernel_config(k, args.head_dim) for k in ("fwd", "bwd")},
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "median_ms": {k: statistics.median(v) for k, v in times.items() if v},
+           "rounds_ms": times, "failed": failed}
+    med = rec["median_ms"]
+    # forward variants against cuDNN's forward; backward variants as fwd + that bwd against
+    # cuDNN's fwd+bwd
+    rec["ratios_to_cudnn"] = {k: med[k] / med["cudnn_fwd"] for k in med if k.startswith("fwd")}
+    rec["ratios_to_cudnn"].update({k: (med["fwd"] + med[k]) / med["cudnn_fwdbwd"]
+                                   for k in med if k.startswith("bwd")})
+    print(json.dumps(rec, indent=1))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,6 @@ Times: CUDA events, warm-up, median of `--reps` (METHOD.md); the variants altern
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -27,33 +26,35 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import attention as bench_attention  # noqa: E402  (its Inputs and timer)
 from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
 
 
-def _bench_attention():
-    """bench/attention.py as a module (its Inputs and timer), without a package."""
-    spec = importlib.util.spec_from_file_location("bench_attention",
-                                                  os.path.join(ROOT, "bench", "attention.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _cfg(text: str) -> tuple[int, int, int, int]:
-    bm, bn, w, s = (int(v) for v in text.split("x"))
+def _cfg(text: str, flag: str) -> tuple[int, int, int, int]:
+    """"BMxBNxWxS" -> (BM, BN, num_warps, num_stages); a malformed one exits naming `flag`."""
+    try:
+        bm, bn, w, s = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"{flag}: want BMxBNxWxS (four integers, e.g. 64x32x4x2), "
+                         f"got {text!r}") from None
     return bm, bn, w, s
 
 
 def _reg_variant(text: str):
-    """"kind:BMxBNxWxS:maxnreg[:programs_per_sm]" -> (kind, config, maxnreg, programs or None)."""
+    """"kind:BMxBNxWxS:maxnreg[:programs_per_sm]" -> (kind, config, maxnreg, programs or None);
+    programs per SM apply to the persistent forward only."""
+    want = ("--reg-variants: want kind:BMxBNxWxS:maxnreg[:programs_per_sm] with kind fwd or bwd "
+            "(programs_per_sm: fwd only)")
     parts = text.split(":")
-    if len(parts) not in (3, 4) or parts[0] not in ("fwd", "bwd"):
-        raise SystemExit(f"--reg-variants: want kind:BMxBNxWxS:maxnreg[:programs_per_sm] with "
-                         f"kind fwd or bwd, got {text!r}")
-    return parts[0], _cfg(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else None
+    if (len(parts) not in (3, 4) or parts[0] not in ("fwd", "bwd")
+            or (len(parts) == 4 and parts[0] != "fwd")
+            or not all(p.isdigit() for p in parts[2:])):
+        raise SystemExit(f"{want}, got {text!r}")
+    return (parts[0], _cfg(parts[1], "--reg-variants"), int(parts[2]),
+            int(parts[3]) if len(parts) == 4 else None)
 
 
 def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
@@ -89,7 +90,6 @@ def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
                "code_scratch_bytes": scratch_bytes}
         v[name] = under(ctx, fwd if kind == "fwd" else bwd)
     for base in ("cudnn", "flash"):
-        x.baseline = base
         v[f"{base}_fwd"] = _bound(x.flash_fwd, x, base)
         v[f"{base}_fwdbwd"] = _bound(x.flash_fwdbwd, x, base)
     return v
@@ -120,11 +120,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/attention-parts-h200.json")
     args = ap.parse_args()
-    BA = _bench_attention()
-    x = BA.Inputs(args.batch, args.heads, args.hkv, args.length, args.head_dim, torch.bfloat16)
-    fns = variants(x, [_cfg(c) for c in args.fwd_configs.split(",") if c],
-                   [_cfg(c) for c in args.bwd_configs.split(",") if c],
-                   [_reg_variant(t) for t in args.reg_variants.split(",") if t], args.scratch_bytes)
+    fwd_cfgs = [_cfg(c, "--fwd-configs") for c in args.fwd_configs.split(",") if c]
+    bwd_cfgs = [_cfg(c, "--bwd-configs") for c in args.bwd_configs.split(",") if c]
+    reg_variants = [_reg_variant(t) for t in args.reg_variants.split(",") if t]
+    x = bench_attention.Inputs(args.batch, args.heads, args.hkv, args.length, args.head_dim,
+                               torch.bfloat16)
+    fns = variants(x, fwd_cfgs, bwd_cfgs, reg_variants, args.scratch_bytes)
     times: dict[str, list[float]] = {k: [] for k in fns}
     failed = {}
     for r in range(args.rounds):
@@ -132,7 +133,8 @@ def main():
             if name in failed:
                 continue
             try:
-                times[name].append(BA._events_median(fn, 2 if r == 0 else 1, args.reps))
+                times[name].append(bench_attention._events_median(fn, 2 if r == 0 else 1,
+                                                                  args.reps))
             except Exception as e:  # a tile config that does not compile or fit
                 failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"round {r} {name}: {times[name][-1] if times[name] else failed[name]}",

@@ -3,6 +3,7 @@ flags) on synthetic logs and fake runs, bench/train.py's profile summary and rep
 plots' tables and bench/attention.py's flags and as-trained ratio."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,19 @@ def test_ncu_summary_finds_the_hot_loop_and_the_stalled_instruction(capsys):
     assert "  1-3 400 3 98.4 98.0" in out  # rows 1-3: 3 x 400 of 1220 executions, 98 of 100 samples
     stalls = out.split("most stalled instructions")[1].splitlines()
     assert "BAR.SYNC" in stalls[-2] and "(88, 'long_sb')" in stalls[-2]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--fwd-configs", "64x32x4"], "--fwd-configs: want BMxBNxWxS (four integers"),
+    (["--bwd-configs", "64x64xfourx2"], "--bwd-configs: want BMxBNxWxS"),
+    (["--reg-variants", "bwd:64x64x4x2:128:3"], "programs_per_sm: fwd only"),
+    (["--reg-variants", "dq:64x32x4x4:128"], "with kind fwd or bwd"),
+    (["--reg-variants", "fwd:64x32x4x4:lots"], "--reg-variants: want"),
+])
+def test_attention_parts_bad_flags_exit_before_gpu_work(argv, words, monkeypatch):
+    """bench/attention_parts.py parses every variant before it allocates inputs on the GPU; a
+    programs-per-SM count on a backward variant (which has no persistent grid) is refused rather
+    than ignored."""
+    monkeypatch.setattr("sys.argv", ["attention_parts.py", *argv])
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        _module("attention_parts").main()

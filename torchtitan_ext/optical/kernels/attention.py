@@ -1079,6 +1079,7 @@ _INTERP_DECODE_FWD_CFG = (16, 32, 4, 1)
 _INTERP_BWD_CFG = (16, 32, 4, 1)
 # The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
 # the forward's table (not swept on its own yet).
+_KINDS = ("fwd", "bwd", "dq")  # the launches a configuration is picked for
 _OVERRIDE: dict[str, object] = {
     "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None, "maxnreg": None,
     "fwd_programs_per_sm": None}
@@ -1096,7 +1097,7 @@ def override_configs(fwd: tuple[int, int, int, int] | None = None,
     register cap per kernel kind (`maxnreg`, e.g. {"bwd": 168}: ptxas spills past it; GPU only)
     and the forward's persistent programs per SM (default 2 for 4 warps, 1 for 8).
     The one way benchmarks and tests pick a configuration; not thread-safe."""
-    if maxnreg is not None and set(maxnreg) - {"fwd", "bwd", "dq"}:
+    if maxnreg is not None and set(maxnreg) - set(_KINDS):
         raise ValueError(f"maxnreg: keys must be among fwd, bwd, dq, got {sorted(maxnreg)}")
     if fwd_programs_per_sm is not None and fwd_programs_per_sm < 1:
         raise ValueError(f"fwd_programs_per_sm: must be >= 1, got {fwd_programs_per_sm}")
@@ -1127,7 +1128,7 @@ def kernel_config(kind: str, head_dim: int, *, lq: int | None = None,
     """(BM, BN, num_warps, num_stages) that `kind` ("fwd", "bwd" or "dq") launches at this head
     dim, query length `lq` (None: as many queries as keys) and operand dtype, overrides
     included."""
-    if kind not in ("fwd", "bwd", "dq"):
+    if kind not in _KINDS:
         raise ValueError(f"kind: must be one of fwd, bwd, dq, got {kind!r}")
     return _config(kind, head_dim, _interpreting(), lq, dtype)
 

@@ -510,7 +510,7 @@ def test_key_padding_gqa_random_mask_non_causal(kernel_device):
 
 @pytest.mark.parametrize("L", [1, 7, 16, 33, 64])
 def test_decode_step(kernel_device, L):
-    # one query row at q_start = L - 1: L % 4 != 0 takes the per-element noise path
+    # one query row at q_start = L - 1: L % 8 != 0 takes the per-element noise path
     kpm = _pad_mask(2, L, [min(2, L - 1), 0], [0, 0])
     case = Case(kernel_device, B=2, H=4, HKV=2, L=L, Lq=1, seed=50 + L, kpm=kpm)
     ref, y, stats, grads = run_full(case)
@@ -811,7 +811,7 @@ def test_per_quantizer_levels_noise_on_gqa_bf16(kernel_device):
 
 SHOT_CASES = [
     # (B, H, HKV, L, Lq, D, dtype, causal, kpm, levels, photons)
-    (1, 2, 1, 32, None, 64, torch.bfloat16, True, None, 256, 0.05),  # L % 4 == 0: RUNS4
+    (1, 2, 1, 32, None, 64, torch.bfloat16, True, None, 256, 0.05),  # L % 8 == 0: RUNS8
     (1, 2, 2, 29, None, 32, torch.float16, False, None, 64, 0.5),  # odd L: per-element Philox
     (2, 4, 2, 24, None, 64, torch.bfloat16, True, "pad", (128, 256, 64, 256, 128, 32), 0.2),
     (2, 2, 1, 24, 6, 64, torch.bfloat16, True, "pad", 256, 0.1),  # chunked prefill, q_start

@@ -91,8 +91,10 @@ FWD_CASES = [
     (1, 19, 33, torch.bfloat16, True, 0.05, 256),
     (53, 9, 7, torch.float32, False, None, 16),
     (21, 40, 66, torch.float16, False, 0.3, 16),
-    # N % 4 == 0: the epilogue draws one Philox block per four neighbouring outputs
+    # N % 8 == 0: the epilogue draws one Philox block per eight neighbouring outputs (N = 44:
+    # N % 4 == 0 but not 8, one block per output)
     (37, 70, 44, torch.bfloat16, True, 0.05, 256),
+    (37, 70, 48, torch.bfloat16, True, 0.05, 256),
     (19, 24, 64, torch.float32, False, None, 16),
 ]
 
@@ -201,7 +203,7 @@ def test_non_contiguous_input(kernel_device):
     _level_mismatches(y.cpu(), yr, ranges[2].cpu(), 256)
 
 
-@pytest.mark.parametrize("layout", ["2d", "3d", "3d-runs4"])
+@pytest.mark.parametrize("layout", ["2d", "3d", "3d-runs8"])
 def test_global_index_maps(kernel_device, layout):
     """Noise keyed by the global index of a shard: equal to the reference's IndexMap, with
     offsets that push the flat index past 2^32."""
@@ -219,8 +221,8 @@ def test_global_index_maps(kernel_device, layout):
         B, S, N = 3, 7, 19
         Bg, Sg, Ng = 2**16, 4096, 2**12
         b_off, s_off, n_off = 2**15 + 1, 100, 17
-        if layout == "3d-runs4":  # a column shard at a multiple of 4 of a row length % 4 == 0
-            N, n_off = 20, 2**11 + 4
+        if layout == "3d-runs8":  # a column shard at a multiple of 8 of a row length % 8 == 0
+            N, n_off = 24, 2**11 + 8
         M = B * S
         x, w, b = _inputs(M, K, N, torch.float32, dev, gen_seed=11)
         index = LinearIndex(S, Sg, b_off * Sg + s_off, Ng, n_off)
@@ -263,6 +265,25 @@ def test_tma_and_pointer_paths_agree(kernel_device):
         outs.append((y, obs))
     assert klinear.gemm_config(45, 39, 50, torch.bfloat16, dev) == base  # the override ended
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("cfg", [klinear.GemmConfig(32, 64, 32, 4, 4, 1, False, 8),
+                                 klinear.GemmConfig(32, 32, 32, 4, 4, 1, False, 4)],
+                         ids=["bn64-split8", "bn32-split4"])
+def test_eight_outputs_per_philox_block_match_reference(kernel_device, cfg):
+    """Epilogue chunks of >= 8 columns draw one Philox block per eight outputs (RUNS8, the path
+    of every GPU table entry); the interpreter's default tiles (4-column chunks) take the
+    per-output path, so these tiles force whole runs. A wrong lane order fails at 16 levels."""
+    dev = kernel_device
+    M, K, N = 37, 40, 64
+    x, w, b = _inputs(M, K, N, torch.float32, dev, gen_seed=77)
+    ranges = _ranges_from_data(x, w, dev)
+    seed = _seed(dev, 555)
+    with klinear.override_gemm_config(cfg):
+        y, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=16, lut=None, stream=5,
+                                         index=LinearIndex.whole(M, N), observe=False)
+    yr, _ = _ref_linear(x, w, b, ranges, seed, levels=16, lut=None, stream=5)
+    _level_mismatches(y.cpu(), yr, ranges[2].cpu(), 16)
 
 
 def test_empty_rows(kernel_device):
@@ -515,8 +536,8 @@ def test_per_quantizer_levels_match_reference(kernel_device, which, dtype):
 
 
 SHOT_CASES = [
-    # (M, K, N, dtype, levels, photons): odd N (one Philox block per element) and N % 4 == 0
-    # (runs of four), fp32/bf16
+    # (M, K, N, dtype, levels, photons): odd N and N = 44 (one Philox block per element) and
+    # N % 8 == 0 (RUNS8: Box-Muller's words in runs of four), fp32/bf16
     (37, 70, 45, torch.float32, 256, 0.5),
     (29, 13, 44, torch.bfloat16, 64, 2.0),
     (1, 19, 33, torch.bfloat16, 16, 0.1),

@@ -8,8 +8,9 @@ pooled, that
   - e is unbiased (pooled mean, and per element: the standardised per-element means z_i have
     E[z_i^2] = 1),
   - E[e^2] = f (1 - f),
-  - standardised errors of element pairs are uncorrelated: the four elements that read the four
-    words of one Philox block (idx >> 2, word idx & 3: docs/semantics-notes.md), neighbours across
+  - standardised errors of element pairs are uncorrelated: the eight elements that read the two
+    halves of the four words of one Philox block (idx >> 3, word (idx >> 1) & 3, half idx & 1:
+    docs/semantics-notes.md), neighbours across
     block boundaries, neighbours across kernel tile boundaries, and one element across
     consecutive seeds.
 Every bound is Z standard errors of the statistic, the standard error derived from the sample
@@ -17,7 +18,7 @@ Every bound is Z standard errors of the statistic, the standard error derived fr
 inputs and seeds are fixed, so a passing test passes every time. The negative controls show that
 the statistics flag a shared Philox word, a biased draw and a seed that is ignored.
 
-Kernels covered: the linear GEMM epilogue (Q_out; the four-outputs-per-Philox-block path, shared
+Kernels covered: the linear GEMM epilogue (Q_out; the eight-outputs-per-Philox-block path, shared
 with attention's S tiles through `philox_bits24_rows`, and the one-block-per-output path) and the
 elementwise quantizer (per-element `philox_uniform`, as attention's Q_y). Attention's Q_s and Q_y
 draw the same words as the reference bit for bit (tests/test_kernels_attention.py at 4 levels),
@@ -100,14 +101,15 @@ def check_all(e, f, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
 
 def block_pairs(idx: torch.Tensor, cols: torch.Tensor | None = None):
     """Pairs of positions (into the flat element list whose global noise indices are `idx`) by
-    relation: every lane pair of one Philox block, and adjacent indices in different blocks."""
+    relation: every lane pair of one Philox block (eight draws: lanes 2 w and 2 w + 1 share word
+    w), and adjacent indices in different blocks."""
     pos = {int(g): p for p, g in enumerate(idx.tolist())}
     out = {}
-    for a in range(4):
-        for b in range(a + 1, 4):
-            ps = [(pos[g], pos[g - a + b]) for g in pos if g % 4 == a and g - a + b in pos]
+    for a in range(8):
+        for b in range(a + 1, 8):
+            ps = [(pos[g], pos[g - a + b]) for g in pos if g % 8 == a and g - a + b in pos]
             out[f"block lanes {a}-{b}"] = ps
-    out["across blocks"] = [(pos[g], pos[g + 1]) for g in pos if g % 4 == 3 and g + 1 in pos]
+    out["across blocks"] = [(pos[g], pos[g + 1]) for g in pos if g % 8 == 7 and g + 1 in pos]
     return {k: (torch.tensor([p for p, _ in v]), torch.tensor([q for _, q in v]))
             for k, v in out.items() if v}
 
@@ -167,8 +169,8 @@ def test_reference_noise_statistics():
 
 def test_statistics_flag_a_shared_word_and_a_biased_draw():
     # negative controls at the same sample sizes: the tests above can fail
-    def shared(seed, stream, idx):  # every lane reads word 0 of its block
-        return R.philox_uniform(seed, stream, idx & ~3)
+    def shared(seed, stream, idx):  # both halves of a word read its high half
+        return R.philox_uniform(seed, stream, idx & ~1)
 
     e, f, pairs = _reference_errors(8192, range(1000, 1064), uniform=shared)
     assert corr_z(e, f, *pairs["block lanes 0-1"]) > 2 * Z
@@ -245,7 +247,7 @@ def _linear_epilogue_stats(dev, rows, cols, dtype, n_seeds, tiles_of_cfg):
 
 @pytest.mark.parametrize("cols", [64, 61])
 def test_linear_epilogue_noise_statistics(kernel_device, cols):
-    """Q_out in the GEMM epilogue: one Philox block per four outputs when cols % 4 == 0, else one
+    """Q_out in the GEMM epilogue: one Philox block per eight outputs when cols % 8 == 0, else one
     per output; pairs across the GEMM tiles' boundaries."""
     # 40 rows: a second row of tiles (the interpreter's are 32 x 32); ~0.5 s a launch there
     _linear_epilogue_stats(kernel_device, 40, cols, torch.float32, 32,

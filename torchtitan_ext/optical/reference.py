@@ -7,13 +7,14 @@ against it, and on the CPU the custom ops run it directly.
 Conventions shared with the kernels:
 - A *range* is a float32 tensor of shape [2] holding (lo, hi). A range with lo > hi (the initial
   (+inf, -inf)) is *uninitialised* and the quantizer passes values through unchanged.
-- Noise (section 1.3) comes from Philox-4x32-10 (the generator `tl.rand` uses, same constants)
-  with key (seed, stream): `seed` is drawn per call from the framework generator, `stream` is the
-  layer's `q_init_seed`. Element `idx` (its 64-bit global index) takes output word idx & 3 of the
-  block at counter (c_lo, c_hi, 0, 0), c = idx >> 2 -- as `tl.randint4x` lays out four draws --
-  so one Philox serves four consecutive elements (docs/semantics-notes.md says why). Word w gives
-  u = ((w >> 8) | 1) * 2^-24 = (j + 1/2) * 2^-23 with j = w >> 9: the page's unbiased draw with
-  b = 23 random bits, exactly representable in float32, in (0, 1).
+- Noise (section 1.3) comes from Philox-4x32 (the generator `tl.rand` uses, same constants) with
+  key (seed, stream): `seed` is drawn per call from the framework generator, `stream` is the
+  layer's `q_init_seed`. The stochastic rounding: element `idx` (its 64-bit global index) takes
+  half idx & 1 (0: high) of output word (idx >> 1) & 3 of the 7-round block at counter
+  (c_lo, c_hi, 0, 0), c = idx >> 3, so one Philox serves eight consecutive elements; its 16 bits
+  j give u = (j + 1/2) * 2^-16 (b = 16), exactly representable in float32, in (0, 1). The shot
+  read-out's Box-Muller words: word idx & 3 of the 10-round block at counter idx >> 2, 24 bits
+  each (docs/semantics-notes.md says why).
 - The global index of an element is described by an `IndexMap`: the local tensor is a block of a
   larger logical tensor (data-, tensor- or sequence-parallel shards), at per-dimension offsets.
 """
@@ -50,7 +51,8 @@ PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUNDS = 10
+PHILOX_ROUNDS = 10  # the shot read-out's Box-Muller words (24 bits, four per block)
+ROUNDING_ROUNDS = 7  # the stochastic rounding's draws (16 bits, eight per block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class IndexMap:
 
 
 # --------------------------------------------------------------------------------------------
-# Philox-4x32-10
+# Philox-4x32 (7 rounds for the rounding draws, 10 for the shot read-out)
 # --------------------------------------------------------------------------------------------
 def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32-bit words of a * b for uint32 values held in int64.
@@ -119,37 +121,58 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def _philox_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor,
-                   counter_word2: int = 0) -> torch.Tensor:
-    """The odd 24-bit draw 2 j + 1 (int64, j = word >> 9) behind `philox_uniform`;
-    `counter_word2` is Philox counter word 2 (0 for the rounding noise and Box-Muller's first
-    draw, 1 for Box-Muller's second)."""
-    index = index.to(torch.int64)
-    counter = index >> 2
+def _philox4(seed: torch.Tensor | int, stream: int, counter: torch.Tensor, counter_word2: int,
+             rounds: int):
+    """The four output words (int64 holding uint32) of Philox-4x32-`rounds` at counter
+    (counter lo, counter hi, counter_word2, 0), key (seed, stream)."""
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
     c2 = torch.full_like(c0, counter_word2)
     c3 = torch.zeros_like(c0)
     if isinstance(seed, torch.Tensor):
-        k0 = seed.to(device=index.device, dtype=torch.int64) & _M32
+        k0 = seed.to(device=counter.device, dtype=torch.int64) & _M32
     else:
-        k0 = torch.tensor(int(seed) & _M32, dtype=torch.int64, device=index.device)
-    k1 = torch.tensor(int(stream) & _M32, dtype=torch.int64, device=index.device)
-    for _ in range(PHILOX_ROUNDS):
+        k0 = torch.tensor(int(seed) & _M32, dtype=torch.int64, device=counter.device)
+    k1 = torch.tensor(int(stream) & _M32, dtype=torch.int64, device=counter.device)
+    for _ in range(rounds):
         hi_a, lo_a = _mulhilo32(c0, PHILOX_ROUND_A)
         hi_b, lo_b = _mulhilo32(c2, PHILOX_ROUND_B)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & _M32
         k1 = (k1 + PHILOX_KEY_B) & _M32
-    lane = index & 3
-    word = torch.where(lane < 2, torch.where(lane == 0, c0, c1), torch.where(lane == 2, c2, c3))
+    return c0, c1, c2, c3
+
+
+def _pick(words, lane: torch.Tensor) -> torch.Tensor:
+    c0, c1, c2, c3 = words
+    return torch.where(lane < 2, torch.where(lane == 0, c0, c1), torch.where(lane == 2, c2, c3))
+
+
+def _philox_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor,
+                   counter_word2: int = 0) -> torch.Tensor:
+    """The shot read-out's odd 24-bit draw 2 j + 1 (int64, j = word >> 9): word index & 3 of the
+    Philox-4x32-10 block at counter (index >> 2, counter_word2); `counter_word2` is 0 for
+    Box-Muller's first draw, 1 for its second."""
+    index = index.to(torch.int64)
+    word = _pick(_philox4(seed, stream, index >> 2, counter_word2, PHILOX_ROUNDS), index & 3)
     return (word >> 8) | 1
 
 
+def _rounding_bits24(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """The stochastic rounding's draw as an odd multiple of 2^7 below 2^24 (int64): (2 j + 1) 2^7
+    with j the 16 bits of half (index & 1) (0: high, 1: low) of word (index >> 1) & 3 of the
+    Philox-4x32-7 block at counter (index >> 3, 0): eight draws per block."""
+    index = index.to(torch.int64)
+    word = _pick(_philox4(seed, stream, index >> 3, 0, ROUNDING_ROUNDS), (index >> 1) & 3)
+    half = torch.where((index & 1) == 0, word >> 16, word & 0xFFFF)
+    return (half << 8) | 0x80
+
+
 def philox_uniform(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
-    """u = (j + 1/2) 2^-23 in (0, 1), float32, for every int64 `index`, keyed by (seed, stream):
-    j = bits 9..31 of word index & 3 of the Philox-4x32-10 block at counter index >> 2."""
-    return _philox_bits24(seed, stream, index).to(torch.float32) * (1.0 / 16777216.0)
+    """The stochastic rounding's u = (j + 1/2) 2^-16 in (0, 1), float32, for every int64
+    `index`, keyed by (seed, stream): j = 16 bits of the Philox-4x32-7 block at counter
+    index >> 3 (`_rounding_bits24`; docs/semantics-notes.md)."""
+    return _rounding_bits24(seed, stream, index).to(torch.float32) * (1.0 / 16777216.0)
 
 
 TWO_PI = 6.2831854820251465  # float32(2 pi)
@@ -157,8 +180,8 @@ TWO_PI = 6.2831854820251465  # float32(2 pi)
 
 def shot_normal(seed: torch.Tensor | int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """Standard normal z (float32) per int64 `index` for the shot read-out, by Box-Muller:
-    w1 = the rounding noise's 24-bit draw (counter (idx >> 2, 0, 0) word idx & 3), w2 = the same
-    word of the block at counter word 2 = 1; u1 = 1 - w1 2^-24 in (0, 1), u2 = w2 2^-24;
+    w1 = the 24-bit draw of Philox-4x32-10 at counter (idx >> 2, 0, 0) word idx & 3, w2 = the
+    same word of the block at counter word 2 = 1; u1 = 1 - w1 2^-24 in (0, 1), u2 = w2 2^-24;
     z = sqrt(-2 ln u1) * cos(2 pi u2), every op in float32 (docs/semantics-notes.md)."""
     w1 = _philox_bits24(seed, stream, index, 0).to(torch.float32)
     w2 = _philox_bits24(seed, stream, index, 1).to(torch.float32)

@@ -11,12 +11,12 @@ H200, bf16, H=16, causal, B*L=32768: fwd+bwd 2.12-2.35x flash SDPA for L = 2048.
 
 Why the design looks like this
 ------------------------------
-* The noise, not the matmuls, is the cost. A Philox-4x32-10 block is ~40 integer instructions,
-  against 2*D tensor-core FLOPs per S element. When L % 4 == 0 (`RUNS4`) every four consecutive
-  keys of a row share one block (element idx reads word idx & 3 of block idx >> 2, as the
-  reference), so a tile draws one block per four elements (quantizer.py's `philox_bits24_rows`,
-  whose words are interleaved into the tile in registers); otherwise each element runs its own
-  block. Everything
+* The noise, not the matmuls, is the cost. A Philox-4x32-7 block is ~28 integer instructions,
+  against 2*D tensor-core FLOPs per S element. When L % 8 == 0 (`RUNS8`) every eight consecutive
+  keys of a row share one block (element idx reads half idx & 1 of word (idx >> 1) & 3 of block
+  idx >> 3, as the reference), so a tile draws one block per eight elements (quantizer.py's
+  `philox_bits24_rows`, whose draws are interleaved into the tile in registers); otherwise each
+  element runs its own block. Everything
   below minimises how often S is generated and what each generation costs.
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
   before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
@@ -75,8 +75,8 @@ Why the design looks like this
   pre-pass's `LEVELS_V`) are constexprs of their own, whose reciprocals are `inv_lm1` itself when
   they equal `LEVELS` (the default: the same code as before) and one div_rn per item otherwise;
   P_MODE follows Q_p's levels, the code dtype Q_s's. `NOISE` is 0 (q_noise off), 1 (stochastic
-  rounding) or 2 (shot read-out): S tiles then draw z by Box-Muller from the rounding word and
-  the same word at Philox counter word 2 = 1 (`philox_bits24_rows_c2`, runs of four as before)
+  rounding) or 2 (shot read-out): S tiles then draw z by Box-Muller from two Philox-4x32-10
+  words, at counter word 2 = 0 and 1 (`philox_bits24_rows_c2`, runs of four under RUNS8)
   with NK_S = float32(n) * float32(D), a runtime float32 argument (a constexpr would compile
   the kernels again for every photon budget of an evaluation sweep); Y takes its per-row n * K
   (K = keys the row sees, >= 1) from a float32 [B, Lq] tensor the host builds with torch ops
@@ -229,7 +229,7 @@ def _prep_kv_kernel(
 
 @triton.jit
 def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv, inv_lm1,
-                LEVELS: tl.constexpr, BN: tl.constexpr, RUNS4: tl.constexpr, NOISE: tl.constexpr,
+                LEVELS: tl.constexpr, BN: tl.constexpr, RUNS8: tl.constexpr, NOISE: tl.constexpr,
                 NK_S, TRANSPOSED: tl.constexpr):
     """(Q_s(S), level index k) of a raw [BM, BN] tile of S, or of its transpose [BN, BM] with
     TRANSPOSED (the backward): the noise of rows whose global index of column 0 is `row_idx`
@@ -237,15 +237,15 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
     two Philox draws; 1: stochastic rounding; 0: deterministic rounding, no Philox. One code
     for the forward and the backward's regeneration, so both draw the same words."""
     if NOISE == 2:
-        z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 0),
-                       philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS4, 1))
+        z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 0),
+                       philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 1))
         if TRANSPOSED:
             z = tl.trans(z)
         s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
                                  tl.zeros(s_raw.shape, tl.float32) + NK_S, LEVELS)
     else:
         if NOISE:
-            w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS4)
+            w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS8)
             if TRANSPOSED:
                 w = tl.trans(w)
         else:
@@ -258,7 +258,7 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
 def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS4: tl.constexpr,
+                MASK: tl.constexpr, HAS_KPM: tl.constexpr, RUNS8: tl.constexpr,
                 INTERP: tl.constexpr,
                 NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
@@ -274,7 +274,7 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
     s_q, lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
-                           inv_lm1, LEVELS, BN, RUNS4, NOISE, NK_S, False)
+                           inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, False)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, s_q, lvl, valid, cols
 
@@ -302,7 +302,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
                offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-               OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS4: tl.constexpr,
+               OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS8: tl.constexpr,
                INTERP: tl.constexpr,
                NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
@@ -313,7 +313,7 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         x = s_q * scale_log2
         if MASK:
@@ -378,7 +378,7 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
                          scale_log2,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                         P_MODE: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                         P_MODE: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
                          NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
@@ -386,7 +386,7 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L,
                        _inv_of(inv_lm1, LEVELS, LEVELS_P), scale_log2, LEVELS_P, D, MASK, P_MODE,
@@ -458,7 +458,7 @@ def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
                    LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
-                   USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+                   USE_CODES: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
                    NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
                    LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """Pass 1 over the item's key tiles, unmasked [0, n_full) then masked [n_full, n_end):
@@ -470,12 +470,12 @@ def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
         row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
         offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP,
+        LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     return m_i, l_i, smin, smax
 
@@ -565,7 +565,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
               seed_s, seed_y, NKY,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
-              P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
+              P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS8: tl.constexpr,
               INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """One work item: query rows [start_m, start_m + BM) of one (batch, head). Items are numbered
@@ -597,13 +597,13 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
     m_i, l_i, smin, smax = _fwd_row_stats(
         qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n, offs_d, row_idx, LK,
         seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL,
-        HAS_KPM, OBSERVE, USE_CODES, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P,
+        HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P,
         LEVELS_Y)
     m_i, inv_l, alive = _fwd_softmax_norm(m_i, l_i, HAS_KPM)
     acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
                      inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
-                     RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+                     RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     y, y_raw = _fwd_quantize_y(acc, bh_g, b, pos, offs_m, offs_d, row_ok, LQ, LK, NKY, seed_y,
                                stream, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, D, BM, P_MODE,
                                NOISE, LEVELS_P, LEVELS_Y)
@@ -619,7 +619,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
                offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
                scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS4: tl.constexpr,
+               P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS8: tl.constexpr,
                INTERP: tl.constexpr,
                NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
@@ -645,12 +645,12 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS4, INTERP,
+            LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
-            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS4, INTERP,
+            LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     return acc
 
@@ -662,7 +662,7 @@ def _fwd_kernel(
     H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr, P_MODE: tl.constexpr,
-    USE_CODES: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    USE_CODES: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
     NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
     QSTART_PTR: tl.constexpr,
@@ -692,7 +692,7 @@ def _fwd_kernel(
                   inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
                   seed_s, seed_y, NKY, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE,
                   USE_CODES,
-                  RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+                  RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,7 +735,7 @@ def _prep_bwd_kernel(
 @triton.jit
 def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stream, slo, shi,
                  s_rng, s_inv, inv_lm1, LEVELS: tl.constexpr, BN: tl.constexpr,
-                 RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+                 RUNS8: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
                  NK_S):
     """One [BN, BM] tile of S^T from the key block and a query block: (raw S^T as the float32
     accumulator, Q_s(S^T)), drawing the forward's noise words of the [BM, BN] tile of S
@@ -743,7 +743,7 @@ def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stre
     s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
     # S^T's words: those of the [BM, BN] tile of S, transposed.
     s_q, _ = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
-                         slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS4, NOISE, NK_S, True)
+                         slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, True)
     return s_raw, s_q
 
 
@@ -753,7 +753,7 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
                slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
-               RUNS4: tl.constexpr, INTERP: tl.constexpr,
+               RUNS8: tl.constexpr, INTERP: tl.constexpr,
                NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
                DQ: tl.constexpr):
@@ -777,7 +777,7 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
         s_raw, s_q = _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed,
-                                  stream, slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS4,
+                                  stream, slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8,
                                   INTERP, NOISE, NK_S)
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
         if MASK:
@@ -809,7 +809,7 @@ def _bwd_kernel(
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+    CLIPPED: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
     NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
     DQ: tl.constexpr,
@@ -851,7 +851,7 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, hk * GROUP + g, H, LQ, L, q_start,
             b_off, h_off, Hg, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, start_n, offs_n, col_vis,
             offs_d, diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
-            scale_log2, LEVELS, D, BM, BN, CAUSAL, CLIPPED, RUNS4, INTERP, NOISE, NK_S,
+            scale_log2, LEVELS, D, BM, BN, CAUSAL, CLIPPED, RUNS8, INTERP, NOISE, NK_S,
             LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     _bwd_store_dk_dv(DK, DV, dk, dv, k, v, klo, khi, v_rng, scale, b, hk, HKV, L, n64, offs_d,
                      col_ok, D, CLIPPED)
@@ -863,7 +863,7 @@ def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_st
               diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
-              RUNS4: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
+              RUNS8: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
               NK_S, LEVELS_Q: tl.constexpr, LEVELS_K: tl.constexpr,
               LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr, DQ: tl.constexpr):
     """(dk, dv) plus the contributions of query head h of batch b to the key block: its
@@ -881,13 +881,13 @@ def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_st
         dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
         row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
         seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
-        CAUSAL, True, CLIPPED, RUNS4, INTERP,
+        CAUSAL, True, CLIPPED, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     dk, dv = _bwd_tiles(
         dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
         LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
         slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
-        CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
+        CLIPPED, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     return dk, dv
 
 
@@ -960,7 +960,7 @@ def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, sv
               offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-              CLIPPED: tl.constexpr, RUNS4: tl.constexpr, INTERP: tl.constexpr,
+              CLIPPED: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
               NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
@@ -969,7 +969,7 @@ def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, sv
     for start_n in range(lo, hi, BN):
         s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
-            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS4, INTERP,
+            slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         # rows past Lq and rows with no visible key have lse = +inf, hence P = 0
         p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[:, None]))
@@ -996,7 +996,7 @@ def _bwd_dq_kernel(
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
     H, HKV, LQ, L, q_start, stream, b_off, h_off, Hg, scale, scale_log2, inv_lm1,
     LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS4: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, CLIPPED: tl.constexpr, RUNS8: tl.constexpr,
     INTERP: tl.constexpr, NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr,
 ):
@@ -1030,11 +1030,11 @@ def _bwd_dq_kernel(
     dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
                    n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
                    s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
-                   RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+                   RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
                    n_full, n_end, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi,
                    s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
-                   CLIPPED, RUNS4, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
+                   CLIPPED, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     dq = dq * scale
     if CLIPPED:
         q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64[:, None] * sql
@@ -1326,7 +1326,7 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         int(batch_offset),
         int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
-        P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS4=L % 4 == 0,
+        P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS8=L % 8 == 0,
         INTERP=interp, **lkw, QSTART_PTR=q_start_dev,
         num_warps=warps, num_stages=stages, **compile_options("fwd"))
     del codes, kq, vq
@@ -1411,7 +1411,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         float(lut) if has_lut else 0.0,
         HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS4=L % 4 == 0, INTERP=interp,
+        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS8=L % 8 == 0, INTERP=interp,
         **lkw, DQ=not deterministic, num_warps=warps, num_stages=stages,
         **compile_options("bwd"))
     if deterministic:
@@ -1490,6 +1490,6 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
         int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         CLIPPED=bool(clipped),
-        RUNS4=L % 4 == 0, INTERP=interp, **lkw, num_warps=warps,
+        RUNS8=L % 8 == 0, INTERP=interp, **lkw, num_warps=warps,
         num_stages=stages, **compile_options("dq"))
     return dq

@@ -18,17 +18,17 @@ observations):
 2. ``_linear_fwd_kernel``: the GEMM on the quantized operands with float32 accumulation over the
    complete K, and an epilogue that (a) observes min/max of the accumulator (one atomic per tile,
    no extra pass and no extra matmul to initialise the output range), (b) applies Q_out with
-   Philox-4x32-10 noise keyed by (seed, stream, 64-bit global index), (c) adds
+   Philox-4x32-7 noise keyed by (seed, stream, 64-bit global index), (c) adds
    the bias, (d) optionally stores the clipped-gradient mask, (e) stores y in the input dtype.
    The accumulator never goes to memory, so the memory footprint is nn.Linear's plus the two
    transient quantized operands.
 
-The noise is the expensive part of the epilogue: a Philox-4x32-10 evaluation is about 20 integer
+The noise is the expensive part of the epilogue: a Philox-4x32-7 evaluation is 14 integer
 multiplies, of the order of the GEMM's own time at K=2048 if paid per output. Four things keep it
 in check:
-- one Philox block serves four neighbouring outputs (`RUNS4`: the global row length and the
-  shard's column offset are multiples of 4, so every aligned run of four columns is one block;
-  otherwise one Philox per output, reading its word);
+- one Philox block serves eight neighbouring outputs (`RUNS8`: the global row length and the
+  shard's column offset are multiples of 8, so every aligned run of eight columns is one block;
+  otherwise one Philox per output, reading its half-word);
 - the epilogue runs on column chunks of the tile (``EPI_SPLIT``): Triton emits elementwise code op
   by op over a thread's whole share of the tile, so a Philox over the full tile kept every
   element's state live at once (4 KB of spills per thread); 8 chunks bring that to zero;
@@ -272,7 +272,7 @@ def _linear_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     OBSERVE: tl.constexpr, SAVE_MASK: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RUNS8: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BM, BN] tile of y: the float32 GEMM of the quantized operands over all of K, then
@@ -316,7 +316,7 @@ def _linear_fwd_kernel(
 
     _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
                    stream, s_local, s_global, row_base, n_global, col_offset, nk, LEVELS,
-                   QUANT_OUT, NOISE, SHOT, HAS_BIAS, OBSERVE, SAVE_MASK, EPI_SPLIT, RUNS4, BM, BN)
+                   QUANT_OUT, NOISE, SHOT, HAS_BIAS, OBSERVE, SAVE_MASK, EPI_SPLIT, RUNS8, BM, BN)
 
 
 @triton.jit
@@ -343,7 +343,7 @@ def _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, 
                    stream, s_local, s_global, row_base, n_global, col_offset, nk,
                    LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr,
                    SHOT: tl.constexpr, HAS_BIAS: tl.constexpr, OBSERVE: tl.constexpr,
-                   SAVE_MASK: tl.constexpr, EPI_SPLIT: tl.constexpr, RUNS4: tl.constexpr,
+                   SAVE_MASK: tl.constexpr, EPI_SPLIT: tl.constexpr, RUNS8: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
     """Everything after the mainloop for the [BM, BN] accumulator at (off_m, off_n): min/max of
     its in-bounds elements into obs[2] (if OBSERVE), then Q_out, bias, mask and the store of y,
@@ -363,14 +363,14 @@ def _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, 
     seed = tl.load(seed_ptr)
     _epilogue_chunks(acc, r64, row_ok, g_row, off_n, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                      lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-                     SAVE_MASK, RUNS4, EPI_SPLIT, BM, BN)
+                     SAVE_MASK, RUNS8, EPI_SPLIT, BM, BN)
 
 
 @triton.jit
 def _epilogue_chunks(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                      lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
                      NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
-                     SAVE_MASK: tl.constexpr, RUNS4: tl.constexpr, EPI_SPLIT: tl.constexpr,
+                     SAVE_MASK: tl.constexpr, RUNS8: tl.constexpr, EPI_SPLIT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr):
     """_epilogue on the [BM, BN] accumulator starting at column col0, split into EPI_SPLIT
     (1, 2, 4 or 8; anything else means 8) column chunks of BN // EPI_SPLIT columns each."""
@@ -380,27 +380,27 @@ def _epilogue_chunks(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N
     if EPI_SPLIT == 1:
         _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-                  SAVE_MASK, RUNS4, BN)
+                  SAVE_MASK, RUNS8, BN)
     elif EPI_SPLIT == 2:
         a0, a1 = _halves(acc, BM, BN)
         _epilogue(a0, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
                   lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-                  SAVE_MASK, RUNS4, BN // 2)
+                  SAVE_MASK, RUNS8, BN // 2)
         _epilogue(a1, r64, row_ok, g_row, col0 + BN // 2, y_ptr, bias_ptr, mask_ptr, N,
                   col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-                  SAVE_MASK, RUNS4, BN // 2)
+                  SAVE_MASK, RUNS8, BN // 2)
     elif EPI_SPLIT == 4:
         _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN)
+                           HAS_BIAS, SAVE_MASK, RUNS8, BM, BN)
     else:  # 8 chunks
         a0, a1 = _halves(acc, BM, BN)
         _epilogue_quarters(a0, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N,
                            col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
+                           HAS_BIAS, SAVE_MASK, RUNS8, BM, BN // 2)
         _epilogue_quarters(a1, r64, row_ok, g_row, col0 + BN // 2, y_ptr, bias_ptr, mask_ptr,
                            N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-                           HAS_BIAS, SAVE_MASK, RUNS4, BM, BN // 2)
+                           HAS_BIAS, SAVE_MASK, RUNS8, BM, BN // 2)
 
 
 @triton.jit
@@ -408,23 +408,23 @@ def _epilogue_quarters(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr,
                        lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
                        NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
                        SAVE_MASK: tl.constexpr,
-                       RUNS4: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+                       RUNS8: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """_epilogue on the four column quarters of an [R, C] tile starting at column col0."""
     a0, a1 = _halves(acc, R, C)
     a00, a01 = _halves(a0, R, C // 2)
     a10, a11 = _halves(a1, R, C // 2)
     _epilogue(a00, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_offset,
               lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk,
-              HAS_BIAS, SAVE_MASK, RUNS4, C // 4)
+              HAS_BIAS, SAVE_MASK, RUNS8, C // 4)
     _epilogue(a01, r64, row_ok, g_row, col0 + C // 4, y_ptr, bias_ptr, mask_ptr, N,
               col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-              SAVE_MASK, RUNS4, C // 4)
+              SAVE_MASK, RUNS8, C // 4)
     _epilogue(a10, r64, row_ok, g_row, col0 + C // 2, y_ptr, bias_ptr, mask_ptr, N,
               col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-              SAVE_MASK, RUNS4, C // 4)
+              SAVE_MASK, RUNS8, C // 4)
     _epilogue(a11, r64, row_ok, g_row, col0 + 3 * (C // 4), y_ptr, bias_ptr, mask_ptr,
               N, col_offset, lo, hi, seed, stream, LEVELS, QUANT_OUT, NOISE, SHOT, nk, HAS_BIAS,
-              SAVE_MASK, RUNS4, C // 4)
+              SAVE_MASK, RUNS8, C // 4)
 
 
 @triton.jit
@@ -438,7 +438,7 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
               lo, hi, seed, stream, LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr,
               NOISE: tl.constexpr, SHOT: tl.constexpr, nk, HAS_BIAS: tl.constexpr,
               SAVE_MASK: tl.constexpr,
-              RUNS4: tl.constexpr, W: tl.constexpr):
+              RUNS8: tl.constexpr, W: tl.constexpr):
     """Q_out (noisy), bias, mask and store for the accumulator columns [col0, col0 + W)."""
     cols = col0 + tl.arange(0, W)
     col_ok = cols < N
@@ -453,13 +453,13 @@ def _epilogue(acc, r64, row_ok, g_row, col0, y_ptr, bias_ptr, mask_ptr, N, col_o
                 gcols = cols.to(tl.int64) + col_offset
                 z = box_muller(
                     philox_bits24_rows_c2(seed, stream, g_row, col0 + col_offset, gcols, W,
-                                          RUNS4, 0),
+                                          RUNS8, 0),
                     philox_bits24_rows_c2(seed, stream, g_row, col0 + col_offset, gcols, W,
-                                          RUNS4, 1))
+                                          RUNS8, 1))
                 y, _ = quantize_shot(acc, lo, hi, None, None, None, z, nk, LEVELS)
             elif NOISE:
                 u = philox_bits24_rows(seed, stream, g_row, col0 + col_offset,
-                                       cols.to(tl.int64) + col_offset, W, RUNS4)
+                                       cols.to(tl.int64) + col_offset, W, RUNS8)
                 u = u * (1.0 / 16777216.0)  # as philox_uniform
                 y = quantize(acc, lo, hi, LEVELS, 0.0, False, u, True)
             else:  # read-out noise off (q_noise: false): det rounding, no Philox
@@ -670,7 +670,7 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
         LEVELS=int(lout), QUANT_OUT=bool(quantize_output), NOISE=bool(noise), SHOT=shot,
         HAS_BIAS=bias is not None and quantize_output, OBSERVE=bool(observe),
         SAVE_MASK=mask is not None and quantize_output, USE_TMA=use_tma,
-        EPI_SPLIT=cfg.epi_split, RUNS4=index[3] % 4 == 0 and index[4] % 4 == 0,
+        EPI_SPLIT=cfg.epi_split, RUNS8=index[3] % 8 == 0 and index[4] % 8 == 0,
         # The interpreter's 16-bit dot is broken (Triton 3.9 reads the raw bits); 16-bit
         # products are exact in float32, so upcasting there computes the same sums.
         IEEE_DOT=dtype == torch.float32 or _INTERPRET, UPCAST_DOT=_INTERPRET,

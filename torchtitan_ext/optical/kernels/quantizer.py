@@ -12,10 +12,13 @@ Kept bit-compatible with `torchtitan_ext.optical.reference.quantize` / `philox_u
   op); the explicit `tl.fma`s below are exact by construction and stay fused;
 - round-half-to-even through the 1.5 * 2^23 magic constant, exact for |t| <= 2^22 (t is at most
   L - 1);
-- Philox-4x32-10 keyed by (seed, stream); element `idx` (64-bit global index) takes word idx & 3
-  of the block at counter idx >> 2 (split in two 32-bit counter words so that index spaces past
-  2^31 stay distinct): one Philox serves four consecutive elements where a kernel's tile holds
-  them together (`philox_bits24_runs`); each mulhilo is one 32x32->64-bit product.
+- the stochastic rounding's draws: Philox-4x32-7 keyed by (seed, stream); element `idx` (64-bit
+  global index) takes half idx & 1 (0: high 16 bits) of word (idx >> 1) & 3 of the block at
+  counter idx >> 3 (split in two 32-bit counter words so that index spaces past 2^31 stay
+  distinct): one Philox serves eight consecutive elements where a kernel's tile holds them
+  together (`philox_bits24_runs`). The shot read-out's Box-Muller words: Philox-4x32-10, word
+  idx & 3 of the block at counter idx >> 2 (24 bits each, for the normal's tails). Each mulhilo
+  is one 32x32->64-bit product.
 
 One arithmetic, three entry points (they differ only in where the constants come from):
 - `quantize`: computes the two reciprocals, RN(1 / max(hi - lo, 1e-12)) and RN(1 / (L - 1)), with
@@ -52,16 +55,10 @@ def _mulhilo32(a, b: tl.constexpr):
 
 
 @triton.jit
-def _philox4(seed, stream, counter):
-    """The four 32-bit output words of Philox-4x32-10 for int64 `counter` (counter words
-    (lo, hi, 0, 0)), key (seed, stream)."""
-    return _philox4_c2(seed, stream, counter, 0)
-
-
-@triton.jit
-def _philox4_c2(seed, stream, counter, C2: tl.constexpr):
-    """`_philox4` with counter word 2 = C2 (0: the rounding noise and Box-Muller's first draw;
-    1: Box-Muller's second draw of the shot read-out)."""
+def _philox4_c2(seed, stream, counter, C2: tl.constexpr, ROUNDS: tl.constexpr):
+    """The four 32-bit output words of Philox-4x32-ROUNDS for int64 `counter` (counter words
+    (lo, hi, C2, 0)), key (seed, stream). C2 = 0: the rounding noise (7 rounds) and Box-Muller's
+    first draw (10 rounds); 1: Box-Muller's second draw."""
     c = counter.to(tl.int64)
     c0 = (c & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((c >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -72,7 +69,7 @@ def _philox4_c2(seed, stream, counter, C2: tl.constexpr):
     c3 = tl.zeros(c0.shape, tl.uint32)
     k0 = (seed.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
     k1 = (stream.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(ROUNDS):
         hi_a, lo_a = _mulhilo32(c0, 0xD2511F53)
         hi_b, lo_b = _mulhilo32(c2, 0xCD9E8D57)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
@@ -89,21 +86,40 @@ def _bits24(word):
 
 
 @triton.jit
+def _half24(word, HALF: tl.constexpr):
+    # 16 bits j of a word (HALF 0: high, 1: low) as (2 j + 1) 2^7, an odd multiple of 2^7 below
+    # 2^24: u = that * 2^-24 = (j + 1/2) 2^-16, the page's unbiased draw with b = 16, exact in
+    # float32 and in the hot loops' fma with 2^-24 (section 1.3)
+    if HALF == 0:
+        h = word >> 16
+    else:
+        h = word & 0xFFFF
+    return ((h << 8) | 0x80).to(tl.float32)
+
+
+@triton.jit
 def philox_bits24(seed, stream, index):
-    """The odd 24-bit Philox word w (as float32, exact) behind `philox_uniform` = w * 2^-24, for
-    any int64 `index` tensor: word (index & 3) of the Philox-4x32-10 block at counter index >> 2,
-    key (seed, stream), shifted right by 8 with its lowest bit set, as the reference. One Philox
-    per element (three of its four words thrown away): for index sets without aligned runs of
-    four; hot loops whose indices come in aligned runs use `philox_bits24_runs`. Returning w
-    lets a hot loop fold "+ u" into one exact fma (`quantize_with_bits24`)."""
-    return philox_bits24_c2(seed, stream, index, 0)
+    """The stochastic rounding's draw w behind `philox_uniform` = w * 2^-24, for any int64
+    `index` tensor: w = (2 j + 1) 2^7, j the 16 bits of half (index & 1) (0: high) of word
+    (index >> 1) & 3 of the Philox-4x32-7 block at counter index >> 3, key (seed, stream), as the
+    reference. One Philox per element (seven of its eight draws thrown away): for index sets
+    without aligned runs of eight; hot loops whose indices come in aligned runs use
+    `philox_bits24_runs`. Returning w lets a hot loop fold "+ u" into one exact fma
+    (`quantize_with_bits24`)."""
+    idx = index.to(tl.int64)
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 3, 0, 7)
+    lane = (idx >> 1) & 3
+    w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
+    return tl.where((idx & 1) == 0, _half24(w, 0), _half24(w, 1))
 
 
 @triton.jit
 def philox_bits24_c2(seed, stream, index, C2: tl.constexpr):
-    """`philox_bits24` from the blocks at counter word 2 = C2."""
+    """The shot read-out's Box-Muller word (odd, 24 bits, as float32): word index & 3 of the
+    Philox-4x32-10 block at counter (index >> 2, C2), key (seed, stream), shifted right by 8
+    with its lowest bit set, as the reference's `_philox_bits24`."""
     idx = index.to(tl.int64)
-    w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 2, C2)
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 2, C2, 10)
     lane = idx & 3
     w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
     return _bits24(w)
@@ -111,16 +127,30 @@ def philox_bits24_c2(seed, stream, index, C2: tl.constexpr):
 
 @triton.jit
 def philox_bits24_runs(seed, stream, block):
-    """`philox_bits24` of an [R, 4 * C] tile whose element (r, 4 c + j) has global index
-    4 * block[r, c] + j (block: int64 [R, C]), from one Philox per four elements: the tile's
-    indices run along its columns in aligned groups of four, each group one Philox block."""
-    return philox_bits24_runs_c2(seed, stream, block, 0)
+    """`philox_bits24` of an [R, 8 * C] tile whose element (r, 8 c + e) has global index
+    8 * block[r, c] + e (block: int64 [R, C]), from one Philox-4x32-7 per eight elements: the
+    tile's indices run along its columns in aligned groups of eight, each group one block,
+    element e reading half e & 1 of word e >> 1."""
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, block, 0, 7)
+    # join adds a minor dim: join(join(join(a, b), join(c, d)), join(join(p, q), join(r, s)))
+    # [.., i, j, k] is leaf (k: first or second group, j: pair, i: member), which the row-major
+    # reshape puts at column 8 c + 4 i + 2 j + k. Element e = 4 i + 2 j + k is half e & 1 of
+    # word e >> 1: the leaves in order are elements 0, 4, 2, 6, 1, 5, 3, 7.
+    h0, l0 = _half24(w0, 0), _half24(w0, 1)
+    h1, l1 = _half24(w1, 0), _half24(w1, 1)
+    h2, l2 = _half24(w2, 0), _half24(w2, 1)
+    h3, l3 = _half24(w3, 0), _half24(w3, 1)
+    w = tl.join(tl.join(tl.join(h0, h2), tl.join(h1, h3)),
+                tl.join(tl.join(l0, l2), tl.join(l1, l3)))
+    return tl.reshape(w, (block.shape[0], 8 * block.shape[1]))
 
 
 @triton.jit
 def philox_bits24_runs_c2(seed, stream, block, C2: tl.constexpr):
-    """`philox_bits24_runs` from the blocks at counter word 2 = C2."""
-    w0, w1, w2, w3 = _philox4_c2(seed, stream, block, C2)
+    """`philox_bits24_c2` (the shot read-out's words) of an [R, 4 * C] tile whose element
+    (r, 4 c + j) has global index 4 * block[r, c] + j, from one Philox-4x32-10 per four
+    elements."""
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, block, C2, 10)
     # join(x, y) adds a minor dim selecting x or y: join(join(a, b), join(c, d))[r, c, i, j] is
     # (a, b)[i] at j = 0 and (c, d)[i] at j = 1. With (a, b, c, d) = words (0, 2, 1, 3) that is
     # word 2 i + j, which the row-major reshape puts at column 4 c + 2 i + j.
@@ -129,19 +159,25 @@ def philox_bits24_runs_c2(seed, stream, block, C2: tl.constexpr):
 
 
 @triton.jit
-def philox_bits24_rows(seed, stream, row_index, col0, cols, W: tl.constexpr, RUNS4: tl.constexpr):
-    """`philox_bits24` of an [R, W] tile of a row-major index space: `row_index` [R] is the global
-    index of each row's column 0, `cols` [W] = col0 + [0, W) the tile's global columns. RUNS4: the
-    row indices and col0 are multiples of 4, so (with W % 4 == 0) every aligned four columns share
-    one Philox block (`philox_bits24_runs`); otherwise one block per element."""
-    return philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W, RUNS4, 0)
+def philox_bits24_rows(seed, stream, row_index, col0, cols, W: tl.constexpr, RUNS: tl.constexpr):
+    """`philox_bits24` (the rounding draws) of an [R, W] tile of a row-major index space:
+    `row_index` [R] is the global index of each row's column 0, `cols` [W] = col0 + [0, W) the
+    tile's global columns. RUNS: the row indices and col0 are multiples of 8, so (with
+    W % 8 == 0) every aligned eight columns share one Philox block (`philox_bits24_runs`);
+    otherwise one block per element."""
+    if RUNS and (W % 8 == 0):
+        blocks = (col0 // 8 + tl.arange(0, W // 8)).to(tl.int64)
+        return philox_bits24_runs(seed, stream, (row_index // 8)[:, None] + blocks[None, :])
+    else:
+        return philox_bits24(seed, stream, row_index[:, None] + cols[None, :])
 
 
 @triton.jit
 def philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W: tl.constexpr,
-                          RUNS4: tl.constexpr, C2: tl.constexpr):
-    """`philox_bits24_rows` from the blocks at counter word 2 = C2."""
-    if RUNS4 and (W % 4 == 0):
+                          RUNS: tl.constexpr, C2: tl.constexpr):
+    """`philox_bits24_c2` (the shot read-out's words) of such a tile: with RUNS (row indices and
+    col0 multiples of 8, hence of 4) and W % 4 == 0, one block per aligned four columns."""
+    if RUNS and (W % 4 == 0):
         blocks = (col0 // 4 + tl.arange(0, W // 4)).to(tl.int64)
         return philox_bits24_runs_c2(seed, stream, (row_index // 4)[:, None] + blocks[None, :],
                                      C2)
@@ -151,8 +187,8 @@ def philox_bits24_rows_c2(seed, stream, row_index, col0, cols, W: tl.constexpr,
 
 @triton.jit
 def philox_uniform(seed, stream, index):
-    """u = (j + 1/2) 2^-23 in (0, 1) (float32) for int64 `index`, keyed by (seed, stream); same
-    as the reference."""
+    """The stochastic rounding's u = (j + 1/2) 2^-16 in (0, 1) (float32) for int64 `index`,
+    keyed by (seed, stream); same as the reference."""
     return philox_bits24(seed, stream, index) * (1.0 / 16777216.0)
 
 

@@ -98,6 +98,12 @@ def _half24(word, HALF: tl.constexpr):
 
 
 @triton.jit
+def _pick_word(w0, w1, w2, w3, lane):
+    # output word `lane` (0-3) of a Philox block, per element (the reference's `_pick`)
+    return tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
+
+
+@triton.jit
 def philox_bits24(seed, stream, index):
     """The stochastic rounding's draw w behind `philox_uniform` = w * 2^-24, for any int64
     `index` tensor: w = (2 j + 1) 2^7, j the 16 bits of half (index & 1) (0: high) of word
@@ -108,8 +114,7 @@ def philox_bits24(seed, stream, index):
     (`quantize_with_bits24`)."""
     idx = index.to(tl.int64)
     w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 3, 0, 7)
-    lane = (idx >> 1) & 3
-    w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
+    w = _pick_word(w0, w1, w2, w3, (idx >> 1) & 3)
     return tl.where((idx & 1) == 0, _half24(w, 0), _half24(w, 1))
 
 
@@ -120,8 +125,7 @@ def philox_bits24_c2(seed, stream, index, C2: tl.constexpr):
     with its lowest bit set, as the reference's `_philox_bits24`."""
     idx = index.to(tl.int64)
     w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 2, C2, 10)
-    lane = idx & 3
-    w = tl.where(lane < 2, tl.where(lane == 0, w0, w1), tl.where(lane == 2, w2, w3))
+    w = _pick_word(w0, w1, w2, w3, idx & 3)
     return _bits24(w)
 
 

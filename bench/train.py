@@ -87,6 +87,11 @@ def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = Fals
     start = time.time()
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+    if mode == "optical_base" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # The two trees' compiled graphs apart: nothing makes Inductor's and AOTAutograd's
+        # cache keys cover the optical ops' code or the activation-checkpoint policy, so one
+        # tree could be served the other's partition.
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.workdir).resolve() / "inductor-cache-base")
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
                        timeout=args.timeout)
     wall = time.time() - start

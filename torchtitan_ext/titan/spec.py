@@ -17,7 +17,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.distributed.tensor import Shard
 from torchtitan.components.loss import build_cross_entropy_loss
@@ -34,6 +33,7 @@ from torchtitan.tools.logging import logger
 from torchtitan_ext.titan.hf_adapter import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
+from .activation_checkpoint import optical_op_sac
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible
 from .validate import build_fixed_window_validator
 
@@ -109,22 +109,10 @@ def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
         )
 
 
-def save_optical_attention_under_op_sac() -> None:
-    """Selective op AC in torchtitan's Llama saves SDPA's output (its `_op_sac_save_list`) and
-    recomputes what is not listed. The optical attention op takes SDPA's place, so it is listed
-    likewise: unlisted, every layer would run the optical forward (its costliest pass) twice
-    where the digital twin runs SDPA once. The optical linears stay recomputed (listing them
-    would save every one, where torchtitan saves every second `mm`). Idempotent."""
-    from torchtitan.models.llama3.infra import parallelize as llama_parallelize
-
-    # torch.ops.optical exists: this module imports OpticalAttention, whose module registers it
-    llama_parallelize._op_sac_save_list.add(torch.ops.optical.attention.default)
-
-
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     check_supported_parallelism(parallel_dims)
-    save_optical_attention_under_op_sac()
-    model = parallelize_llama(model, parallel_dims, job_config)
+    with optical_op_sac():  # per-op SAC alike to the twin's (see titan.activation_checkpoint)
+        model = parallelize_llama(model, parallel_dims, job_config)
     if not has_accelerator():
         make_fsdp_gloo_compatible(model)  # gloo has no PREMUL_SUM (see cpu_compat)
     dp_rank, dp_size = 0, 1

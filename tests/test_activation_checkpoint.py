@@ -1,0 +1,96 @@
+"""Per-op selective AC of optical blocks (titan.activation_checkpoint), eager on the CPU.
+
+The compiled, end-to-end count is `test_e2e.py::test_selective_ac_recomputes_...`."""
+
+import collections
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchtitan_ext.optical.config import QuantizerConfig
+from torchtitan_ext.optical.modules import OpticalLinear
+from torchtitan_ext.optical.ranges import update_ranges
+from torchtitan_ext.titan.activation_checkpoint import _apply_optical_op_sac
+
+
+def ac_config(force=()):
+    return SimpleNamespace(per_op_sac_force_recompute_mm_shapes_by_fqns=list(force),
+                           preserve_rng_state=True, determinism_check="default",
+                           early_stop=False, debug=False)
+
+
+class Block(nn.Module):
+    """Three optical linears and a plain one, in this call order: first, plain, b, c. Forced
+    recomputation goes by shape, so `first` has a shape of its own."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = QuantizerConfig(q_levels=16)
+        self.first = OpticalLinear(8, 16, config=cfg)
+        self.plain = nn.Linear(16, 8, bias=False)
+        self.b, self.c = (OpticalLinear(8, 8, config=cfg) for _ in range(2))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.plain(torch.relu(self.first(x))))))
+
+
+def calibrated_block(seed=0):
+    torch.manual_seed(seed)
+    block = Block()
+    block(torch.randn(6, 8))
+    update_ranges(block)
+    return block
+
+
+class CountCalls(TorchDispatchMode):
+    """Counts the optical linears and mms that run. Under SAC's modes it sees only what they
+    execute: a saved output served again does not reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.optical.linear.default, torch.ops.aten.mm.default):
+            self.calls[str(func.overloadpacket).split(".")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_counted(module, x):
+    """(forward calls, backward calls, x's grad): the backward's include the recomputed ones."""
+    x = x.clone().requires_grad_(True)
+    with CountCalls() as fwd:
+        loss = module(x).square().sum()
+    with CountCalls() as bwd:
+        loss.backward()
+    return fwd.calls, bwd.calls, x.grad
+
+
+@pytest.mark.parametrize("force,recomputed", [((), 1), (("first",), 2)],
+                         ids=["alternating", "first-forced"])
+def test_every_second_matmul_is_recomputed_counting_optical_linears(force, recomputed):
+    """first, plain, b, c alternate save / recompute / save / recompute: of the optical linears
+    only c runs again; `plain` (the second matmul) is recomputed too. A forced name (first) is
+    recomputed and leaves the alternation: plain, b, c are then save / recompute / save."""
+    block = calibrated_block()
+    x = torch.randn(6, 8)
+    torch.manual_seed(1)  # the noise seeds: the same draws in both runs
+    base_fwd, base_bwd, base_grad = run_counted(block, x)
+    wrapped = _apply_optical_op_sac(block, ac_config(force),
+                                    op_sac_save_list={torch.ops.aten.mm.default})
+    torch.manual_seed(1)
+    fwd, bwd, grad = run_counted(wrapped, x)
+    assert base_fwd == fwd == {"linear": 3, "mm": 1}
+    assert base_bwd["linear"] == 0 and bwd["linear"] == recomputed
+    assert bwd["mm"] == base_bwd["mm"] + (1 if not force else 0)  # `plain` again or not
+    assert torch.equal(grad, base_grad)
+
+
+def test_forced_recompute_names_must_be_linear_layers():
+    block = calibrated_block()
+    with pytest.raises(ValueError, match="per_op_sac_force_recompute_mm_shapes_by_fqns"):
+        _apply_optical_op_sac(nn.Sequential(block, nn.ReLU()), ac_config(["1"]),
+                              op_sac_save_list=set())

@@ -39,6 +39,7 @@ repeat succeeded).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -66,6 +67,17 @@ def parse(log: str) -> dict[int, tuple[float, float, float]]:
     return out
 
 
+def base_tree_cache(tree: Path, workdir: str) -> str:
+    """Inductor's cache folder for a base tree's runs, named by a digest of its Python sources.
+    Nothing makes Inductor's and AOTAutograd's cache keys cover the optical ops' code or the
+    activation-checkpoint policy, so a folder shared by two trees could serve one the other's
+    compiled graphs."""
+    digest = hashlib.sha256()
+    for f in sorted(tree.rglob("*.py")):
+        digest.update(str(f.relative_to(tree)).encode() + b"\0" + f.read_bytes())
+    return str(Path(workdir).resolve() / f"inductor-cache-base-{digest.hexdigest()[:12]}")
+
+
 def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = False) -> dict:
     """One trainer run; its per-step metrics and the median tokens/s after `--skip`."""
     dump = Path(args.workdir) / f"{mode}_{flavor}_{args.nproc}_r{repeat}"
@@ -87,11 +99,8 @@ def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = Fals
     start = time.time()
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
-    if mode == "optical_base" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # The two trees' compiled graphs apart: nothing makes Inductor's and AOTAutograd's
-        # cache keys cover the optical ops' code or the activation-checkpoint policy, so one
-        # tree could be served the other's partition.
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.workdir).resolve() / "inductor-cache-base")
+    if mode == "optical_base":
+        env["TORCHINDUCTOR_CACHE_DIR"] = base_tree_cache(tree, args.workdir)
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
                        timeout=args.timeout)
     wall = time.time() - start

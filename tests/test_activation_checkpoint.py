@@ -3,6 +3,7 @@
 The compiled, end-to-end count is `test_e2e.py::test_selective_ac_recomputes_...`."""
 
 import collections
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan_ext.optical.config import QuantizerConfig
 from torchtitan_ext.optical.modules import OpticalLinear
 from torchtitan_ext.optical.ranges import update_ranges
-from torchtitan_ext.titan.activation_checkpoint import _apply_optical_op_sac
+from torchtitan_ext.titan.activation_checkpoint import _apply_optical_op_sac, optical_op_sac
 
 
 def ac_config(force=()):
@@ -37,8 +38,8 @@ class Block(nn.Module):
         return self.c(torch.relu(self.b(self.plain(torch.relu(self.first(x))))))
 
 
-def calibrated_block(seed=0):
-    torch.manual_seed(seed)
+def calibrated_block():
+    torch.manual_seed(0)
     block = Block()
     block(torch.randn(6, 8))
     update_ranges(block)
@@ -90,7 +91,31 @@ def test_every_second_matmul_is_recomputed_counting_optical_linears(force, recom
 
 
 def test_forced_recompute_names_must_be_linear_layers():
+    """A name that matches a module other than a linear is refused (as torchtitan does)."""
     block = calibrated_block()
     with pytest.raises(ValueError, match="per_op_sac_force_recompute_mm_shapes_by_fqns"):
         _apply_optical_op_sac(nn.Sequential(block, nn.ReLU()), ac_config(["1"]),
                               op_sac_save_list=set())
+
+
+def test_optical_op_sac_stands_in_for_torchtitans_while_open():
+    """torchtitan's block wrapper takes the optical policy inside `optical_op_sac` only: outside,
+    its own policy recomputes every optical linear. The swap is undone after an error too."""
+    from torchtitan.distributed import activation_checkpoint as titan_ac
+
+    original = titan_ac._apply_op_sac
+    cfg = ac_config()
+    cfg.mode, cfg.selective_ac_option = "selective", "op"
+    save = {torch.ops.aten.mm.default}
+    recomputed = {}
+    for name, ctx in (("optical", optical_op_sac()), ("torchtitan", contextlib.nullcontext())):
+        with ctx:
+            wrapped = titan_ac._apply_ac_to_transformer_block(
+                calibrated_block(), cfg, base_fqn="layers.0", op_sac_save_list=save)
+        recomputed[name] = run_counted(wrapped, torch.randn(6, 8))[1]["linear"]
+        assert titan_ac._apply_op_sac is original
+    assert recomputed == {"optical": 1, "torchtitan": 3}
+    with pytest.raises(RuntimeError, match="boom"):
+        with optical_op_sac():
+            raise RuntimeError("boom")
+    assert titan_ac._apply_op_sac is original

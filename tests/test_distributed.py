@@ -127,8 +127,8 @@ def test_full_activation_checkpointing_is_bit_identical(setup, single_run):
 
 @pytest.mark.parametrize("option", ["op", "2"], ids=["selective-op", "selective-every-2nd-layer"])
 def test_selective_activation_checkpointing_is_bit_identical(setup, single_run, option):
-    # Op-level SAC saves matmul outputs but recomputes the optical ops, which must redraw the
-    # seeds they drew the first time.
+    # Op-level SAC saves the optical attention and every second matmul (optical linears
+    # included) and recomputes the rest, which must redraw the seeds they drew the first time.
     sac = setup.run(f"sac_{option}", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH),
                     "--activation_checkpoint.mode", "selective",
                     "--activation_checkpoint.selective_ac_option", option)

@@ -129,10 +129,10 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     """Selective AC on compiled blocks. Every 2nd layer ("2"): the optical ops of the
     checkpointed layers run again in the backward, so the layers keep no activations. Per op
     ("op", every layer): the optical attention is saved like SDPA in the digital twin, and every
-    second linear like the twin's mms (titan.activation_checkpoint). Counted from torchtitan's own profiler trace of step 4. (An
-    autograd.Function around the ops lost the recompute on the GPU while keeping it here,
-    bench/results/train-profile-h200.json; there the check is `bench/train.py --profile`, which
-    counts the kernel launches.)"""
+    second linear like the twin's mms (titan.activation_checkpoint). Counted from torchtitan's
+    own profiler trace of step 4. (An autograd.Function around the ops lost the recompute on
+    the GPU while keeping it here, bench/results/train-profile-h200.json; there the check is
+    `bench/train.py --profile`, which counts the kernel launches.)"""
     import collections
     import json
 

@@ -8,8 +8,11 @@ no attention output and recompute all its linears, where its twin saves SDPA and
 - the optical attention op is saved as SDPA is;
 - an optical linear counts as the matmul it replaces: one alternation runs over `aten.mm` and
   `optical.linear` together, and the odd-numbered calls of a block's forward are saved;
-- `per_op_sac_force_recompute_mm_shapes_by_fqns` applies to optical linears too;
+- `per_op_sac_force_recompute_mm_shapes_by_fqns` applies to optical linears too (by their
+  global or, under tensor parallelism, local weight shape);
 - a device-to-host copy is saved (torchtitan's rule for offloaded tensors).
+On clamp-statistics steps (`optical.stats_every`) the statistics' own `aten.mm`s join the
+alternation, so those steps save other matmuls than the rest (same results, other speed).
 
 torchtitan 0.2.2 has no hook for the policy: `optical_op_sac` swaps its private `_apply_op_sac`
 while `parallelize_llama` wraps the blocks, and puts it back after. This module is the only
@@ -25,17 +28,15 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan_ext.optical import ops as _ops  # noqa: F401  (registers torch.ops.optical)
 
-__all__ = ["optical_op_sac", "op_sac_policy"]
+__all__ = ["optical_op_sac", "op_sac_policy", "forced_recompute_shapes"]
 
 _TO_COPY = torch.ops.aten._to_copy.default
-
-
-def _matmul_ops() -> tuple:
-    return (torch.ops.aten.mm.default, torch.ops.optical.linear.default)
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.optical.linear.default)
 
 
 def _rhs_shape(func, args) -> tuple[int, int]:
@@ -49,8 +50,9 @@ def _rhs_shape(func, args) -> tuple[int, int]:
 def forced_recompute_shapes(block: nn.Module, fqn_filters: list[str],
                             base_fqn: str | None) -> set[tuple[int, int]]:
     """(in, out) shapes of the block's linears named by `fqn_filters`; their matmuls are always
-    recomputed and stay out of the alternation. A filter naming a non-linear module is an error,
-    as in torchtitan."""
+    recomputed and stay out of the alternation. A tensor-parallel weight gives its global and
+    its local shape (the optical op sees the local shard). A filter naming a non-linear module
+    is an error, as in torchtitan."""
     shapes = set()
     for name, sub in block.named_modules():
         fqn = f"{base_fqn}.{name}" if base_fqn is not None else name
@@ -60,8 +62,9 @@ def forced_recompute_shapes(block: nn.Module, fqn_filters: list[str],
             raise ValueError(
                 "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns: expected "
                 f"names of linear layers, but {fqn!r} is a {type(sub).__name__}")
-        out_f, in_f = sub.weight.shape
-        shapes.add((in_f, out_f))
+        local = sub.weight.to_local() if isinstance(sub.weight, DTensor) else sub.weight
+        for out_f, in_f in (sub.weight.shape, local.shape):
+            shapes.add((in_f, out_f))
     return shapes
 
 
@@ -69,19 +72,19 @@ def op_sac_policy(save_ops: set, recompute_shapes: set[tuple[int, int]]):
     """A fresh policy for one checkpointed call of a block: save `save_ops` and every second
     matmul (`aten.mm` or `optical.linear`, counted together per forward and per recompute),
     recompute the rest."""
-    matmuls = _matmul_ops()
-    count: dict[str, int] = defaultdict(int)
+    matmul_count: dict[str, int] = defaultdict(int)
 
     def policy(ctx, func, *args, **kwargs):
         if (func is _TO_COPY and args[0].device.type != "cpu"
                 and str(kwargs.get("device", "")) == "cpu"):
             return CheckpointPolicy.MUST_SAVE
-        if func in matmuls:
+        if func in _MATMULS:
             if _rhs_shape(func, args) in recompute_shapes:
                 return CheckpointPolicy.PREFER_RECOMPUTE
+            # older torch calls the policy in the recompute too; newer replays the forward's
             key = "recompute" if ctx.is_recompute else "forward"
-            count[key] += 1
-            save = count[key] % 2 == 1
+            matmul_count[key] += 1
+            save = matmul_count[key] % 2 == 1
         else:
             save = func in save_ops
         return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
@@ -91,13 +94,17 @@ def op_sac_policy(save_ops: set, recompute_shapes: set[tuple[int, int]]):
 
 def _apply_optical_op_sac(module: nn.Module, ac_config, *, base_fqn: str | None = None,
                           op_sac_save_list: set) -> nn.Module:
-    """Stands in for torchtitan's `_apply_op_sac` (same signature) while the blocks are wrapped."""
+    """torchtitan's `_apply_op_sac` (same signature) for optical blocks: `module` wrapped for
+    per-op SAC that saves `op_sac_save_list`, the optical attention and every second matmul
+    (`aten.mm` or `optical.linear`, whether or not the list names `aten.mm`), and recomputes
+    the rest. Each checkpointed call gets a fresh policy, hence a fresh alternation."""
     save_ops = set(op_sac_save_list) | {torch.ops.optical.attention.default}
-    shapes = forced_recompute_shapes(
+    recompute_shapes = forced_recompute_shapes(
         module, list(ac_config.per_op_sac_force_recompute_mm_shapes_by_fqns), base_fqn)
     return checkpoint_wrapper(
         module,
-        context_fn=lambda: create_selective_checkpoint_contexts(op_sac_policy(save_ops, shapes)),
+        context_fn=lambda: create_selective_checkpoint_contexts(
+            op_sac_policy(save_ops, recompute_shapes)),
         preserve_rng_state=ac_config.preserve_rng_state,
         determinism_check=ac_config.determinism_check,
         early_stop=ac_config.early_stop,
@@ -116,4 +123,3 @@ def optical_op_sac() -> Iterator[None]:
         yield
     finally:
         titan_ac._apply_op_sac = original
-

@@ -9,8 +9,11 @@ Without hardware counters, a stage's cost is the difference between two variants
 - forward: shipped (noise, range observation, pass 2 from the level codes); `noise=False` (no
   Philox: Q_s and Q_y round deterministically); `observe=False` (eval mode); pass 2
   regenerating S (`override_configs(code_scratch_bytes=0)`: one more S generation instead of the
-  code round trip); and each candidate tile configuration of `--fwd-configs`;
-- backward: shipped; `noise=False`; the deterministic dQ path; each of `--bwd-configs`;
+  code round trip); the S draws laid out by broadcasts
+  (`override_configs(draws={"fwd": "broadcasts"})`, same bits, no layout conversion:
+  bench/noise_layouts.py); and each candidate tile configuration of `--fwd-configs`;
+- backward: shipped; `noise=False`; the deterministic dQ path; the draws by broadcasts; each of
+  `--bwd-configs`;
 - the baselines: SDPA forced onto cuDNN and onto flash, forward and forward+backward.
 Times: CUDA events, warm-up, median of `--reps` (METHOD.md); the variants alternate in rounds
 (`--rounds`), and each record keeps the per-round medians, so drift shows as spread.
@@ -78,8 +81,10 @@ def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
     v = {"fwd": fwd, "fwd_noise_off": lambda: fwd(noise=False),
          "fwd_observe_off": lambda: fwd(observe=False),
          "fwd_pass2_regenerates": under({"code_scratch_bytes": 0}, fwd),
+         "fwd_draws_broadcasts": under({"draws": {"fwd": "broadcasts"}}, fwd),
          "bwd": bwd, "bwd_noise_off": lambda: bwd(noise=False),
-         "bwd_deterministic": lambda: bwd(deterministic=True)}
+         "bwd_deterministic": lambda: bwd(deterministic=True),
+         "bwd_draws_broadcasts": under({"draws": {"bwd": "broadcasts"}}, bwd)}
     for c in fwd_cfgs:
         v["fwd_cfg_" + "x".join(map(str, c))] = under({"fwd": c}, fwd)
     for c in bwd_cfgs:

@@ -23,9 +23,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from torchtitan_ext.optical import reference as R
 from torchtitan_ext.optical.kernels import attention as A
+from torchtitan_ext.optical.kernels.quantizer import philox_bits24_rows
 
 LEVELS = 256
 LUT = 0.05
@@ -417,6 +420,54 @@ def test_strided_inputs_and_other_tiles(kernel_device):
     check_y(case, y2, y)
     for g, g2 in zip(grads, grads2):
         assert _relerr(g2.float(), g.float()) < 1e-2
+
+
+@triton.jit
+def _draws_kernel(OUT, seed, stream, row0, col0, WIDTH, R: tl.constexpr, W: tl.constexpr,
+                  RUNS: tl.constexpr):
+    rows = tl.arange(0, R)
+    offs = tl.arange(0, W)
+    row_index = (row0 + rows).to(tl.int64) * WIDTH
+    w = philox_bits24_rows(seed, stream, row_index, col0, col0 + offs, W, RUNS)
+    tl.store(OUT + rows[:, None] * W + offs[None, :], w)
+
+
+@pytest.mark.parametrize("W", [8, 32])
+def test_s_tile_draw_layouts_equal_the_reference(kernel_device, W):
+    """The S tiles' rounding draws are the reference's whichever way the kernels lay them out:
+    one Philox block per element (RUNS 0), runs of eight by joins (1) or by broadcasts (2)."""
+    n_rows, width, row0, col0 = 16, 1024, 40, 64 + 2 * W  # rows of a [.., 1024] index space
+    rows = torch.arange(row0, row0 + n_rows, dtype=torch.int64)[:, None]
+    index = rows * width + torch.arange(col0, col0 + W)[None, :]
+    seed = 123456789
+    want = R.philox_uniform(seed, 5, index) * 16777216.0
+    for runs in (0, 1, 2):
+        out = torch.empty((n_rows, W), dtype=torch.float32, device=kernel_device)
+        _draws_kernel[(1,)](out, seed, 5, row0, col0, width, R=n_rows, W=W, RUNS=runs)
+        assert torch.equal(out.cpu(), want), runs
+
+
+@pytest.mark.parametrize("L", [48, 47])
+def test_draw_layout_override_keeps_the_bits(kernel_device, L):
+    """`override_configs(draws=...)` reaches the launches (RUNS8 2 where L % 8 == 0) and changes
+    no bit of the forward, of the backward's dK and dV, or of the deterministic backward (the
+    other dQ adds with atomics, in no fixed order on a GPU)."""
+    case = Case(kernel_device, H=2, HKV=1, L=L, seed=21)
+    out = {}
+    for draws in ("joins", "broadcasts"):
+        with A.override_configs(draws={"fwd": draws, "bwd": draws, "dq": draws}):
+            for kind in ("fwd", "bwd", "dq"):
+                assert A.runs8(kind, L) == (0 if L % 8 else {"joins": 1, "broadcasts": 2}[draws])
+            y, stats, obs = case.forward()
+            _, dk, dv = case.backward(y, stats, False, deterministic=False)  # dQ: atomics
+            out[draws] = (y, stats, obs, dk, dv,
+                          *case.backward(y, stats, False, deterministic=True))
+    for a, b in zip(out["joins"], out["broadcasts"]):
+        assert torch.equal(a, b)
+    for bad in ({"fwd": "shuffles"}, {"pass2": "joins"}):
+        with pytest.raises(ValueError, match="draws"):
+            with A.override_configs(draws=bad):
+                pass
 
 
 def test_errors(kernel_device):

@@ -15,8 +15,10 @@ Why the design looks like this
   against 2*D tensor-core FLOPs per S element. When L % 8 == 0 (`RUNS8`) every eight consecutive
   keys of a row share one block (element idx reads half idx & 1 of word (idx >> 1) & 3 of block
   idx >> 3, as the reference), so a tile draws one block per eight elements (quantizer.py's
-  `philox_bits24_rows`, whose draws are interleaved into the tile in registers); otherwise each
-  element runs its own block. Everything
+  `philox_bits24_rows`: the eight draws interleaved into the tile by joins, which the compiler
+  lays out through shared memory, bench/noise_layouts.py; `override_configs(draws=
+  "broadcasts")` computes each block in every thread that holds one of its elements instead);
+  otherwise each element runs its own block. Everything
   below minimises how often S is generated and what each generation costs.
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
   before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
@@ -1082,7 +1084,13 @@ _INTERP_BWD_CFG = (16, 32, 4, 1)
 _KINDS = ("fwd", "bwd", "dq")  # the launches a configuration is picked for
 _OVERRIDE: dict[str, object] = {
     "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None, "maxnreg": None,
-    "fwd_programs_per_sm": None}
+    "fwd_programs_per_sm": None, "draws": None}
+# How a tile's runs of eight rounding draws are laid into it (quantizer.philox_bits24_rows):
+# "joins" interleaves one Philox block per eight elements (layout conversions through shared
+# memory: bench/noise_layouts.py), "broadcasts" computes each block in every thread that holds
+# one of its elements. Same bits; the default is the one measured on the GPU so far.
+_DRAWS = {"joins": 1, "broadcasts": 2}
+_DEFAULT_DRAWS = {"fwd": "joins", "bwd": "joins", "dq": "joins"}
 
 
 @contextlib.contextmanager
@@ -1091,19 +1099,25 @@ def override_configs(fwd: tuple[int, int, int, int] | None = None,
                      dq: tuple[int, int, int, int] | None = None,
                      code_scratch_bytes: int | None = None,
                      maxnreg: dict[str, int] | None = None,
-                     fwd_programs_per_sm: int | None = None):
+                     fwd_programs_per_sm: int | None = None,
+                     draws: dict[str, str] | None = None):
     """Temporarily force (BM, BN, num_warps, num_stages) of the forward / backward / deterministic
     dQ pass, the cap on the forward's saved-code scratch (0: pass 2 always regenerates S), a
-    register cap per kernel kind (`maxnreg`, e.g. {"bwd": 168}: ptxas spills past it; GPU only)
-    and the forward's persistent programs per SM (default 2 for 4 warps, 1 for 8).
+    register cap per kernel kind (`maxnreg`, e.g. {"bwd": 168}: ptxas spills past it; GPU only),
+    the forward's persistent programs per SM (default 2 for 4 warps, 1 for 8) and how the S
+    tiles' rounding draws are laid out per kernel kind (`draws`, e.g. {"fwd": "broadcasts"};
+    "joins" or "broadcasts", same bits).
     The one way benchmarks and tests pick a configuration; not thread-safe."""
     if maxnreg is not None and set(maxnreg) - set(_KINDS):
         raise ValueError(f"maxnreg: keys must be among fwd, bwd, dq, got {sorted(maxnreg)}")
     if fwd_programs_per_sm is not None and fwd_programs_per_sm < 1:
         raise ValueError(f"fwd_programs_per_sm: must be >= 1, got {fwd_programs_per_sm}")
+    if draws is not None and (set(draws) - set(_KINDS) or set(draws.values()) - set(_DRAWS)):
+        raise ValueError(f"draws: keys must be among fwd, bwd, dq and values among "
+                         f"{sorted(_DRAWS)}, got {draws!r}")
     old = dict(_OVERRIDE)
     _OVERRIDE.update(fwd=fwd, bwd=bwd, dq=dq, code_scratch_bytes=code_scratch_bytes,
-                     maxnreg=maxnreg, fwd_programs_per_sm=fwd_programs_per_sm)
+                     maxnreg=maxnreg, fwd_programs_per_sm=fwd_programs_per_sm, draws=draws)
     try:
         yield
     finally:
@@ -1117,6 +1131,14 @@ def compile_options(kind: str) -> dict:
     if cap is None or _interpreting():
         return _OPTS
     return {**_OPTS, "maxnreg": int(cap)}
+
+
+def runs8(kind: str, length: int) -> int:
+    """RUNS8, as a `kind` launch runs at this key length: 0 (one Philox block per element) unless
+    the length is a multiple of 8, else 1 (joins) or 2 (broadcasts: `override_configs(draws=)`)."""
+    if length % 8:
+        return 0
+    return _DRAWS[(_OVERRIDE["draws"] or {}).get(kind, _DEFAULT_DRAWS[kind])]
 
 
 def _interpreting() -> bool:
@@ -1326,7 +1348,8 @@ def attention_forward(q, k, v, q_range, k_range, v_range, s_range, y_range, seed
         int(batch_offset),
         int(head_offset), int(heads_global), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm, OBSERVE=observe,
-        P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None, RUNS8=L % 8 == 0,
+        P_MODE=_p_mode(lv[3], q.dtype), USE_CODES=code_dtype is not None,
+        RUNS8=runs8("fwd", L),
         INTERP=interp, **lkw, QSTART_PTR=q_start_dev,
         num_warps=warps, num_stages=stages, **compile_options("fwd"))
     del codes, kq, vq
@@ -1411,7 +1434,7 @@ def attention_backward(dy, q, k, v, y, stats, q_range, k_range, v_range, s_range
         int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         float(lut) if has_lut else 0.0,
         HAS_LUT=has_lut, D=D, BM=BM, BN=BN, GROUP=H // HKV, CAUSAL=bool(causal),
-        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS8=L % 8 == 0, INTERP=interp,
+        HAS_KPM=has_kpm, CLIPPED=bool(clipped), RUNS8=runs8("bwd", L), INTERP=interp,
         **lkw, DQ=not deterministic, num_warps=warps, num_stages=stages,
         **compile_options("bwd"))
     if deterministic:
@@ -1490,6 +1513,6 @@ def _dq_deterministic(q, k, v, dy, qq, delta, stats, inv, q_range, k_range, v_ra
         int(heads_global), float(scale), float(scale) * _LOG2E, inv_levels_minus_1(lv[2]),
         D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         CLIPPED=bool(clipped),
-        RUNS8=L % 8 == 0, INTERP=interp, **lkw, num_warps=warps,
+        RUNS8=runs8("dq", L), INTERP=interp, **lkw, num_warps=warps,
         num_stages=stages, **compile_options("dq"))
     return dq

@@ -163,15 +163,39 @@ def philox_bits24_runs_c2(seed, stream, block, C2: tl.constexpr):
 
 
 @triton.jit
+def philox_bits24_spread(seed, stream, block, W: tl.constexpr):
+    """`philox_bits24_runs` of the same [R, W] tile (block: int64 [R, W // 8]) by broadcasting
+    each Philox word over its block's eight columns and picking, per column, the word and half
+    of its element, instead of interleaving the eight draws with joins. Same bits. The compiler
+    then derives the draws' register layout from the consumer's (the MMA accumulator's) and
+    needs no layout conversion through shared memory, at the price of computing a block's Philox
+    in every thread that holds one of its elements (4 threads in a Hopper MMA tile)."""
+    R: tl.constexpr = block.shape[0]
+    w0, w1, w2, w3 = _philox4_c2(seed, stream, block, 0, 7)
+    e = (tl.arange(0, W) & 7)[None, :]
+    x0 = tl.reshape(tl.broadcast_to(w0[:, :, None], (R, W // 8, 8)), (R, W))
+    x1 = tl.reshape(tl.broadcast_to(w1[:, :, None], (R, W // 8, 8)), (R, W))
+    x2 = tl.reshape(tl.broadcast_to(w2[:, :, None], (R, W // 8, 8)), (R, W))
+    x3 = tl.reshape(tl.broadcast_to(w3[:, :, None], (R, W // 8, 8)), (R, W))
+    w = _pick_word(x0, x1, x2, x3, e >> 1)
+    return tl.where((e & 1) == 0, _half24(w, 0), _half24(w, 1))
+
+
+@triton.jit
 def philox_bits24_rows(seed, stream, row_index, col0, cols, W: tl.constexpr, RUNS: tl.constexpr):
     """`philox_bits24` (the rounding draws) of an [R, W] tile of a row-major index space:
     `row_index` [R] is the global index of each row's column 0, `cols` [W] = col0 + [0, W) the
-    tile's global columns. RUNS: the row indices and col0 are multiples of 8, so (with
-    W % 8 == 0) every aligned eight columns share one Philox block (`philox_bits24_runs`);
-    otherwise one block per element."""
+    tile's global columns. RUNS (0, 1 or 2): with 1 or 2 the row indices and col0 are multiples
+    of 8, so (with W % 8 == 0) every aligned eight columns share one Philox block, expanded
+    into the tile by joins (1, `philox_bits24_runs`) or by broadcasts (2,
+    `philox_bits24_spread`); 0, or W % 8 != 0: one block per element. All give the same bits."""
     if RUNS and (W % 8 == 0):
         blocks = (col0 // 8 + tl.arange(0, W // 8)).to(tl.int64)
-        return philox_bits24_runs(seed, stream, (row_index // 8)[:, None] + blocks[None, :])
+        block = (row_index // 8)[:, None] + blocks[None, :]
+        if RUNS == 2:
+            return philox_bits24_spread(seed, stream, block, W)
+        else:
+            return philox_bits24_runs(seed, stream, block)
     else:
         return philox_bits24(seed, stream, row_index[:, None] + cols[None, :])
 

@@ -1,0 +1,124 @@
+"""What the S-tile noise costs in layout conversions, read from the compiled code (no GPU).
+
+Compiles a minimal loop of the attention's pass-1 shape for Hopper (sm_90, offline, with the
+ptxas that ships with Triton): per key tile, S = q k^T (wgmma), the rounding draws of
+`philox_bits24_rows`, `quantize_level`, a row sum of exp2; and the same in the backward's
+orientation (S^T, the draws transposed). Variants of the draws: aligned runs of eight (one
+Philox-4x32-7 per eight elements) interleaved by joins (`RUNS8` 1, the default) or spread by
+broadcasts (2), one Philox per element (0), and noise off. For each it counts, in the loop body
+and the whole kernel, Triton's `convert_layout` ops (a register-layout change goes through
+shared memory or shuffles), shared-memory stores / loads and the 32x32->64-bit products of the
+PTX (Philox's multiplies). Counts, not times: the GPU decides (bench/attention_parts.py).
+
+    python3 bench/noise_layouts.py --out bench/results/noise-layouts-sm90-triton3.9.txt
+    # the GPU host's Triton, beside the installed one:
+    #   python3 -m pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python3 bench/noise_layouts.py \
+        --out bench/results/noise-layouts-sm90-triton3.6.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from torchtitan_ext.optical.kernels.quantizer import (  # noqa: E402
+    philox_bits24_rows, quantize_level)
+
+
+@triton.jit
+def _s_tile_loop(Q, K, O, seed, stream, row0, lo, hi, span, inv_span, inv_lm1,
+                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, RUNS: tl.constexpr,
+                 NOISE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """TRANSPOSED: the backward's orientation, S^T = k q^T with the draws transposed."""
+    om = tl.arange(0, BM)
+    on = tl.arange(0, BN)
+    od = tl.arange(0, D)
+    q = tl.load(Q + om[:, None] * D + od[None, :])
+    acc = tl.zeros((BN,) if TRANSPOSED else (BM,), tl.float32)
+    row_idx = (row0 + om).to(tl.int64) * 4096
+    for start in range(0, 4096, BN):
+        k = tl.load(K + (start + on)[:, None] * D + od[None, :])
+        s = tl.dot(k, tl.trans(q)) if TRANSPOSED else tl.dot(q, tl.trans(k))
+        if NOISE:
+            w = philox_bits24_rows(seed, stream, row_idx, start, start + on, BN, RUNS)
+            if TRANSPOSED:
+                w = tl.trans(w)
+        else:
+            w = 0.0
+        s_q, _ = quantize_level(s, lo, hi, span, inv_span, inv_lm1, w, 256, NOISE)
+        acc += tl.sum(tl.math.exp2(s_q), 1)
+    if TRANSPOSED:
+        tl.store(O + on, acc)
+    else:
+        tl.store(O + om, acc)
+
+
+_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "O": "*fp32", "seed": "i64", "stream": "i32",
+              "row0": "i32", "lo": "fp32", "hi": "fp32", "span": "fp32", "inv_span": "fp32",
+              "inv_lm1": "fp32"}
+# name: (RUNS, NOISE, TRANSPOSED)
+VARIANTS = {"forward, runs of eight by joins (RUNS 1)": (1, 1, 0),
+            "forward, runs of eight by broadcasts (RUNS 2)": (2, 1, 0),
+            "forward, one Philox per element (RUNS 0)": (0, 1, 0),
+            "forward, noise off": (1, 0, 0),
+            "backward orientation, joins (RUNS 1)": (1, 1, 1),
+            "backward orientation, broadcasts (RUNS 2)": (2, 1, 1),
+            "backward orientation, one Philox per element (RUNS 0)": (0, 1, 1),
+            "backward orientation, noise off": (1, 0, 1)}
+
+
+def _loop_body(text: str, start: str, end: str) -> str:
+    """The text between the first `start` marker and the next `end` marker after it."""
+    i = text.find(start)
+    j = text.find(end, i + len(start))
+    return text[i:j] if i >= 0 and j > i else ""
+
+
+def inspect(runs: int, noise: int, transposed: int, bm: int, bn: int, d: int, warps: int,
+            stages: int) -> dict:
+    const = {"BM": bm, "BN": bn, "D": d, "RUNS": runs, "NOISE": noise, "TRANSPOSED": transposed}
+    src = ASTSource(fn=_s_tile_loop, signature={**_SIGNATURE, **{c: "constexpr" for c in const}},
+                    constexprs=const)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps, "num_stages": stages,
+                                 "enable_fp_fusion": False})
+    ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    loop = _loop_body(ttgir, "scf.for", "scf.yield")
+    return {"convert_layout (loop)": loop.count("ttg.convert_layout"),
+            "convert_layout (kernel)": ttgir.count("ttg.convert_layout"),
+            "st.shared (PTX)": ptx.count("st.shared"), "ld.shared (PTX)": ptx.count("ld.shared"),
+            "shfl (PTX)": ptx.count("shfl.sync"), "mul.wide.u32 (PTX)": ptx.count("mul.wide.u32"),
+            "PTX lines": ptx.count("\n")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bm", type=int, default=64)
+    p.add_argument("--bn", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    lines = [f"triton {triton.__version__}, sm_90, tile {a.bm}x{a.bn}, D={a.head_dim}, "
+             f"{a.warps} warps, {a.stages} stages"]
+    for name, (runs, noise, transposed) in VARIANTS.items():
+        counts = inspect(runs, noise, transposed, a.bm, a.bn, a.head_dim, a.warps, a.stages)
+        lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

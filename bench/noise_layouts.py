@@ -8,7 +8,9 @@ Philox-4x32-7 per eight elements) interleaved by joins (`RUNS8` 1, the default) 
 broadcasts (2), one Philox per element (0), and noise off. For each it counts, in the loop body
 and the whole kernel, Triton's `convert_layout` ops (a register-layout change goes through
 shared memory or shuffles), shared-memory stores / loads and the 32x32->64-bit products of the
-PTX (Philox's multiplies). Counts, not times: the GPU decides (bench/attention_parts.py).
+PTX (Philox's multiplies). Then the same counts for the shipped attention forward kernel
+(`attention.triton_kernel("fwd")`, both passes, full and masked tiles) under each draw layout.
+Counts, not times: the GPU decides (bench/attention_parts.py).
 
     python3 bench/noise_layouts.py --out bench/results/noise-layouts-sm90-triton3.9.txt
     # the GPU host's Triton, beside the installed one:
@@ -100,6 +102,34 @@ def inspect(runs: int, noise: int, transposed: int, bm: int, bn: int, d: int, wa
             "PTX lines": ptx.count("\n")}
 
 
+def inspect_forward_kernel(runs8: int) -> dict:
+    """The same counts for the shipped attention forward (both passes, full and masked tiles)
+    at the 1.1B's head dim, 256 levels, causal, noisy, with its GPU tile configuration."""
+    from torchtitan_ext.optical.kernels import attention as A
+
+    kernel = A.triton_kernel("fwd")
+    bm, bn, warps, stages = A.kernel_config("fwd", 64)
+    ptrs = dict(Q="*bf16", KQ="*bf16", VQ="*bf16", Y="*bf16", LSE="*fp32", PART="*fp32",
+                CODES="*u8", KPM="*u8", INV="*fp32", q_rng="*fp32", s_rng_ptr="*fp32",
+                y_rng="*fp32", seeds="*i64", NKY="*fp32", QSTART="*i64")
+    floats = dict(scale_log2="fp32", inv_lm1="fp32", NK_S="fp32")
+    const = dict(LEVELS=256, D=64, BM=bm, BN=bn, CAUSAL=True, HAS_KPM=False, OBSERVE=True,
+                 P_MODE=0, USE_CODES=True, RUNS8=runs8, INTERP=False, NOISE=1, LEVELS_Q=256,
+                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, QSTART_PTR=False)
+    sig = {n: ptrs.get(n) or floats.get(n) or ("constexpr" if n in const else "i32")
+           for n in kernel.arg_names}
+    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps, "num_stages": stages,
+                                 "enable_fp_fusion": False})
+    ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    return {"tiles": f"{bm}x{bn}, {warps} warps, {stages} stages",
+            "convert_layout": ttgir.count("ttg.convert_layout"),
+            "st.shared (PTX)": ptx.count("st.shared"), "ld.shared (PTX)": ptx.count("ld.shared"),
+            "bar.sync (PTX)": ptx.count("bar.sync"),
+            "mul.wide.u32 (PTX)": ptx.count("mul.wide.u32"), "PTX lines": ptx.count("\n")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bm", type=int, default=64)
@@ -114,6 +144,10 @@ def main() -> None:
     for name, (runs, noise, transposed) in VARIANTS.items():
         counts = inspect(runs, noise, transposed, a.bm, a.bn, a.head_dim, a.warps, a.stages)
         lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for name, runs8 in (("joins", 1), ("broadcasts", 2), ("one Philox per element", 0)):
+        counts = inspect_forward_kernel(runs8)
+        lines.append(f"shipped forward kernel, draws by {name} (RUNS8 {runs8}): "
+                     + ", ".join(f"{k} {v}" for k, v in counts.items()))
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.out:

@@ -464,6 +464,10 @@ def test_draw_layout_override_keeps_the_bits(kernel_device, L):
                           *case.backward(y, stats, False, deterministic=True))
     for a, b in zip(out["joins"], out["broadcasts"]):
         assert torch.equal(a, b)
+    for kind in ("fwd", "bwd", "dq"):  # the kernels bench/noise_layouts.py compiles
+        assert "RUNS8" in A.triton_kernel(kind).arg_names
+    with pytest.raises(ValueError, match="kind"):
+        A.triton_kernel("pass2")
     for bad in ({"fwd": "shuffles"}, {"pass2": "joins"}):
         with pytest.raises(ValueError, match="draws"):
             with A.override_configs(draws=bad):

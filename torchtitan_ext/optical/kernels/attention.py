@@ -1082,16 +1082,6 @@ _INTERP_BWD_CFG = (16, 32, 4, 1)
 # The deterministic dQ pass walks S like the forward (BM query rows, BN keys per tile): it uses
 # the forward's table (not swept on its own yet).
 _KINDS = ("fwd", "bwd", "dq")  # the launches a configuration is picked for
-
-
-def triton_kernel(kind: str):
-    """The Triton kernel of a `kind` launch ("fwd", "bwd" or "dq"), for tools that inspect its
-    compiled code (bench/noise_layouts.py). Its arguments are this module's business: they
-    change with the kernels."""
-    kernels = {"fwd": _fwd_kernel, "bwd": _bwd_kernel, "dq": _bwd_dq_kernel}
-    if kind not in kernels:
-        raise ValueError(f"kind: must be one of fwd, bwd, dq, got {kind!r}")
-    return kernels[kind]
 _OVERRIDE: dict[str, object] = {
     "fwd": None, "bwd": None, "dq": None, "code_scratch_bytes": None, "maxnreg": None,
     "fwd_programs_per_sm": None, "draws": None}
@@ -1141,6 +1131,16 @@ def compile_options(kind: str) -> dict:
     if cap is None or _interpreting():
         return _OPTS
     return {**_OPTS, "maxnreg": int(cap)}
+
+
+def triton_kernel(kind: str):
+    """The Triton kernel of a `kind` launch ("fwd", "bwd" or "dq"), for tools that inspect its
+    compiled code (bench/noise_layouts.py). Its arguments are this module's business: they
+    change with the kernels."""
+    kernels = {"fwd": _fwd_kernel, "bwd": _bwd_kernel, "dq": _bwd_dq_kernel}
+    if kind not in kernels:
+        raise ValueError(f"kind: must be one of fwd, bwd, dq, got {kind!r}")
+    return kernels[kind]
 
 
 def runs8(kind: str, length: int) -> int:

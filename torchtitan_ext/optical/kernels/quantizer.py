@@ -104,6 +104,14 @@ def _pick_word(w0, w1, w2, w3, lane):
 
 
 @triton.jit
+def _element_draw(w0, w1, w2, w3, idx):
+    # the draw of element `idx` of a Philox-4x32-7 block's eight: half idx & 1 (0: high) of
+    # word (idx >> 1) & 3 (any integer idx whose low three bits are the element's)
+    w = _pick_word(w0, w1, w2, w3, (idx >> 1) & 3)
+    return tl.where((idx & 1) == 0, _half24(w, 0), _half24(w, 1))
+
+
+@triton.jit
 def philox_bits24(seed, stream, index):
     """The stochastic rounding's draw w behind `philox_uniform` = w * 2^-24, for any int64
     `index` tensor: w = (2 j + 1) 2^7, j the 16 bits of half (index & 1) (0: high) of word
@@ -114,8 +122,7 @@ def philox_bits24(seed, stream, index):
     (`quantize_with_bits24`)."""
     idx = index.to(tl.int64)
     w0, w1, w2, w3 = _philox4_c2(seed, stream, idx >> 3, 0, 7)
-    w = _pick_word(w0, w1, w2, w3, (idx >> 1) & 3)
-    return tl.where((idx & 1) == 0, _half24(w, 0), _half24(w, 1))
+    return _element_draw(w0, w1, w2, w3, idx)
 
 
 @triton.jit
@@ -163,6 +170,13 @@ def philox_bits24_runs_c2(seed, stream, block, C2: tl.constexpr):
 
 
 @triton.jit
+def _over_columns(w, W: tl.constexpr):
+    # [R, W // 8] -> [R, W]: each block's word repeated over the block's eight columns
+    R: tl.constexpr = w.shape[0]
+    return tl.reshape(tl.broadcast_to(w[:, :, None], (R, W // 8, 8)), (R, W))
+
+
+@triton.jit
 def philox_bits24_spread(seed, stream, block, W: tl.constexpr):
     """`philox_bits24_runs` of the same [R, W] tile (block: int64 [R, W // 8]) by broadcasting
     each Philox word over its block's eight columns and picking, per column, the word and half
@@ -170,15 +184,9 @@ def philox_bits24_spread(seed, stream, block, W: tl.constexpr):
     then derives the draws' register layout from the consumer's (the MMA accumulator's) and
     needs no layout conversion through shared memory, at the price of computing a block's Philox
     in every thread that holds one of its elements (4 threads in a Hopper MMA tile)."""
-    R: tl.constexpr = block.shape[0]
     w0, w1, w2, w3 = _philox4_c2(seed, stream, block, 0, 7)
-    e = (tl.arange(0, W) & 7)[None, :]
-    x0 = tl.reshape(tl.broadcast_to(w0[:, :, None], (R, W // 8, 8)), (R, W))
-    x1 = tl.reshape(tl.broadcast_to(w1[:, :, None], (R, W // 8, 8)), (R, W))
-    x2 = tl.reshape(tl.broadcast_to(w2[:, :, None], (R, W // 8, 8)), (R, W))
-    x3 = tl.reshape(tl.broadcast_to(w3[:, :, None], (R, W // 8, 8)), (R, W))
-    w = _pick_word(x0, x1, x2, x3, e >> 1)
-    return tl.where((e & 1) == 0, _half24(w, 0), _half24(w, 1))
+    return _element_draw(_over_columns(w0, W), _over_columns(w1, W), _over_columns(w2, W),
+                         _over_columns(w3, W), (tl.arange(0, W) & 7)[None, :])
 
 
 @triton.jit

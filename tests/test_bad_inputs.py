@@ -97,6 +97,8 @@ CONFIG_CASES = [
     ("kernel mode", ["--optical.kernels", "cuda"], None, 2, ["optical.kernels", "reference"]),
     ("negative warm-up", ["--optical.quant_warmup_steps", "-1"], None, 2,
      ["optical.quant_warmup_steps", ">= 0"]),
+    ("cuda graphs without compile", ["--optical.cuda_graphs"], None, 2,
+     ["optical.cuda_graphs", "compile.enable = true", "compile.components"]),
     ("activation checkpointing without rng state",
      ["--activation_checkpoint.mode", "full", "--activation_checkpoint.no-preserve_rng_state"],
      None, 2, ["activation_checkpoint.preserve_rng_state"]),
@@ -125,6 +127,30 @@ def test_config_case(name, args, transform, code, words, tmp_path, capsys, monke
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_cuda_graphs_checks_name_the_key():
+    """optical.cuda_graphs beyond the catalogue row: several processes, no GPU, not a bool."""
+    from types import SimpleNamespace
+
+    from torchtitan_ext.optical.config import OpticalConfigError
+    from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
+
+    def job(value=True, enable=True, components=("model", "loss")):
+        return SimpleNamespace(optical=SimpleNamespace(cuda_graphs=value),
+                               compile=SimpleNamespace(enable=enable, components=list(components)))
+
+    check_cuda_graphs(job(), world_size=1, has_cuda=True)
+    check_cuda_graphs(job(False, enable=False), world_size=8, has_cuda=False)
+    cases = [(job(), 2, True, ["one process only", "has 2"]),
+             (job(), 1, False, ["needs a CUDA GPU"]),
+             (job(components=("loss",)), 1, True, ["compile.components", "['loss']"]),
+             (job("yes"), 1, True, ["true or false", "'yes'"])]
+    for config, world, cuda, words in cases:
+        with pytest.raises(OpticalConfigError) as info:
+            check_cuda_graphs(config, world_size=world, has_cuda=cuda)
+        for w in ["optical.cuda_graphs", *words]:
+            assert w in str(info.value), (w, str(info.value))
 
 
 # ------------------------------------------------------------------------------- run cases

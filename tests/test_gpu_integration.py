@@ -76,6 +76,49 @@ def test_compiled_block_has_no_graph_breaks_and_trains():
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
+def _compiled_steps(block, freqs, h0, *, cuda_graphs: bool, steps: int = 3):
+    """(output, input grad, weight grads) of `steps` compiled forward+backward calls of `block`,
+    the ranges updated after each, with the framework RNG (fallback_random) so that both arms
+    draw the same noise seeds."""
+    import torch._inductor.config as inductor_config
+
+    results = []
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(block, fullgraph=True,
+                                 mode="reduce-overhead" if cuda_graphs else None)
+        for step in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            torch.manual_seed(100 + step)
+            h = h0.clone().requires_grad_(True)
+            out = compiled(h, freqs, None)
+            out.float().square().mean().backward()
+            results.append((out.detach().clone(), h.grad.clone(),
+                            [p.grad.clone() for p in block.parameters()]))
+            block.zero_grad(set_to_none=True)
+            update_ranges(block)
+    return results
+
+
+def test_compiled_block_replays_as_cuda_graphs_bit_for_bit():
+    # optical.cuda_graphs: nothing the ops create may outlive a graph's warm-up (a cached device
+    # tensor did: "tensor(s) in the cudagraph pool not tracked as outputs"), and the replayed
+    # steps give the bits of the compiled steps without graphs.
+    torch._dynamo.reset()
+    model = _block()
+    tokens = torch.randint(0, 8192, (2, 256), device="cuda")
+    _calibrate(model, tokens)
+    h0 = model.tok_embeddings(tokens).detach()
+    plain = _compiled_steps(copy.deepcopy(model.layers["0"]), model.freqs_cis, h0,
+                            cuda_graphs=False)
+    torch._dynamo.reset()
+    graphs = _compiled_steps(copy.deepcopy(model.layers["0"]), model.freqs_cis, h0,
+                             cuda_graphs=True)
+    for (y_a, gh_a, gw_a), (y_b, gh_b, gw_b) in zip(plain, graphs):
+        assert torch.equal(y_a, y_b)
+        assert torch.equal(gh_a, gh_b)
+        assert all(torch.equal(a, b) for a, b in zip(gw_a, gw_b))
+
+
 def test_training_step_has_no_host_sync():
     model = _block()
     tokens = torch.randint(0, 8192, (2, 256), device="cuda")

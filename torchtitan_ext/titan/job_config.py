@@ -63,6 +63,12 @@ class Optical:
     a damaged step folder. Turn off only to measure its cost (bench/checkpoint_manifest.py):
     without it a flipped byte in a data file goes unnoticed."""
 
+    cuda_graphs: bool = False
+    """Record each compiled transformer block's forward and backward as CUDA graphs and replay
+    them (Inductor's CUDA graph trees), for the optical run and its digital twin alike. For
+    host-bound runs (small models: see bench/results/README.md). Needs `compile.enable` with
+    "model" in `compile.components`, a CUDA GPU and a single process (titan/cuda_graphs.py)."""
+
 
 @dataclass
 class JobConfig:
@@ -83,7 +89,7 @@ def validate_optical(optical: Optical) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise OpticalConfigError(f"optical.{key}: must be an integer >= 0, got {value!r}")
     for key in ("sync_ranges", "check_ranges_synced", "stop_on_nonfinite",
-                "allow_transform_change", "checkpoint_manifest"):
+                "allow_transform_change", "checkpoint_manifest", "cuda_graphs"):
         value = getattr(optical, key)
         if not isinstance(value, bool):
             raise OpticalConfigError(f"optical.{key}: must be true or false, got {value!r}")

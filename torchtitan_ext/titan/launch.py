@@ -53,11 +53,14 @@ def _toml_path(argv: list[str]) -> str | None:
 
 def preflight(job_config) -> None:
     """Validate what torchtitan does not: flavor, [optical], transform file and its patterns."""
+    from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
     from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
 
     spec_and_args(job_config)  # model name and flavor
     _check_converters(job_config.model.converters)
     _check_parallelism(job_config.parallelism)
+    check_cuda_graphs(job_config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                      has_cuda=torch.cuda.is_available())
     if not is_optical(job_config):
         return
     ac = job_config.activation_checkpoint

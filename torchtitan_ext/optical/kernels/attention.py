@@ -17,7 +17,8 @@ Why the design looks like this
   idx >> 3, as the reference), so a tile draws one block per eight elements (quantizer.py's
   `philox_bits24_rows`: the eight draws interleaved into the tile by joins, which the compiler
   lays out through shared memory, bench/noise_layouts.py; `override_configs(draws=
-  "broadcasts")` computes each block in every thread that holds one of its elements instead);
+  "broadcasts")` computes each block in every thread that holds one of its elements instead,
+  slower on the H200: bench/results/README.md, stop 23);
   otherwise each element runs its own block. Everything
   below minimises how often S is generated and what each generation costs.
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final

@@ -558,22 +558,14 @@ def _operand_buffer(R: int, C: int, dtype: torch.dtype, device, align: int) -> t
     return buf[:, :C]
 
 
-_OBS_TEMPLATES: dict = {}
-
-
-def _obs_template(device: torch.device) -> torch.Tensor:
-    """(+inf, -inf) rows [3, 2] on `device`: the starting point of the observation atomics."""
-    t = _OBS_TEMPLATES.get(device)
-    if t is None:
-        t = torch.empty((3, 2), dtype=torch.float32, device=device)
-        t[:, 0] = float("inf")
-        t[:, 1] = float("-inf")
-        _OBS_TEMPLATES[device] = t
-    return t
-
-
-def _new_obs(device: torch.device) -> torch.Tensor:
-    return _obs_template(torch.device(device)).clone()
+def _new_obs(device) -> torch.Tensor:
+    """(+inf, -inf) rows [3, 2] on `device`: the starting point of the observation atomics.
+    Built on every call, not cloned from a cached template: a template first made while
+    Inductor's CUDA graph trees warm a graph up would live on in the graph's memory pool, which
+    they refuse (`optical.cuda_graphs`)."""
+    obs = torch.full((3, 2), float("inf"), dtype=torch.float32, device=device)
+    obs[:, 1] = float("-inf")
+    return obs
 
 
 def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, levels: int,
@@ -647,7 +639,7 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
     dtype = x2d.dtype
     lx, lw, lout = (levels,) * 3 if isinstance(levels, int) else levels
     shot = bool(noise) and photons > 0
-    obs = _obs_template(dev).clone()
+    obs = _new_obs(dev)
     y = torch.empty((M, N), dtype=dtype if quantize_output else torch.float32, device=dev)
     mask = torch.empty((M, N), dtype=torch.bool, device=dev) if save_out_mask else None
     if M == 0 or N == 0:

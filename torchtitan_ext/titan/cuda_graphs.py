@@ -1,0 +1,56 @@
+"""`optical.cuda_graphs`: replay the compiled transformer blocks as CUDA graphs.
+
+Small models are host-bound: on one H200 the 60M's compiled step keeps the GPU 29% busy
+digital and 13% optical, the 1.1B's 93% and 73% (bench/results/README.md, stop 23). Inductor's
+CUDA graph trees record each compiled block's forward and backward once and then replay them,
+so a step no longer pays Python and launch costs per kernel. The option applies to the digital
+twin as well (both arms of an A/B should run the same way).
+
+It is an Inductor setting for the whole process (the loss, when compiled, is captured too) and
+it is checked before any GPU work: the graphs come from the compiled blocks, so
+`compile.enable` with "model" in `compile.components` is required; it needs a CUDA GPU; and it
+is limited to one process, because FSDP re-allocates the unsharded weights every step, which a
+recorded graph cannot follow, and multi-GPU runs have not been measured with it.
+"""
+
+from __future__ import annotations
+
+from torchtitan_ext.optical.config import OpticalConfigError
+
+__all__ = ["check_cuda_graphs", "enable_cuda_graphs"]
+
+
+def _wanted(job_config) -> bool:
+    optical = getattr(job_config, "optical", None)
+    value = getattr(optical, "cuda_graphs", False)
+    if not isinstance(value, bool):
+        raise OpticalConfigError(f"optical.cuda_graphs: must be true or false, got {value!r}")
+    return value
+
+
+def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
+    """Raise OpticalConfigError naming the key when `optical.cuda_graphs` cannot apply."""
+    if not _wanted(job_config):
+        return
+    compile_config = job_config.compile
+    if not compile_config.enable or "model" not in compile_config.components:
+        raise OpticalConfigError(
+            "optical.cuda_graphs: the CUDA graphs are recorded from the compiled blocks; needs "
+            "compile.enable = true with \"model\" in compile.components (got enable = "
+            f"{compile_config.enable}, components = {list(compile_config.components)})")
+    if world_size != 1:
+        raise OpticalConfigError(
+            f"optical.cuda_graphs: one process only (this run has {world_size}; FSDP "
+            "re-allocates the unsharded weights every step); allowed: false for multi-GPU runs")
+    if not has_cuda:
+        raise OpticalConfigError(
+            "optical.cuda_graphs: needs a CUDA GPU, and this machine has none; allowed: false")
+
+
+def enable_cuda_graphs(job_config) -> None:
+    """Switch Inductor's CUDA graph trees on when the job asks for them (before the blocks'
+    first compiled call, which is when Inductor reads the setting)."""
+    if _wanted(job_config):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraphs = True

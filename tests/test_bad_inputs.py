@@ -136,15 +136,17 @@ def test_cuda_graphs_checks_name_the_key():
     from torchtitan_ext.optical.config import OpticalConfigError
     from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
 
-    def job(value=True, enable=True, components=("model", "loss")):
+    def job(value=True, enable=True, components=("model", "loss"), backend="inductor"):
         return SimpleNamespace(optical=SimpleNamespace(cuda_graphs=value),
-                               compile=SimpleNamespace(enable=enable, components=list(components)))
+                               compile=SimpleNamespace(enable=enable, components=list(components),
+                                                       backend=backend))
 
     check_cuda_graphs(job(), world_size=1, has_cuda=True)
     check_cuda_graphs(job(False, enable=False), world_size=8, has_cuda=False)
     cases = [(job(), 2, True, ["one process only", "has 2"]),
              (job(), 1, False, ["needs a CUDA GPU"]),
              (job(components=("loss",)), 1, True, ["compile.components", "['loss']"]),
+             (job(backend="aot_eager"), 1, True, ["compile.backend", "'aot_eager'"]),
              (job("yes"), 1, True, ["true or false", "'yes'"])]
     for config, world, cuda, words in cases:
         with pytest.raises(OpticalConfigError) as info:

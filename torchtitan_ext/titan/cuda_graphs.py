@@ -8,9 +8,10 @@ twin as well (both arms of an A/B should run the same way).
 
 It is an Inductor setting for the whole process (the loss, when compiled, is captured too) and
 it is checked before any GPU work: the graphs come from the compiled blocks, so
-`compile.enable` with "model" in `compile.components` is required; it needs a CUDA GPU; and it
-is limited to one process, because FSDP re-allocates the unsharded weights every step, which a
-recorded graph cannot follow, and multi-GPU runs have not been measured with it.
+`compile.enable` with "model" in `compile.components` and the Inductor backend are required; it
+needs a CUDA GPU; and it is limited to one process, because FSDP re-allocates the unsharded
+weights every step, which a recorded graph cannot follow, and multi-GPU runs have not been
+measured with it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
             "optical.cuda_graphs: the CUDA graphs are recorded from the compiled blocks; needs "
             "compile.enable = true with \"model\" in compile.components (got enable = "
             f"{compile_config.enable}, components = {list(compile_config.components)})")
+    if compile_config.backend != "inductor":
+        raise OpticalConfigError(
+            "optical.cuda_graphs: the graphs are Inductor's; needs compile.backend = "
+            f"\"inductor\", got {compile_config.backend!r}")
     if world_size != 1:
         raise OpticalConfigError(
             f"optical.cuda_graphs: one process only (this run has {world_size}; FSDP "
@@ -48,8 +53,9 @@ def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
 
 
 def enable_cuda_graphs(job_config) -> None:
-    """Switch Inductor's CUDA graph trees on when the job asks for them (before the blocks'
-    first compiled call, which is when Inductor reads the setting)."""
+    """Switch Inductor's CUDA graph trees on when the job asks for them; `launch.main` calls it
+    after the checks, for every model name, before the blocks' first compiled call (which is
+    when Inductor reads the setting)."""
     if _wanted(job_config):
         import torch._inductor.config as inductor_config
 

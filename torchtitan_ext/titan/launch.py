@@ -333,6 +333,7 @@ def separate_compile_cache() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from torchtitan_ext.titan.cpu_compat import apply_cpu_compat
+    from torchtitan_ext.titan.cuda_graphs import enable_cuda_graphs
 
     separate_compile_cache()
     apply_cpu_compat()
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         preflight(config)
     except OpticalConfigError as e:
         _exit_with_error(e)
+    enable_cuda_graphs(config)  # checked by preflight
     # torchtitan's own `main` parses sys.argv itself (its default argument is bound at import
     # time), so the extension drives the same steps with the config it already parsed.
     trainer = None

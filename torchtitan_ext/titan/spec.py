@@ -34,7 +34,6 @@ from torchtitan_ext.titan.hf_adapter import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
 from .activation_checkpoint import optical_op_sac
-from .cuda_graphs import enable_cuda_graphs
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible
 from .validate import build_fixed_window_validator
 
@@ -112,7 +111,6 @@ def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
 
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     check_supported_parallelism(parallel_dims)
-    enable_cuda_graphs(job_config)  # read by Inductor at the blocks' first compiled call
     with optical_op_sac():  # per-op SAC alike to the twin's (see titan.activation_checkpoint)
         model = parallelize_llama(model, parallel_dims, job_config)
     if not has_accelerator():

@@ -130,23 +130,29 @@ def test_config_case(name, args, transform, code, words, tmp_path, capsys, monke
 
 
 def test_cuda_graphs_checks_name_the_key():
-    """optical.cuda_graphs beyond the catalogue row: several processes, no GPU, not a bool."""
+    """optical.cuda_graphs beyond the catalogue row: the backend, gradient accumulation, several
+    processes, no GPU, not a bool."""
     from types import SimpleNamespace
 
     from torchtitan_ext.optical.config import OpticalConfigError
     from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
 
-    def job(value=True, enable=True, components=("model", "loss"), backend="inductor"):
+    def job(value=True, enable=True, components=("model", "loss"), backend="inductor",
+            global_batch=-1):
         return SimpleNamespace(optical=SimpleNamespace(cuda_graphs=value),
                                compile=SimpleNamespace(enable=enable, components=list(components),
-                                                       backend=backend))
+                                                       backend=backend),
+                               training=SimpleNamespace(local_batch_size=4,
+                                                        global_batch_size=global_batch))
 
     check_cuda_graphs(job(), world_size=1, has_cuda=True)
+    check_cuda_graphs(job(global_batch=4), world_size=1, has_cuda=True)
     check_cuda_graphs(job(False, enable=False), world_size=8, has_cuda=False)
     cases = [(job(), 2, True, ["one process only", "has 2"]),
              (job(), 1, False, ["needs a CUDA GPU"]),
              (job(components=("loss",)), 1, True, ["compile.components", "['loss']"]),
              (job(backend="aot_eager"), 1, True, ["compile.backend", "'aot_eager'"]),
+             (job(global_batch=8), 1, True, ["gradient accumulation", "global_batch_size 8"]),
              (job("yes"), 1, True, ["true or false", "'yes'"])]
     for config, world, cuda, words in cases:
         with pytest.raises(OpticalConfigError) as info:

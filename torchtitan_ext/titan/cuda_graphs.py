@@ -9,9 +9,11 @@ twin as well (both arms of an A/B should run the same way).
 It is an Inductor setting for the whole process (the loss, when compiled, is captured too) and
 it is checked before any GPU work: the graphs come from the compiled blocks, so
 `compile.enable` with "model" in `compile.components` and the Inductor backend are required; it
-needs a CUDA GPU; and it is limited to one process, because FSDP re-allocates the unsharded
-weights every step, which a recorded graph cannot follow, and multi-GPU runs have not been
-measured with it.
+needs a CUDA GPU; and it is limited to one process without gradient accumulation: FSDP
+re-allocates the unsharded weights every step, which a recorded graph cannot follow, a
+microbatch's replay can reuse the memory of the previous microbatch's outputs (its loss, which the
+step keeps until the end), and neither multi-GPU runs nor accumulation have been measured with
+it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
         raise OpticalConfigError(
             f"optical.cuda_graphs: one process only (this run has {world_size}; FSDP "
             "re-allocates the unsharded weights every step); allowed: false for multi-GPU runs")
+    training = job_config.training
+    if training.global_batch_size > 0 and training.global_batch_size != training.local_batch_size:
+        raise OpticalConfigError(
+            "optical.cuda_graphs: gradient accumulation (training.global_batch_size "
+            f"{training.global_batch_size} with local_batch_size {training.local_batch_size}) is "
+            "not supported with CUDA graphs (untested; a microbatch's replay can reuse the "
+            "memory of the previous microbatch's outputs, which the step still holds); "
+            "allowed: global_batch_size -1 or equal to local_batch_size")
     if not has_cuda:
         raise OpticalConfigError(
             "optical.cuda_graphs: needs a CUDA GPU, and this machine has none; allowed: false")

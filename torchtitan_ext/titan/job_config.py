@@ -67,8 +67,8 @@ class Optical:
     """Record each compiled transformer block's forward and backward as CUDA graphs and replay
     them (Inductor's CUDA graph trees), for the optical run and its digital twin alike. For
     host-bound runs (small models: see bench/results/README.md). Needs `compile.enable` with
-    "model" in `compile.components` and the Inductor backend, a CUDA GPU and a single process
-    (titan/cuda_graphs.py)."""
+    "model" in `compile.components` and the Inductor backend, a CUDA GPU, a single process and
+    no gradient accumulation (titan/cuda_graphs.py)."""
 
 
 @dataclass

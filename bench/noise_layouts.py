@@ -102,9 +102,10 @@ def inspect(runs: int, noise: int, transposed: int, bm: int, bn: int, d: int, wa
             "PTX lines": ptx.count("\n")}
 
 
-def inspect_forward_kernel(runs8: int) -> dict:
-    """The same counts for the shipped attention forward (both passes, full and masked tiles)
-    at the 1.1B's head dim, 256 levels, causal, noisy, with its GPU tile configuration."""
+def forward_kernel_source(runs8: int = 1):
+    """(ASTSource, options, tiles) of the shipped attention forward (both passes, full and masked
+    tiles) at the 1.1B's head dim, 256 levels, causal, noisy, with its GPU tile configuration;
+    the options launch it as the kernels do (no fp fusion)."""
     from torchtitan_ext.optical.kernels import attention as A
 
     kernel = A.triton_kernel("fwd")
@@ -118,12 +119,17 @@ def inspect_forward_kernel(runs8: int) -> dict:
                  LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, QSTART_PTR=False)
     sig = {n: ptrs.get(n) or floats.get(n) or ("constexpr" if n in const else "i32")
            for n in kernel.arg_names}
-    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
-                        target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": warps, "num_stages": stages,
-                                 "enable_fp_fusion": False})
+    return (ASTSource(fn=kernel, signature=sig, constexprs=const),
+            {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
+            f"{bm}x{bn}, {warps} warps, {stages} stages")
+
+
+def inspect_forward_kernel(runs8: int) -> dict:
+    """The same counts for the shipped attention forward (`forward_kernel_source`)."""
+    src, options, tiles = forward_kernel_source(runs8)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
-    return {"tiles": f"{bm}x{bn}, {warps} warps, {stages} stages",
+    return {"tiles": tiles,
             "convert_layout": ttgir.count("ttg.convert_layout"),
             "st.shared (PTX)": ptx.count("st.shared"), "ld.shared (PTX)": ptx.count("ld.shared"),
             "bar.sync (PTX)": ptx.count("bar.sync"),

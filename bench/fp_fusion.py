@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from noise_layouts import forward_kernel_source  # noqa: E402
+from noise_layouts import forward_kernel_source, write_report  # noqa: E402
 from torchtitan_ext.optical.kernels import linear as L  # noqa: E402
 
 
@@ -101,10 +101,7 @@ def main() -> None:
     lines = [f"triton {triton.__version__}, sm_90"]
     for name, (src, options) in sources.items():
         lines.append(f"{name}: {probe(src, options)}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if a.out:
-        Path(a.out).write_text(text)
+    write_report(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,15 @@ def main() -> None:
         counts = inspect_forward_kernel(runs8)
         lines.append(f"shipped forward kernel, draws by {name} (RUNS8 {runs8}): "
                      + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    write_report(lines, a.out)
+
+
+def write_report(lines: list[str], out: str | None) -> None:
+    """Print the report's lines, and write them to `out` when given."""
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    if a.out:
-        Path(a.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

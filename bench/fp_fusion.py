@@ -30,13 +30,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from noise_layouts import forward_kernel_source, write_report  # noqa: E402
+from noise_layouts import forward_kernel_source, kernel_signature, write_report  # noqa: E402
 from torchtitan_ext.optical.kernels import linear as L  # noqa: E402
-
-
-def _signature(kernel, ptrs: dict, floats: tuple, const: dict) -> dict:
-    return {n: ptrs.get(n) or ("fp32" if n in floats else ("constexpr" if n in const else "i32"))
-            for n in kernel.arg_names}
 
 
 def linear_sources() -> dict:
@@ -55,11 +50,11 @@ def linear_sources() -> dict:
                     rng_ptr="*fp32", obs_ptr="*fp32")
     return {
         "linear forward (128x128x64, 8 warps, 3 stages)": (
-            ASTSource(fn=fwd, signature=_signature(fwd, fwd_ptrs, ("nk",), fwd_const),
+            ASTSource(fn=fwd, signature=kernel_signature(fwd, fwd_ptrs, ("nk",), fwd_const),
                       constexprs=fwd_const),
             {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": False}),
         "linear operand pass (32x128, 8 warps)": (
-            ASTSource(fn=ops, signature=_signature(ops, ops_ptrs, ("lut",), ops_const),
+            ASTSource(fn=ops, signature=kernel_signature(ops, ops_ptrs, ("lut",), ops_const),
                       constexprs=ops_const),
             {"num_warps": 8, "num_stages": 1, "enable_fp_fusion": False}),
     }

@@ -102,6 +102,13 @@ def inspect(runs: int, noise: int, transposed: int, bm: int, bn: int, d: int, wa
             "PTX lines": ptx.count("\n")}
 
 
+def kernel_signature(kernel, ptrs: dict, floats, const: dict) -> dict:
+    """Triton signature of `kernel` for offline compiles: the pointer types of `ptrs`, fp32 for
+    the names in `floats`, constexpr for those in `const`, i32 for the rest."""
+    return {n: ptrs.get(n) or ("fp32" if n in floats else ("constexpr" if n in const else "i32"))
+            for n in kernel.arg_names}
+
+
 def forward_kernel_source(runs8: int = 1):
     """(ASTSource, options, tiles) of the shipped attention forward (both passes, full and masked
     tiles) at the 1.1B's head dim, 256 levels, causal, noisy, with its GPU tile configuration;
@@ -113,12 +120,10 @@ def forward_kernel_source(runs8: int = 1):
     ptrs = dict(Q="*bf16", KQ="*bf16", VQ="*bf16", Y="*bf16", LSE="*fp32", PART="*fp32",
                 CODES="*u8", KPM="*u8", INV="*fp32", q_rng="*fp32", s_rng_ptr="*fp32",
                 y_rng="*fp32", seeds="*i64", NKY="*fp32", QSTART="*i64")
-    floats = dict(scale_log2="fp32", inv_lm1="fp32", NK_S="fp32")
     const = dict(LEVELS=256, D=64, BM=bm, BN=bn, CAUSAL=True, HAS_KPM=False, OBSERVE=True,
                  P_MODE=0, USE_CODES=True, RUNS8=runs8, INTERP=False, NOISE=1, LEVELS_Q=256,
                  LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, QSTART_PTR=False)
-    sig = {n: ptrs.get(n) or floats.get(n) or ("constexpr" if n in const else "i32")
-           for n in kernel.arg_names}
+    sig = kernel_signature(kernel, ptrs, ("scale_log2", "inv_lm1", "NK_S"), const)
     return (ASTSource(fn=kernel, signature=sig, constexprs=const),
             {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
             f"{bm}x{bn}, {warps} warps, {stages} stages")

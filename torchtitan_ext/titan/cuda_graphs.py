@@ -20,15 +20,14 @@ from __future__ import annotations
 
 from torchtitan_ext.optical.config import OpticalConfigError
 
+from .job_config import optical_flag
+
 __all__ = ["check_cuda_graphs", "enable_cuda_graphs"]
 
 
 def _wanted(job_config) -> bool:
     optical = getattr(job_config, "optical", None)
-    value = getattr(optical, "cuda_graphs", False)
-    if not isinstance(value, bool):
-        raise OpticalConfigError(f"optical.cuda_graphs: must be true or false, got {value!r}")
-    return value
+    return hasattr(optical, "cuda_graphs") and optical_flag(optical, "cuda_graphs")
 
 
 def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:

@@ -8,7 +8,7 @@ section: `--optical.transform_config path.yaml`.
 
 from dataclasses import dataclass, field  # no `from __future__ import annotations`: tyro resolves these types at runtime
 
-__all__ = ["Optical", "JobConfig", "validate_optical"]
+__all__ = ["Optical", "JobConfig", "validate_optical", "optical_flag"]
 
 
 @dataclass
@@ -91,6 +91,14 @@ def validate_optical(optical: Optical) -> None:
             raise OpticalConfigError(f"optical.{key}: must be an integer >= 0, got {value!r}")
     for key in ("sync_ranges", "check_ranges_synced", "stop_on_nonfinite",
                 "allow_transform_change", "checkpoint_manifest", "cuda_graphs"):
-        value = getattr(optical, key)
-        if not isinstance(value, bool):
-            raise OpticalConfigError(f"optical.{key}: must be true or false, got {value!r}")
+        optical_flag(optical, key)
+
+
+def optical_flag(optical, key: str) -> bool:
+    """The bool value of `optical.<key>`; anything else raises naming the key."""
+    from torchtitan_ext.optical.config import OpticalConfigError
+
+    value = getattr(optical, key)
+    if not isinstance(value, bool):
+        raise OpticalConfigError(f"optical.{key}: must be true or false, got {value!r}")
+    return value

@@ -768,6 +768,6 @@ def quantize_tensor(x, rng, seed, *, levels: int, lut: float | None, stream: int
 def observe_minmax(x) -> torch.Tensor:
     """float32 [2] (min, max) of x, a sync-free device reduction; (+inf, -inf) for an empty x."""
     if x.numel() == 0:
-        return _new_obs(x.device)[0].clone()
+        return _new_obs(x.device)[0]
     mn, mx = torch.aminmax(x.detach())
     return torch.stack([mn, mx]).float()

@@ -1,4 +1,5 @@
-"""Per-op selective AC of optical blocks (titan.activation_checkpoint), eager on the CPU.
+"""Per-op selective AC of optical blocks, and `optical.ac_save_attention`
+(titan.activation_checkpoint), eager on the CPU.
 
 The compiled, end-to-end count is `test_e2e.py::test_selective_ac_recomputes_...`."""
 
@@ -12,9 +13,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchtitan_ext.optical.config import QuantizerConfig
-from torchtitan_ext.optical.modules import OpticalLinear
+from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 from torchtitan_ext.optical.ranges import update_ranges
-from torchtitan_ext.titan.activation_checkpoint import _apply_optical_op_sac, optical_op_sac
+from torchtitan_ext.titan.activation_checkpoint import _apply_optical_op_sac, optical_ac
 
 
 def ac_config(force=()):
@@ -46,6 +47,12 @@ def calibrated_block():
     return block
 
 
+COUNTED = {torch.ops.optical.linear.default: "linear", torch.ops.aten.mm.default: "mm",
+           torch.ops.optical.attention.default: "attention",
+           torch.ops.aten.addmm.default: "addmm",  # nn.Linear with a bias (the backward's are mms)
+           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: "sdpa"}
+
+
 class CountCalls(TorchDispatchMode):
     """Counts the optical linears and mms that run. Under SAC's modes it sees only what they
     execute: a saved output served again does not reach it."""
@@ -55,8 +62,8 @@ class CountCalls(TorchDispatchMode):
         self.calls = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.optical.linear.default, torch.ops.aten.mm.default):
-            self.calls[str(func.overloadpacket).split(".")[-1]] += 1
+        if func in COUNTED:
+            self.calls[COUNTED[func]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -98,8 +105,8 @@ def test_forced_recompute_names_must_be_linear_layers():
                               op_sac_save_list=set())
 
 
-def test_optical_op_sac_stands_in_for_torchtitans_while_open():
-    """torchtitan's block wrapper takes the optical policy inside `optical_op_sac` only: outside,
+def test_optical_ac_stands_in_for_torchtitans_op_sac_while_open():
+    """torchtitan's block wrapper takes the optical policy inside `optical_ac` only: outside,
     its own policy recomputes every optical linear. The swap is undone after an error too."""
     from torchtitan.distributed import activation_checkpoint as titan_ac
 
@@ -108,7 +115,7 @@ def test_optical_op_sac_stands_in_for_torchtitans_while_open():
     cfg.mode, cfg.selective_ac_option = "selective", "op"
     save = {torch.ops.aten.mm.default}
     recomputed = {}
-    for name, ctx in (("optical", optical_op_sac()), ("torchtitan", contextlib.nullcontext())):
+    for name, ctx in (("optical", optical_ac()), ("torchtitan", contextlib.nullcontext())):
         with ctx:
             wrapped = titan_ac._apply_ac_to_transformer_block(
                 calibrated_block(), cfg, base_fqn="layers.0", op_sac_save_list=save)
@@ -116,6 +123,56 @@ def test_optical_op_sac_stands_in_for_torchtitans_while_open():
         assert titan_ac._apply_op_sac is original
     assert recomputed == {"optical": 1, "torchtitan": 3}
     with pytest.raises(RuntimeError, match="boom"):
-        with optical_op_sac():
+        with optical_ac(save_attention=True):
             raise RuntimeError("boom")
     assert titan_ac._apply_op_sac is original
+
+
+class AttentionBlock(nn.Module):
+    """q/k/v projections, attention (optical, or SDPA as in the digital twin) and an output
+    projection: what a checkpointed Llama block recomputes, in small."""
+
+    def __init__(self, optical: bool):
+        super().__init__()
+        cfg = QuantizerConfig(q_levels=16)
+        self.qkv = OpticalLinear(8, 24, config=cfg) if optical else nn.Linear(8, 24)
+        self.out = OpticalLinear(8, 8, config=cfg) if optical else nn.Linear(8, 8)
+        self.attention = OpticalAttention(cfg) if optical else None
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        attend = self.attention or nn.functional.scaled_dot_product_attention
+        y = attend(q, k, v, is_causal=True)
+        return self.out(torch.relu(y.transpose(1, 2).flatten(2)))
+
+
+@pytest.mark.parametrize("optical", [True, False], ids=["optical", "digital"])
+@pytest.mark.parametrize("mode,option", [("full", ""), ("selective", "1"), ("selective", "2")])
+def test_save_attention_keeps_the_attention_of_checkpointed_blocks(optical, mode, option):
+    """`optical_ac(save_attention=True)`: the blocks torchtitan's full or every-N-th-layer AC
+    checkpoints run their attention once (its outputs are saved) and everything else again, and
+    the gradients are the bits of plain AC's. A block layer AC leaves alone is left alone."""
+    from torchtitan.distributed import activation_checkpoint as titan_ac
+
+    torch.manual_seed(0)
+    block = AttentionBlock(optical)
+    x = torch.randn(2, 6, 8)
+    if optical:
+        block(x)
+        update_ranges(block)
+    cfg = ac_config()
+    cfg.mode, cfg.selective_ac_option = mode, option
+    runs = {}
+    for save in (False, True):
+        titan_ac._layer_sac_count = 0  # torchtitan counts blocks from the first
+        with optical_ac(save_attention=save):
+            wrapped = titan_ac._apply_ac_to_transformer_block(block, cfg, base_fqn="layers.0")
+        torch.manual_seed(1)
+        runs[save] = run_counted(wrapped, x)
+    attention, matmul = ("attention", "linear") if optical else ("sdpa", "addmm")
+    checkpointed = option != "2"  # "2": the first block is not checkpointed
+    (fwd0, bwd0, grad0), (fwd1, bwd1, grad1) = runs[False], runs[True]
+    assert fwd0 == fwd1 and fwd1[attention] == 1
+    assert bwd0[attention] == int(checkpointed) and bwd1[attention] == 0
+    assert bwd1[matmul] == bwd0[matmul] == (2 if checkpointed else 0)  # qkv and out again
+    assert torch.equal(grad0, grad1)

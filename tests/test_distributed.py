@@ -125,13 +125,16 @@ def test_full_activation_checkpointing_is_bit_identical(setup, single_run):
     assert ac == single_run
 
 
-@pytest.mark.parametrize("option", ["op", "2"], ids=["selective-op", "selective-every-2nd-layer"])
+@pytest.mark.parametrize("option", ["op", "2", "2-save-attention"],
+                         ids=["selective-op", "selective-every-2nd-layer", "every-2nd-saving-attention"])
 def test_selective_activation_checkpointing_is_bit_identical(setup, single_run, option):
     # Op-level SAC saves the optical attention and every second matmul (optical linears
-    # included) and recomputes the rest, which must redraw the seeds they drew the first time.
+    # included) and recomputes the rest, which must redraw the seeds they drew the first time;
+    # optical.ac_save_attention saves the attention of the layers that layer AC recomputes.
     sac = setup.run(f"sac_{option}", 1, setup.single, "--training.local_batch_size", str(GLOBAL_BATCH),
                     "--activation_checkpoint.mode", "selective",
-                    "--activation_checkpoint.selective_ac_option", option)
+                    "--activation_checkpoint.selective_ac_option", option.split("-")[0],
+                    *(["--optical.ac_save_attention"] if option.endswith("attention") else []))
     assert sac == single_run
 
 

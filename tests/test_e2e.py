@@ -124,12 +124,13 @@ def test_compiled_blocks_train_like_eager_with_statistics_steps(tmp_path, eager_
         assert abs(got[s] - want[s]) <= 1e-3 * want[s], (s, got, want)
 
 
-@pytest.mark.parametrize("option", ["2", "op"])
+@pytest.mark.parametrize("option", ["2", "op", "2-save-attention"])
 def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path, option):
     """Selective AC on compiled blocks. Every 2nd layer ("2"): the optical ops of the
-    checkpointed layers run again in the backward, so the layers keep no activations. Per op
-    ("op", every layer): the optical attention is saved like SDPA in the digital twin, and every
-    second linear like the twin's mms (titan.activation_checkpoint). Counted from torchtitan's
+    checkpointed layers run again in the backward, so the layers keep no activations; with
+    `optical.ac_save_attention`, all but their attention. Per op ("op", every layer): the
+    optical attention is saved like SDPA in the digital twin, and every second linear like the
+    twin's mms (titan.activation_checkpoint). Counted from torchtitan's
     own profiler trace of step 4. (An autograd.Function around the ops lost the recompute on
     the GPU while keeping it here, bench/results/train-profile-h200.json; there the check is
     `bench/train.py --profile`, which counts the kernel launches.)"""
@@ -140,7 +141,8 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
                  "--training.local_batch_size", "2", "--metrics.log_freq", "1",
                  "--optical.quant_warmup_steps", "0", "--optical.stats_every", "0",
                  "--compile.enable", "--activation_checkpoint.mode", "selective",
-                 "--activation_checkpoint.selective_ac_option", option,
+                 "--activation_checkpoint.selective_ac_option", option.split("-")[0],
+                 *(["--optical.ac_save_attention"] if option.endswith("save-attention") else []),
                  "--profiling.enable_profiling", "--profiling.profile_freq", "4",
                  "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1",
                  "--job.dump_folder", str(tmp_path))
@@ -153,7 +155,8 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     # linears / attentions that run again in the backward: all those of every second layer
     # ("2"); per op, the 2nd, 4th and 6th linear of each layer (wk, wo, w3: every second matmul,
     # as the twin's mms), and no attention
-    linears_again, attention_again = {"2": (7 * 2, 2), "op": (3 * layers, 0)}[option]
+    linears_again, attention_again = {"2": (7 * 2, 2), "op": (3 * layers, 0),
+                                      "2-save-attention": (7 * 2, 0)}[option]
     assert calls["optical::linear"] == 7 * layers + linears_again, calls
     assert calls["optical::attention"] == layers + attention_again, calls
     assert calls["optical::linear_backward"] == 7 * layers, calls

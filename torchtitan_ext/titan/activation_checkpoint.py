@@ -4,7 +4,7 @@ torchtitan's op SAC (`--activation_checkpoint.selective_ac_option op`) saves the
 ops in its Llama `_op_sac_save_list` (SDPA, ...) and of every second `aten.mm`, and recomputes
 the rest. The optical ops take those ops' places, so without help an optical block would save
 no attention output and recompute all its linears, where its twin saves SDPA and half its mms.
-`optical_op_sac` makes the two policies match:
+`_apply_optical_op_sac` makes the two policies match:
 - the optical attention op is saved as SDPA is;
 - an optical linear counts as the matmul it replaces: one alternation runs over `aten.mm` and
   `optical.linear` together, and the odd-numbered calls of a block's forward are saved;
@@ -14,9 +14,17 @@ no attention output and recompute all its linears, where its twin saves SDPA and
 On clamp-statistics steps (`optical.stats_every`) the statistics' own `aten.mm`s join the
 alternation, so those steps save other matmuls than the rest (same results, other speed).
 
-torchtitan 0.2.2 has no hook for the policy: `optical_op_sac` swaps its private `_apply_op_sac`
-while `parallelize_llama` wraps the blocks, and puts it back after. This module is the only
-place that does so; a port to a torchtitan with policy registries replaces it.
+`optical.ac_save_attention` (for both twins) keeps the attention of blocks that full or
+every-N-th-layer AC checkpoints: those blocks save the attention op's outputs (the optical
+attention, or SDPA in the twin) and recompute the rest. The optical attention's forward costs
+5.7x cuDNN's (bench/results/README.md, stop 23), so recomputing it is what a checkpointed
+optical block pays most for; the cost is one attention output (and its log-sum-exp) per
+checkpointed block.
+
+torchtitan 0.2.2 has no hook for the policies: `optical_ac` swaps its private `_apply_op_sac`
+(and, to save the attention, `_apply_layer_sac` and `_apply_full_ac`) while
+`parallelize_llama` wraps the blocks, and puts them back after. This module is the only place
+that does so; a port to a torchtitan with policy registries replaces it.
 """
 
 from __future__ import annotations
@@ -33,10 +41,19 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from torchtitan_ext.optical import ops as _ops  # noqa: F401  (registers torch.ops.optical)
 
-__all__ = ["optical_op_sac", "op_sac_policy", "forced_recompute_shapes"]
+__all__ = ["optical_ac", "op_sac_policy", "forced_recompute_shapes", "ATTENTION_OPS",
+           "check_ac_save_attention"]
 
 _TO_COPY = torch.ops.aten._to_copy.default
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.optical.linear.default)
+_SDPA_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+             "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_fused_attention_overrideable")
+# Whichever SDPA backend the twin's attention dispatches to, and the optical attention.
+ATTENTION_OPS = frozenset(
+    [getattr(torch.ops.aten, name).default for name in _SDPA_OPS if hasattr(torch.ops.aten, name)]
+    + [torch.ops.optical.attention.default])
 
 
 def _rhs_shape(func, args) -> tuple[int, int]:
@@ -112,14 +129,75 @@ def _apply_optical_op_sac(module: nn.Module, ac_config, *, base_fqn: str | None 
     )
 
 
+def _save_attention_policy(ctx, func, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if func in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_saving_attention(module: nn.Module, ac_config) -> nn.Module:
+    """`module` checkpointed as full AC does, except that the attention ops' outputs are saved."""
+    return checkpoint_wrapper(
+        module,
+        context_fn=lambda: create_selective_checkpoint_contexts(_save_attention_policy),
+        preserve_rng_state=ac_config.preserve_rng_state,
+        determinism_check=ac_config.determinism_check,
+        early_stop=ac_config.early_stop,
+        debug=ac_config.debug,
+    )
+
+
+def _saving_attention(apply_ac):
+    """torchtitan's `apply_ac(module, ac_config)` (full, or every N-th layer), with each block it
+    checkpoints checkpointed by `_checkpoint_saving_attention` instead; torchtitan still decides
+    which blocks (its layer counter runs as before; the wrapper it returns is dropped)."""
+
+    def apply(module: nn.Module, ac_config) -> nn.Module:
+        if apply_ac(module, ac_config) is module:
+            return module
+        return _checkpoint_saving_attention(module, ac_config)
+
+    return apply
+
+
+def check_ac_save_attention(job_config) -> None:
+    """`optical.ac_save_attention` applies to the blocks that full or layer-selective AC
+    checkpoints in the optical spec; anywhere else it would be silently ignored: raise naming
+    the key."""
+    from torchtitan_ext.optical.config import OpticalConfigError
+
+    from .job_config import optical_flag
+    from .spec import SPEC_NAME
+
+    if not optical_flag(job_config.optical, "ac_save_attention"):
+        return
+    if job_config.model.name != SPEC_NAME:
+        raise OpticalConfigError(
+            f"optical.ac_save_attention: applies to model.name {SPEC_NAME!r} (its parallelize "
+            f"function wraps the blocks); got {job_config.model.name!r}")
+    ac = job_config.activation_checkpoint
+    if ac.mode == "full" or (ac.mode == "selective" and str(ac.selective_ac_option).isdigit()):
+        return
+    raise OpticalConfigError(
+        "optical.ac_save_attention: saves the attention of the blocks that activation "
+        "checkpointing recomputes; needs activation_checkpoint.mode \"full\", or \"selective\" "
+        "with a layer frequency as selective_ac_option (per-op \"op\" saves the attention "
+        f"already); got mode = {ac.mode!r}, selective_ac_option = {ac.selective_ac_option!r}")
+
+
 @contextlib.contextmanager
-def optical_op_sac() -> Iterator[None]:
-    """Within the block, torchtitan's per-op SAC wraps blocks with the optical policy above."""
+def optical_ac(save_attention: bool = False) -> Iterator[None]:
+    """Within the block, torchtitan's per-op SAC wraps blocks with the optical policy above, and
+    with `save_attention` its full and layer AC save the attention outputs."""
     from torchtitan.distributed import activation_checkpoint as titan_ac
 
-    original = titan_ac._apply_op_sac
-    titan_ac._apply_op_sac = _apply_optical_op_sac
+    swaps = {"_apply_op_sac": _apply_optical_op_sac}
+    if save_attention:
+        swaps["_apply_full_ac"] = _saving_attention(titan_ac._apply_full_ac)
+        swaps["_apply_layer_sac"] = _saving_attention(titan_ac._apply_layer_sac)
+    originals = {name: getattr(titan_ac, name) for name in swaps}
     try:
+        for name, fn in swaps.items():
+            setattr(titan_ac, name, fn)
         yield
     finally:
-        titan_ac._apply_op_sac = original
+        for name, fn in originals.items():
+            setattr(titan_ac, name, fn)

@@ -70,6 +70,13 @@ class Optical:
     "model" in `compile.components` and the Inductor backend, a CUDA GPU, a single process and
     no gradient accumulation (titan/cuda_graphs.py)."""
 
+    ac_save_attention: bool = False
+    """In the blocks that activation checkpointing recomputes (`activation_checkpoint.mode`
+    "full", or "selective" every N-th layer), save the attention's output instead of
+    recomputing it, in the optical run and its digital twin alike: the backward then runs no
+    second optical attention forward, for one attention output per checkpointed block of
+    memory (titan/activation_checkpoint.py)."""
+
 
 @dataclass
 class JobConfig:
@@ -90,7 +97,8 @@ def validate_optical(optical: Optical) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise OpticalConfigError(f"optical.{key}: must be an integer >= 0, got {value!r}")
     for key in ("sync_ranges", "check_ranges_synced", "stop_on_nonfinite",
-                "allow_transform_change", "checkpoint_manifest", "cuda_graphs"):
+                "allow_transform_change", "checkpoint_manifest", "cuda_graphs",
+                "ac_save_attention"):
         optical_flag(optical, key)
 
 

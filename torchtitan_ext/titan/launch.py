@@ -53,6 +53,7 @@ def _toml_path(argv: list[str]) -> str | None:
 
 def preflight(job_config) -> None:
     """Validate what torchtitan does not: flavor, [optical], transform file and its patterns."""
+    from torchtitan_ext.titan.activation_checkpoint import check_ac_save_attention
     from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
     from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
 
@@ -61,6 +62,7 @@ def preflight(job_config) -> None:
     _check_parallelism(job_config.parallelism)
     check_cuda_graphs(job_config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                       has_cuda=torch.cuda.is_available())
+    check_ac_save_attention(job_config)
     if not is_optical(job_config):
         return
     ac = job_config.activation_checkpoint

@@ -33,7 +33,7 @@ from torchtitan.tools.logging import logger
 from torchtitan_ext.titan.hf_adapter import OpticalLlama3StateDictAdapter
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
 
-from .activation_checkpoint import optical_op_sac
+from .activation_checkpoint import optical_ac
 from .cpu_compat import has_accelerator, make_fsdp_gloo_compatible
 from .validate import build_fixed_window_validator
 
@@ -111,7 +111,8 @@ def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
 
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     check_supported_parallelism(parallel_dims)
-    with optical_op_sac():  # per-op SAC alike to the twin's (see titan.activation_checkpoint)
+    # per-op SAC alike to the twin's, and optical.ac_save_attention (titan.activation_checkpoint)
+    with optical_ac(save_attention=job_config.optical.ac_save_attention):
         model = parallelize_llama(model, parallel_dims, job_config)
     if not has_accelerator():
         make_fsdp_gloo_compatible(model)  # gloo has no PREMUL_SUM (see cpu_compat)

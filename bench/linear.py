@@ -7,6 +7,8 @@ below):
         --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; \
     PYTHONUNBUFFERED=1 python3 bench/linear.py --sweep --out $OUT/linear-h200.json
 
+``--operand-sweep`` times only the operand quantization pass, per configuration of
+OPERAND_CONFIGS (how its table entry was chosen; bench/results/README.md, stop 24).
 ``--sweep`` first times a few GEMM configs of the forward kernel at the large shapes (how the
 config table in kernels/linear.py was chosen), uses the best for the records, and writes
 {records, sweep, ...} instead of the plain list of records; bench/results/linear-h200.json holds
@@ -67,6 +69,21 @@ SWEEP_CONFIGS = {
     "128x256x64 w8 s3 e4": _G(128, 256, 64, 8, 8, 3, True, 4),
 }
 SWEEP_NONOISE = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}  # also timed without noise
+
+_O = klinear.OperandConfig
+# --operand-sweep's candidates for the operand pass: (BR, BC, warps, programs per SM; 0 = one
+# program per tile). None is the table's entry.
+OPERAND_CONFIGS = {
+    "table": None,
+    "32x256 w8 p4": _O(32, 256, 8, 4),
+    "32x256 w8 p8": _O(32, 256, 8, 8),
+    "64x256 w8": _O(64, 256, 8),
+    "64x256 w8 p4": _O(64, 256, 8, 4),
+    "16x512 w4 p8": _O(16, 512, 4, 8),
+    "64x512 w16 p2": _O(64, 512, 16, 2),
+}
+# bench/linear.py's large shapes and the 1.1B flavor's linears at its batch (8 x 2048 rows)
+OPERAND_SHAPES = LARGE + [(16384, 1536, 1536), (16384, 1536, 4096), (16384, 4096, 1536)]
 
 
 def _optical_layer(x, w, b):
@@ -260,12 +277,66 @@ def sweep(dtype):
     return out
 
 
+def _kernel_us(fn, kernel: str, reps: int = 10) -> float:
+    """Mean device time (us) of `kernel` per call of fn, from torch's profiler over reps calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [r for r in prof.key_averages() if r.key == kernel]
+    return rows[0].device_time_total / rows[0].count if rows else math.nan
+
+
+def operand_sweep(dtype, rounds: int = 5) -> list[dict]:
+    """Device time of the operand quantization pass (`_quantize_operands_kernel`) per
+    configuration of OPERAND_CONFIGS, in interleaved rounds (median, min, max), with its
+    effective bandwidth (x and W read and written once); each configuration's outputs and
+    observations are checked against the table's, bit for bit."""
+    dev = torch.device("cuda")
+    out = []
+    for (M, K, N) in OPERAND_SHAPES:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        w = torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5
+        ranges = torch.tensor([[-4.0, 4.0], [-0.1, 0.1], [-3.0, 3.0]], device=dev)
+        seed = torch.tensor([12345], device=dev)
+
+        def forward():
+            return klinear.linear_forward(x, w, None, *ranges, seed, levels=LEVELS, lut=LUT,
+                                          stream=0, index=klinear.LinearIndex.whole(M, N),
+                                          observe=True)
+
+        want = forward()
+        times = {name: [] for name in OPERAND_CONFIGS}
+        for name, cfg in OPERAND_CONFIGS.items():
+            with klinear.override_gemm_config(operands=cfg):
+                got = forward()
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+        for _ in range(rounds):
+            for name, cfg in OPERAND_CONFIGS.items():
+                with klinear.override_gemm_config(operands=cfg):
+                    times[name].append(_kernel_us(forward, "_quantize_operands_kernel"))
+        moved = 2 * (M + N) * K * x.element_size()
+        row = {"M": M, "K": K, "N": N, "bytes": moved}
+        for name, t in times.items():
+            med = statistics.median(t)
+            row[name] = {"us": med, "min": min(t), "max": max(t), "TBps": moved / med * 1e-6}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        del x, w, want
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/linear-h200.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-mase", action="store_true")
     ap.add_argument("--shapes", default="all", choices=["all", "large", "small"])
+    ap.add_argument("--operand-sweep", action="store_true",
+                    help="only time the operand pass's configurations (OPERAND_CONFIGS)")
     args = ap.parse_args()
     dtype = torch.bfloat16
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -273,6 +344,12 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": triton.__version__, "records": []}
     t0 = time.time()
+    if args.operand_sweep:
+        results["operand_sweep"] = operand_sweep(dtype)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"operand sweep done in {time.time() - t0:.0f}s; wrote {args.out}")
+        return
     large = None  # the table's large-shape config unless the sweep picks another
     if args.sweep:
         rows = sweep(dtype)

@@ -642,6 +642,34 @@ def test_override_gemm_config_is_scoped_and_large_applies_to_large_shapes_only()
             assert klinear.gemm_config(64, 64, 64, bf16, gpu) != forced
 
 
+_OPERAND_CONFIGS = [klinear.OperandConfig(32, 64, 4, programs_per_sm=1),
+                    klinear.OperandConfig(16, 32, 4, programs_per_sm=3),
+                    klinear.OperandConfig(64, 128, 8)]
+
+
+@pytest.mark.parametrize("cfg", _OPERAND_CONFIGS,
+                         ids=lambda c: f"{c.BR}x{c.BC}w{c.num_warps}p{c.programs_per_sm}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_operand_pass_configs_give_the_same_bits(kernel_device, cfg, dtype):
+    """Every operand pass configuration -- one program per tile, or a few programs looping over
+    the tiles of both operands (on the CPU one 'multiprocessor': 1 or 3 programs) -- gives the
+    table's outputs and observations bit for bit, and observes the operands' true min/max."""
+    dev = kernel_device
+    x, w, b = _inputs(70, 90, 50, dtype, dev, gen_seed=11, bias=True)
+    ranges = _ranges_from_data(x, w, dev)
+
+    def forward():
+        return klinear.linear_forward(x, w, b, *ranges, _seed(dev), levels=64, lut=0.05,
+                                      stream=2, index=LinearIndex.whole(70, 50), observe=True)
+
+    y0, obs0, _ = forward()
+    with klinear.override_gemm_config(operands=cfg):
+        y1, obs1, _ = forward()
+    assert torch.equal(y0, y1) and torch.equal(obs0, obs1)
+    want = torch.tensor([[x.min(), x.max()], [w.min(), w.max()]], dtype=torch.float32)
+    assert torch.equal(obs1[:2].cpu(), want)
+
+
 _DECODE_CANDIDATES = [klinear.DECODE_CONFIG, klinear.GemmConfig(16, 32, 64, 1, 4, 2, False, 2),
                       klinear.GemmConfig(16, 64, 64, 1, 4, 2, False, 4)]
 

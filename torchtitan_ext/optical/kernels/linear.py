@@ -2,15 +2,15 @@
 
 Design, and why
 ---------------
-Forward = two launches of real work (plus a [3, 2] clone that initialises the range
+Forward = two launches of real work (plus a [3, 2] fill that initialises the range
 observations):
 
-1. ``_quantize_operands_kernel`` over x and W in one launch (a memory-bound pass; its first
-   programs take x's tiles, the rest W's): Q_x / Q_w in float32,
+1. ``_quantize_operands_kernel`` over x and W in one launch (a memory-bound pass; a few
+   programs per SM loop over x's tiles, then W's, `OperandConfig`): Q_x / Q_w in float32,
    rounded back to the *input* dtype (exactly the reference's operand values), written once into
    scratch buffers, with the min/max of the unquantized tensor observed in the same pass (one
-   float atomic per program). Quantizing inside the GEMM's mainloop instead (prologue fusion, what
-   mase-triton does) re-quantizes every operand tile once per output tile -- N/BN times for x and
+   float atomic per program and operand). Quantizing inside the GEMM's mainloop instead
+   (prologue fusion, what mase-triton does) re-quantizes every operand tile once per output tile -- N/BN times for x and
    M/BM times for W -- and puts IEEE divisions between the loads and the tensor cores. A separate
    pass costs one read and one write of x and W and leaves the mainloop a plain, pipelined bf16
    GEMM (TMA loads + wgmma on Hopper). One launch for both
@@ -88,6 +88,7 @@ except ImportError:  # pragma: no cover - older Triton
 __all__ = [
     "DECODE_CONFIG",
     "GemmConfig",
+    "OperandConfig",
     "LinearIndex",
     "gemm_config",
     "gpu_has_tma",
@@ -144,12 +145,13 @@ def _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
 # Elementwise quantizer over a 2-D tensor (operands of the GEMM, and Q_out after a TP reduction)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, stride_sc,
+def _quantize_tile(src_ptr, dst_ptr, rng_ptr, tile, R, C, stride_sr, stride_sc,
                    stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base, n_global,
                    col_offset, LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr,
                    OBSERVE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                    SHOT: tl.constexpr, nk):
-    """dst = Q(src) on one [BR, BC] tile (row-major tile order); min/max of src into obs[0:2].
+    """dst = Q(src) on one [BR, BC] tile (row-major tile order); returns the min and max of src
+    over the tile (+inf, -inf unless OBSERVE), for the caller's observation atomics.
     SHOT (with NOISY): the shot read-out with nk = n * K instead of stochastic rounding."""
     n_cb = tl.cdiv(C, BC)
     rows = (tile // n_cb) * BR + tl.arange(0, BR)
@@ -158,10 +160,12 @@ def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, st
     r64 = rows.to(tl.int64)
     x = tl.load(src_ptr + r64[:, None] * stride_sr + cols.to(tl.int64)[None, :] * stride_sc,
                 mask=mask, other=0.0)
+    tile_min = float("inf")
+    tile_max = float("-inf")
     if OBSERVE:
         xf = x.to(tl.float32)
-        tl.atomic_min(obs_ptr, tl.min(tl.where(mask, xf, float("inf"))))
-        tl.atomic_max(obs_ptr + 1, tl.max(tl.where(mask, xf, float("-inf"))))
+        tile_min = tl.min(tl.where(mask, xf, float("inf")))
+        tile_max = tl.max(tl.where(mask, xf, float("-inf")))
     lo = tl.load(rng_ptr)
     hi = tl.load(rng_ptr + 1)
     if NOISY and SHOT:
@@ -179,6 +183,7 @@ def _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tile, R, C, stride_sr, st
         y = quantize(x, lo, hi, LEVELS, lut, HAS_LUT, u, NOISY)
     tl.store(dst_ptr + r64[:, None] * stride_dr + cols[None, :],
              cast_rne(y, dst_ptr.dtype.element_ty), mask=mask)
+    return tile_min, tile_max
 
 
 @triton.jit(do_not_specialize=["stream", "s_local", "s_global", "row_base", "n_global",
@@ -190,9 +195,13 @@ def _quantize_2d_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr, OBSERVE: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, SHOT: tl.constexpr,
 ):
-    _quantize_tile(src_ptr, dst_ptr, rng_ptr, obs_ptr, tl.program_id(0), R, C, stride_sr,
-                   stride_sc, stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base,
-                   n_global, col_offset, LEVELS, HAS_LUT, NOISY, OBSERVE, BR, BC, SHOT, nk)
+    lo, hi = _quantize_tile(src_ptr, dst_ptr, rng_ptr, tl.program_id(0), R, C, stride_sr,
+                            stride_sc, stride_dr, lut, seed_ptr, stream, s_local, s_global,
+                            row_base, n_global, col_offset, LEVELS, HAS_LUT, NOISY, OBSERVE, BR,
+                            BC, SHOT, nk)
+    if OBSERVE:
+        tl.atomic_min(obs_ptr, lo)
+        tl.atomic_max(obs_ptr + 1, hi)
 
 
 def shot_nk(photons: float, contraction: int) -> float:
@@ -225,11 +234,9 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
 
 
 def _operand_tile(C: int) -> tuple[int, int]:
-    # 8K elements a program on the GPU (32 a thread), few enough programs that the two
-    # observation atomics per program never contend.
-    if _INTERPRET:
-        return 32, 64
-    return (32, 256) if C >= 256 else (128, 64)
+    """[BR, BC] tiles of the deterministic elementwise passes: the operand pass's table entry."""
+    cfg = _operand_config(C)
+    return cfg.BR, cfg.BC
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,21 +249,36 @@ def _quantize_operands_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, OBSERVE: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr,
 ):
-    """Q_x (LEVELS) over the first programs, Q_w (LEVELS_W, with lut) over the rest: one launch
-    for both operands
-    (each launch costs tens of microseconds of host time, which launch-bound small models pay
-    per layer). Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2] tensors."""
-    pid = tl.program_id(0)
+    """Q_x (LEVELS) over x's tiles, then Q_w (LEVELS_W, with lut) over W's: one launch for both
+    operands (each launch costs tens of microseconds of host time, which launch-bound small
+    models pay per layer). Program p takes tiles p, p + P, p + 2P, ... of the P programs
+    launched (`OperandConfig.programs_per_sm`), and adds the min/max it saw of each operand to
+    the observations once. Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2]
+    tensors. (Operands are deterministic: no seed, no noise index.)"""
     x_tiles = tl.cdiv(M, BR) * tl.cdiv(K, BC)
-    # (Operands are deterministic: no seed, no noise index.)
-    if pid < x_tiles:
-        _quantize_tile(x_ptr, xq_ptr, rng_ptr, obs_ptr, pid, M, K, stride_xm, stride_xk,
-                       stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False, False, OBSERVE,
-                       BR, BC, False, 1.0)
-    else:
-        _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, obs_ptr + 2, pid - x_tiles, N, K, stride_wn,
-                       stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS_W, HAS_LUT,
-                       False, OBSERVE, BR, BC, False, 1.0)
+    tiles = x_tiles + tl.cdiv(N, BR) * tl.cdiv(K, BC)
+    x_min = float("inf")
+    x_max = float("-inf")
+    w_min = float("inf")
+    w_max = float("-inf")
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        if tile < x_tiles:
+            lo, hi = _quantize_tile(x_ptr, xq_ptr, rng_ptr, tile, M, K, stride_xm, stride_xk,
+                                    stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False,
+                                    False, OBSERVE, BR, BC, False, 1.0)
+            x_min = tl.minimum(x_min, lo)
+            x_max = tl.maximum(x_max, hi)
+        else:
+            lo, hi = _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, tile - x_tiles, N, K, stride_wn,
+                                    stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0,
+                                    LEVELS_W, HAS_LUT, False, OBSERVE, BR, BC, False, 1.0)
+            w_min = tl.minimum(w_min, lo)
+            w_max = tl.maximum(w_max, hi)
+    if OBSERVE:
+        tl.atomic_min(obs_ptr, x_min)
+        tl.atomic_max(obs_ptr + 1, x_max)
+        tl.atomic_min(obs_ptr + 2, w_min)
+        tl.atomic_max(obs_ptr + 3, w_max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +508,18 @@ class GemmConfig:
     maxnreg: int | None = None  # register cap: 128 lets two 8-warp programs share an SM
 
 
+@dataclass(frozen=True)
+class OperandConfig:
+    """Launch configuration of the operand quantization pass: [BR, BC] tiles, warps, and
+    `programs_per_sm` programs per multiprocessor that loop over the tiles (0: one program per
+    tile). Every configuration computes the same bits."""
+
+    BR: int
+    BC: int
+    num_warps: int
+    programs_per_sm: int = 0
+
+
 def gpu_has_tma(device: torch.device) -> bool:
     """Whether `device` can take the TMA operand loads (a CUDA GPU of compute capability 9+ and a
     Triton with host tensor descriptors)."""
@@ -493,6 +527,15 @@ def gpu_has_tma(device: torch.device) -> bool:
         return False
     return _capability_major(device.index if device.index is not None
                              else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 1 for the CPU (the interpreter), so that tests can run
+    a few looping programs."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -524,17 +567,30 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
 DECODE_CONFIG = GemmConfig(16, 16, 64, 1, 2, 2, False, 1)
 _LARGE_CONFIG = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
 
-# What override_gemm_config forces: every problem's config ("all") or the large shapes' ("large").
-_OVERRIDE: dict[str, GemmConfig | None] = {"all": None, "large": None}
+
+def _operand_config(C: int) -> OperandConfig:
+    """Fixed table of the operand pass, by the operands' row length C (= K)."""
+    if _INTERPRET:
+        return OperandConfig(32, 64, 4)
+    # 8K-element tiles (32 a thread), four looping programs per SM: 1.37-1.50x the bandwidth of
+    # one program per tile on an H200 (bench/linear.py --operand-sweep, stop 24)
+    return OperandConfig(32, 256, 8, 4) if C >= 256 else OperandConfig(128, 64, 8, 4)
+
+
+# What override_gemm_config forces: every problem's config ("all"), the large shapes' ("large"),
+# the operand pass's ("operands").
+_OVERRIDE: dict = {"all": None, "large": None, "operands": None}
 
 
 @contextlib.contextmanager
-def override_gemm_config(config: GemmConfig | None = None, *, large: GemmConfig | None = None):
+def override_gemm_config(config: GemmConfig | None = None, *, large: GemmConfig | None = None,
+                         operands: OperandConfig | None = None):
     """Temporarily force the forward's configuration: `config` for every problem, or `large`
     for the problems the table gives its large-shape entry (what bench/linear.py --sweep
-    chooses). The one way benchmarks and tests pick a configuration; not thread-safe."""
+    chooses); `operands` for the operand pass of every problem. The one way benchmarks and
+    tests pick a configuration; not thread-safe."""
     old = dict(_OVERRIDE)
-    _OVERRIDE.update(all=config, large=large)
+    _OVERRIDE.update(all=config, large=large, operands=operands)
     try:
         yield
     finally:
@@ -605,14 +661,17 @@ def _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, obs
     Needs K = x2d.shape[1] > 0."""
     M, K = x2d.shape
     N = weight.shape[0]
-    BR, BC = _operand_tile(K)
-    grid = ((triton.cdiv(M, BR) + triton.cdiv(N, BR)) * triton.cdiv(K, BC),)
-    _quantize_operands_kernel[grid](
+    cfg = _OVERRIDE["operands"] or _operand_config(K)
+    BR, BC = cfg.BR, cfg.BC
+    programs = (triton.cdiv(M, BR) + triton.cdiv(N, BR)) * triton.cdiv(K, BC)
+    if cfg.programs_per_sm:
+        programs = min(programs, cfg.programs_per_sm * _sm_count(x2d.device))
+    _quantize_operands_kernel[(programs,)](
         x2d, weight, xq, wq, ranges, obs,
         M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         xq.stride(0), wq.stride(0), float(lut or 0.0),
         LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
-        LEVELS_W=int(lw), num_warps=4 if _INTERPRET else 8, enable_fp_fusion=False,
+        LEVELS_W=int(lw), num_warps=cfg.num_warps, enable_fp_fusion=False,
     )
 
 

@@ -25,9 +25,10 @@ Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus what was a
 flash), `det_vs_atomic` (to the default optical fwd+bwd), its peak memory, and whether two of
 its backward calls gave identical bits (`det_bit_identical`).
 `as_trained_ratio` weighs the two passes as a training step runs them: layer-selective activation
-checkpointing (torchtitan's `selective_ac_option = "2"`, the 1.1B's config) runs the forward
-again in every second layer, so a step costs fwdbwd + `--recompute` x fwd (default 0.5; 0 for
-no checkpointing, 1 for full).
+checkpointing (torchtitan's `selective_ac_option = "2"`) runs the forward again in every second
+layer, so a step costs fwdbwd + `--recompute` x fwd (default 0.5; 0 for no checkpointing, for
+per-op SAC, or with `optical.ac_save_attention`, on in the 1.1B's configs since stop 24; 1 for
+full).
 Each record: {case, B, L, H, D, baseline, fwdbwd_ratio, fwd_ratio, as_trained_ratio,
 peak_mem_ratio, raw times (ms) and peaks}.
 

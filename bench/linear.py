@@ -75,6 +75,7 @@ _O = klinear.OperandConfig
 # program per tile). None is the table's entry.
 OPERAND_CONFIGS = {
     "table": None,
+    "32x256 w8 (one per tile)": _O(32, 256, 8),  # the table entry before stop 24
     "32x256 w8 p4": _O(32, 256, 8, 4),
     "32x256 w8 p8": _O(32, 256, 8, 8),
     "64x256 w8": _O(64, 256, 8),
@@ -82,8 +83,11 @@ OPERAND_CONFIGS = {
     "16x512 w4 p8": _O(16, 512, 4, 8),
     "64x512 w16 p2": _O(64, 512, 16, 2),
 }
-# bench/linear.py's large shapes and the 1.1B flavor's linears at its batch (8 x 2048 rows)
-OPERAND_SHAPES = LARGE + [(16384, 1536, 1536), (16384, 1536, 4096), (16384, 4096, 1536)]
+# bench/linear.py's large shapes and, at the 1.1B's 8 x 2048 rows, its wq / wo (1536 -> 1536),
+# wk / wv (1536 -> 512) and feed-forward (1536 -> 5376, 5376 -> 1536) shapes. (Stop 24's sweep,
+# linear-operands-h200-stop24.json, ran 1536 -> 1536 / 4096 and 4096 -> 1536 instead.)
+OPERAND_SHAPES = LARGE + [(16384, 1536, 1536), (16384, 1536, 512), (16384, 1536, 5376),
+                          (16384, 5376, 1536)]
 
 
 def _optical_layer(x, w, b):

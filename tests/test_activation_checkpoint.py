@@ -122,10 +122,13 @@ def test_optical_ac_stands_in_for_torchtitans_op_sac_while_open():
         recomputed[name] = run_counted(wrapped, torch.randn(6, 8))[1]["linear"]
         assert titan_ac._apply_op_sac is original
     assert recomputed == {"optical": 1, "torchtitan": 3}
+    swapped = ("_apply_op_sac", "_apply_full_ac", "_apply_layer_sac")
+    originals = [getattr(titan_ac, name) for name in swapped]
     with pytest.raises(RuntimeError, match="boom"):
         with optical_ac(save_attention=True):
+            assert [getattr(titan_ac, name) for name in swapped] != originals
             raise RuntimeError("boom")
-    assert titan_ac._apply_op_sac is original
+    assert [getattr(titan_ac, name) for name in swapped] == originals
 
 
 class AttentionBlock(nn.Module):
@@ -162,17 +165,26 @@ def test_save_attention_keeps_the_attention_of_checkpointed_blocks(optical, mode
         update_ranges(block)
     cfg = ac_config()
     cfg.mode, cfg.selective_ac_option = mode, option
+    blocks = 2 if option == "2" else 1  # "2": the first block is left alone, the second not
     runs = {}
-    for save in (False, True):
-        titan_ac._layer_sac_count = 0  # torchtitan counts blocks from the first
-        with optical_ac(save_attention=save):
-            wrapped = titan_ac._apply_ac_to_transformer_block(block, cfg, base_fqn="layers.0")
-        torch.manual_seed(1)
-        runs[save] = run_counted(wrapped, x)
+    count = titan_ac._layer_sac_count
+    try:
+        for save in (False, True):
+            titan_ac._layer_sac_count = 0  # torchtitan counts blocks from the first
+            with optical_ac(save_attention=save):
+                wrapped = [titan_ac._apply_ac_to_transformer_block(block, cfg, base_fqn="layers.0")
+                           for _ in range(blocks)]
+            runs[save] = []
+            for w in wrapped:
+                torch.manual_seed(1)
+                runs[save].append(run_counted(w, x))
+    finally:
+        titan_ac._layer_sac_count = count
     attention, matmul = ("attention", "linear") if optical else ("sdpa", "addmm")
-    checkpointed = option != "2"  # "2": the first block is not checkpointed
-    (fwd0, bwd0, grad0), (fwd1, bwd1, grad1) = runs[False], runs[True]
-    assert fwd0 == fwd1 and fwd1[attention] == 1
-    assert bwd0[attention] == int(checkpointed) and bwd1[attention] == 0
-    assert bwd1[matmul] == bwd0[matmul] == (2 if checkpointed else 0)  # qkv and out again
-    assert torch.equal(grad0, grad1)
+    for i in range(blocks):
+        checkpointed = i == blocks - 1
+        (fwd0, bwd0, grad0), (fwd1, bwd1, grad1) = runs[False][i], runs[True][i]
+        assert fwd0 == fwd1 and fwd1[attention] == 1
+        assert bwd0[attention] == int(checkpointed) and bwd1[attention] == 0
+        assert bwd1[matmul] == bwd0[matmul] == (2 if checkpointed else 0)  # qkv and out again
+        assert torch.equal(grad0, grad1)

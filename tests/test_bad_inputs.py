@@ -99,8 +99,9 @@ CONFIG_CASES = [
      ["optical.quant_warmup_steps", ">= 0"]),
     ("cuda graphs without compile", ["--optical.cuda_graphs"], None, 2,
      ["optical.cuda_graphs", "compile.enable = true", "compile.components"]),
-    ("attention saving without activation checkpointing", ["--optical.ac_save_attention"], None,
-     2, ["optical.ac_save_attention", "activation_checkpoint.mode", "mode = 'none'"]),
+    ("attention saving under memory-budget checkpointing",
+     ["--optical.ac_save_attention", "--activation_checkpoint.mode", "memory_budget"], None, 2,
+     ["optical.ac_save_attention", "mode = 'memory_budget'", "allowed: false"]),
     ("activation checkpointing without rng state",
      ["--activation_checkpoint.mode", "full", "--activation_checkpoint.no-preserve_rng_state"],
      None, 2, ["activation_checkpoint.preserve_rng_state"]),
@@ -164,24 +165,22 @@ def test_cuda_graphs_checks_name_the_key():
 
 
 def test_ac_save_attention_checks_name_the_key():
-    """optical.ac_save_attention beyond the catalogue row: per-op SAC (which saves the attention
-    already), a model whose parallelize function is not the optical spec's, not a bool."""
+    """optical.ac_save_attention beyond the catalogue row: a model whose parallelize function is
+    not the optical spec's, not a bool. Per-op SAC (which saves the attention already) and no
+    checkpointing (nothing recomputed) are accepted: no attention runs twice there either."""
     from types import SimpleNamespace
 
     from torchtitan_ext.optical.config import OpticalConfigError
     from torchtitan_ext.titan.activation_checkpoint import check_ac_save_attention
 
-    def job(value=True, mode="selective", option="2", name="optical_llama3"):
+    def job(value=True, mode="selective", name="optical_llama3"):
         return SimpleNamespace(optical=SimpleNamespace(ac_save_attention=value),
                                model=SimpleNamespace(name=name),
-                               activation_checkpoint=SimpleNamespace(
-                                   mode=mode, selective_ac_option=option))
+                               activation_checkpoint=SimpleNamespace(mode=mode))
 
-    for ok in (job(), job(mode="full", option="op"), job(option="1"),
-               job(False, mode="none", name="llama3")):
+    for ok in (job(), job(mode="full"), job(mode="none"), job(False, mode="x", name="llama3")):
         check_ac_save_attention(ok)
-    cases = [(job(option="op"), ["per-op", "selective_ac_option = 'op'"]),
-             (job(mode="memory_budget"), ["mode = 'memory_budget'"]),
+    cases = [(job(mode="memory_budget"), ["mode = 'memory_budget'"]),
              (job(name="llama3"), ["model.name", "'llama3'"]),
              (job("yes"), ["true or false", "'yes'"])]
     for config, words in cases:

@@ -124,6 +124,25 @@ def test_compiled_blocks_train_like_eager_with_statistics_steps(tmp_path, eager_
         assert abs(got[s] - want[s]) <= 1e-3 * want[s], (s, got, want)
 
 
+def _compiled_ac_step_calls(tmp_path, config: str, ac_option: str, *extra: str):
+    """Counter of the op names in torchtitan's profiler trace of step 4 of a compiled run of
+    `config` with selective AC `ac_option` (seq_len 64, batch 2)."""
+    import collections
+    import json
+
+    r = torchrun(1, "--job.config_file", config, "--training.steps", "4", "--training.seq_len",
+                 "64", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
+                 "--compile.enable", "--activation_checkpoint.mode", "selective",
+                 "--activation_checkpoint.selective_ac_option", ac_option, *extra,
+                 "--profiling.enable_profiling", "--profiling.profile_freq", "4",
+                 "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1",
+                 "--job.dump_folder", str(tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    (trace,) = tmp_path.glob("profile_traces/iteration_4/rank0_trace.json")
+    return collections.Counter(
+        e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X")
+
+
 @pytest.mark.parametrize("option", ["2", "op", "2-save-attention"])
 def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path, option):
     """Selective AC on compiled blocks. Every 2nd layer ("2"): the optical ops of the
@@ -134,23 +153,10 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     own profiler trace of step 4. (An autograd.Function around the ops lost the recompute on
     the GPU while keeping it here, bench/results/train-profile-h200.json; there the check is
     `bench/train.py --profile`, which counts the kernel launches.)"""
-    import collections
-    import json
-
-    r = torchrun(1, "--job.config_file", CONFIG, "--training.steps", "4", "--training.seq_len", "64",
-                 "--training.local_batch_size", "2", "--metrics.log_freq", "1",
-                 "--optical.quant_warmup_steps", "0", "--optical.stats_every", "0",
-                 "--compile.enable", "--activation_checkpoint.mode", "selective",
-                 "--activation_checkpoint.selective_ac_option", option.split("-")[0],
-                 *(["--optical.ac_save_attention"] if option.endswith("save-attention") else []),
-                 "--profiling.enable_profiling", "--profiling.profile_freq", "4",
-                 "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1",
-                 "--job.dump_folder", str(tmp_path))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    (trace,) = tmp_path.glob("profile_traces/iteration_4/rank0_trace.json")
-    calls = collections.Counter(
-        e["name"] for e in json.loads(trace.read_text())["traceEvents"]
-        if e.get("ph") == "X" and str(e.get("name", "")).startswith("optical::"))
+    calls = _compiled_ac_step_calls(
+        tmp_path, CONFIG, option.split("-")[0], "--optical.quant_warmup_steps", "0",
+        "--optical.stats_every", "0",
+        *(["--optical.ac_save_attention"] if option.endswith("save-attention") else []))
     layers = 4
     # linears / attentions that run again in the backward: all those of every second layer
     # ("2"); per op, the 2nd, 4th and 6th linear of each layer (wk, wo, w3: every second matmul,
@@ -162,6 +168,17 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     assert calls["optical::linear_backward"] == 7 * layers, calls
     assert calls["optical::attention_backward"] == layers, calls
 
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["recomputed", "saved"])
+def test_twin_saves_its_sdpa_under_ac_save_attention(tmp_path, save):
+    """The digital twin's side of `optical.ac_save_attention`, compiled: with every-2nd-layer
+    AC its SDPA (the CPU's flash op here) runs again in the two checkpointed layers' backward,
+    and with the option it does not. Counted from torchtitan's profiler trace of step 4."""
+    calls = _compiled_ac_step_calls(tmp_path, "train_configs/debug_model_digital.toml", "2",
+                                    *(["--optical.ac_save_attention"] if save else []))
+    sdpa = calls["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert sdpa == 4 + (0 if save else 2), {k: v for k, v in calls.items() if "attention" in k}
 
 BAD = {
     "warmup": (["--optical.quant_warmup_steps", "-1"], "optical.quant_warmup_steps"),

@@ -16,10 +16,11 @@ alternation, so those steps save other matmuls than the rest (same results, othe
 
 `optical.ac_save_attention` (for both twins) keeps the attention of blocks that full or
 every-N-th-layer AC checkpoints: those blocks save the attention op's outputs (the optical
-attention, or SDPA in the twin) and recompute the rest. The optical attention's forward costs
-5.7x cuDNN's (bench/results/README.md, stop 23), so recomputing it is what a checkpointed
-optical block pays most for; the cost is one attention output (and its log-sum-exp) per
-checkpointed block.
+attention, or SDPA's cuDNN / flash / efficient op in the twin) and recompute the rest. The
+optical attention's forward costs 5.7x cuDNN's (bench/results/README.md, stop 23), so
+recomputing it is what a checkpointed optical block pays most for; the cost is one attention
+output (and its log-sum-exp) per checkpointed block. Without checkpointing, or under per-op
+SAC (which saves the attention already), the option has nothing to do.
 
 torchtitan 0.2.2 has no hook for the policies: `optical_ac` swaps its private `_apply_op_sac`
 (and, to save the attention, `_apply_layer_sac` and `_apply_full_ac`) while
@@ -47,10 +48,11 @@ __all__ = ["optical_ac", "op_sac_policy", "forced_recompute_shapes", "ATTENTION_
 _TO_COPY = torch.ops.aten._to_copy.default
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.optical.linear.default)
 _SDPA_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
-             "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_fused_attention_overrideable")
-# Whichever SDPA backend the twin's attention dispatches to, and the optical attention.
+# The SDPA backends the twin's attention dispatches to as one op, and the optical attention.
+# SDPA's math fallback is composite (it reaches a policy as its elementwise ops and matmuls), so
+# a twin on that backend (e.g. float32 on a GPU) recomputes its attention as before.
 ATTENTION_OPS = frozenset(
     [getattr(torch.ops.aten, name).default for name in _SDPA_OPS if hasattr(torch.ops.aten, name)]
     + [torch.ops.optical.attention.default])
@@ -130,7 +132,8 @@ def _apply_optical_op_sac(module: nn.Module, ac_config, *, base_fqn: str | None 
 
 
 def _save_attention_policy(ctx, func, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if func in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    save = func in ATTENTION_OPS
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpoint_saving_attention(module: nn.Module, ac_config) -> nn.Module:
@@ -160,8 +163,10 @@ def _saving_attention(apply_ac):
 
 def check_ac_save_attention(job_config) -> None:
     """`optical.ac_save_attention` applies to the blocks that full or layer-selective AC
-    checkpoints in the optical spec; anywhere else it would be silently ignored: raise naming
-    the key."""
+    checkpoints in the optical spec. Without checkpointing (mode "none") or with per-op SAC
+    (which saves the attention already) no attention runs twice and the option has nothing to
+    do; with another AC mode or another model it would be silently ignored: raise naming the
+    key."""
     from torchtitan_ext.optical.config import OpticalConfigError
 
     from .job_config import optical_flag
@@ -172,15 +177,13 @@ def check_ac_save_attention(job_config) -> None:
     if job_config.model.name != SPEC_NAME:
         raise OpticalConfigError(
             f"optical.ac_save_attention: applies to model.name {SPEC_NAME!r} (its parallelize "
-            f"function wraps the blocks); got {job_config.model.name!r}")
-    ac = job_config.activation_checkpoint
-    if ac.mode == "full" or (ac.mode == "selective" and str(ac.selective_ac_option).isdigit()):
-        return
-    raise OpticalConfigError(
-        "optical.ac_save_attention: saves the attention of the blocks that activation "
-        "checkpointing recomputes; needs activation_checkpoint.mode \"full\", or \"selective\" "
-        "with a layer frequency as selective_ac_option (per-op \"op\" saves the attention "
-        f"already); got mode = {ac.mode!r}, selective_ac_option = {ac.selective_ac_option!r}")
+            f"function wraps the blocks); got {job_config.model.name!r}; allowed: false")
+    mode = job_config.activation_checkpoint.mode
+    if mode not in ("none", "full", "selective"):
+        raise OpticalConfigError(
+            "optical.ac_save_attention: saves the attention of the blocks that activation "
+            "checkpointing recomputes with activation_checkpoint.mode \"full\" or "
+            f"\"selective\" (\"none\": nothing to do); got mode = {mode!r}; allowed: false")
 
 
 @contextlib.contextmanager

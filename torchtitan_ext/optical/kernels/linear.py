@@ -8,13 +8,13 @@ observations):
 1. ``_quantize_operands_kernel`` over x and W in one launch (a memory-bound pass; a few
    programs per SM loop over x's tiles, then W's, `OperandConfig`): Q_x / Q_w in float32,
    rounded back to the *input* dtype (exactly the reference's operand values), written once into
-   scratch buffers, with the min/max of the unquantized tensor observed in the same pass (one
-   float atomic per program and operand). Quantizing inside the GEMM's mainloop instead
-   (prologue fusion, what mase-triton does) re-quantizes every operand tile once per output tile -- N/BN times for x and
-   M/BM times for W -- and puts IEEE divisions between the loads and the tensor cores. A separate
-   pass costs one read and one write of x and W and leaves the mainloop a plain, pipelined bf16
-   GEMM (TMA loads + wgmma on Hopper). One launch for both
-   operands, not one each: small models are launch-bound (bench/overhead.py).
+   scratch buffers, with the min/max of the unquantized tensor observed in the same pass (two
+   float atomics, min and max, per program and operand). Quantizing inside the GEMM's mainloop
+   instead (prologue fusion, what mase-triton does) re-quantizes every operand tile once per
+   output tile -- N/BN times for x and M/BM times for W -- and puts IEEE divisions between the
+   loads and the tensor cores. A separate pass costs one read and one write of x and W and
+   leaves the mainloop a plain, pipelined bf16 GEMM (TMA loads + wgmma on Hopper). One launch
+   for both operands, not one each: small models are launch-bound (bench/overhead.py).
 2. ``_linear_fwd_kernel``: the GEMM on the quantized operands with float32 accumulation over the
    complete K, and an epilogue that (a) observes min/max of the accumulator (one atomic per tile,
    no extra pass and no extra matmul to initialise the output range), (b) applies Q_out with
@@ -47,10 +47,10 @@ forward 1.45x / 1.43x / 1.35x, forward+backward 1.18x / 1.17x / 1.18x, peak memo
 range bookkeeping of a training forward); 2.4-2.7x faster forward+backward and 4.6-4.7x faster
 forward than mase-triton 0.0.7's layer. Before one Philox block served four outputs, the forward's
 time at 16384x2048->8192 split as (sweep2, in units of nn.Linear's forward): the two operand
-passes 0.18 (they run at ~1.5 TB/s, well under bandwidth), the Triton GEMM with the deterministic
-part of the epilogue 1.27, the Philox noise 0.48. The 1.3x forward target is still not met; the
-next steps would be a persistent, warp-specialised GEMM whose epilogue overlaps the next tile's
-mainloop, and operand passes at bandwidth.
+passes 0.18 (at ~1.5 TB/s; one looping pass since stop 24, 2.0-2.3 TB/s), the Triton GEMM with
+the deterministic part of the epilogue 1.27, the Philox noise 0.48. The 1.3x forward target is
+still not met; the next steps would be a persistent, warp-specialised GEMM whose epilogue
+overlaps the next tile's mainloop, and an operand pass at bandwidth.
 
 Host syncs: none. The seed and all ranges are device tensors read inside the kernels; whether a
 range is initialised is decided per program on the device (an uninitialised output range skips
@@ -261,19 +261,20 @@ def _quantize_operands_kernel(
     x_max = float("-inf")
     w_min = float("inf")
     w_max = float("-inf")
+    # (propagate_nan: a NaN a tile saw reaches the observation, as with one program per tile)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < x_tiles:
             lo, hi = _quantize_tile(x_ptr, xq_ptr, rng_ptr, tile, M, K, stride_xm, stride_xk,
                                     stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False,
                                     False, OBSERVE, BR, BC, False, 1.0)
-            x_min = tl.minimum(x_min, lo)
-            x_max = tl.maximum(x_max, hi)
+            x_min = tl.minimum(x_min, lo, propagate_nan=tl.PropagateNan.ALL)
+            x_max = tl.maximum(x_max, hi, propagate_nan=tl.PropagateNan.ALL)
         else:
             lo, hi = _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, tile - x_tiles, N, K, stride_wn,
                                     stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0,
                                     LEVELS_W, HAS_LUT, False, OBSERVE, BR, BC, False, 1.0)
-            w_min = tl.minimum(w_min, lo)
-            w_max = tl.maximum(w_max, hi)
+            w_min = tl.minimum(w_min, lo, propagate_nan=tl.PropagateNan.ALL)
+            w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBSERVE:
         tl.atomic_min(obs_ptr, x_min)
         tl.atomic_max(obs_ptr + 1, x_max)

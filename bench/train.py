@@ -28,6 +28,15 @@ path regressed. A tree for the GPU host (carried as an ignored folder):
     git archive REV run.py torchtitan_ext train_configs | (mkdir -p .base && tar -x -C .base)
     python3 bench/train.py --flavors 60M --base-tree .base --out $OUT/train-vs-base.json
 
+`--arm NAME=FLAGS` (repeatable) measures variants of both modes in the same alternation: every
+repeat runs each arm's digital and optical run (the arms' order reversed on odd repeats), each
+with FLAGS added, and each arm gets its own record (`arm`, `arm_flags`); the records after the
+first also give each mode's tokens/s over the first arm's (`<mode>_over_<first arm>_tps`, with
+its range). E.g. an option of both twins against its absence:
+
+    python3 bench/train.py --flavors 1.1B --steps 16 --skip 6 --repeats 3 \
+        --arm "off=--optical.no-ac_save_attention" --arm "on=--optical.ac_save_attention"
+
 `--profile`: torchtitan's profiler records the last step of the last repeat of each mode; the
 record then says how busy the GPU was during that step (the union of its kernels' intervals over
 the step's wall time: well under 1 means the step is host-bound) and which kernels took the GPU
@@ -78,9 +87,12 @@ def base_tree_cache(tree: Path, workdir: str) -> str:
     return str(Path(workdir).resolve() / f"inductor-cache-base-{digest.hexdigest()[:12]}")
 
 
-def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = False) -> dict:
-    """One trainer run; its per-step metrics and the median tokens/s after `--skip`."""
-    dump = Path(args.workdir) / f"{mode}_{flavor}_{args.nproc}_r{repeat}"
+def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = False,
+             arm: tuple[str, str] = ("", "")) -> dict:
+    """One trainer run (with the arm's flags); its per-step metrics and the median tokens/s
+    after `--skip`."""
+    name = f"{arm[0]}_" if arm[0] else ""
+    dump = Path(args.workdir) / f"{name}{mode}_{flavor}_{args.nproc}_r{repeat}"
     optical = mode in ("optical", "optical_base")
     tree = Path(args.base_tree).resolve() if mode == "optical_base" else ROOT
     config = f"train_configs/{'optical' if optical else mode}_{flavor}.toml"
@@ -95,7 +107,7 @@ def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = Fals
            *(["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps),
               "--profiling.profiler_warmup", "1", "--profiling.profiler_active", "1"]
              if profile else []),
-           *shlex.split(args.parallel), *shlex.split(args.extra)]
+           *shlex.split(args.parallel), *shlex.split(args.extra), *shlex.split(arm[1])]
     start = time.time()
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
@@ -106,7 +118,7 @@ def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = Fals
     wall = time.time() - start
     log = r.stdout + r.stderr
     steps = parse(log)
-    rec = {"flavor": flavor, "mode": mode, "repeat": repeat, "profiled": profile,
+    rec = {"flavor": flavor, "mode": mode, "arm": arm[0], "repeat": repeat, "profiled": profile,
            "nproc": args.nproc, "parallel": args.parallel, "tree": str(tree),
            "command": " ".join(cmd[1:]), "returncode": r.returncode, "wall_s": round(wall, 1)}
     if r.returncode != 0 or not steps:
@@ -170,6 +182,39 @@ def schedule(modes: list[str], repeats: int, profile: bool) -> list[tuple[int, s
     return [(r, m, profile and r == repeats - 1) for r in range(repeats) for m in modes]
 
 
+def arm_schedule(arms: list[tuple[str, str]], modes: list[str], repeats: int,
+                 profile: bool) -> list[tuple[int, tuple[str, str], str, bool]]:
+    """(repeat, arm, mode, profiled) in run order: within every repeat each arm runs the modes
+    in turn, the arms in the given order on even repeats and reversed on odd ones."""
+    out = []
+    for r, mode_list in _by_repeat(schedule(modes, repeats, profile)):
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
+            out += [(r, arm, m, p) for _, m, p in mode_list]
+    return out
+
+
+def _by_repeat(runs: list[tuple[int, str, bool]]) -> list[tuple[int, list]]:
+    repeats: dict[int, list] = {}
+    for run in runs:
+        repeats.setdefault(run[0], []).append(run)
+    return list(repeats.items())
+
+
+def parse_arms(values: list[str]) -> list[tuple[str, str]]:
+    """[(name, flags)] of the --arm NAME=FLAGS values; one unnamed arm without flags when none.
+    Raises ValueError on a missing name or a name given twice."""
+    arms = []
+    for v in values:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--arm: expected NAME=FLAGS, got {v!r}")
+        arms.append((name.strip(), flags))
+    names = [n for n, _ in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--arm: each name once, got {names}")
+    return arms or [("", "")]
+
+
 def summarize_mode(runs: list[dict]) -> dict:
     """Median, min and max over the repeats of one mode's per-run median tokens/s (profiled
     repeats left out unless nothing else succeeded), and the largest peak memory."""
@@ -202,6 +247,21 @@ def summarize_case(flavor: str, args, runs: dict[str, list[dict]]) -> dict:
     }
 
 
+def summarize_arms(flavor: str, args, arms: list[tuple[str, str]], runs: dict) -> list[dict]:
+    """One `summarize_case` record per arm (printed as it is made); with several arms each
+    record also names its arm and, after the first, gives each mode over the first arm's."""
+    records = []
+    for i, arm in enumerate(arms):
+        rec = summarize_case(flavor, args, runs[arm])
+        if len(arms) > 1:
+            rec = {"arm": arm[0], "arm_flags": arm[1], **rec}
+            for m in args.modes if i else []:
+                rec.update(_ratio(rec[m], records[0][m], f"{m}_over_{arms[0][0]}_tps"))
+        records.append(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k != "runs"}), flush=True)
+    return records
+
+
 def _ratio(a: dict, b: dict, key: str) -> dict:
     """{key: median ratio a/b of tokens/s, key_range: [a min / b max, a max / b min]}, both
     None when either mode has no figure."""
@@ -230,29 +290,34 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="profile the last step of each mode's last repeat: GPU busy fraction "
                         "and top kernels")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a variant of both modes, alternating with the other arms (repeatable)")
     p.add_argument("--out", default="bench/results/train-h200.json")
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be an integer >= 1 (3 or more for a spread), got {args.repeats}")
+    try:
+        arms = parse_arms(args.arm)
+    except ValueError as e:
+        p.error(str(e))
     if args.base_tree:
         if not (Path(args.base_tree) / "run.py").is_file():
             p.error(f"--base-tree: {args.base_tree} holds no run.py (a tree of this project)")
         args.modes = [*args.modes, "optical_base"]
     records = []
     for flavor in args.flavors:
-        runs: dict[str, list[dict]] = {m: [] for m in args.modes}
-        for repeat, mode, profiled in schedule(args.modes, args.repeats, args.profile):
-            rec = run_case(flavor, mode, args, repeat, profiled)
-            runs[mode].append(rec)
-            print(json.dumps({k: rec.get(k) for k in ("flavor", "mode", "repeat", "profiled",
-                                                        "returncode", "tps_per_gpu_median")}),
-                  flush=True)
+        runs = {arm: {m: [] for m in args.modes} for arm in arms}
+        for repeat, arm, mode, profiled in arm_schedule(arms, args.modes, args.repeats,
+                                                        args.profile):
+            rec = run_case(flavor, mode, args, repeat, profiled, arm)
+            runs[arm][mode].append(rec)
+            print(json.dumps({k: rec.get(k) for k in ("flavor", "mode", "arm", "repeat",
+                                                        "profiled", "returncode",
+                                                        "tps_per_gpu_median")}), flush=True)
             if "error_tail" in rec:
-                print(f"--- {mode} {flavor} repeat {repeat} failed:\n{rec['error_tail']}",
-                      flush=True)
-        summary = summarize_case(flavor, args, runs)
-        records.append(summary)
-        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+                print(f"--- {mode} {flavor} {arm[0]} repeat {repeat} failed:\n"
+                      f"{rec['error_tail']}", flush=True)
+        records += summarize_arms(flavor, args, arms, runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(records, indent=1))
     print(f"wrote {args.out}")

@@ -94,7 +94,7 @@ def test_train_bench_alternates_modes_and_reports_median_and_spread(tmp_path, mo
            ("optical", 1): 50.0, ("digital", 2): 90.0, ("optical", 2): 1.0}  # optical 2 profiled
     order = []
 
-    def fake_run(flavor, mode, args, repeat=0, profile=False):
+    def fake_run(flavor, mode, args, repeat=0, profile=False, arm=("", "")):
         order.append((mode, repeat, profile))
         if (mode, repeat) == ("digital", 1) and flavor == "bad":
             return {"mode": mode, "repeat": repeat, "profiled": profile, "error_tail": "x"}
@@ -254,6 +254,46 @@ def test_train_bench_base_tree_runs_optical_from_that_tree(tmp_path, monkeypatch
     assert cwd == base.resolve() and path.split(os.pathsep)[0] == str(base.resolve())
     assert "train_configs/optical_60M.toml" in cmd and "--optical.quant_warmup_steps" in cmd
     assert seen[1][1] == bt.ROOT and "train_configs/digital_60M.toml" in seen[0][0]
+
+
+def test_train_bench_arms_alternate_and_compare_with_the_first(tmp_path, monkeypatch):
+    """bench/train.py --arm NAME=FLAGS: every repeat runs each arm's modes (arm order reversed
+    on odd repeats), the arm's flags reach its command, each arm gets a record, and the later
+    arms' give each mode over the first arm's; a malformed or repeated name is refused."""
+    import json
+    import subprocess
+    import sys
+
+    bt = _bench_train()
+    seen = []
+
+    def fake_subprocess_run(cmd, cwd, env, **kw):
+        line = " ".join(cmd)
+        seen.append(line)
+        tps = (100 if "optical" in line.split("--job.config_file ")[1][:30] else 200) * \
+            (1.1 if "--fast" in line else 1.0)
+        log = "".join(f"step: {s}  loss: 1.0  memory: 2.0GiB  tps: {tps:.0f}\n"
+                      for s in range(1, 6))
+        return subprocess.CompletedProcess(cmd, 0, log, "")
+
+    monkeypatch.setattr(bt.subprocess, "run", fake_subprocess_run)
+    out = tmp_path / "train.json"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--flavors", "60M", "--repeats", "2",
+                                      "--skip", "1", "--arm", "base=", "--arm", "fast=--fast",
+                                      "--workdir", str(tmp_path), "--out", str(out)])
+    bt.main()
+    arms = ["fast" if "--fast" in line else "base" for line in seen]
+    assert arms == ["base", "base", "fast", "fast", "fast", "fast", "base", "base"]
+    assert all(f"/{a}_" in line for a, line in zip(arms, seen))  # own dump folders
+    base, fast = json.loads(out.read_text())
+    assert (base["arm"], fast["arm"], fast["arm_flags"]) == ("base", "fast", "--fast")
+    assert "optical_over_base_tps" not in base
+    assert fast["optical_over_base_tps"] == 1.1 and fast["digital_over_base_tps"] == 1.1
+    assert base["optical_over_digital_tps"] == fast["optical_over_digital_tps"] == 0.5
+    for bad in (["--arm", "noflags"], ["--arm", "a=", "--arm", "a=--x"], ["--arm", "=--x"]):
+        monkeypatch.setattr(sys, "argv", ["train.py", *bad, "--out", str(out)])
+        with pytest.raises(SystemExit):
+            bt.main()
 
 
 def test_plot_merges_sessions_later_runs_win():

@@ -31,8 +31,8 @@ path regressed. A tree for the GPU host (carried as an ignored folder):
 `--arm NAME=FLAGS` (repeatable) measures variants of both modes in the same alternation: every
 repeat runs each arm's digital and optical run (the arms' order reversed on odd repeats), each
 with FLAGS added, and each arm gets its own record (`arm`, `arm_flags`); the records after the
-first also give each mode's tokens/s over the first arm's (`<mode>_over_<first arm>_tps`, with
-its range). E.g. an option of both twins against its absence:
+first also give each mode's tokens/s over the first arm's (`<mode>_over_arm_<first arm>_tps`,
+with its range). E.g. an option of both twins against its absence:
 
     python3 bench/train.py --flavors 1.1B --steps 16 --skip 6 --repeats 3 \
         --arm "off=--optical.no-ac_save_attention" --arm "on=--optical.ac_save_attention"
@@ -206,9 +206,10 @@ def parse_arms(values: list[str]) -> list[tuple[str, str]]:
     arms = []
     for v in values:
         name, sep, flags = v.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--arm: expected NAME=FLAGS, got {v!r}")
-        arms.append((name.strip(), flags))
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"--arm: expected NAME=FLAGS with NAME of letters, digits, _ . -"
+                             f" (it names the runs' folders), got {v!r}")
+        arms.append((name, flags))
     names = [n for n, _ in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"--arm: each name once, got {names}")
@@ -248,15 +249,15 @@ def summarize_case(flavor: str, args, runs: dict[str, list[dict]]) -> dict:
 
 
 def summarize_arms(flavor: str, args, arms: list[tuple[str, str]], runs: dict) -> list[dict]:
-    """One `summarize_case` record per arm (printed as it is made); with several arms each
-    record also names its arm and, after the first, gives each mode over the first arm's."""
+    """One `summarize_case` record per arm (printed as it is made); named arms' records also
+    name their arm and, after the first, give each mode over the first arm's."""
     records = []
     for i, arm in enumerate(arms):
         rec = summarize_case(flavor, args, runs[arm])
-        if len(arms) > 1:
+        if arm[0]:
             rec = {"arm": arm[0], "arm_flags": arm[1], **rec}
             for m in args.modes if i else []:
-                rec.update(_ratio(rec[m], records[0][m], f"{m}_over_{arms[0][0]}_tps"))
+                rec.update(_ratio(rec[m], records[0][m], f"{m}_over_arm_{arms[0][0]}_tps"))
         records.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "runs"}), flush=True)
     return records

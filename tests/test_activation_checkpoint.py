@@ -126,7 +126,7 @@ def test_optical_ac_stands_in_for_torchtitans_op_sac_while_open():
     originals = [getattr(titan_ac, name) for name in swapped]
     with pytest.raises(RuntimeError, match="boom"):
         with optical_ac(save_attention=True):
-            assert [getattr(titan_ac, name) for name in swapped] != originals
+            assert all(getattr(titan_ac, n) is not o for n, o in zip(swapped, originals))
             raise RuntimeError("boom")
     assert [getattr(titan_ac, name) for name in swapped] == originals
 

@@ -287,10 +287,11 @@ def test_train_bench_arms_alternate_and_compare_with_the_first(tmp_path, monkeyp
     assert all(f"/{a}_" in line for a, line in zip(arms, seen))  # own dump folders
     base, fast = json.loads(out.read_text())
     assert (base["arm"], fast["arm"], fast["arm_flags"]) == ("base", "fast", "--fast")
-    assert "optical_over_base_tps" not in base
-    assert fast["optical_over_base_tps"] == 1.1 and fast["digital_over_base_tps"] == 1.1
+    assert "optical_over_arm_base_tps" not in base
+    assert fast["optical_over_arm_base_tps"] == 1.1 and fast["digital_over_arm_base_tps"] == 1.1
     assert base["optical_over_digital_tps"] == fast["optical_over_digital_tps"] == 0.5
-    for bad in (["--arm", "noflags"], ["--arm", "a=", "--arm", "a=--x"], ["--arm", "=--x"]):
+    for bad in (["--arm", "noflags"], ["--arm", "a=", "--arm", "a=--x"], ["--arm", "=--x"],
+                ["--arm", "/x=--y"]):
         monkeypatch.setattr(sys, "argv", ["train.py", *bad, "--out", str(out)])
         with pytest.raises(SystemExit):
             bt.main()

@@ -169,7 +169,6 @@ def test_selective_ac_recomputes_the_optical_ops_of_checkpointed_layers(tmp_path
     assert calls["optical::attention_backward"] == layers, calls
 
 
-
 @pytest.mark.parametrize("save", [False, True], ids=["recomputed", "saved"])
 def test_twin_saves_its_sdpa_under_ac_save_attention(tmp_path, save):
     """The digital twin's side of `optical.ac_save_attention`, compiled: with every-2nd-layer
@@ -179,6 +178,7 @@ def test_twin_saves_its_sdpa_under_ac_save_attention(tmp_path, save):
                                     *(["--optical.ac_save_attention"] if save else []))
     sdpa = calls["aten::_scaled_dot_product_flash_attention_for_cpu"]
     assert sdpa == 4 + (0 if save else 2), {k: v for k, v in calls.items() if "attention" in k}
+
 
 BAD = {
     "warmup": (["--optical.quant_warmup_steps", "-1"], "optical.quant_warmup_steps"),

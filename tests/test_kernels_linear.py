@@ -670,6 +670,24 @@ def test_operand_pass_configs_give_the_same_bits(kernel_device, cfg, dtype):
     assert torch.equal(obs1[:2].cpu(), want)
 
 
+def test_operand_pass_observes_a_nan_tile_alike_in_every_config(kernel_device):
+    """A tile of x that is all NaN: looping programs observe what one program per tile does
+    (the max NaN, the min that of the other tiles)."""
+    dev = kernel_device
+    x, w, b = _inputs(64, 64, 40, torch.float32, dev, gen_seed=3, bias=False)
+    ranges = _ranges_from_data(x, w, dev)
+    x[:32] = float("nan")  # the first 32x64 tile (the interpreter's table entry)
+    obs = {}
+    for cfg in (klinear.OperandConfig(32, 64, 4), klinear.OperandConfig(32, 64, 4, 1)):
+        with klinear.override_gemm_config(operands=cfg):
+            obs[cfg] = klinear.linear_forward(
+                x, w, None, *ranges, _seed(dev), levels=64, lut=None, stream=0,
+                index=LinearIndex.whole(64, 40), observe=True)[1][:2].cpu()
+    one, looping = obs.values()
+    assert torch.equal(one.nan_to_num(), looping.nan_to_num()), (one, looping)
+    assert torch.isnan(looping[0, 1]) and looping[0, 0] == x[32:].min().cpu()
+
+
 _DECODE_CANDIDATES = [klinear.DECODE_CONFIG, klinear.GemmConfig(16, 32, 64, 1, 4, 2, False, 2),
                       klinear.GemmConfig(16, 64, 64, 1, 4, 2, False, 4)]
 

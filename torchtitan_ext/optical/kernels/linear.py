@@ -261,19 +261,20 @@ def _quantize_operands_kernel(
     x_max = float("-inf")
     w_min = float("inf")
     w_max = float("-inf")
-    # (propagate_nan: a NaN a tile saw reaches the observation, as with one program per tile)
+    # A tile's min/max skip NaNs unless the whole tile is NaN; then, as with one program per
+    # tile, the max observes NaN (propagated here) and the min the other tiles' minimum.
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < x_tiles:
             lo, hi = _quantize_tile(x_ptr, xq_ptr, rng_ptr, tile, M, K, stride_xm, stride_xk,
                                     stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False,
                                     False, OBSERVE, BR, BC, False, 1.0)
-            x_min = tl.minimum(x_min, lo, propagate_nan=tl.PropagateNan.ALL)
+            x_min = tl.minimum(x_min, lo)
             x_max = tl.maximum(x_max, hi, propagate_nan=tl.PropagateNan.ALL)
         else:
             lo, hi = _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, tile - x_tiles, N, K, stride_wn,
                                     stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0,
                                     LEVELS_W, HAS_LUT, False, OBSERVE, BR, BC, False, 1.0)
-            w_min = tl.minimum(w_min, lo, propagate_nan=tl.PropagateNan.ALL)
+            w_min = tl.minimum(w_min, lo)
             w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBSERVE:
         tl.atomic_min(obs_ptr, x_min)

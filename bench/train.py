@@ -178,26 +178,17 @@ def profile_summary(trace: Path, top: int = 12) -> dict:
 
 def schedule(modes: list[str], repeats: int, profile: bool) -> list[tuple[int, str, bool]]:
     """(repeat, mode, profiled) in run order: the modes alternate within every repeat; only the
-    last repeat is profiled (with --profile)."""
-    return [(r, m, profile and r == repeats - 1) for r in range(repeats) for m in modes]
+    last repeat is profiled (with --profile). `arm_schedule` with one arm."""
+    return [(r, m, p) for r, _, m, p in arm_schedule([("", "")], modes, repeats, profile)]
 
 
 def arm_schedule(arms: list[tuple[str, str]], modes: list[str], repeats: int,
                  profile: bool) -> list[tuple[int, tuple[str, str], str, bool]]:
     """(repeat, arm, mode, profiled) in run order: within every repeat each arm runs the modes
-    in turn, the arms in the given order on even repeats and reversed on odd ones."""
-    out = []
-    for r, mode_list in _by_repeat(schedule(modes, repeats, profile)):
-        for arm in (arms if r % 2 == 0 else arms[::-1]):
-            out += [(r, arm, m, p) for _, m, p in mode_list]
-    return out
-
-
-def _by_repeat(runs: list[tuple[int, str, bool]]) -> list[tuple[int, list]]:
-    repeats: dict[int, list] = {}
-    for run in runs:
-        repeats.setdefault(run[0], []).append(run)
-    return list(repeats.items())
+    in turn, the arms in the given order on even repeats and reversed on odd ones; only the
+    last repeat is profiled (with --profile)."""
+    return [(r, arm, m, profile and r == repeats - 1) for r in range(repeats)
+            for arm in (arms if r % 2 == 0 else arms[::-1]) for m in modes]
 
 
 def parse_arms(values: list[str]) -> list[tuple[str, str]]:

@@ -120,10 +120,16 @@ def _apply_optical_op_sac(module: nn.Module, ac_config, *, base_fqn: str | None 
     save_ops = set(op_sac_save_list) | {torch.ops.optical.attention.default}
     recompute_shapes = forced_recompute_shapes(
         module, list(ac_config.per_op_sac_force_recompute_mm_shapes_by_fqns), base_fqn)
+    return _selective_checkpoint(module, ac_config,
+                                 lambda: op_sac_policy(save_ops, recompute_shapes))
+
+
+def _selective_checkpoint(module: nn.Module, ac_config, make_policy) -> nn.Module:
+    """`module` checkpointed with torchtitan's AC settings, under the policy `make_policy()`
+    returns for each checkpointed call."""
     return checkpoint_wrapper(
         module,
-        context_fn=lambda: create_selective_checkpoint_contexts(
-            op_sac_policy(save_ops, recompute_shapes)),
+        context_fn=lambda: create_selective_checkpoint_contexts(make_policy()),
         preserve_rng_state=ac_config.preserve_rng_state,
         determinism_check=ac_config.determinism_check,
         early_stop=ac_config.early_stop,
@@ -136,27 +142,16 @@ def _save_attention_policy(ctx, func, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _checkpoint_saving_attention(module: nn.Module, ac_config) -> nn.Module:
-    """`module` checkpointed as full AC does, except that the attention ops' outputs are saved."""
-    return checkpoint_wrapper(
-        module,
-        context_fn=lambda: create_selective_checkpoint_contexts(_save_attention_policy),
-        preserve_rng_state=ac_config.preserve_rng_state,
-        determinism_check=ac_config.determinism_check,
-        early_stop=ac_config.early_stop,
-        debug=ac_config.debug,
-    )
-
-
 def _saving_attention(apply_ac):
     """torchtitan's `apply_ac(module, ac_config)` (full, or every N-th layer), with each block it
-    checkpoints checkpointed by `_checkpoint_saving_attention` instead; torchtitan still decides
-    which blocks (its layer counter runs as before; the wrapper it returns is dropped)."""
+    checkpoints checkpointed as it does except that the attention ops' outputs are saved;
+    torchtitan still decides which blocks (its layer counter runs as before; the wrapper it
+    returns is dropped)."""
 
     def apply(module: nn.Module, ac_config) -> nn.Module:
         if apply_ac(module, ac_config) is module:
             return module
-        return _checkpoint_saving_attention(module, ac_config)
+        return _selective_checkpoint(module, ac_config, lambda: _save_attention_policy)
 
     return apply
 

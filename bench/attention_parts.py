@@ -15,6 +15,9 @@ Without hardware counters, a stage's cost is the difference between two variants
 - backward: shipped; `noise=False`; the deterministic dQ path; the draws by broadcasts; each of
   `--bwd-configs`;
 - the baselines: SDPA forced onto cuDNN and onto flash, forward and forward+backward.
+`--configs-only` times just the shipped kernels, the candidate configurations and the baselines
+(a tile sweep without the stage variants' compiles), and checks each candidate's outputs against
+the shipped configuration's (`agreement_with_shipped`).
 Times: CUDA events, warm-up, median of `--reps` (METHOD.md); the variants alternate in rounds
 (`--rounds`), and each record keeps the per-round medians, so drift shows as spread.
 """
@@ -60,8 +63,9 @@ def _reg_variant(text: str):
             int(parts[3]) if len(parts) == 4 else None)
 
 
-def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
-    """name -> zero-argument callable, each one kernel path of the same inputs."""
+def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None, stages=True):
+    """name -> zero-argument callable, each one kernel path of the same inputs; stages=False
+    leaves out the stage variants (noise off, observation off, ...), for a tile sweep."""
     def fwd(**kw):
         return A.attention_forward(x.q, x.k, x.v, x.q_range, x.k_range, x.v_range, x.s_range,
                                    x.y_range, x.seeds, **{**x.kw, "observe": True, **kw})
@@ -78,13 +82,15 @@ def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
                 return fn(**kw)
         return run
 
-    v = {"fwd": fwd, "fwd_noise_off": lambda: fwd(noise=False),
-         "fwd_observe_off": lambda: fwd(observe=False),
-         "fwd_pass2_regenerates": under({"code_scratch_bytes": 0}, fwd),
-         "fwd_draws_broadcasts": under({"draws": {"fwd": "broadcasts"}}, fwd),
-         "bwd": bwd, "bwd_noise_off": lambda: bwd(noise=False),
-         "bwd_deterministic": lambda: bwd(deterministic=True),
-         "bwd_draws_broadcasts": under({"draws": {"bwd": "broadcasts"}}, bwd)}
+    v = {"fwd": fwd, "bwd": bwd}
+    if stages:
+        v.update({"fwd_noise_off": lambda: fwd(noise=False),
+                  "fwd_observe_off": lambda: fwd(observe=False),
+                  "fwd_pass2_regenerates": under({"code_scratch_bytes": 0}, fwd),
+                  "fwd_draws_broadcasts": under({"draws": {"fwd": "broadcasts"}}, fwd),
+                  "bwd_noise_off": lambda: bwd(noise=False),
+                  "bwd_deterministic": lambda: bwd(deterministic=True),
+                  "bwd_draws_broadcasts": under({"draws": {"bwd": "broadcasts"}}, bwd)})
     for c in fwd_cfgs:
         v["fwd_cfg_" + "x".join(map(str, c))] = under({"fwd": c}, fwd)
     for c in bwd_cfgs:
@@ -98,6 +104,27 @@ def variants(x, fwd_cfgs, bwd_cfgs, reg_variants=(), scratch_bytes=None):
         v[f"{base}_fwd"] = _bound(x.flash_fwd, x, base)
         v[f"{base}_fwdbwd"] = _bound(x.flash_fwdbwd, x, base)
     return v
+
+
+def config_agreement(fns: dict) -> dict:
+    """For each tile-configuration variant, how far its outputs are from the shipped
+    configuration's: forward, the fraction of y elements that differ (accumulation order may
+    move a few across a Q_y level) and the largest lse difference; backward, the relative norm
+    error of each gradient (dQ adds by atomics in any order). A wrong kernel shows as a large
+    figure, a sound one as ~0."""
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    ref_fwd, ref_bwd, out = fns["fwd"](), fns["bwd"](), {}
+    for name, fn in fns.items():
+        if name.startswith("fwd_cfg_"):
+            y, lse, _ = fn()
+            out[name] = {"y_differ_frac": (y != ref_fwd[0]).float().mean().item(),
+                         "lse_max_diff": (lse - ref_fwd[1]).abs().max().item()}
+        elif name.startswith("bwd_cfg_"):
+            out[name] = {g: rel(a.float(), b.float())
+                         for g, a, b in zip(("dq", "dk", "dv"), fn(), ref_bwd)}
+    return out
 
 
 def _bound(fn, x, baseline):
@@ -121,6 +148,10 @@ def main():
                          "and for fwd the persistent programs per SM)")
     ap.add_argument("--scratch-bytes", type=int, default=None,
                     help="code-scratch cap for the --reg-variants (more programs need more)")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="time the shipped kernels, the candidate configurations and the "
+                         "baselines only (no stage variants), and check each candidate's "
+                         "outputs against the shipped configuration's")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/attention-parts-h200.json")
@@ -130,7 +161,8 @@ def main():
     reg_variants = [_reg_variant(t) for t in args.reg_variants.split(",") if t]
     x = bench_attention.Inputs(args.batch, args.heads, args.hkv, args.length, args.head_dim,
                                torch.bfloat16)
-    fns = variants(x, fwd_cfgs, bwd_cfgs, reg_variants, args.scratch_bytes)
+    fns = variants(x, fwd_cfgs, bwd_cfgs, reg_variants, args.scratch_bytes,
+                   stages=not args.configs_only)
     times: dict[str, list[float]] = {k: [] for k in fns}
     failed = {}
     for r in range(args.rounds):
@@ -150,6 +182,9 @@ def main():
            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "median_ms": {k: statistics.median(v) for k, v in times.items() if v},
            "rounds_ms": times, "failed": failed}
+    if args.configs_only:
+        rec["agreement_with_shipped"] = config_agreement(
+            {k: f for k, f in fns.items() if k not in failed})
     med = rec["median_ms"]
     # forward variants against cuDNN's forward; backward variants as fwd + that bwd against
     # cuDNN's fwd+bwd

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,3 +379,27 @@ def test_attention_parts_bad_flags_exit_before_gpu_work(argv, words, monkeypatch
     monkeypatch.setattr("sys.argv", ["attention_parts.py", *argv])
     with pytest.raises(SystemExit, match=re.escape(words)):
         _module("attention_parts").main()
+
+
+def test_attention_parts_config_agreement_flags_a_wrong_config():
+    """`--configs-only` compares each candidate tile configuration's outputs with the shipped
+    one's: a candidate that agrees reports ~0, one whose y or gradients differ reports it."""
+    parts = _module("attention_parts")
+    g = torch.Generator().manual_seed(0)
+    y, lse = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, generator=g)
+    grads = tuple(torch.randn(4, 8, generator=g) for _ in range(3))
+    fns = {"fwd": lambda: (y, lse, None), "bwd": lambda: grads,
+           "fwd_cfg_64x32x4x4": lambda: (y.clone(), lse.clone(), None),
+           "fwd_cfg_128x32x8x4": lambda: (y.flip(-1), lse + 0.5, None),
+           "bwd_cfg_64x64x4x2": lambda: tuple(t.clone() for t in grads),
+           "bwd_cfg_32x128x8x3": lambda: (grads[0], grads[1] * 2, grads[2]),
+           "cudnn_fwd": lambda: None}
+    out = parts.config_agreement(fns)
+    assert set(out) == {"fwd_cfg_64x32x4x4", "fwd_cfg_128x32x8x4", "bwd_cfg_64x64x4x2",
+                        "bwd_cfg_32x128x8x3"}
+    assert out["fwd_cfg_64x32x4x4"] == {"y_differ_frac": 0.0, "lse_max_diff": 0.0}
+    assert out["fwd_cfg_128x32x8x4"]["y_differ_frac"] > 0.5
+    assert out["fwd_cfg_128x32x8x4"]["lse_max_diff"] == pytest.approx(0.5)
+    assert out["bwd_cfg_64x64x4x2"] == {"dq": 0.0, "dk": 0.0, "dv": 0.0}
+    assert out["bwd_cfg_32x128x8x3"]["dk"] == pytest.approx(1.0)
+    assert out["bwd_cfg_32x128x8x3"]["dq"] == 0.0

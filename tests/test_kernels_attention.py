@@ -859,6 +859,25 @@ def test_per_quantizer_levels(kernel_device, which):
     assert torch.equal(c1.forward()[0], c2.forward()[0])
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_exact_softmax_ties_round_as_the_reference(kernel_device, seed):
+    """Every key of a head equal, read-out noise off: each row's S values are equal, so row i
+    has P = 1 / (i + 1) exactly, and row 1 meets Q_p's exact tie P * 255 = 127.5 (rounds to 128).
+    The kernels' softmax runs on level indices (`_logit_step`): the row maximum's exponent must
+    be exactly 0 there, as the reference's, or row 1 rounds to 127 in some heads."""
+    case = Case(kernel_device, B=2, H=4, HKV=2, L=16, seed=seed, noise=False)
+    case.k = case.k[:, :, :1].expand_as(case.k).contiguous()
+    case.k_range = _observed(case.k, 0.9)
+    kf = R._expand_kv(case.k.float(), case.H)
+    case.s_range = _observed(case.q.float() @ kf.transpose(-1, -2), 0.8)
+    case.y_range = _rng(*UNSET, kernel_device)
+    case.y_range = _observed(case.reference()["y_raw"], 0.9)
+    ref = case.reference()
+    y, _, _ = case.forward()
+    assert torch.equal(y[:, :, :2].float(), ref["y"][:, :, :2].float())
+    check_y(case, y, ref["y"], ref=ref)
+
+
 def test_per_quantizer_levels_noise_on_gqa_bf16(kernel_device):
     case = Case(kernel_device, H=4, HKV=2, L=40, levels=(64, 32, 128, 512, 16, 64), seed=97)
     run_full(case)

@@ -5,9 +5,9 @@ What is computed, per batch and head (causal or not):
     P = softmax(S * scale + mask)            float32
     Y = Q_y(Q_p(P) @ Q_v(v))                 Q_p det on [0, 1], Q_v det + lut, Q_y noisy (seeds[1])
 and the straight-through (optionally clipped) gradients of `reference.optical_attention_backward`.
-H200, bf16, H=16, causal, B*L=32768: fwd+bwd 2.12-2.35x flash SDPA for L = 2048..8192 at D=128,
-2.22-2.33x at D=64, peak memory 0.75x; 3.7x cuDNN's at the 1.1B flavor's shape at L=32768
-(bench/attention.py, bench/results/attention-h200*-stop20.json, attention-h200-1.1B-cudnn.json).
+H200, bf16, H=16, causal, B*L=32768: fwd+bwd 1.83-1.84x flash SDPA for L = 2048..8192 at D=128,
+1.97-2.12x at D=64; 3.3x cuDNN's at the 1.1B flavor's shape at L=32768 (bench/attention.py,
+bench/results/attention-h200-d{64,128}-stop25.json, attention-ab-h200-1.1B-stop25-*.json).
 
 Why the design looks like this
 ------------------------------
@@ -24,9 +24,11 @@ Why the design looks like this
 * Two passes in the forward. Q_p quantizes the *normalised* P, so the row max and sum must be final
   before any Q_p(P) @ V can be accumulated. Pass 1 generates the S tiles (dot + Philox + Q_s), keeps
   the online max/sum and writes each element's Q_s level index (1 byte for levels <= 256) to a
-  per-program scratch; pass 2 reads the codes back, dequantizes them with the same expression (same
-  bits), forms P = exp(S - m) / l, quantizes it and accumulates Q_p(P) @ Q_v(v): no second S dot
-  and no second Philox, so pass 2 costs ~1/4 of pass 1. The forward grid is persistent (one or two
+  per-program scratch; pass 2 reads the codes back, forms P = exp(S - m) / l, quantizes it and
+  accumulates Q_p(P) @ Q_v(v): no second S dot and no second Philox, so pass 2 costs ~1/4 of
+  pass 1. Both passes and the backward exponentiate the level index itself (`_logit_step`:
+  S_q * scale = k * step + a per-call offset, which cancels in P), so no S element is ever
+  dequantized. The forward grid is persistent (one or two
   programs per SM, items longest-first) so the scratch is per resident program ([BM, L] codes,
   capped at 512 MiB in all: 69 MB at L=4096) instead of L x L. Past the cap (L > ~64k), with
   more than 32768 levels, or while the S range is unset (S passes through), pass 2 regenerates S.
@@ -106,7 +108,6 @@ from .. import reference as ref
 from .quantizer import (
     box_muller,
     cast_rne,
-    dequantize,
     div_rn_by,
     in_range,
     inv_levels_minus_1,
@@ -258,6 +259,27 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
 
 
 @triton.jit
+def _logit_step(slo, shi, inv_lm1, scale_log2):
+    """(step, offset) of the softmax's log2-domain logits S_q * scale * log2(e) = val * step +
+    offset, val = `_logit_value`: Q_s's level index k while the S range is set (S_q = lo +
+    k (hi - lo) / (L - 1)), raw S while it is unset (S passes through). The offset is one number
+    for every element, so the softmax never adds it; only the stored log-sum-exp carries it.
+    Exponentiating k * step skips the dequantization of every S element (five instructions in
+    each pass and in the backward); P moves by float rounding only (P was exp2-approximate
+    already)."""
+    is_set = slo <= shi
+    step = tl.where(is_set, (shi - slo) * inv_lm1 * scale_log2, scale_log2)
+    offset = tl.where(is_set, slo * scale_log2, 0.0)
+    return step, offset
+
+
+@triton.jit
+def _logit_value(s_raw, lvl, slo, shi):
+    """What the softmax exponentiates, in units of `_logit_step`'s step."""
+    return tl.where(slo <= shi, lvl, s_raw)
+
+
+@triton.jit
 def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
                 slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
@@ -265,10 +287,10 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
                 INTERP: tl.constexpr,
                 NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
-    """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), Q_s(S), Q_s's level
-    index k (float32) and the valid-element mask (MASK tiles only). `offs_m` are the rows'
-    absolute positions (q_start + r), `L` the key length. NOISE=False (`q_noise` off): Q_s
-    rounds deterministically and no Philox runs."""
+    """One [BM, BN] tile of S from the operands: raw S (float32 accumulator), the softmax's value
+    (`_logit_value`), Q_s's level index k (float32) and the valid-element mask (MASK tiles
+    only). `offs_m` are the rows' absolute positions (q_start + r), `L` the key length.
+    NOISE=False (`q_noise` off): Q_s rounds deterministically and no Philox runs."""
     cols = start_n + offs_n
     kp = kq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
@@ -276,10 +298,10 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    s_q, lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
-                           inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, False)
+    _, lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
+                         inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, False)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
-    return s_raw, s_q, lvl, valid, cols
+    return s_raw, _logit_value(s_raw, lvl, slo, shi), lvl, valid, cols
 
 
 @triton.jit
@@ -302,23 +324,24 @@ def _valid(rows, cols, L, kvis_base, CAUSAL: tl.constexpr, MASK: tl.constexpr,
 
 @triton.jit
 def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, hi, offs_m, offs_n,
-               offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+               offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                OBSERVE: tl.constexpr, CODES: tl.constexpr, RUNS8: tl.constexpr,
                INTERP: tl.constexpr,
                NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
-    """Row max / sum of exp over tiles [lo, hi) (online softmax), the S range seen, and (CODES)
-    Q_s's level indices written to this program's scratch rows for pass 2. HAS_KPM: a row may
-    have seen no visible key yet (max -inf); it keeps l = 0 instead of a NaN."""
+    """Row max / sum of exp2 of the logits without their offset (`_logit_step`) over tiles
+    [lo, hi) (online softmax), the S range seen, and (CODES) Q_s's level indices written to this
+    program's scratch rows for pass 2. HAS_KPM: a row may have seen no visible key yet (max
+    -inf); it keeps l = 0 instead of a NaN."""
     rl = tl.arange(0, BM)
     for start_n in range(lo, hi, BN):
-        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+        s_raw, val, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-        x = s_q * scale_log2
+        x = val * step
         if MASK:
             x = tl.where(valid, x, float("-inf"))
         if CODES:
@@ -345,15 +368,18 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
 
 
 @triton.jit
-def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, scale_log2,
+def _pv_tile(acc, val, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, step,
              LEVELS: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
              INTERP: tl.constexpr):
-    """acc += Q_p(P) @ Q_v(v) for one tile of Q_s(S). P_MODE 0: the integer level indices k
-    (exact in the operand dtype), 1: k split as 256 * a + b, two dots with exact operands,
-    2: k / (levels - 1) rounded to the operand dtype (levels > 65536 only)."""
+    """acc += Q_p(P) @ Q_v(v) for one tile of S (val: `_logit_value`). P_MODE 0: the integer
+    level indices k (exact in the operand dtype), 1: k split as 256 * a + b, two dots with exact
+    operands, 2: k / (levels - 1) rounded to the operand dtype (levels > 65536 only)."""
     DT: tl.constexpr = vq_base.dtype.element_ty
-    # the softmax itself is approximate anyway (exp2): S * c - m in one fma
-    p = tl.math.exp2(tl.fma(s_q, scale_log2, -m_i[:, None])) * inv_l[:, None]
+    # val * step rounded as pass 1 rounded it (no fma), so the row's maximum gets exp2(0) = 1
+    # exactly and equal S values equal terms; 1 / l stays a multiply of its own. P = 1, 1/2,
+    # 1/4, ... are then exact, and Q_p's exact ties (two equal keys: 127.5 of 255) round as the
+    # reference's. (The rest of the softmax is approximate anyway: exp2.)
+    p = tl.math.exp2(val * step - m_i[:, None]) * inv_l[:, None]
     if MASK:
         p = tl.where(valid, p, 0.0)
     # Q_p over the fixed range [0, 1]: t = clamp(p, 0, 1) * (levels - 1) exactly (the division
@@ -378,7 +404,7 @@ def _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, sca
 @triton.jit
 def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, hi, offs_m, offs_n,
                          offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
-                         scale_log2,
+                         step,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                          P_MODE: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
@@ -387,32 +413,32 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
     """Pass 2 regenerating S (dot + Philox), for when no level codes are kept (passthrough S
     range, levels > 65536, or no room for the scratch)."""
     for start_n in range(lo, hi, BN):
-        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+        s_raw, val, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L,
-                       _inv_of(inv_lm1, LEVELS, LEVELS_P), scale_log2, LEVELS_P, D, MASK, P_MODE,
+        acc = _pv_tile(acc, val, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+                       _inv_of(inv_lm1, LEVELS, LEVELS_P), step, LEVELS_P, D, MASK, P_MODE,
                        INTERP)
     return acc
 
 
 @triton.jit
 def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, offs_m, offs_n,
-                     offs_d, L, slo, shi, inv_lm1, scale_log2,
+                     offs_d, L, inv_lm1, step,
                      LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                      P_MODE: tl.constexpr, INTERP: tl.constexpr, LEVELS_P: tl.constexpr):
-    """Pass 2 from the level codes pass 1 wrote: Q_s(S) = k / (levels - 1) * (hi - lo) + lo by
-    the same expression as in `_fwd_s_tile`, hence the same bits, without the S dot or Philox."""
+    """Pass 2 from the level codes pass 1 wrote (kept only while the S range is set, so the
+    softmax's value is the level index itself: the same bits as `_fwd_pass2_recompute`),
+    without the S dot or Philox."""
     rl = tl.arange(0, BM)
     for start_n in range(lo, hi, BN):
         cols = start_n + offs_n
         lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
-        s_q = dequantize(lvl, slo, shi, inv_lm1, LEVELS)
         valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
-        acc = _pv_tile(acc, s_q, valid, m_i, inv_l, vq_base, cols, offs_d, L,
-                       _inv_of(inv_lm1, LEVELS, LEVELS_P), scale_log2, LEVELS_P, D, MASK, P_MODE,
+        acc = _pv_tile(acc, lvl, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+                       _inv_of(inv_lm1, LEVELS, LEVELS_P), step, LEVELS_P, D, MASK, P_MODE,
                        INTERP)
     return acc
 
@@ -458,7 +484,7 @@ def _key_tile_split(q_start, start_m, LK, BM: tl.constexpr, BN: tl.constexpr,
 
 @triton.jit
 def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n, offs_d, row_idx,
-                   LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+                   LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
                    LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, OBSERVE: tl.constexpr,
                    USE_CODES: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
@@ -472,12 +498,12 @@ def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
     smax = tl.full([BM], float("-inf"), tl.float32)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, 0, n_full, pos, offs_n, offs_d,
-        row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
         LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     m_i, l_i, smin, smax = _fwd_pass1(
         m_i, l_i, smin, smax, qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
-        offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+        offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
         LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     return m_i, l_i, smin, smax
@@ -485,13 +511,14 @@ def _fwd_row_stats(qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n,
 
 @triton.jit
 def _fwd_softmax_norm(m_i, l_i, HAS_KPM: tl.constexpr):
-    """(m, 1 / l, alive) from pass 1's row statistics, for P = exp2(S c - m) / l. HAS_KPM: a row
-    that saw no visible key (l = 0) is not alive and gets m = 0, 1 / l = 0, hence P = 0 without
-    a NaN; without a key mask every row sees a key (alive is True, never read)."""
+    """(m, 1 / l, alive) from pass 1's row statistics, for P = exp2(val * step - m) / l
+    (`_logit_step`). HAS_KPM: a row that saw no visible key (l = 0) is not alive and gets m = 0,
+    1 / l = 0, hence P = 0 without a NaN; without a key mask every row sees a key (alive is
+    True, never read)."""
     if HAS_KPM:
         alive = l_i > 0.0  # the row saw a visible key (its max term contributes exp2(0) = 1)
         inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
-        m_i = tl.where(alive, m_i, 0.0)  # P = exp2(S c - m) * 0 = 0 in dead rows, no NaN
+        m_i = tl.where(alive, m_i, 0.0)  # P = exp2(val * step - m) * 0 = 0 in dead rows, no NaN
     else:
         alive = True
         inv_l = 1.0 / l_i
@@ -530,14 +557,15 @@ def _fwd_quantize_y(acc, bh_g, b, pos, offs_m, offs_d, row_ok, LQ, LK, NKY, seed
 
 
 @triton.jit
-def _fwd_store_rows(Y, LSE, y, m_i, l_i, alive, bh, offs_m, offs_d, row_ok, LQ,
+def _fwd_store_rows(Y, LSE, y, m_i, l_i, offset, alive, bh, offs_m, offs_d, row_ok, LQ,
                     DT: tl.constexpr, D: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Stores the item's output rows (y cast to DT) and their log2-domain log-sum-exp; returns
-    the rows whose y_raw counts as observed: in bounds and (HAS_KPM) alive."""
+    """Stores the item's output rows (y cast to DT) and their log2-domain log-sum-exp (pass 1's
+    m + log2(l) plus the logits' `_logit_step` offset); returns the rows whose y_raw counts as
+    observed: in bounds and (HAS_KPM) alive."""
     y_ok = row_ok
     if HAS_KPM:
         l_i = tl.where(alive, l_i, 1.0)  # log2(0) would be computed, then discarded
-    lse = m_i + tl.math.log2(l_i)
+    lse = (m_i + offset) + tl.math.log2(l_i)
     if HAS_KPM:
         # no visible key: output exactly 0; lse = +inf makes the backward's P = 0 there
         y = tl.where(alive[:, None], y, 0.0)
@@ -563,7 +591,7 @@ def _fwd_store_observed(part, q_min, q_max, smin, smax, y_raw, row_ok, y_ok):
 
 @triton.jit
 def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
-              H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
+              H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, step, offset,
               inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
               seed_s, seed_y, NKY,
               LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -599,19 +627,19 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
 
     m_i, l_i, smin, smax = _fwd_row_stats(
         qq, kq_base, kvis_base, CODES, W, n_full, n_end, pos, offs_n, offs_d, row_idx, LK,
-        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL,
+        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step, LEVELS, D, BM, BN, CAUSAL,
         HAS_KPM, OBSERVE, USE_CODES, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P,
         LEVELS_Y)
-    m_i, inv_l, alive = _fwd_softmax_norm(m_i, l_i, HAS_KPM)
-    acc = _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
+    m_p, inv_l, alive = _fwd_softmax_norm(m_i, l_i, HAS_KPM)
+    acc = _fwd_pass2(m_p, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                      offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv,
-                     inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
+                     inv_lm1, step, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, P_MODE, USE_CODES,
                      RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     y, y_raw = _fwd_quantize_y(acc, bh_g, b, pos, offs_m, offs_d, row_ok, LQ, LK, NKY, seed_y,
                                stream, ylo, yhi, y_w, y_inv, inv_lm1, LEVELS, D, BM, P_MODE,
                                NOISE, LEVELS_P, LEVELS_Y)
-    y_ok = _fwd_store_rows(Y, LSE, y, m_i, l_i, alive, bh, offs_m, offs_d, row_ok, LQ, DT, D,
-                           HAS_KPM)
+    y_ok = _fwd_store_rows(Y, LSE, y, m_p, l_i, offset, alive, bh, offs_m, offs_d, row_ok, LQ,
+                           DT, D, HAS_KPM)
     if OBSERVE:
         _fwd_store_observed(PART + (bh * num_m + pid_m).to(tl.int64) * 6, q_min, q_max, smin,
                             smax, y_raw, row_ok, y_ok)
@@ -620,7 +648,7 @@ def _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, CODES, KPM, sqb, sqh, sql, sqd,
 @triton.jit
 def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_end, pos,
                offs_n, offs_d, row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
-               scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+               step, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                P_MODE: tl.constexpr, USE_CODES: tl.constexpr, RUNS8: tl.constexpr,
                INTERP: tl.constexpr,
@@ -638,21 +666,21 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
     if USE_CODES and (slo <= shi):
         acc = _fwd_pass2_codes(
             acc, m_i, inv_l, CODES, W, vq_base, kvis_base, 0, n_full, pos, offs_n, offs_d, LK,
-            slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, P_MODE,
+            inv_lm1, step, LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, P_MODE,
             INTERP, LEVELS_P)
         acc = _fwd_pass2_codes(
             acc, m_i, inv_l, CODES, W, vq_base, kvis_base, n_full, n_end, pos, offs_n, offs_d,
-            LK, slo, shi, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, P_MODE,
+            LK, inv_lm1, step, LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, P_MODE,
             INTERP, LEVELS_P)
     else:
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
-            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
             LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         acc = _fwd_pass2_recompute(
             acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
-            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+            row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
             LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     return acc
@@ -684,6 +712,7 @@ def _fwd_kernel(
     ylo, yhi, y_w, y_inv = range_consts(y_rng, INV + 4)
     seed_s = tl.load(seeds)
     seed_y = tl.load(seeds + 1)
+    step, offset = _logit_step(slo, shi, inv_lm1, scale_log2)
     code_base = CODES + pid.to(tl.int64) * BM * W
     for t in range(pid, BH * num_m, n_prog):
         if USE_CODES:
@@ -691,7 +720,7 @@ def _fwd_kernel(
             # reads the previous item's codes (its pass 2)
             tl.debug_barrier()
         _fwd_item(t, Q, KQ, VQ, Y, LSE, PART, code_base, KPM, sqb, sqh, sql, sqd,
-                  H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, scale_log2,
+                  H, HKV, LQ, LK, q_start, W, num_m, BH, stream, b_off, h_off, Hg, step, offset,
                   inv_lm1, qlo, qhi, q_w, q_inv, slo, shi, s_rng, s_inv, ylo, yhi, y_w, y_inv,
                   seed_s, seed_y, NKY, LEVELS, D, BM, BN, CAUSAL, HAS_KPM, OBSERVE, P_MODE,
                   USE_CODES,
@@ -741,19 +770,20 @@ def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stre
                  RUNS8: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
                  NK_S):
     """One [BN, BM] tile of S^T from the key block and a query block: (raw S^T as the float32
-    accumulator, Q_s(S^T)), drawing the forward's noise words of the [BM, BN] tile of S
-    (query rows r64 at absolute positions q_start + r64, keys offs_n), transposed."""
+    accumulator, the softmax's value `_logit_value`), drawing the forward's noise words of the
+    [BM, BN] tile of S (query rows r64 at absolute positions q_start + r64, keys offs_n),
+    transposed."""
     s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
     # S^T's words: those of the [BM, BN] tile of S, transposed.
-    s_q, _ = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
+    _, lvl = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
                          slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, True)
-    return s_raw, s_q
+    return s_raw, _logit_value(s_raw, lvl, slo, shi)
 
 
 @triton.jit
 def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi, row_idx0, LQ, LK,
                q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_ok, offs_d, seed, stream,
-               slo, shi, s_rng, s_inv, inv_lm1, scale_log2,
+               slo, shi, s_rng, s_inv, inv_lm1, step, offset,
                LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, CLIPPED: tl.constexpr,
                RUNS8: tl.constexpr, INTERP: tl.constexpr,
@@ -779,10 +809,11 @@ def _bwd_tiles(dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, lo, hi,
         lse = tl.load(LSE_h + r64, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_h + r64, mask=row_ok, other=0.0)
 
-        s_raw, s_q = _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed,
+        s_raw, val = _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed,
                                   stream, slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8,
                                   INTERP, NOISE, NK_S)
-        p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[None, :]))
+        # P = exp2(logit - lse), the logit val * step + offset (`_logit_step`)
+        p = tl.math.exp2(tl.fma(val, step, (offset - lse)[None, :]))
         if MASK:
             valid = col_ok[:, None]
             if CAUSAL:
@@ -845,6 +876,7 @@ def _bwd_kernel(
 
     slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
     seed_s = tl.load(seeds)
+    step, offset = _logit_step(slo, shi, inv_lm1, scale_log2)
 
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
@@ -854,7 +886,7 @@ def _bwd_kernel(
             dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, hk * GROUP + g, H, LQ, L, q_start,
             b_off, h_off, Hg, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, start_n, offs_n, col_vis,
             offs_d, diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
-            scale_log2, LEVELS, D, BM, BN, CAUSAL, CLIPPED, RUNS8, INTERP, NOISE, NK_S,
+            step, offset, LEVELS, D, BM, BN, CAUSAL, CLIPPED, RUNS8, INTERP, NOISE, NK_S,
             LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     _bwd_store_dk_dv(DK, DV, dk, dv, k, v, klo, khi, v_rng, scale, b, hk, HKV, L, n64, offs_d,
                      col_ok, D, CLIPPED)
@@ -864,7 +896,7 @@ def _bwd_kernel(
 def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_start, b_off, h_off,
               Hg, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, start_n, offs_n, col_vis, offs_d,
               diag_lo, diag_end, full_lo, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1,
-              scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+              step, offset, LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
               BN: tl.constexpr, CAUSAL: tl.constexpr, CLIPPED: tl.constexpr,
               RUNS8: tl.constexpr, INTERP: tl.constexpr, NOISE: tl.constexpr,
               NK_S, LEVELS_Q: tl.constexpr, LEVELS_K: tl.constexpr,
@@ -883,13 +915,13 @@ def _bwd_head(dk, dv, kq, k, v, QQ, Q, DY, LSE, DELTA, DQA, b, h, H, LQ, L, q_st
     dk, dv = _bwd_tiles(
         dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, diag_lo, diag_end,
         row_idx0, LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d,
-        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN,
+        seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step, offset, LEVELS, D, BM, BN,
         CAUSAL, True, CLIPPED, RUNS8, INTERP,
         NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     dk, dv = _bwd_tiles(
         dk, dv, kq, k, v, QQ_h, Q_h, DY_h, LSE_h, DELTA_h, DQA_h, full_lo, LQ, row_idx0,
         LQ, L, q_start, sql, sqd, sdl, sdd, start_n, offs_n, col_vis, offs_d, seed_s, stream,
-        slo, shi, s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BM, BN, CAUSAL, False,
+        slo, shi, s_rng, s_inv, inv_lm1, step, offset, LEVELS, D, BM, BN, CAUSAL, False,
         CLIPPED, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y, DQ)
     return dk, dv
 
@@ -959,23 +991,24 @@ def _dq_finish_kernel(DQA, Q, DQ, q_rng, sqb, sqh, sql, sqd, H, L, scale,
 # tile once more (the forward's `_fwd_s_tile`, same Philox words): the price of bitwise
 # reproducibility, measured by bench/attention.py --deterministic.
 @triton.jit
-def _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, lo, hi,
-              offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
-              scale_log2, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+def _dq_tiles(dq, qq, dy, c_row, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, lo,
+              hi, offs_m, offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv,
+              inv_lm1, step, LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
               CLIPPED: tl.constexpr, RUNS8: tl.constexpr, INTERP: tl.constexpr,
               NOISE: tl.constexpr, NK_S, LEVELS_Q: tl.constexpr,
     LEVELS_K: tl.constexpr, LEVELS_P: tl.constexpr, LEVELS_Y: tl.constexpr):
     """dq += dS @ k (unscaled, unquantized k) over key tiles [lo, hi), in increasing order.
-    `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`)."""
+    `offs_m` are absolute query positions, L the key length (as in `_fwd_s_tile`); P =
+    exp2(val * step + c_row), c_row = the `_logit_step` offset minus the row's lse."""
     DT: tl.constexpr = kq_base.dtype.element_ty
     for start_n in range(lo, hi, BN):
-        s_raw, s_q, lvl, valid, cols = _fwd_s_tile(
+        s_raw, val, lvl, valid, cols = _fwd_s_tile(
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-        # rows past Lq and rows with no visible key have lse = +inf, hence P = 0
-        p = tl.math.exp2(tl.fma(s_q, scale_log2, -lse[:, None]))
+        # rows past Lq and rows with no visible key have lse = +inf (c_row -inf), hence P = 0
+        p = tl.math.exp2(tl.fma(val, step, c_row[:, None]))
         c64 = cols.to(tl.int64)[:, None]
         if MASK:
             p = tl.where(valid, p, 0.0)  # also zero on padded keys: no inf * 0 below
@@ -1022,6 +1055,8 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + row_lin, mask=row_ok, other=0.0)
     slo, shi, s_rng, s_inv = range_consts(s_rng_ptr, INV + 3)
     seed_s = tl.load(seeds)
+    step, offset = _logit_step(slo, shi, inv_lm1, scale_log2)
+    c_row = offset - lse
     hk = h // (H // HKV)
     row_idx = (((b + b_off).to(tl.int64) * Hg + (h + h_off)) * L + pos) * L  # as the forward
     kq_base = KQ + (b * HKV + hk).to(tl.int64) * L * D
@@ -1030,13 +1065,13 @@ def _bwd_dq_kernel(
     V_h = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     n_full, n_end = _key_tile_split(q_start, start_m, L, BM, BN, CAUSAL, HAS_KPM)
     dq = tl.zeros([BM, D], tl.float32)
-    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd, 0,
-                   n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
-                   s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
+    dq = _dq_tiles(dq, qq, dy, c_row, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
+                   0, n_full, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi, s_rng,
+                   s_inv, inv_lm1, step, LEVELS, D, BN, CAUSAL, False, HAS_KPM, CLIPPED,
                    RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-    dq = _dq_tiles(dq, qq, dy, lse, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
+    dq = _dq_tiles(dq, qq, dy, c_row, delta, kq_base, kvis_base, K_h, V_h, skl, skd, svl, svd,
                    n_full, n_end, pos, offs_n, offs_d, row_idx, L, seed_s, stream, slo, shi,
-                   s_rng, s_inv, inv_lm1, scale_log2, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
+                   s_rng, s_inv, inv_lm1, step, LEVELS, D, BN, CAUSAL, True, HAS_KPM,
                    CLIPPED, RUNS8, INTERP, NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
     dq = dq * scale
     if CLIPPED:

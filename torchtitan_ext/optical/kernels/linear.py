@@ -78,7 +78,8 @@ import triton
 import triton.language as tl
 
 from .quantizer import (box_muller, cast_rne, in_range, philox_bits24_c2, philox_bits24_rows,
-                        philox_bits24_rows_c2, philox_uniform, quantize, quantize_shot)
+                        philox_bits24_rows_c2, philox_uniform, quantize, quantize_shot,
+                        quantize_with, range_span)
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the pointer path below is the fallback.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -145,14 +146,28 @@ def _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
 # Elementwise quantizer over a 2-D tensor (operands of the GEMM, and Q_out after a TP reduction)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _quantize_tile(src_ptr, dst_ptr, rng_ptr, tile, R, C, stride_sr, stride_sc,
-                   stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base, n_global,
-                   col_offset, LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr,
-                   OBSERVE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                   SHOT: tl.constexpr, nk):
-    """dst = Q(src) on one [BR, BC] tile (row-major tile order); returns the min and max of src
-    over the tile (+inf, -inf unless OBSERVE), for the caller's observation atomics.
-    SHOT (with NOISY): the shot read-out with nk = n * K instead of stochastic rounding."""
+def _quantizer_consts(rng_ptr, LEVELS: tl.constexpr):
+    """(lo, hi, span, RN(1 / span), RN(1 / (LEVELS - 1))) of the range at `rng_ptr`, for
+    `quantize_with` / `quantize_shot`: computed once per program, not per tile (each reciprocal
+    is an IEEE-division subroutine call)."""
+    lo = tl.load(rng_ptr)
+    hi = tl.load(rng_ptr + 1)
+    span = range_span(lo, hi)
+    one = tl.full([], 1.0, tl.float32)
+    return (lo, hi, span, tl.math.div_rn(one, span),
+            tl.math.div_rn(one, tl.full([], LEVELS - 1.0, tl.float32)))
+
+
+@triton.jit
+def _quantize_tile(src_ptr, dst_ptr, lo, hi, span, inv_span, inv_lm1, tile, R, C, stride_sr,
+                   stride_sc, stride_dr, lut, seed_ptr, stream, s_local, s_global, row_base,
+                   n_global, col_offset, LEVELS: tl.constexpr, HAS_LUT: tl.constexpr,
+                   NOISY: tl.constexpr, OBSERVE: tl.constexpr, BR: tl.constexpr,
+                   BC: tl.constexpr, SHOT: tl.constexpr, nk):
+    """dst = Q(src) on one [BR, BC] tile (row-major tile order), the range constants from
+    `_quantizer_consts`; returns the min and max of src over the tile (+inf, -inf unless
+    OBSERVE), for the caller's observation atomics. SHOT (with NOISY): the shot read-out with
+    nk = n * K instead of stochastic rounding."""
     n_cb = tl.cdiv(C, BC)
     rows = (tile // n_cb) * BR + tl.arange(0, BR)
     cols = (tile % n_cb) * BC + tl.arange(0, BC)
@@ -166,21 +181,19 @@ def _quantize_tile(src_ptr, dst_ptr, rng_ptr, tile, R, C, stride_sr, stride_sc,
         xf = x.to(tl.float32)
         tile_min = tl.min(tl.where(mask, xf, float("inf")))
         tile_max = tl.max(tl.where(mask, xf, float("-inf")))
-    lo = tl.load(rng_ptr)
-    hi = tl.load(rng_ptr + 1)
     if NOISY and SHOT:
         idx = _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
         seed = tl.load(seed_ptr)
         z = box_muller(philox_bits24_c2(seed, stream, idx, 0),
                        philox_bits24_c2(seed, stream, idx, 1))
-        y, _ = quantize_shot(x, lo, hi, None, None, None, z, nk, LEVELS)
+        y, _ = quantize_shot(x, lo, hi, span, inv_span, inv_lm1, z, nk, LEVELS)
     else:
         if NOISY:
             idx = _global_index(rows, cols, s_local, s_global, row_base, n_global, col_offset)
             u = philox_uniform(tl.load(seed_ptr), stream, idx)
         else:
             u = 0.0
-        y = quantize(x, lo, hi, LEVELS, lut, HAS_LUT, u, NOISY)
+        y = quantize_with(x, lo, hi, span, inv_span, inv_lm1, LEVELS, lut, HAS_LUT, u, NOISY)
     tl.store(dst_ptr + r64[:, None] * stride_dr + cols[None, :],
              cast_rne(y, dst_ptr.dtype.element_ty), mask=mask)
     return tile_min, tile_max
@@ -195,10 +208,11 @@ def _quantize_2d_kernel(
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, NOISY: tl.constexpr, OBSERVE: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, SHOT: tl.constexpr,
 ):
-    lo, hi = _quantize_tile(src_ptr, dst_ptr, rng_ptr, tl.program_id(0), R, C, stride_sr,
-                            stride_sc, stride_dr, lut, seed_ptr, stream, s_local, s_global,
-                            row_base, n_global, col_offset, LEVELS, HAS_LUT, NOISY, OBSERVE, BR,
-                            BC, SHOT, nk)
+    rlo, rhi, span, inv_span, inv_lm1 = _quantizer_consts(rng_ptr, LEVELS)
+    lo, hi = _quantize_tile(src_ptr, dst_ptr, rlo, rhi, span, inv_span, inv_lm1,
+                            tl.program_id(0), R, C, stride_sr, stride_sc, stride_dr, lut,
+                            seed_ptr, stream, s_local, s_global, row_base, n_global, col_offset,
+                            LEVELS, HAS_LUT, NOISY, OBSERVE, BR, BC, SHOT, nk)
     if OBSERVE:
         tl.atomic_min(obs_ptr, lo)
         tl.atomic_max(obs_ptr + 1, hi)
@@ -255,6 +269,8 @@ def _quantize_operands_kernel(
     launched (`OperandConfig.programs_per_sm`), and adds the min/max it saw of each operand to
     the observations once. Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2]
     tensors. (Operands are deterministic: no seed, no noise index.)"""
+    xlo, xhi, x_span, x_inv, x_inv_lm1 = _quantizer_consts(rng_ptr, LEVELS)
+    wlo, whi, w_span, w_inv, w_inv_lm1 = _quantizer_consts(rng_ptr + 2, LEVELS_W)
     x_tiles = tl.cdiv(M, BR) * tl.cdiv(K, BC)
     tiles = x_tiles + tl.cdiv(N, BR) * tl.cdiv(K, BC)
     x_min = float("inf")
@@ -265,15 +281,16 @@ def _quantize_operands_kernel(
     # tile, the max observes NaN (propagated here) and the min the other tiles' minimum.
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         if tile < x_tiles:
-            lo, hi = _quantize_tile(x_ptr, xq_ptr, rng_ptr, tile, M, K, stride_xm, stride_xk,
-                                    stride_xq, 0.0, rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS, False,
-                                    False, OBSERVE, BR, BC, False, 1.0)
+            lo, hi = _quantize_tile(x_ptr, xq_ptr, xlo, xhi, x_span, x_inv, x_inv_lm1, tile, M, K,
+                                    stride_xm, stride_xk, stride_xq, 0.0, rng_ptr, 0, 1, 1, 0,
+                                    0, 0, LEVELS, False, False, OBSERVE, BR, BC, False, 1.0)
             x_min = tl.minimum(x_min, lo)
             x_max = tl.maximum(x_max, hi, propagate_nan=tl.PropagateNan.ALL)
         else:
-            lo, hi = _quantize_tile(w_ptr, wq_ptr, rng_ptr + 2, tile - x_tiles, N, K, stride_wn,
-                                    stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0, 0,
-                                    LEVELS_W, HAS_LUT, False, OBSERVE, BR, BC, False, 1.0)
+            lo, hi = _quantize_tile(w_ptr, wq_ptr, wlo, whi, w_span, w_inv, w_inv_lm1,
+                                    tile - x_tiles, N, K, stride_wn, stride_wk, stride_wq, lut,
+                                    rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS_W, HAS_LUT, False,
+                                    OBSERVE, BR, BC, False, 1.0)
             w_min = tl.minimum(w_min, lo)
             w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBSERVE:

@@ -32,6 +32,8 @@ One arithmetic, three entry points (they differ only in where the constants come
 All three give the same bits as the reference (and as each other) for the same inputs.
 """
 
+import os
+
 import numpy as np
 import triton
 import triton.language as tl
@@ -40,6 +42,9 @@ import triton.language as tl
 # so adding and subtracting C rounds t half to even (t goes down to -0.5 in noisy mode).
 # A constexpr: compiled (non-interpreted) kernels may read only constexpr globals.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
+# Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) truncates its float32 ->
+# bfloat16 conversions; `cast_rne` rounds by hand there only.
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,11 +431,12 @@ def in_range(x, lo, hi):
 def cast_rne(y, dtype: tl.constexpr):
     """float32 -> `dtype` with round-to-nearest-even, the rounding torch's `.to()` uses.
 
-    bfloat16 is rounded by hand: Triton's interpreter (the CPU test path) truncates in its own
-    float32 -> bfloat16 conversion, which would make CPU tests disagree with the GPU. The integer
-    trick is exact for finite values and costs a few integer ops in an epilogue.
+    Compiled, that is the plain conversion (one cvt.rn per element). Under Triton's interpreter
+    (the CPU test path), which truncates in its own float32 -> bfloat16 conversion, bfloat16 is
+    rounded by hand: the integer trick gives the same bits for finite values, so CPU tests and
+    the GPU agree.
     """
-    if dtype == tl.bfloat16:
+    if _INTERPRETING and dtype == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -115,13 +115,15 @@ def config_agreement(fns: dict) -> dict:
     def rel(a, b):
         a, b = a.double(), b.double()
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-    ref_fwd, ref_bwd, out = fns["fwd"](), fns["bwd"](), {}
+    ref_fwd = fns["fwd"]() if "fwd" in fns else None  # absent: the shipped kernel failed
+    ref_bwd = fns["bwd"]() if "bwd" in fns else None
+    out = {}
     for name, fn in fns.items():
-        if name.startswith("fwd_cfg_"):
+        if name.startswith("fwd_cfg_") and ref_fwd is not None:
             y, lse, _ = fn()
             out[name] = {"y_differ_frac": (y != ref_fwd[0]).float().mean().item(),
                          "lse_max_diff": (lse - ref_fwd[1]).abs().max().item()}
-        elif name.startswith("bwd_cfg_"):
+        elif name.startswith("bwd_cfg_") and ref_bwd is not None:
             out[name] = {g: rel(a.float(), b.float())
                          for g, a, b in zip(("dq", "dk", "dv"), fn(), ref_bwd)}
     return out

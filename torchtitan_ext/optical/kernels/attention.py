@@ -27,8 +27,8 @@ Why the design looks like this
   per-program scratch; pass 2 reads the codes back, forms P = exp(S - m) / l, quantizes it and
   accumulates Q_p(P) @ Q_v(v): no second S dot and no second Philox, so pass 2 costs ~1/4 of
   pass 1. Both passes and the backward exponentiate the level index itself (`_logit_step`:
-  S_q * scale = k * step + a per-call offset, which cancels in P), so no S element is ever
-  dequantized. The forward grid is persistent (one or two
+  S_q * scale * log2(e) = k * step + a per-call offset, which cancels in P), so no S element is
+  ever dequantized. The forward grid is persistent (one or two
   programs per SM, items longest-first) so the scratch is per resident program ([BM, L] codes,
   capped at 512 MiB in all: 69 MB at L=4096) instead of L x L. Past the cap (L > ~64k), with
   more than 32768 levels, or while the S range is unset (S passes through), pass 2 regenerates S.
@@ -239,7 +239,8 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
     TRANSPOSED (the backward): the noise of rows whose global index of column 0 is `row_idx`
     [BM], columns `cols` [BN] (start_n + [0, BN)). NOISE 2: shot read-out, K = D, Box-Muller on
     two Philox draws; 1: stochastic rounding; 0: deterministic rounding, no Philox. One code
-    for the forward and the backward's regeneration, so both draw the same words."""
+    for the forward and the backward's regeneration, so both draw the same words. The kernels
+    use k only (`_logit_value`); the compiler drops the unused Q_s(S)."""
     if NOISE == 2:
         z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 0),
                        philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 1))
@@ -429,7 +430,7 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
                      LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
                      P_MODE: tl.constexpr, INTERP: tl.constexpr, LEVELS_P: tl.constexpr):
-    """Pass 2 from the level codes pass 1 wrote (kept only while the S range is set, so the
+    """Pass 2 from the level codes pass 1 wrote (read only while the S range is set, so the
     softmax's value is the level index itself: the same bits as `_fwd_pass2_recompute`),
     without the S dot or Philox."""
     rl = tl.arange(0, BM)

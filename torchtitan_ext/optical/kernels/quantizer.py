@@ -22,7 +22,8 @@ Kept bit-compatible with `torchtitan_ext.optical.reference.quantize` / `philox_u
 
 One arithmetic, three entry points (they differ only in where the constants come from):
 - `quantize`: computes the two reciprocals, RN(1 / max(hi - lo, 1e-12)) and RN(1 / (L - 1)), with
-  `div_rn` itself (once per call and thread). For elementwise passes and the linear epilogue.
+  `div_rn` itself (once per call and thread). For the linear epilogue and pre-passes where the
+  cost does not matter.
 - `quantize_with`: takes span = max(hi - lo, 1e-12) and both reciprocals precomputed
   (`range_inv_span` once, e.g. in a pre-pass, then `range_consts`; `inv_levels_minus_1` on the
   host): no IEEE-division subroutine call, whose calling convention makes ptxas spill in
@@ -32,8 +33,6 @@ One arithmetic, three entry points (they differ only in where the constants come
 All three give the same bits as the reference (and as each other) for the same inputs.
 """
 
-import os
-
 import numpy as np
 import triton
 import triton.language as tl
@@ -42,9 +41,10 @@ import triton.language as tl
 # so adding and subtracting C rounds t half to even (t goes down to -0.5 in noisy mode).
 # A constexpr: compiled (non-interpreted) kernels may read only constexpr globals.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
-# Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) truncates its float32 ->
-# bfloat16 conversions; `cast_rne` rounds by hand there only.
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Triton's interpreter (TRITON_INTERPRET, set before triton is imported) truncates its float32 ->
+# bfloat16 conversions; `cast_rne` rounds by hand there only. Read as Triton reads it (1, true,
+# yes, on), so that no spelling of the switch skips the hand rounding.
+_INTERPRETING = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +316,8 @@ def _level_position(xf, lo, hi, span, inv_span, LEVELS: tl.constexpr):
 @triton.jit
 def dequantize(k, lo, hi, inv_lm1, LEVELS: tl.constexpr):
     """y = k / (L - 1) * (hi - lo) + lo for level index k (float32), inv_lm1 = RN(1 / (L - 1))
-    (None: computed here by div_rn). The only dequantization expression: level codes stored and
-    dequantized later give the same bits as `quantize_with_bits24`'s own output."""
+    (None: computed here by div_rn). The only dequantization expression, so every quantizer
+    entry point gives the same bits."""
     if inv_lm1 is None:
         q = div_rn_by(k, LEVELS - 1.0, tl.math.div_rn(1.0, LEVELS - 1.0))
     else:
@@ -434,7 +434,8 @@ def cast_rne(y, dtype: tl.constexpr):
     Compiled, that is the plain conversion (one cvt.rn per element). Under Triton's interpreter
     (the CPU test path), which truncates in its own float32 -> bfloat16 conversion, bfloat16 is
     rounded by hand: the integer trick gives the same bits for finite values, so CPU tests and
-    the GPU agree.
+    the GPU agree. (A NaN stays a NaN in both; the trick on the GPU had turned the GPU's
+    canonical NaN 0x7FFFFFFF into -0.0.)
     """
     if _INTERPRETING and dtype == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)

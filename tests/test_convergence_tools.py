@@ -403,3 +403,31 @@ def test_attention_parts_config_agreement_flags_a_wrong_config():
     assert out["bwd_cfg_64x64x4x2"] == {"dq": 0.0, "dk": 0.0, "dv": 0.0}
     assert out["bwd_cfg_32x128x8x3"]["dk"] == pytest.approx(1.0)
     assert out["bwd_cfg_32x128x8x3"]["dq"] == 0.0
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDL R8, [R1+0x9c] ;
+        /*0020*/              @!P0 FFMA R2, R3, R4, R5 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, R136, gdesc[UR32], RZ, !UPT ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/                   STL [R1+0x9c], R8 ;
+.L_x_1:
+        /*0060*/                   FADD R2, R2, 1 ;
+        /*0070*/               @P2 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_kernel_sass_finds_loops_and_spills():
+    """bench/kernel_sass.py: a branch back to an earlier label closes a loop (a forward branch
+    does not), opcodes lose predicates and modifiers, spills count in the loop's mix."""
+    ks = _module("kernel_sass")
+    ins, loops = ks.parse_sass(SASS)
+    assert len(ins) == 9 and ins[0].startswith("MOV")
+    assert loops == [(1, 7)]  # .L_x_0 at instruction 1, the backward BRA at 7
+    assert [ks.opcode(t) for t in ins[1:5]] == ["LDL", "FFMA", "HGMMA", "BRA"]
+    (line,) = ks.describe(ins, loops, min_len=1)
+    assert line == "  loop [1, 7], 7 instructions: LDL 1, STL 1, HGMMA 1, FFMA 1, FADD 1"
+    assert ks.describe(ins, loops) == []  # shorter than the default 40

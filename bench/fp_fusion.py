@@ -30,13 +30,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from noise_layouts import forward_kernel_source, kernel_signature, write_report  # noqa: E402
+from noise_layouts import (forward_kernel_source, kernel_signature,  # noqa: E402
+                           operand_pass_source, write_report)
 from torchtitan_ext.optical.kernels import linear as L  # noqa: E402
 
 
 def linear_sources() -> dict:
     """(ASTSource, options) of the linear forward (large-shape tiles, Q_out noisy, observing)
-    and of the operand pass (lut on W), as launched."""
+    and of the operand pass (`noise_layouts.operand_pass_source`), as launched."""
     fwd = L._linear_fwd_kernel
     fwd_const = dict(LEVELS=256, QUANT_OUT=True, NOISE=True, SHOT=False, HAS_BIAS=False,
                      OBSERVE=True, SAVE_MASK=False, USE_TMA=False, IEEE_DOT=False,
@@ -44,19 +45,13 @@ def linear_sources() -> dict:
                      GROUP_M=8)
     fwd_ptrs = dict(a_src="*bf16", b_src="*bf16", y_ptr="*bf16", bias_ptr="*bf16",
                     rng_ptr="*fp32", seed_ptr="*i64", obs_ptr="*fp32", mask_ptr="*i1")
-    ops = L._quantize_operands_kernel
-    ops_const = dict(LEVELS=256, HAS_LUT=True, OBSERVE=True, BR=32, BC=128, LEVELS_W=256)
-    ops_ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", xq_ptr="*bf16", wq_ptr="*bf16",
-                    rng_ptr="*fp32", obs_ptr="*fp32")
+    ops_src, ops_options, ops_tiles = operand_pass_source()
     return {
         "linear forward (128x128x64, 8 warps, 3 stages)": (
             ASTSource(fn=fwd, signature=kernel_signature(fwd, fwd_ptrs, ("nk",), fwd_const),
                       constexprs=fwd_const),
             {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": False}),
-        "linear operand pass (32x128, 8 warps)": (
-            ASTSource(fn=ops, signature=kernel_signature(ops, ops_ptrs, ("lut",), ops_const),
-                      constexprs=ops_const),
-            {"num_warps": 8, "num_stages": 1, "enable_fp_fusion": False}),
+        f"linear operand pass ({ops_tiles})": (ops_src, ops_options),
     }
 
 

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from noise_layouts import forward_kernel_source, kernel_signature, write_report  # noqa: E402
+from noise_layouts import (backward_kernel_source, forward_kernel_source,  # noqa: E402
+                           operand_pass_source, write_report)
 
 # opcodes reported per loop, in this order
 OPCODES = ("LDL", "STL", "HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "IMAD",
@@ -85,7 +85,7 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def inspect(name: str, src: ASTSource, options: dict) -> list[str]:
+def inspect(name: str, src, options: dict) -> list[str]:
     """The report's lines for one kernel, compiled for sm_90 with `options`."""
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -102,45 +102,6 @@ def inspect(name: str, src: ASTSource, options: dict) -> list[str]:
     head = (f"{name}: {regs} registers, {stack} bytes of stack, {len(ins)} SASS instructions "
             f"(LDL {ops['LDL']}, STL {ops['STL']})")
     return [head, *describe(ins, loops)]
-
-
-def backward_kernel_source(group: int = 3):
-    """(ASTSource, options, tiles) of the shipped attention dK/dV backward (with dQ atomics) at
-    the 1.1B's head dim and GQA group, 256 levels, causal, noisy, its GPU tile configuration."""
-    from torchtitan_ext.optical.kernels import attention as A
-
-    kernel = A.triton_kernel("bwd")
-    bm, bn, warps, stages = A.kernel_config("bwd", 64)
-    ptrs = dict(QQ="*bf16", Q="*bf16", K="*bf16", V="*bf16", DY="*bf16", LSE="*fp32",
-                DELTA="*fp32", DQA="*fp32", DK="*bf16", DV="*bf16", KPM="*u8", INV="*fp32",
-                k_rng="*fp32", v_rng="*fp32", s_rng_ptr="*fp32", seeds="*i64")
-    const = dict(LEVELS=256, HAS_LUT=True, D=64, BM=bm, BN=bn, GROUP=group, CAUSAL=True,
-                 HAS_KPM=False, CLIPPED=False, RUNS8=1, INTERP=False, NOISE=1, LEVELS_Q=256,
-                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, DQ=True)
-    sig = kernel_signature(kernel, ptrs, ("scale", "scale_log2", "inv_lm1", "lut", "NK_S"), const)
-    return (ASTSource(fn=kernel, signature=sig, constexprs=const),
-            {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
-            f"{bm}x{bn}, {warps} warps, {stages} stages")
-
-
-def operand_pass_source():
-    """(ASTSource, options, tiles) of the linear's operand pass: the table's entry for K >= 256,
-    256 levels, lut on; strides along K of 1 and the pointers, sizes and row strides divisible by
-    16, as Triton specialises a launch on the 1.1B's shapes."""
-    from torchtitan_ext.optical.kernels import linear as LN
-
-    kernel = LN._quantize_operands_kernel
-    cfg = LN._operand_config(1536)
-    const = dict(LEVELS=256, HAS_LUT=True, OBSERVE=True, BR=cfg.BR, BC=cfg.BC, LEVELS_W=256,
-                 stride_xk=1, stride_wk=1)
-    ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", xq_ptr="*bf16", wq_ptr="*bf16", rng_ptr="*fp32",
-                obs_ptr="*fp32")
-    sig = kernel_signature(kernel, ptrs, ("lut",), const)
-    aligned = [*ptrs, "M", "N", "K", "stride_xm", "stride_wn", "stride_xq", "stride_wq"]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return (ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
-            {"num_warps": cfg.num_warps, "enable_fp_fusion": False},
-            f"{cfg.BR}x{cfg.BC}, {cfg.num_warps} warps, {cfg.programs_per_sm} programs per SM")
 
 
 def main() -> None:

@@ -235,19 +235,19 @@ def _prep_kv_kernel(
 def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv, inv_lm1,
                 LEVELS: tl.constexpr, BN: tl.constexpr, RUNS8: tl.constexpr, NOISE: tl.constexpr,
                 NK_S, TRANSPOSED: tl.constexpr):
-    """(Q_s(S), level index k) of a raw [BM, BN] tile of S, or of its transpose [BN, BM] with
+    """Q_s's level index k (float32) of a raw [BM, BN] tile of S, or of its transpose [BN, BM] with
     TRANSPOSED (the backward): the noise of rows whose global index of column 0 is `row_idx`
     [BM], columns `cols` [BN] (start_n + [0, BN)). NOISE 2: shot read-out, K = D, Box-Muller on
     two Philox draws; 1: stochastic rounding; 0: deterministic rounding, no Philox. One code
     for the forward and the backward's regeneration, so both draw the same words. The kernels
-    use k only (`_logit_value`); the compiler drops the unused Q_s(S)."""
+    need k only (`_logit_value`, the level codes), never Q_s(S) itself."""
     if NOISE == 2:
         z = box_muller(philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 0),
                        philox_bits24_rows_c2(seed, stream, row_idx, start_n, cols, BN, RUNS8, 1))
         if TRANSPOSED:
             z = tl.trans(z)
-        s_q, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
-                                 tl.zeros(s_raw.shape, tl.float32) + NK_S, LEVELS)
+        _, lvl = quantize_shot(s_raw, slo, shi, s_rng, s_inv, inv_lm1, z,
+                               tl.zeros(s_raw.shape, tl.float32) + NK_S, LEVELS)
     else:
         if NOISE:
             w = philox_bits24_rows(seed, stream, row_idx, start_n, cols, BN, RUNS8)
@@ -255,8 +255,8 @@ def _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_
                 w = tl.trans(w)
         else:
             w = 0.0
-        s_q, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
-    return s_q, lvl
+        _, lvl = quantize_level(s_raw, slo, shi, s_rng, s_inv, inv_lm1, w, LEVELS, NOISE)
+    return lvl
 
 
 @triton.jit
@@ -299,8 +299,8 @@ def _fwd_s_tile(qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx
     else:
         k = tl.load(kp)
     s_raw = _dot(qq, tl.trans(k), INTERP)
-    _, lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
-                         inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, False)
+    lvl = _quantize_s(s_raw, seed, stream, row_idx, start_n, cols, slo, shi, s_rng, s_inv,
+                      inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, False)
     valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
     return s_raw, _logit_value(s_raw, lvl, slo, shi), lvl, valid, cols
 
@@ -776,8 +776,8 @@ def _bwd_st_tile(kq, qq, r64, row_idx0, q_start, LK, start_n, offs_n, seed, stre
     transposed."""
     s_raw = _dot(kq, tl.trans(qq), INTERP)  # S^T: [BN, BM]
     # S^T's words: those of the [BM, BN] tile of S, transposed.
-    _, lvl = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
-                         slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, True)
+    lvl = _quantize_s(s_raw, seed, stream, row_idx0 + (q_start + r64) * LK, start_n, offs_n,
+                      slo, shi, s_rng, s_inv, inv_lm1, LEVELS, BN, RUNS8, NOISE, NK_S, True)
     return s_raw, _logit_value(s_raw, lvl, slo, shi)
 
 

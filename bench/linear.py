@@ -71,8 +71,8 @@ SWEEP_CONFIGS = {
 SWEEP_NONOISE = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}  # also timed without noise
 
 _O = klinear.OperandConfig
-# --operand-sweep's candidates for the operand pass: (BR, BC, warps, programs per SM; 0 = one
-# program per tile). None is the table's entry.
+# --operand-sweep's candidates for the operand pass: (BR, BC, warps, programs per SM -- 0 = one
+# program per tile -- and pipelining stages). None is the table's entry.
 OPERAND_CONFIGS = {
     "table": None,
     "32x256 w8 (one per tile)": _O(32, 256, 8),  # the table entry before stop 24
@@ -82,6 +82,16 @@ OPERAND_CONFIGS = {
     "64x256 w8 p4": _O(64, 256, 8, 4),
     "16x512 w4 p8": _O(16, 512, 4, 8),
     "64x512 w16 p2": _O(64, 512, 16, 2),
+    # loads software-pipelined (stop 26): 2 or 3 tiles in flight per program
+    "32x256 w8 p4 s2": _O(32, 256, 8, 4, 2),
+    "32x256 w8 p4 s3": _O(32, 256, 8, 4, 3),
+    "32x256 w8 p2 s3": _O(32, 256, 8, 2, 3),
+    "16x512 w4 p8 s2": _O(16, 512, 4, 8, 2),
+    "64x256 w8 p2 s2": _O(64, 256, 8, 2, 2),
+    "32x256 w8 p2 s4": _O(32, 256, 8, 2, 4),
+    "32x256 w8 p1 s4": _O(32, 256, 8, 1, 4),
+    "16x512 w4 p4 s3": _O(16, 512, 4, 4, 3),
+    "32x512 w8 p2 s3": _O(32, 512, 8, 2, 3),
 }
 # bench/linear.py's large shapes and, at the 1.1B's 8 x 2048 rows, its wq / wo (1536 -> 1536),
 # wk / wv (1536 -> 512) and feed-forward (1536 -> 5376, 5376 -> 1536) shapes. (Stop 24's sweep,

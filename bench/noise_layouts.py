@@ -109,6 +109,14 @@ def kernel_signature(kernel, ptrs: dict, floats, const: dict) -> dict:
             for n in kernel.arg_names}
 
 
+def launch_attrs(kernel, aligned) -> dict:
+    """The divisibility attributes a launch gives `kernel`'s arguments named in `aligned`:
+    Triton specialises a pointer, or an integer not in `do_not_specialize`, whose value is a
+    multiple of 16 (torch's allocations; the 1.1B's sizes and strides at L = 2048). Without
+    them an offline compile keeps byte-wide loads and stores a launch vectorises."""
+    return {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
 def forward_kernel_source(runs8: int = 1):
     """(ASTSource, options, tiles) of the shipped attention forward (both passes, full and masked
     tiles) at the 1.1B's head dim, 256 levels, causal, noisy, with its GPU tile configuration;
@@ -122,9 +130,10 @@ def forward_kernel_source(runs8: int = 1):
                 y_rng="*fp32", seeds="*i64", NKY="*fp32", QSTART="*i64")
     const = dict(LEVELS=256, D=64, BM=bm, BN=bn, CAUSAL=True, HAS_KPM=False, OBSERVE=True,
                  P_MODE=0, USE_CODES=True, RUNS8=runs8, INTERP=False, NOISE=1, LEVELS_Q=256,
-                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, QSTART_PTR=False)
+                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, QSTART_PTR=False, sqd=1)
     sig = kernel_signature(kernel, ptrs, ("scale_log2", "inv_lm1", "NK_S"), const)
-    return (ASTSource(fn=kernel, signature=sig, constexprs=const),
+    attrs = launch_attrs(kernel, [*ptrs, "sqb", "sqh", "sql", "LQ", "LK", "W", "BH", "num_m"])
+    return (ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
             {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
             f"{bm}x{bn}, {warps} warps, {stages} stages")
 
@@ -141,31 +150,35 @@ def backward_kernel_source(group: int = 3):
                 k_rng="*fp32", v_rng="*fp32", s_rng_ptr="*fp32", seeds="*i64")
     const = dict(LEVELS=256, HAS_LUT=True, D=64, BM=bm, BN=bn, GROUP=group, CAUSAL=True,
                  HAS_KPM=False, CLIPPED=False, RUNS8=1, INTERP=False, NOISE=1, LEVELS_Q=256,
-                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, DQ=True)
+                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, DQ=True, sqd=1, skd=1, svd=1, sdd=1)
     sig = kernel_signature(kernel, ptrs, ("scale", "scale_log2", "inv_lm1", "lut", "NK_S"), const)
-    return (ASTSource(fn=kernel, signature=sig, constexprs=const),
+    attrs = launch_attrs(kernel, [*ptrs, "sqb", "sqh", "sql", "skb", "skh", "skl", "svb", "svh",
+                                  "svl", "sdb", "sdh", "sdl", "LQ", "L"])
+    return (ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
             {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
             f"{bm}x{bn}, {warps} warps, {stages} stages")
 
 
-def operand_pass_source():
-    """(ASTSource, options, tiles) of the linear's operand pass: the table's entry for K >= 256,
-    256 levels, lut on; strides along K of 1 and the pointers, sizes and row strides divisible by
-    16, as Triton specialises a launch on the 1.1B's shapes."""
+def operand_pass_source(cfg=None):
+    """(ASTSource, options, tiles) of the linear's operand pass: the table's entry for K >= 256
+    (or `cfg`, an OperandConfig), 256 levels, lut on; strides along K of 1 and the pointers,
+    sizes and row strides divisible by 16, as Triton specialises a launch on the 1.1B's
+    shapes."""
     from torchtitan_ext.optical.kernels import linear as LN
 
     kernel = LN._quantize_operands_kernel
-    cfg = LN._operand_config(1536)
+    cfg = cfg or LN._operand_config(1536)
     const = dict(LEVELS=256, HAS_LUT=True, OBSERVE=True, BR=cfg.BR, BC=cfg.BC, LEVELS_W=256,
-                 stride_xk=1, stride_wk=1)
+                 STAGES=cfg.num_stages, stride_xk=1, stride_wk=1)
     ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", xq_ptr="*bf16", wq_ptr="*bf16", rng_ptr="*fp32",
                 obs_ptr="*fp32")
     sig = kernel_signature(kernel, ptrs, ("lut",), const)
-    aligned = [*ptrs, "M", "N", "K", "stride_xm", "stride_wn", "stride_xq", "stride_wq"]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    attrs = launch_attrs(kernel, [*ptrs, "M", "N", "K", "stride_xm", "stride_wn", "stride_xq",
+                                  "stride_wq"])
     return (ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
             {"num_warps": cfg.num_warps, "enable_fp_fusion": False},
-            f"{cfg.BR}x{cfg.BC}, {cfg.num_warps} warps, {cfg.programs_per_sm} programs per SM")
+            f"{cfg.BR}x{cfg.BC}, {cfg.num_warps} warps, {cfg.programs_per_sm} programs per SM, "
+            f"{cfg.num_stages} stages")
 
 
 def inspect_forward_kernel(runs8: int) -> dict:

@@ -644,16 +644,19 @@ def test_override_gemm_config_is_scoped_and_large_applies_to_large_shapes_only()
 
 _OPERAND_CONFIGS = [klinear.OperandConfig(32, 64, 4, programs_per_sm=1),
                     klinear.OperandConfig(16, 32, 4, programs_per_sm=3),
+                    klinear.OperandConfig(16, 32, 4, programs_per_sm=2, num_stages=3),
                     klinear.OperandConfig(64, 128, 8)]
 
 
 @pytest.mark.parametrize("cfg", _OPERAND_CONFIGS,
-                         ids=lambda c: f"{c.BR}x{c.BC}w{c.num_warps}p{c.programs_per_sm}")
+                         ids=lambda c: f"{c.BR}x{c.BC}w{c.num_warps}p{c.programs_per_sm}"
+                                       f"s{c.num_stages}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_operand_pass_configs_give_the_same_bits(kernel_device, cfg, dtype):
     """Every operand pass configuration -- one program per tile, or a few programs looping over
-    the tiles of both operands (on the CPU one 'multiprocessor': 1 or 3 programs) -- gives the
-    table's outputs and observations bit for bit, and observes the operands' true min/max."""
+    the tiles of both operands (on the CPU one 'multiprocessor': 1, 2 or 3 programs), their
+    loads software-pipelined or not (GPU only) -- gives the table's outputs and observations bit
+    for bit, and observes the operands' true min/max."""
     dev = kernel_device
     x, w, b = _inputs(70, 90, 50, dtype, dev, gen_seed=11, bias=True)
     ranges = _ranges_from_data(x, w, dev)

@@ -369,23 +369,25 @@ def _fwd_pass1(m_i, l_i, smin, smax, qq, kq_base, kvis_base, code_base, W, lo, h
 
 
 @triton.jit
-def _pv_tile(acc, val, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, step,
+def _pv_tile(acc, val, valid, m_i, t_scale, vq_base, cols, offs_d, L, inv_lm1, step,
              LEVELS: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, P_MODE: tl.constexpr,
              INTERP: tl.constexpr):
-    """acc += Q_p(P) @ Q_v(v) for one tile of S (val: `_logit_value`). P_MODE 0: the integer
-    level indices k (exact in the operand dtype), 1: k split as 256 * a + b, two dots with exact
-    operands, 2: k / (levels - 1) rounded to the operand dtype (levels > 65536 only)."""
+    """acc += Q_p(P) @ Q_v(v) for one tile of S (val: `_logit_value`; t_scale: each row's
+    (levels - 1) / l, `_fwd_pass2`). P_MODE 0: the integer level indices k (exact in the
+    operand dtype), 1: k split as 256 * a + b, two dots with exact operands, 2: k / (levels - 1)
+    rounded to the operand dtype (levels > 65536 only)."""
     DT: tl.constexpr = vq_base.dtype.element_ty
     # val * step rounded as pass 1 rounded it (no fma), so the row's maximum gets exp2(0) = 1
-    # exactly and equal S values equal terms; 1 / l stays a multiply of its own. P = 1, 1/2,
-    # 1/4, ... are then exact, and Q_p's exact ties (two equal keys: 127.5 of 255) round as the
-    # reference's. (The rest of the softmax is approximate anyway: exp2.)
-    p = tl.math.exp2(val * step - m_i[:, None]) * inv_l[:, None]
+    # exactly and equal S values equal terms. Q_p over the fixed range [0, 1] is
+    # t = clamp(P, 0, 1) * (levels - 1) (the division by hi - lo = 1 is exact), k = round-half-
+    # even(t); 1 / l and levels - 1 enter as one factor per row, t_scale (one multiply per
+    # element less), so the maximum's t is RN((levels - 1) / l) as P * (levels - 1) rounds: Q_p's
+    # exact ties (two equal keys: 127.5 of 255) round as the reference's. Elsewhere t moves by
+    # one rounding (the softmax is approximate anyway: exp2).
+    t = tl.math.exp2(val * step - m_i[:, None]) * t_scale[:, None]
     if MASK:
-        p = tl.where(valid, p, 0.0)
-    # Q_p over the fixed range [0, 1]: t = clamp(p, 0, 1) * (levels - 1) exactly (the division
-    # by hi - lo = 1 is exact), k = round-half-even(t). p >= 0 by construction.
-    kp = round_half_even(tl.minimum(p, 1.0) * (LEVELS - 1.0))
+        t = tl.where(valid, t, 0.0)
+    kp = round_half_even(tl.minimum(t, LEVELS - 1.0))
     vp = vq_base + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
     if MASK:
         v = tl.load(vp, mask=(cols < L)[:, None], other=0.0)
@@ -403,8 +405,8 @@ def _pv_tile(acc, val, valid, m_i, inv_l, vq_base, cols, offs_d, L, inv_lm1, ste
 
 
 @triton.jit
-def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, hi, offs_m, offs_n,
-                         offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
+def _fwd_pass2_recompute(acc, m_i, t_scale, qq, kq_base, kvis_base, vq_base, lo, hi, offs_m,
+                         offs_n, offs_d, row_idx, L, seed, stream, slo, shi, s_rng, s_inv, inv_lm1,
                          step,
                          LEVELS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                          CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -418,14 +420,14 @@ def _fwd_pass2_recompute(acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, lo, h
             qq, kq_base, kvis_base, start_n, offs_m, offs_n, offs_d, row_idx, L, seed, stream,
             slo, shi, s_rng, s_inv, inv_lm1, LEVELS, D, BN, CAUSAL, MASK, HAS_KPM, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
-        acc = _pv_tile(acc, val, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+        acc = _pv_tile(acc, val, valid, m_i, t_scale, vq_base, cols, offs_d, L,
                        _inv_of(inv_lm1, LEVELS, LEVELS_P), step, LEVELS_P, D, MASK, P_MODE,
                        INTERP)
     return acc
 
 
 @triton.jit
-def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, offs_m, offs_n,
+def _fwd_pass2_codes(acc, m_i, t_scale, code_base, W, vq_base, kvis_base, lo, hi, offs_m, offs_n,
                      offs_d, L, inv_lm1, step,
                      LEVELS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -438,7 +440,7 @@ def _fwd_pass2_codes(acc, m_i, inv_l, code_base, W, vq_base, kvis_base, lo, hi, 
         cols = start_n + offs_n
         lvl = tl.load(code_base + rl[:, None] * W + cols[None, :]).to(tl.float32)
         valid = _valid(offs_m, cols, L, kvis_base, CAUSAL, MASK, HAS_KPM)
-        acc = _pv_tile(acc, lvl, valid, m_i, inv_l, vq_base, cols, offs_d, L,
+        acc = _pv_tile(acc, lvl, valid, m_i, t_scale, vq_base, cols, offs_d, L,
                        _inv_of(inv_lm1, LEVELS, LEVELS_P), step, LEVELS_P, D, MASK, P_MODE,
                        INTERP)
     return acc
@@ -658,6 +660,7 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
     """acc = Q_p(P) @ Q_v(v) (unscaled level indices) over the tiles pass 1 saw, from the level
     codes when kept, else regenerating S."""
     acc = tl.zeros([BM, D], tl.float32)
+    t_scale = inv_l * (LEVELS_P - 1.0)  # Q_p's t = P * (levels - 1) = exp2(...) * t_scale
     if USE_CODES:
         # Pass 2 reads codes other threads of this program wrote (the load layout is not the MMA
         # layout of the stores): a CTA barrier orders those global writes before the reads.
@@ -666,21 +669,21 @@ def _fwd_pass2(m_i, inv_l, qq, kq_base, kvis_base, vq_base, CODES, W, n_full, n_
     # then, and when no codes are kept, S is regenerated.
     if USE_CODES and (slo <= shi):
         acc = _fwd_pass2_codes(
-            acc, m_i, inv_l, CODES, W, vq_base, kvis_base, 0, n_full, pos, offs_n, offs_d, LK,
+            acc, m_i, t_scale, CODES, W, vq_base, kvis_base, 0, n_full, pos, offs_n, offs_d, LK,
             inv_lm1, step, LEVELS, D, BM, BN, CAUSAL, False, HAS_KPM, P_MODE,
             INTERP, LEVELS_P)
         acc = _fwd_pass2_codes(
-            acc, m_i, inv_l, CODES, W, vq_base, kvis_base, n_full, n_end, pos, offs_n, offs_d,
+            acc, m_i, t_scale, CODES, W, vq_base, kvis_base, n_full, n_end, pos, offs_n, offs_d,
             LK, inv_lm1, step, LEVELS, D, BM, BN, CAUSAL, True, HAS_KPM, P_MODE,
             INTERP, LEVELS_P)
     else:
         acc = _fwd_pass2_recompute(
-            acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
+            acc, m_i, t_scale, qq, kq_base, kvis_base, vq_base, 0, n_full, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
             LEVELS, D, BN, CAUSAL, False, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)
         acc = _fwd_pass2_recompute(
-            acc, m_i, inv_l, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
+            acc, m_i, t_scale, qq, kq_base, kvis_base, vq_base, n_full, n_end, pos, offs_n, offs_d,
             row_idx, LK, seed_s, stream, slo, shi, s_rng, s_inv, inv_lm1, step,
             LEVELS, D, BN, CAUSAL, True, HAS_KPM, P_MODE, RUNS8, INTERP,
             NOISE, NK_S, LEVELS_Q, LEVELS_K, LEVELS_P, LEVELS_Y)

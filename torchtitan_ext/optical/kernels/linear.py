@@ -6,7 +6,8 @@ Forward = two launches of real work (plus a [3, 2] fill that initialises the ran
 observations):
 
 1. ``_quantize_operands_kernel`` over x and W in one launch (a memory-bound pass; a few
-   programs per SM loop over x's tiles, then W's, `OperandConfig`): Q_x / Q_w in float32,
+   programs per SM loop over x's tiles, then W's, their loads software-pipelined a few tiles
+   ahead, `OperandConfig`): Q_x / Q_w in float32,
    rounded back to the *input* dtype (exactly the reference's operand values), written once into
    scratch buffers, with the min/max of the unquantized tensor observed in the same pass (two
    float atomics, min and max, per program and operand). Quantizing inside the GEMM's mainloop
@@ -261,38 +262,42 @@ def _quantize_operands_kernel(
     x_ptr, w_ptr, xq_ptr, wq_ptr, rng_ptr, obs_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xq, stride_wq, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, OBSERVE: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Q_x (LEVELS) over x's tiles, then Q_w (LEVELS_W, with lut) over W's: one launch for both
     operands (each launch costs tens of microseconds of host time, which launch-bound small
-    models pay per layer). Program p takes tiles p, p + P, p + 2P, ... of the P programs
-    launched (`OperandConfig.programs_per_sm`), and adds the min/max it saw of each operand to
-    the observations once. Ranges and observations are the rows 0 (x) and 1 (W) of [3, 2]
-    tensors. (Operands are deterministic: no seed, no noise index.)"""
+    models pay per layer). Of the x tiles then the W tiles, numbered on, program p takes tiles
+    p, p + P, p + 2P, ... of the P programs launched (`OperandConfig.programs_per_sm`), in two
+    loops whose loads Triton software-pipelines STAGES deep (1: not at all), and adds the
+    min/max it saw of each operand to the observations once. Ranges and observations are the
+    rows 0 (x) and 1 (W) of [3, 2] tensors. (Operands are deterministic: no seed, no noise
+    index.)"""
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
     xlo, xhi, x_span, x_inv, x_inv_lm1 = _quantizer_consts(rng_ptr, LEVELS)
     wlo, whi, w_span, w_inv, w_inv_lm1 = _quantizer_consts(rng_ptr + 2, LEVELS_W)
     x_tiles = tl.cdiv(M, BR) * tl.cdiv(K, BC)
-    tiles = x_tiles + tl.cdiv(N, BR) * tl.cdiv(K, BC)
+    w_tiles = tl.cdiv(N, BR) * tl.cdiv(K, BC)
     x_min = float("inf")
     x_max = float("-inf")
     w_min = float("inf")
     w_max = float("-inf")
     # A tile's min/max skip NaNs unless the whole tile is NaN; then, as with one program per
     # tile, the max observes NaN (propagated here) and the min the other tiles' minimum.
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        if tile < x_tiles:
-            lo, hi = _quantize_tile(x_ptr, xq_ptr, xlo, xhi, x_span, x_inv, x_inv_lm1, tile, M, K,
-                                    stride_xm, stride_xk, stride_xq, 0.0, rng_ptr, 0, 1, 1, 0,
-                                    0, 0, LEVELS, False, False, OBSERVE, BR, BC, False, 1.0)
-            x_min = tl.minimum(x_min, lo)
-            x_max = tl.maximum(x_max, hi, propagate_nan=tl.PropagateNan.ALL)
-        else:
-            lo, hi = _quantize_tile(w_ptr, wq_ptr, wlo, whi, w_span, w_inv, w_inv_lm1,
-                                    tile - x_tiles, N, K, stride_wn, stride_wk, stride_wq, lut,
-                                    rng_ptr, 0, 1, 1, 0, 0, 0, LEVELS_W, HAS_LUT, False,
-                                    OBSERVE, BR, BC, False, 1.0)
-            w_min = tl.minimum(w_min, lo)
-            w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
+    for tile in tl.range(pid, x_tiles, progs, num_stages=STAGES):
+        lo, hi = _quantize_tile(x_ptr, xq_ptr, xlo, xhi, x_span, x_inv, x_inv_lm1, tile, M, K,
+                                stride_xm, stride_xk, stride_xq, 0.0, rng_ptr, 0, 1, 1, 0,
+                                0, 0, LEVELS, False, False, OBSERVE, BR, BC, False, 1.0)
+        x_min = tl.minimum(x_min, lo)
+        x_max = tl.maximum(x_max, hi, propagate_nan=tl.PropagateNan.ALL)
+    # this program's first W tile: the global tile x_tiles + j with j = pid - x_tiles (mod P)
+    first_w = (pid - x_tiles % progs + progs) % progs
+    for tile in tl.range(first_w, w_tiles, progs, num_stages=STAGES):
+        lo, hi = _quantize_tile(w_ptr, wq_ptr, wlo, whi, w_span, w_inv, w_inv_lm1, tile, N, K,
+                                stride_wn, stride_wk, stride_wq, lut, rng_ptr, 0, 1, 1, 0, 0,
+                                0, LEVELS_W, HAS_LUT, False, OBSERVE, BR, BC, False, 1.0)
+        w_min = tl.minimum(w_min, lo)
+        w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBSERVE:
         tl.atomic_min(obs_ptr, x_min)
         tl.atomic_max(obs_ptr + 1, x_max)
@@ -531,12 +536,14 @@ class GemmConfig:
 class OperandConfig:
     """Launch configuration of the operand quantization pass: [BR, BC] tiles, warps, and
     `programs_per_sm` programs per multiprocessor that loop over the tiles (0: one program per
-    tile). Every configuration computes the same bits."""
+    tile), and `num_stages` deep software pipelining of those loops' loads (1: none). Every
+    configuration computes the same bits."""
 
     BR: int
     BC: int
     num_warps: int
     programs_per_sm: int = 0
+    num_stages: int = 1
 
 
 def gpu_has_tma(device: torch.device) -> bool:
@@ -591,9 +598,10 @@ def _operand_config(C: int) -> OperandConfig:
     """Fixed table of the operand pass, by the operands' row length C (= K)."""
     if _INTERPRET:
         return OperandConfig(32, 64, 4)
-    # 8K-element tiles (32 a thread), four looping programs per SM: 1.37-1.50x the bandwidth of
-    # one program per tile on an H200 (bench/linear.py --operand-sweep, stop 24)
-    return OperandConfig(32, 256, 8, 4) if C >= 256 else OperandConfig(128, 64, 8, 4)
+    # 8K-element tiles (32 a thread), two looping programs per SM whose loads run three tiles
+    # ahead: 1.2-1.35x the bandwidth of four unpipelined programs (stop 24's entry) at every
+    # shape of bench/linear.py --operand-sweep on an H200 (stop 26)
+    return OperandConfig(32, 256, 8, 2, 3) if C >= 256 else OperandConfig(128, 64, 8, 4)
 
 
 # What override_gemm_config forces: every problem's config ("all"), the large shapes' ("large"),
@@ -690,7 +698,8 @@ def _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, obs
         M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         xq.stride(0), wq.stride(0), float(lut or 0.0),
         LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
-        LEVELS_W=int(lw), num_warps=cfg.num_warps, enable_fp_fusion=False,
+        LEVELS_W=int(lw), STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        enable_fp_fusion=False,
     )
 
 

@@ -42,9 +42,10 @@ def linear_sources() -> dict:
     fwd_const = dict(LEVELS=256, QUANT_OUT=True, NOISE=True, SHOT=False, HAS_BIAS=False,
                      OBSERVE=True, SAVE_MASK=False, USE_TMA=False, IEEE_DOT=False,
                      UPCAST_DOT=False, EPI_SPLIT=8, RUNS8=True, BM=128, BN=128, BK=64,
-                     GROUP_M=8)
+                     GROUP_M=8, PART_BLOCK=256)
     fwd_ptrs = dict(a_src="*bf16", b_src="*bf16", y_ptr="*bf16", bias_ptr="*bf16",
-                    rng_ptr="*fp32", seed_ptr="*i64", obs_ptr="*fp32", mask_ptr="*i1")
+                    rng_ptr="*fp32", seed_ptr="*i64", obs_ptr="*fp32", mask_ptr="*i1",
+                    part_ptr="*fp32")
     ops_src, ops_options, ops_tiles = operand_pass_source()
     return {
         "linear forward (128x128x64, 8 warps, 3 stages)": (

@@ -171,7 +171,7 @@ def operand_pass_source(cfg=None):
     const = dict(LEVELS=256, HAS_LUT=True, OBSERVE=True, BR=cfg.BR, BC=cfg.BC, LEVELS_W=256,
                  STAGES=cfg.num_stages, stride_xk=1, stride_wk=1)
     ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", xq_ptr="*bf16", wq_ptr="*bf16", rng_ptr="*fp32",
-                obs_ptr="*fp32")
+                obs_ptr="*fp32", part_ptr="*fp32")
     sig = kernel_signature(kernel, ptrs, ("lut",), const)
     attrs = launch_attrs(kernel, [*ptrs, "M", "N", "K", "stride_xm", "stride_wn", "stride_xq",
                                   "stride_wq"])

@@ -114,8 +114,8 @@ def _host_path_pieces(klinear, x, ranges, dev, dt) -> dict[str, float]:
             lambda: klinear._clip_grad_(g, src, ranges[2])),
         "  config lookup (cached)": per_call_us(
             lambda: klinear.gemm_config(16, 1152, 384, dt, dev)),
-        "  allocations (obs init, y, 2 operand buffers)": per_call_us(lambda: (
-            klinear._new_obs(dev), torch.empty(16, 1152, dtype=dt, device=dev),
+        "  allocations (obs, y, 2 operand buffers)": per_call_us(lambda: (
+            torch.empty(3, 2, device=dev), torch.empty(16, 1152, dtype=dt, device=dev),
             klinear._operand_buffer(16, 384, dt, dev, 8),
             klinear._operand_buffer(1152, 384, dt, dev, 8))),
     }

@@ -173,7 +173,91 @@ def profile_summary(trace: Path, top: int = 12) -> dict:
         "gpu_busy_fraction": round(busy / (t1 - t0), 3),
         "kernel_launches": sum(n for n, _ in by_name.values()),
         "top_kernels_ms": [[name, n, round(d / 1e3, 2)] for name, (n, d) in kernels],
+        "gpu_idle": idle_summary(events, t0, t1, top),
     }
+
+
+_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_HOST_CATS = ("cpu_op", "user_annotation", "python_function")
+
+
+def idle_summary(events: list, t0: float, t1: float, top: int = 12) -> dict:
+    """Where the GPU waits within [t0, t1] (one profiled step, trace microseconds), and on what.
+
+    Each gap between the union of the GPU's intervals ends when its next kernel (or copy)
+    starts; that kernel's launch (matched by correlation id) was issued by the host at some
+    time. A gap whose launch came after the gap began is host-late: the GPU waited for the host
+    to issue work. Host-late time is summed by the host ops open on the launching thread at the
+    launch: the innermost one, and the outermost below the step's own annotation. The rest of
+    the idle time (launch issued earlier: the GPU waited on a dependency) is reported as one
+    sum."""
+    gpu = sorted([(float(e["ts"]), float(e["ts"]) + float(e["dur"]),
+                   (e.get("args") or {}).get("correlation"))
+                  for e in events if e.get("ph") == "X" and e.get("cat") in _GPU_CATS
+                  and float(e["ts"]) + float(e["dur"]) > t0 and float(e["ts"]) < t1],
+                 key=lambda t: t[:2])  # the correlation id may be None: never compare it
+    launches = {(e.get("args") or {}).get("correlation"): e for e in events
+                if e.get("ph") == "X" and e.get("cat") in _LAUNCH_CATS
+                and (e.get("args") or {}).get("correlation") is not None}
+    gaps, end = [], t0  # (gap start, gap end, correlation of the kernel that ends it)
+    for a, b, corr in gpu:
+        if a > end:
+            gaps.append((end, a, corr))
+        end = max(end, b)
+    if end < t1:
+        gaps.append((end, t1, None))
+    late = []  # (launch ts, thread, gap microseconds)
+    other = 0.0
+    for g0, g1, corr in gaps:
+        ev = launches.get(corr)
+        if ev is not None and float(ev["ts"]) > g0:
+            late.append((float(ev["ts"]), (ev.get("pid"), ev.get("tid")), g1 - g0))
+        else:
+            other += g1 - g0
+    inner, outer = _attribute(events, late, t0, t1)
+    rank = lambda d: [[k, n, round(v / 1e3, 2)]  # noqa: E731
+                      for k, (n, v) in sorted(d.items(), key=lambda kv: -kv[1][1])[:top]]
+    return {"idle_ms": round(sum(g1 - g0 for g0, g1, _ in gaps) / 1e3, 2),
+            "host_late_ms": round(sum(g for _, _, g in late) / 1e3, 2),
+            "other_idle_ms": round(other / 1e3, 2),
+            "host_late_by_innermost_op": rank(inner),
+            "host_late_by_outermost_op": rank(outer)}
+
+
+def _attribute(events: list, late: list, t0: float, t1: float) -> tuple[dict, dict]:
+    """{op name: (gaps, microseconds)} of the host-late gaps `late` by the innermost and the
+    outermost host op (below the step's annotation) open on the launching thread at each
+    launch; "(none)" where no op was open."""
+    by_thread: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in _HOST_CATS:
+            a, b = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+            name = str(e.get("name", ""))
+            if b > t0 and a < t1 and not name.startswith("ProfilerStep#"):
+                by_thread.setdefault((e.get("pid"), e.get("tid")), []).append((a, -b, name[:80]))
+    inner: dict = {}
+    outer: dict = {}
+    for thread in {t for _, t, _ in late}:
+        ops = sorted(by_thread.get(thread, []))
+        queries = sorted((ts, g) for ts, t, g in late if t == thread)
+        stack: list = []  # open ops, outermost first: (end, name)
+        i = 0
+        for ts, g in queries:
+            while i < len(ops) and ops[i][0] <= ts:
+                a, neg_b, name = ops[i]
+                while stack and stack[-1][0] < a:
+                    stack.pop()
+                stack.append((-neg_b, name))
+                i += 1
+            while stack and stack[-1][0] < ts:
+                stack.pop()
+            open_ops = [name for b, name in stack if b >= ts]
+            for d, name in ((inner, open_ops[-1] if open_ops else "(none)"),
+                            (outer, open_ops[0] if open_ops else "(none)")):
+                n, v = d.get(name, (0, 0.0))
+                d[name] = (n + 1, v + g)
+    return inner, outer
 
 
 def schedule(modes: list[str], repeats: int, profile: bool) -> list[tuple[int, str, bool]]:

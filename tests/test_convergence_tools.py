@@ -80,6 +80,36 @@ def test_profile_summary_unions_overlapping_kernels_within_the_last_step(tmp_pat
     assert p["top_kernels_ms"][0] == ["_linear_fwd_kernel", 2, 0.3]
 
 
+def test_profile_idle_summary_attributes_host_late_gaps_to_the_open_host_ops():
+    """bench/train.py --profile: a GPU gap whose next kernel was launched after the gap began is
+    host-late and goes to the host ops open at that launch (innermost, outermost); a gap whose
+    kernel was launched earlier (a dependency) and the step's tail are other idle time."""
+    def x(name, cat, ts, dur, corr=None, tid=1):
+        e = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        return e
+
+    events = [
+        x("ProfilerStep#2", "user_annotation", 0, 1000),
+        x("optical::linear", "cpu_op", 100, 300), x("aten::empty", "cpu_op", 150, 10),
+        x("aten::mm", "cpu_op", 500, 20),
+        x("cudaLaunchKernel", "cuda_runtime", 50, 2, corr=1),
+        x("cuLaunchKernel", "cuda_driver", 155, 2, corr=2),
+        x("cudaLaunchKernel", "cuda_runtime", 200, 2, corr=4),
+        x("cudaLaunchKernel", "cuda_runtime", 505, 2, corr=3),
+        x("k1", "kernel", 60, 40, corr=1, tid=7), x("k2", "kernel", 300, 50, corr=2, tid=7),
+        x("k3", "kernel", 510, 390, corr=3, tid=7), x("k4", "kernel", 950, 30, corr=4, tid=7),
+    ]
+    idle = _bench_train().idle_summary(events, 0.0, 1000.0)
+    assert idle["idle_ms"] == 0.49  # [0, 60) [100, 300) [350, 510) [900, 950) [980, 1000)
+    assert idle["host_late_ms"] == 0.42 and idle["other_idle_ms"] == 0.07
+    assert idle["host_late_by_innermost_op"] == [["aten::empty", 1, 0.2], ["aten::mm", 1, 0.16],
+                                                 ["(none)", 1, 0.06]]
+    assert idle["host_late_by_outermost_op"] == [["optical::linear", 1, 0.2],
+                                                 ["aten::mm", 1, 0.16], ["(none)", 1, 0.06]]
+
+
 def test_train_bench_alternates_modes_and_reports_median_and_spread(tmp_path, monkeypatch):
     """bench/train.py --repeats: runs alternate digital/optical within each repeat, a mode's
     figure is the median of its repeats' medians with min/max, profiled and failed repeats are

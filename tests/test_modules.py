@@ -211,6 +211,33 @@ def test_update_ranges_handles_many_modules_at_once():
     assert all(torch.isfinite(m.optical_ranges).all() for m in optical_modules(model))
 
 
+def test_update_ranges_folds_every_module_as_its_own_ema_would():
+    """The packed update (a few launches per smooth factor) gives each module's ranges what
+    `reference.ema_update` gives them one module at a time: mixed factors, modules of several
+    ranges, an uninitialised buffer, a module that observed nothing; pending rows reset."""
+    torch.manual_seed(5)
+    lins = [OpticalLinear(6, 5, config=QuantizerConfig(q_smooth_factor=s)) for s in (0.9, 0.5, 0.9)]
+    att = OpticalAttention(QuantizerConfig(q_smooth_factor=0.75))
+    model = nn.ModuleList([*lins, att])
+    for m in lins:
+        m(torch.randn(4, 6))
+    update_ranges(model)  # lins initialised; att observed nothing and stays unset
+    for m in lins[:2]:
+        m(torch.randn(4, 6) * 3)
+    q = torch.randn(1, 2, 8, 16)
+    att(q, q.clone(), q.clone())
+    mods = optical_modules(model)
+    want = [R.ema_update(m.optical_ranges.clone(), m.optical_observed.clone(), m.smooth)
+            for m in mods]
+    assert update_ranges(model) == 4
+    for m, w in zip(mods, want):
+        assert torch.equal(m.optical_ranges, w)
+        assert (m.optical_observed[:, 0] == float("inf")).all()
+        assert (m.optical_observed[:, 1] == float("-inf")).all()
+    assert torch.isfinite(att.optical_ranges).all()  # took its first observation as is
+    assert torch.equal(lins[2].optical_ranges, want[2])  # observed nothing: unchanged
+
+
 def test_autocast_casts_inputs_like_the_layers_replaced_and_keeps_float32_inside():
     lin, x = calibrated_linear(QuantizerConfig(q_levels=64))
     lin.eval()

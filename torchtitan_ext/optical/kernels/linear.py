@@ -2,15 +2,16 @@
 
 Design, and why
 ---------------
-Forward = two launches of real work (plus a [3, 2] fill that initialises the range
-observations):
+Forward = two launches (no fill of the [3, 2] range observations: the operand pass
+initialises the output row, the GEMM's program 0 writes the operand rows):
 
 1. ``_quantize_operands_kernel`` over x and W in one launch (a memory-bound pass; a few
    programs per SM loop over x's tiles, then W's, their loads software-pipelined a few tiles
    ahead, `OperandConfig`): Q_x / Q_w in float32,
    rounded back to the *input* dtype (exactly the reference's operand values), written once into
-   scratch buffers, with the min/max of the unquantized tensor observed in the same pass (two
-   float atomics, min and max, per program and operand). Quantizing inside the GEMM's mainloop
+   scratch buffers, with the min/max of the unquantized tensor observed in the same pass (each
+   program writes its partial min/max per operand to a [P, 4] buffer; no atomics, so the fold is
+   order-independent and run-to-run bitwise). Quantizing inside the GEMM's mainloop
    instead (prologue fusion, what mase-triton does) re-quantizes every operand tile once per
    output tile -- N/BN times for x and M/BM times for W -- and puts IEEE divisions between the
    loads and the tensor cores. A separate pass costs one read and one write of x and W and
@@ -55,7 +56,9 @@ overlaps the next tile's mainloop, and an operand pass at bandwidth.
 
 Host syncs: none. The seed and all ranges are device tensors read inside the kernels; whether a
 range is initialised is decided per program on the device (an uninitialised output range skips
-the Philox work entirely); observations are reduced with atomics into a [3, 2] device tensor.
+the Philox work entirely); the operand observations are per-program partials folded by the
+GEMM's program 0, the output observation a min/max atomic per tile (order-independent), all in
+a [3, 2] device tensor.
 
 Backward (semantics s.5, straight-through or clipped, on the *unquantized* x and W) is two
 cuBLAS matmuls -- nothing optical happens there, and cuBLAS is the fastest GEMM available. The
@@ -259,7 +262,7 @@ def _operand_tile(C: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _quantize_operands_kernel(
-    x_ptr, w_ptr, xq_ptr, wq_ptr, rng_ptr, obs_ptr,
+    x_ptr, w_ptr, xq_ptr, wq_ptr, rng_ptr, obs_ptr, part_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xq, stride_wq, lut,
     LEVELS: tl.constexpr, HAS_LUT: tl.constexpr, OBSERVE: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, LEVELS_W: tl.constexpr, STAGES: tl.constexpr,
@@ -268,10 +271,12 @@ def _quantize_operands_kernel(
     operands (each launch costs tens of microseconds of host time, which launch-bound small
     models pay per layer). Of the x tiles then the W tiles, numbered on, program p takes tiles
     p, p + P, p + 2P, ... of the P programs launched (`OperandConfig.programs_per_sm`), in two
-    loops whose loads Triton software-pipelines STAGES deep (1: not at all), and adds the
-    min/max it saw of each operand to the observations once. Ranges and observations are the
-    rows 0 (x) and 1 (W) of [3, 2] tensors. (Operands are deterministic: no seed, no noise
-    index.)"""
+    loops whose loads Triton software-pipelines STAGES deep (1: not at all), and stores the
+    min/max it saw of each operand, (x min, x max, W min, W max), as row p of `part_ptr` [P, 4]
+    (the GEMM folds them into the observations: `_fold_operand_partials`). Ranges are the rows
+    0 (x) and 1 (W) of a [3, 2] tensor; program 0 sets the observations' row 2 (the output's)
+    to (+inf, -inf) before the GEMM's atomics fold into it. (Operands are deterministic: no
+    seed, no noise index.)"""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     xlo, xhi, x_span, x_inv, x_inv_lm1 = _quantizer_consts(rng_ptr, LEVELS)
@@ -299,19 +304,52 @@ def _quantize_operands_kernel(
         w_min = tl.minimum(w_min, lo)
         w_max = tl.maximum(w_max, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBSERVE:
-        tl.atomic_min(obs_ptr, x_min)
-        tl.atomic_max(obs_ptr + 1, x_max)
-        tl.atomic_min(obs_ptr + 2, w_min)
-        tl.atomic_max(obs_ptr + 3, w_max)
+        part = part_ptr + pid * 4
+        tl.store(part, x_min)
+        tl.store(part + 1, x_max)
+        tl.store(part + 2, w_min)
+        tl.store(part + 3, w_max)
+    if pid == 0:
+        tl.store(obs_ptr + 4, tl.full([], float("inf"), tl.float32))
+        tl.store(obs_ptr + 5, tl.full([], float("-inf"), tl.float32))
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _fold_operand_partials(obs_ptr, part_ptr, n_part, BLOCK: tl.constexpr):
+    """Observation rows 0 (x) and 1 (W) from the operand pass's n_part partial rows (x min, x
+    max, W min, W max); (+inf, -inf) rows for n_part = 0 (nothing observed). One program of the
+    GEMM runs it: the stream orders the GEMM after the whole pass, and no row needs a fill
+    beforehand. A NaN maximum stays NaN, as the pass's own maxima keep it."""
+    x_min = tl.full([BLOCK], float("inf"), tl.float32)
+    x_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    w_min = tl.full([BLOCK], float("inf"), tl.float32)
+    w_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, n_part, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < n_part
+        p = part_ptr + rows * 4
+        x_min = tl.minimum(x_min, tl.load(p, mask=ok, other=float("inf")))
+        x_max = _max_keep_nan(x_max, tl.load(p + 1, mask=ok, other=float("-inf")))
+        w_min = tl.minimum(w_min, tl.load(p + 2, mask=ok, other=float("inf")))
+        w_max = _max_keep_nan(w_max, tl.load(p + 3, mask=ok, other=float("-inf")))
+    tl.store(obs_ptr, tl.min(x_min))
+    tl.store(obs_ptr + 1, tl.reduce(x_max, 0, _max_keep_nan))
+    tl.store(obs_ptr + 2, tl.min(w_min))
+    tl.store(obs_ptr + 3, tl.reduce(w_max, 0, _max_keep_nan))
 
 
 # --------------------------------------------------------------------------------------------
 # GEMM with the optical epilogue
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["stream", "s_local", "s_global", "row_base", "n_global",
-                               "col_offset"])
+                               "col_offset", "n_part"])
 def _linear_fwd_kernel(
-    a_src, b_src, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
+    a_src, b_src, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr, part_ptr, n_part,
     M, N, K, stride_am, stride_bn,
     stream, s_local, s_global, row_base, n_global, col_offset, nk,
     LEVELS: tl.constexpr, QUANT_OUT: tl.constexpr, NOISE: tl.constexpr, SHOT: tl.constexpr,
@@ -320,9 +358,11 @@ def _linear_fwd_kernel(
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EPI_SPLIT: tl.constexpr, RUNS8: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PART_BLOCK: tl.constexpr,
 ):
     """One [BM, BN] tile of y: the float32 GEMM of the quantized operands over all of K, then
-    _tile_epilogue (observation, Q_out, bias, mask, store)."""
+    _tile_epilogue (observation, Q_out, bias, mask, store); program 0 also folds the operand
+    pass's n_part partial observations into obs rows 0 and 1 (`_fold_operand_partials`)."""
     off_m, off_n = _grouped_tile_origin(M, N, BM, BN, GROUP_M)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -363,6 +403,8 @@ def _linear_fwd_kernel(
     _tile_epilogue(acc, off_m, off_n, M, N, y_ptr, bias_ptr, rng_ptr, seed_ptr, obs_ptr, mask_ptr,
                    stream, s_local, s_global, row_base, n_global, col_offset, nk, LEVELS,
                    QUANT_OUT, NOISE, SHOT, HAS_BIAS, OBSERVE, SAVE_MASK, EPI_SPLIT, RUNS8, BM, BN)
+    if tl.program_id(0) == 0:
+        _fold_operand_partials(obs_ptr, part_ptr, n_part, PART_BLOCK)
 
 
 @triton.jit
@@ -642,7 +684,8 @@ def _operand_buffer(R: int, C: int, dtype: torch.dtype, device, align: int) -> t
 
 
 def _new_obs(device) -> torch.Tensor:
-    """(+inf, -inf) rows [3, 2] on `device`: the starting point of the observation atomics.
+    """(+inf, -inf) rows [3, 2] on `device`: the observations of a call that launches no
+    operand pass (K == 0 or an empty output), or a starting point for atomic min/max.
     Built on every call, not cloned from a cached template: a template first made while
     Inductor's CUDA graph trees warm a graph up would live on in the graph's memory pool, which
     they refuse (`optical.cuda_graphs`)."""
@@ -684,8 +727,9 @@ def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, leve
 
 def _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, observe):
     """xq = Q_x(x2d) at lx levels and wq = Q_w(weight) at lw levels (with lut), in one launch
-    of _quantize_operands_kernel; min/max of x and W into obs rows 0 and 1 if observe.
-    Needs K = x2d.shape[1] > 0."""
+    of _quantize_operands_kernel, which also sets obs row 2 to (+inf, -inf). Returns (partials,
+    their count): each program's min/max of x and W if observe (0 partials otherwise), for the
+    GEMM to fold into obs rows 0 and 1. Needs K = x2d.shape[1] > 0."""
     M, K = x2d.shape
     N = weight.shape[0]
     cfg = _OVERRIDE["operands"] or _operand_config(K)
@@ -693,14 +737,16 @@ def _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, obs
     programs = (triton.cdiv(M, BR) + triton.cdiv(N, BR)) * triton.cdiv(K, BC)
     if cfg.programs_per_sm:
         programs = min(programs, cfg.programs_per_sm * _sm_count(x2d.device))
+    part = torch.empty((programs, 4), dtype=torch.float32, device=x2d.device) if observe else obs
     _quantize_operands_kernel[(programs,)](
-        x2d, weight, xq, wq, ranges, obs,
+        x2d, weight, xq, wq, ranges, obs, part,
         M, N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         xq.stride(0), wq.stride(0), float(lut or 0.0),
         LEVELS=int(lx), HAS_LUT=bool(lut), OBSERVE=bool(observe), BR=BR, BC=BC,
         LEVELS_W=int(lw), STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         enable_fp_fusion=False,
     )
+    return part, programs if observe else 0
 
 
 def _gemm_operand_sources(xq, wq, cfg: GemmConfig, use_tma: bool):
@@ -726,24 +772,29 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
     dtype = x2d.dtype
     lx, lw, lout = (levels,) * 3 if isinstance(levels, int) else levels
     shot = bool(noise) and photons > 0
-    obs = _new_obs(dev)
     y = torch.empty((M, N), dtype=dtype if quantize_output else torch.float32, device=dev)
     mask = torch.empty((M, N), dtype=torch.bool, device=dev) if save_out_mask else None
     if M == 0 or N == 0:
-        return y, obs, mask
+        return y, _new_obs(dev), mask
     cfg = gemm_config(M, N, K, dtype, dev)
     align = max(16 // x2d.element_size(), 1)
     xq = _operand_buffer(M, K, dtype, dev, align)
     wq = _operand_buffer(N, K, dtype, dev, align)
     if K > 0:
-        _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw, observe)
+        # No fill launch: the operand pass sets row 2, the GEMM's program 0 rows 0 and 1.
+        obs = torch.empty((3, 2), dtype=torch.float32, device=dev)
+        part, n_part = _launch_quantize_operands(x2d, weight, xq, wq, ranges, obs, lut, lx, lw,
+                                                 observe)
+    else:
+        obs = _new_obs(dev)
+        part, n_part = obs, 0
     use_tma = cfg.use_tma and K > 0
     a_src, b_src = _gemm_operand_sources(xq, wq, cfg, use_tma)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
     _linear_fwd_kernel[grid](
         a_src, b_src, y, bias if bias is not None else y, ranges,
         seed if seed is not None else obs,  # loaded by the kernel, never used without Q_out
-        obs, mask if mask is not None else y,
+        obs, mask if mask is not None else y, part, n_part,
         M, N, K, xq.stride(0), wq.stride(0),
         int(stream) & 0xFFFFFFFF, *index, shot_nk(photons, K) if shot else 1.0,
         LEVELS=int(lout), QUANT_OUT=bool(quantize_output), NOISE=bool(noise), SHOT=shot,
@@ -753,7 +804,7 @@ def forward_packed(x2d, weight, bias, ranges, seed, levels, lut, stream, index, 
         # The interpreter's 16-bit dot is broken (Triton 3.9 reads the raw bits); 16-bit
         # products are exact in float32, so upcasting there computes the same sums.
         IEEE_DOT=dtype == torch.float32 or _INTERPRET, UPCAST_DOT=_INTERPRET,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, PART_BLOCK=256,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _INTERPRET else {}),
     )

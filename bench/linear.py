@@ -13,6 +13,8 @@ OPERAND_CONFIGS (how its table entry was chosen; bench/results/README.md, stop 2
 config table in kernels/linear.py was chosen), uses the best for the records, and writes
 {records, sweep, ...} instead of the plain list of records; bench/results/linear-h200.json holds
 the records of that run and linear-h200-sweep2.json its sweep. ``--no-mase`` skips mase-triton.
+``--shapes 1.1B`` times (and with ``--sweep`` sweeps) the 1.1B flavor's four linear shapes instead
+(bench/results/linear-h200-1.1B-sweep-stop27-*.json).
 Wheels: ``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
 --implementation cp --platform any -d .whl mase-triton==0.0.7 colorlog`` (both pure Python).
 
@@ -52,6 +54,11 @@ from torchtitan_ext.optical.ranges import merge_observed  # noqa: E402
 
 LARGE = [(16384, 2048, 8192), (16384, 4096, 4096), (8192, 4096, 14336)]
 SMALL = [(2048, 384, 1024), (2048, 768, 2048)]
+# The 1.1B flavor's linears at its 8 x 2048 rows (dim 1536, 24/8 heads of 64, ffn 5376): wq / wo,
+# wk / wv and the feed-forward's two shapes. Its training step runs 336 of these forwards.
+FLAVOR_1P1B = [(16384, 1536, 1536), (16384, 1536, 512), (16384, 1536, 5376),
+               (16384, 5376, 1536)]
+SHAPE_SETS = {"large": LARGE, "small": SMALL, "1.1B": FLAVOR_1P1B}
 LEVELS, LUT, SMOOTH = 256, 0.02004, 0.9
 _G = klinear.GemmConfig
 # --sweep's candidates for the large shapes: (BM, BN, BK, GROUP_M, warps, stages, TMA, epilogue
@@ -67,6 +74,10 @@ SWEEP_CONFIGS = {
     "128x128x64 w8 s3 r128 e4": _G(128, 128, 64, 8, 8, 3, True, 4, 128),
     "128x128x64 w8 s3 r128 e2": _G(128, 128, 64, 8, 8, 3, True, 2, 128),
     "128x256x64 w8 s3 e4": _G(128, 256, 64, 8, 8, 3, True, 4),
+    # stop 27, for the 1.1B's shorter K (1536: 24 mainloop steps): deeper and wider variants
+    "128x128x64 w8 s2 r128": _G(128, 128, 64, 8, 8, 2, True, 8, 128),
+    "256x128x64 w8 s3 e4": _G(256, 128, 64, 8, 8, 3, True, 4),
+    "128x64x64 w4 s4": _G(128, 64, 64, 8, 4, 4, True, 4),
 }
 SWEEP_NONOISE = {"128x128x64 w8 s3 r128", "128x256x64 w16 s3 r128"}  # also timed without noise
 
@@ -96,8 +107,7 @@ OPERAND_CONFIGS = {
 # bench/linear.py's large shapes and, at the 1.1B's 8 x 2048 rows, its wq / wo (1536 -> 1536),
 # wk / wv (1536 -> 512) and feed-forward (1536 -> 5376, 5376 -> 1536) shapes. (Stop 24's sweep,
 # linear-operands-h200-stop24.json, ran 1536 -> 1536 / 4096 and 4096 -> 1536 instead.)
-OPERAND_SHAPES = LARGE + [(16384, 1536, 1536), (16384, 1536, 512), (16384, 1536, 5376),
-                          (16384, 5376, 1536)]
+OPERAND_SHAPES = LARGE + FLAVOR_1P1B
 
 
 def _optical_layer(x, w, b):
@@ -244,11 +254,11 @@ def bench_shape(M, K, N, dtype, with_mase, case):
     return rec
 
 
-def sweep(dtype):
-    """Forward-only timings of GEMM configs (and of the epilogue's parts) at the large shapes."""
+def sweep(dtype, shapes=LARGE):
+    """Forward-only timings of GEMM configs (and of the epilogue's parts) at `shapes`."""
     dev = torch.device("cuda")
     out = []
-    for (M, K, N) in LARGE:
+    for (M, K, N) in shapes:
         x = torch.randn(M, K, device=dev, dtype=dtype)
         w = torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5
         b = torch.randn(N, device=dev, dtype=dtype) * 0.1
@@ -348,7 +358,8 @@ def main():
     ap.add_argument("--out", default="bench/results/linear-h200.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-mase", action="store_true")
-    ap.add_argument("--shapes", default="all", choices=["all", "large", "small"])
+    ap.add_argument("--shapes", default="all", choices=["all", *SHAPE_SETS],
+                    help="all = large and small; --sweep sweeps the large ones, or the 1.1B's")
     ap.add_argument("--operand-sweep", action="store_true",
                     help="only time the operand pass's configurations (OPERAND_CONFIGS)")
     args = ap.parse_args()
@@ -366,9 +377,9 @@ def main():
         return
     large = None  # the table's large-shape config unless the sweep picks another
     if args.sweep:
-        rows = sweep(dtype)
+        rows = sweep(dtype, FLAVOR_1P1B if args.shapes == "1.1B" else LARGE)
         results["sweep"] = rows
-        # pick the config with the best worst-case forward ratio over the large shapes
+        # pick the config with the best worst-case forward ratio over the swept shapes
         names = [k for k in rows[0] if isinstance(rows[0][k], float) and "nonoise" not in k
                  and k not in ("linear_ms",) and not k.startswith("quant_")]
         worst = {k: max(r[k] if isinstance(r[k], float) else math.inf for r in rows)
@@ -379,10 +390,10 @@ def main():
         large = SWEEP_CONFIGS[best]
         print(f"sweep done in {time.time() - t0:.0f}s; worst fwd ratio per config: "
               f"{json.dumps(worst)}; using {best}", flush=True)
-    shapes = [("large", s) for s in LARGE] * (args.shapes != "small") + \
-             [("small", s) for s in SMALL] * (args.shapes != "large")
+    sets = ["large", "small"] if args.shapes == "all" else [args.shapes]
+    shapes = [(name, s) for name in sets for s in SHAPE_SETS[name]]
     with klinear.override_gemm_config(large=large):
-        M, K, N = LARGE[0]
+        M, K, N = shapes[0][1]
         results["large_config"] = repr(klinear.gemm_config(M, N, K, dtype, torch.device("cuda")))
         for case, (M, K, N) in shapes:
             rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}")

@@ -18,7 +18,8 @@ With the repeats (median of 3 per mode, alternating, min/max reported):
     python3 bench/train.py --flavors 60M 1.1B --steps 25 --skip 8 --repeats 3 \
         --out $OUT/train-h200.json
 
-Several GPUs: `--nproc 4 --parallel "--parallelism.data_parallel_shard_degree 4"`.
+Several GPUs: `--nproc 4 --parallel "--parallelism.data_parallel_shard_degree 4"` (the 60M's job
+files turn CUDA graphs on, which need one process: add `--extra=--optical.no-cuda_graphs`).
 
 `--base-tree DIR` adds a third mode, `optical_base`: the optical run from another tree of this
 project (run.py, torchtitan_ext and train_configs of DIR, e.g. an earlier commit's), alternating

@@ -335,3 +335,31 @@ def test_every_validation_scores_the_same_tokens(tokenizer):
     rewind_validation_data(loader)
     again = one_validation()
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_validation_compiles_without_cuda_graphs_and_keeps_the_generators(monkeypatch):
+    """With `optical.cuda_graphs` on, the validator's forwards compile without graphs (graph
+    trees would let each block's replay overwrite the previous block's output in a no-grad
+    forward: cuda_graphs.graphs_off), and the training setting is back afterwards; the random
+    generators are left as validation found them."""
+    import torch._inductor.config as inductor_config
+    from torchtitan.components.validate import Validator
+
+    from torchtitan_ext.titan.validate import FixedWindowValidator
+
+    seen = []
+
+    def validate(self, parts, step):  # what torchtitan's does, as far as this test can see
+        seen.append((inductor_config.triton.cudagraphs, step))
+        torch.rand(3)  # validation forwards draw noise seeds from the default generator
+
+    monkeypatch.setattr(Validator, "validate", validate)
+    before = torch.get_rng_state()
+    monkeypatch.setattr(inductor_config.triton, "cudagraphs", True)
+    validator = object.__new__(FixedWindowValidator)  # only the loader is read before super()
+    validator.validation_dataloader = object()
+    validator.validate([], step=7)
+    assert seen == [(False, 7)] and inductor_config.triton.cudagraphs is True
+    # the generators as validation found them: a resume from this step's checkpoint (written
+    # before validation) continues with the same noise
+    assert torch.equal(torch.get_rng_state(), before)

@@ -2,7 +2,8 @@
 bench/determinism.py (its GPU counterpart for the 60M flavor).
 
 With `--debug.deterministic` two identical 20-step runs give the same losses bit for bit, and a run
-resumed from the step-10 checkpoint repeats steps 11-20 exactly. Losses are compared at full
+resumed from the step-10 checkpoint repeats steps 11-20 exactly, validations every 5 steps
+included (one runs right after the checkpoint is written). Losses are compared at full
 float32 precision (TensorBoard scalars), not at the 5 digits of the log line.
 """
 
@@ -44,7 +45,11 @@ def test_deterministic_runs_and_resume_repeat_bit_for_bit(tmp_path):
     common = ["--job.config_file", CONFIG, "--training.steps", "20", "--training.seq_len", "64",
               "--training.local_batch_size", "2", "--debug.deterministic", "--debug.seed", "5",
               "--checkpoint.enable", "--checkpoint.interval", "10",
-              "--metrics.enable_tensorboard"]
+              "--metrics.enable_tensorboard",
+              # a validation right after the step-10 checkpoint, as in the shipped recipes (it
+              # draws noise seeds: the resume must not see its draws)
+              "--validation.enable", "--validation.freq", "5", "--validation.steps", "2",
+              "--validation.seq_len", "64", "--validation.local_batch_size", "2"]
     logs, tb = {}, {}
     for name in ("a", "b", "resumed"):
         if name == "resumed":

@@ -18,11 +18,13 @@ it.
 
 from __future__ import annotations
 
+import contextlib
+
 from torchtitan_ext.optical.config import OpticalConfigError
 
 from .job_config import optical_flag
 
-__all__ = ["check_cuda_graphs", "enable_cuda_graphs"]
+__all__ = ["check_cuda_graphs", "enable_cuda_graphs", "graphs_off"]
 
 
 def _wanted(job_config) -> bool:
@@ -47,7 +49,8 @@ def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
     if world_size != 1:
         raise OpticalConfigError(
             f"optical.cuda_graphs: one process only (this run has {world_size}; FSDP "
-            "re-allocates the unsharded weights every step); allowed: false for multi-GPU runs")
+            "re-allocates the unsharded weights every step); allowed: false for multi-GPU runs "
+            "(--optical.no-cuda_graphs)")
     training = job_config.training
     if training.global_batch_size > 0 and training.global_batch_size != training.local_batch_size:
         raise OpticalConfigError(
@@ -58,7 +61,8 @@ def check_cuda_graphs(job_config, *, world_size: int, has_cuda: bool) -> None:
             "allowed: global_batch_size -1 or equal to local_batch_size")
     if not has_cuda:
         raise OpticalConfigError(
-            "optical.cuda_graphs: needs a CUDA GPU, and this machine has none; allowed: false")
+            "optical.cuda_graphs: needs a CUDA GPU, and this machine has none; allowed: false "
+            "(--optical.no-cuda_graphs)")
 
 
 def enable_cuda_graphs(job_config) -> None:
@@ -69,3 +73,19 @@ def enable_cuda_graphs(job_config) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.triton.cudagraphs = True
+
+
+@contextlib.contextmanager
+def graphs_off():
+    """Compile what runs inside without CUDA graphs (and restore the setting after).
+
+    For forwards without a backward (validation): Inductor's graph trees start a new generation
+    at every compiled call that has no backward pending, and each transformer block is its own
+    compiled call, so block i + 1's replay would overwrite block i's output, its own input
+    (H200, stop 27: the 60M's first validation stopped with "accessing tensor output of
+    CUDAGraphs that has been overwritten"). Those forwards compile separately anyway (grad mode
+    and `module.training` are Dynamo guards), so their graphs take the setting in force here."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": False}):
+        yield

@@ -13,8 +13,10 @@ and the same `--debug.seed`:
      steps after it as `resumed` does (issue 17's fallback, on the GPU).
 Losses are read at full float32 precision from TensorBoard (`loss_metrics/global_avg_loss`), not
 from the 5-digit log line. The verdict: a == b at every step, and resumed == a at every step after
-RESUME_STEP, bit for bit. The digital warm-up is off (optical from the first step, which
-calibrates the ranges) so that every step runs the optical kernels.
+RESUME_STEP, bit for bit. Validation runs every `--validation-freq` steps (one right after the
+checkpoint, as in the shipped recipes; stop 27 found that it broke resumes). The digital warm-up
+is off (optical from the first step, which calibrates the ranges) so that every step runs the
+optical kernels.
 
 Command for the lead (one H200, from the repository root):
 
@@ -81,7 +83,9 @@ def _command(args, dump: Path) -> list[str]:
             "--debug.deterministic", "--debug.seed", str(args.seed),
             "--checkpoint.enable", "--checkpoint.interval", str(args.resume_step),
             "--metrics.log_freq", "1", "--metrics.enable_tensorboard",
-            "--validation.no-enable", "--optical.quant_warmup_steps", "0",
+            *(["--validation.enable", "--validation.freq", str(args.validation_freq),
+               "--validation.steps", "2"] if args.validation_freq else ["--validation.no-enable"]),
+            "--optical.quant_warmup_steps", "0",
             "--optical.stats_every", "0", *shlex.split(args.extra)]
 
 
@@ -127,6 +131,10 @@ def main() -> int:
     p.add_argument("--resume-step", type=int, default=10)
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--extra", default="", help="any other torchtitan flags for all three runs")
+    p.add_argument("--validation-freq", type=int, default=5,
+                   help="validate every N steps (2 batches; 0: off). The shipped recipes validate "
+                        "at every checkpoint step, right after the save: the resume must not "
+                        "see the validation's noise draws")
     p.add_argument("--workdir", default="/tmp/optical-bench-determinism")
     p.add_argument("--port", type=int, default=29613)
     p.add_argument("--timeout", type=int, default=1800)

@@ -144,6 +144,10 @@ def main() -> int:
     args = p.parse_args()
     if not 1 <= args.resume_step < args.steps:
         p.error(f"--resume-step must be in 1..{args.steps - 1}, got {args.resume_step}")
+    if args.validation_freq < 0 or (args.validation_freq
+                                    and args.resume_step % args.validation_freq):
+        p.error(f"--validation-freq must be 0 (off) or divide --resume-step {args.resume_step} "
+                f"(a validation right after the resume checkpoint), got {args.validation_freq}")
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     runs = {"a": run(args, work / "a"), "b": run(args, work / "b")}

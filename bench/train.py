@@ -24,7 +24,9 @@ files turn CUDA graphs on, which need one process: add `--extra=--optical.no-cud
 `--base-tree DIR` adds a third mode, `optical_base`: the optical run from another tree of this
 project (run.py, torchtitan_ext and train_configs of DIR, e.g. an earlier commit's), alternating
 with the other two, and the record's `optical_over_base_tps` says whether this tree's optical
-path regressed. A tree for the GPU host (carried as an ignored folder):
+path regressed (the base tree runs its own job files: at the 60M a tree before stop 27 runs
+without the CUDA graphs this tree's job files turn on). A tree for the GPU host (carried as an
+ignored folder):
 
     git archive REV run.py torchtitan_ext train_configs | (mkdir -p .base && tar -x -C .base)
     python3 bench/train.py --flavors 60M --base-tree .base --out $OUT/train-vs-base.json
@@ -38,7 +40,9 @@ with its range). E.g. an option of both twins against its absence:
     python3 bench/train.py --flavors 1.1B --steps 16 --skip 6 --repeats 3 \
         --arm "off=--optical.no-ac_save_attention" --arm "on=--optical.ac_save_attention"
 
-`--profile`: torchtitan's profiler records the last step of the last repeat of each mode; the
+`--profile`: torchtitan's profiler records the last step of the last repeat of each mode (at the
+60M the job files replay CUDA graphs, whose steps have few launches for the idle attribution to
+name: add `--extra=--optical.no-cuda_graphs` to see the host ops); the
 record then says how busy the GPU was during that step (the union of its kernels' intervals over
 the step's wall time: well under 1 means the step is host-bound) and which kernels took the GPU
 time. The profiler adds host time of its own, so read the busy fraction as an upper bound on

@@ -84,7 +84,8 @@ def graphs_off():
     compiled call, so block i + 1's replay would overwrite block i's output, its own input
     (H200, stop 27: the 60M's first validation stopped with "accessing tensor output of
     CUDAGraphs that has been overwritten"). Those forwards compile separately anyway (grad mode
-    and `module.training` are Dynamo guards), so their graphs take the setting in force here."""
+    is a Dynamo guard), so their graphs take the setting in force here; Inductor reads it when
+    it compiles, never at replay, so the training graphs are untouched."""
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch({"triton.cudagraphs": False}):

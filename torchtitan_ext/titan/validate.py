@@ -40,7 +40,7 @@ class FixedWindowValidator(Validator):
     def validate(self, model_parts, step):
         rewind_validation_data(self.validation_dataloader)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with graphs_off(), torch.random.fork_rng(devices=devices):
+        with graphs_off(), torch.random.fork_rng(devices=devices, device_type="cuda"):
             return super().validate(model_parts, step)
 
 

@@ -146,6 +146,11 @@ def run_case(flavor: str, mode: str, args, repeat: int = 0, profile: bool = Fals
     return rec
 
 
+_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_HOST_CATS = ("cpu_op", "user_annotation", "python_function")
+
+
 def profile_summary(trace: Path, top: int = 12) -> dict:
     """GPU busy fraction of the profiled step and its largest kernels (Chrome trace of
     torch.profiler, as torchtitan writes it)."""
@@ -157,7 +162,7 @@ def profile_summary(trace: Path, top: int = 12) -> dict:
     t0, t1 = float(step["ts"]), float(step["ts"]) + float(step["dur"])
     spans, by_name = [], {}
     for e in events:
-        if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+        if e.get("ph") != "X" or e.get("cat") not in _GPU_CATS:
             continue
         a, b = max(float(e["ts"]), t0), min(float(e["ts"]) + float(e["dur"]), t1)
         if b <= a:
@@ -180,11 +185,6 @@ def profile_summary(trace: Path, top: int = 12) -> dict:
         "top_kernels_ms": [[name, n, round(d / 1e3, 2)] for name, (n, d) in kernels],
         "gpu_idle": idle_summary(events, t0, t1, top),
     }
-
-
-_GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
-_HOST_CATS = ("cpu_op", "user_annotation", "python_function")
 
 
 def idle_summary(events: list, t0: float, t1: float, top: int = 12) -> dict:

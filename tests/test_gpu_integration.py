@@ -36,6 +36,18 @@ def _block(dtype=torch.bfloat16):
     return model
 
 
+def _fresh_compile_state():
+    """A calibrated 2-layer model and its tokens, with Dynamo's caches and counters reset."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _block()
+    tokens = torch.randint(0, 8192, (2, 256), device="cuda")
+    _calibrate(model, tokens)
+    return model, tokens
+
+
 def _calibrate(model, tokens):
     model(tokens).float().sum().backward()
     update_ranges(model)
@@ -87,16 +99,27 @@ def _compiled_steps(block, freqs, h0, *, cuda_graphs: bool, steps: int = 4):
     with inductor_config.patch({"fallback_random": True, "triton.cudagraphs": cuda_graphs}):
         compiled = torch.compile(block, fullgraph=True)
         for step in range(steps):
-            torch.compiler.cudagraph_mark_step_begin()
-            torch.manual_seed(100 + step)
-            h = h0.clone().requires_grad_(True)
-            out = compiled(h, freqs, None)
-            out.float().square().mean().backward()
-            results.append((out.detach().clone(), h.grad.clone(),
-                            [p.grad.clone() for p in block.parameters()]))
+            out, h_grad = _train_step([compiled], freqs, h0, seed=100 + step)
+            results.append((out, h_grad, [p.grad.clone() for p in block.parameters()]))
             block.zero_grad(set_to_none=True)
             update_ranges(block)
     return results
+
+
+def _train_step(compiled_blocks, freqs, h0, *, seed):
+    """One forward+backward of the chained compiled blocks from h0: (output, input grad)."""
+    torch.compiler.cudagraph_mark_step_begin()
+    torch.manual_seed(seed)
+    h = h0.clone().requires_grad_(True)
+    out = _chain(compiled_blocks, freqs, h)
+    out.float().square().mean().backward()
+    return out.detach().clone(), h.grad.clone()
+
+
+def _chain(blocks, freqs, h):
+    for block in blocks:
+        h = block(h, freqs, None)
+    return h
 
 
 def test_compiled_block_replays_as_cuda_graphs_bit_for_bit():
@@ -107,11 +130,7 @@ def test_compiled_block_replays_as_cuda_graphs_bit_for_bit():
     # runs of bench/results/README.md, stop 23, are the check for that class.)
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    model = _block()
-    tokens = torch.randint(0, 8192, (2, 256), device="cuda")
-    _calibrate(model, tokens)
+    model, tokens = _fresh_compile_state()
     h0 = model.tok_embeddings(tokens).detach()
     graphs = _compiled_steps(copy.deepcopy(model.layers["0"]), model.freqs_cis, h0,
                              cuda_graphs=True)
@@ -141,3 +160,64 @@ def test_training_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
+
+
+def test_no_grad_forwards_beside_recorded_blocks():
+    # Validation under optical.cuda_graphs (H200, stop 27): the training blocks are recorded as
+    # CUDA graphs; a no-grad chain of the same compiled blocks inside graphs_off() must run
+    # (with graphs, block i + 1's replay overwrote block i's output) and give the bits of the
+    # same chain compiled with no graphs at all, and the training graphs must still replay.
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from torchtitan_ext.titan.cuda_graphs import graphs_off
+
+    model, tokens = _fresh_compile_state()
+    h0, freqs = model.tok_embeddings(tokens).detach(), model.freqs_cis
+    blocks = [model.layers["0"], model.layers["1"]]
+
+    def evaluate(compiled):
+        for block in blocks:
+            block.eval()
+        torch.manual_seed(7)
+        with torch.no_grad():
+            out = _chain(compiled, freqs, h0).clone()
+        for block in blocks:
+            block.train()
+        return out
+
+    with inductor_config.patch({"fallback_random": True, "triton.cudagraphs": True}):
+        compiled = [torch.compile(b, fullgraph=True) for b in blocks]
+        for step in range(4):  # warm-up, record, replay; after the evaluations, replay again
+            if step == 3:
+                with graphs_off():
+                    evals = [evaluate(compiled) for _ in range(3)]
+            _train_step(compiled, freqs, h0, seed=step)
+            model.zero_grad(set_to_none=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    torch._dynamo.reset()
+    with inductor_config.patch({"fallback_random": True, "triton.cudagraphs": False}):
+        plain = evaluate([torch.compile(b, fullgraph=True) for b in blocks])
+    assert torch.isfinite(plain).all()
+    for out in evals:
+        assert torch.equal(out, plain)
+
+
+def test_validator_leaves_the_cuda_generator_as_it_found_it(monkeypatch):
+    # The optical layers draw noise seeds from the CUDA generator; a validation after a checkpoint
+    # that advanced it would make a resumed run differ from the uninterrupted one (stop 27).
+    from torchtitan.components.validate import Validator
+
+    from torchtitan_ext.titan.validate import FixedWindowValidator
+
+    drawn = []
+    monkeypatch.setattr(Validator, "validate",
+                        lambda self, model_parts, step: drawn.append(torch.rand(4, device="cuda")))
+    validator = object.__new__(FixedWindowValidator)
+    validator.validation_dataloader = None
+    before = torch.cuda.get_rng_state()
+    validator.validate([], step=1)
+    assert len(drawn) == 1
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    torch.rand(4, device="cuda")  # the check can fail: a draw outside the validator moves it
+    assert not torch.equal(torch.cuda.get_rng_state(), before)

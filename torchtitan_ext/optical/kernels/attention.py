@@ -1108,7 +1108,7 @@ _BWD_CFG = {
     16: (32, 64, 4, 2),
     32: (32, 64, 4, 2),
     64: (64, 64, 4, 2),  # H200, 1.1B shape, 32k: 55.6 ms vs 58.8 (64, 128, 8, 2); 2k: 2.87 vs 2.92
-    128: (32, 128, 8, 3),  # H200 sweep at L=4096: 10.15 ms vs 10.28 (2 stages), 10.5 (16, 64, 4)
+    128: (64, 128, 8, 2),  # H200, L=4096: 7.54 ms vs 8.13 (32, 128, 8, 3), 9.69 (64, 64, 8, 2)
 }
 # Decoding and short chunks (Lq <= 16 query rows): 16-row programs instead of 64 mostly-empty rows.
 # The forward handles any BM, BN (its unmasked tiles end at a BN multiple below the diagonal).

@@ -287,6 +287,16 @@ def _print_table(records: list[dict]) -> None:
                   f"bit-identical: {r['det_bit_identical']}")
 
 
+def parse_config(text: str, flag: str) -> tuple[int, int, int, int]:
+    """"BMxBNxWxS" -> (BM, BN, num_warps, num_stages); a malformed one exits naming `flag`."""
+    try:
+        bm, bn, w, s = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"{flag}: want BMxBNxWxS (four integers, e.g. 64x32x4x2), "
+                         f"got {text!r}") from None
+    return bm, bn, w, s
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/attention-h200.json")
@@ -300,6 +310,8 @@ def main():
                     help="fraction of layers whose forward activation checkpointing re-runs "
                          "(as_trained_ratio; 0.5: selective every 2nd layer)")
     ap.add_argument("--sweep", action="store_true", help="pick the kernel configs by timing first")
+    ap.add_argument("--fwd-config", help="force the forward's BMxBNxWxS (instead of --sweep)")
+    ap.add_argument("--bwd-config", help="force the backward's BMxBNxWxS (instead of --sweep)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-max-len", type=int, default=4096,
                     help="skip the materialised reference above this L (O(B H L^2) memory)")
@@ -317,12 +329,15 @@ def main():
         ap.error(f"--heads must be a positive multiple of --hkv, got {args.heads} / {args.hkv}")
     if not 0.0 <= args.recompute <= 1.0:
         ap.error(f"--recompute must be in [0, 1], got {args.recompute}")
+    if args.sweep and (args.fwd_config or args.bwd_config):
+        ap.error("--sweep picks the configs itself: leave out --fwd-config / --bwd-config")
+    fwd_cfg = parse_config(args.fwd_config, "--fwd-config") if args.fwd_config else None
+    bwd_cfg = parse_config(args.bwd_config, "--bwd-config") if args.bwd_config else None
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__}
     print(json.dumps(meta))
-    fwd_cfg = bwd_cfg = None
     sweep_res = None
     if args.sweep:
         best, sweep_res = sweep(D=args.head_dim, L=args.sweep_len)

@@ -39,16 +39,6 @@ import attention as bench_attention  # noqa: E402  (its Inputs and timer)
 from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
 
 
-def _cfg(text: str, flag: str) -> tuple[int, int, int, int]:
-    """"BMxBNxWxS" -> (BM, BN, num_warps, num_stages); a malformed one exits naming `flag`."""
-    try:
-        bm, bn, w, s = (int(v) for v in text.split("x"))
-    except ValueError:
-        raise SystemExit(f"{flag}: want BMxBNxWxS (four integers, e.g. 64x32x4x2), "
-                         f"got {text!r}") from None
-    return bm, bn, w, s
-
-
 def _reg_variant(text: str):
     """"kind:BMxBNxWxS:maxnreg[:programs_per_sm]" -> (kind, config, maxnreg, programs or None);
     programs per SM apply to the persistent forward only."""
@@ -59,7 +49,7 @@ def _reg_variant(text: str):
             or (len(parts) == 4 and parts[0] != "fwd")
             or not all(p.isdigit() for p in parts[2:])):
         raise SystemExit(f"{want}, got {text!r}")
-    return (parts[0], _cfg(parts[1], "--reg-variants"), int(parts[2]),
+    return (parts[0], bench_attention.parse_config(parts[1], "--reg-variants"), int(parts[2]),
             int(parts[3]) if len(parts) == 4 else None)
 
 
@@ -158,8 +148,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/attention-parts-h200.json")
     args = ap.parse_args()
-    fwd_cfgs = [_cfg(c, "--fwd-configs") for c in args.fwd_configs.split(",") if c]
-    bwd_cfgs = [_cfg(c, "--bwd-configs") for c in args.bwd_configs.split(",") if c]
+    parse = bench_attention.parse_config
+    fwd_cfgs = [parse(c, "--fwd-configs") for c in args.fwd_configs.split(",") if c]
+    bwd_cfgs = [parse(c, "--bwd-configs") for c in args.bwd_configs.split(",") if c]
     reg_variants = [_reg_variant(t) for t in args.reg_variants.split(",") if t]
     x = bench_attention.Inputs(args.batch, args.heads, args.hkv, args.length, args.head_dim,
                                torch.bfloat16)

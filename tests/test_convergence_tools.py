@@ -411,6 +411,25 @@ def test_attention_parts_bad_flags_exit_before_gpu_work(argv, words, monkeypatch
         _module("attention_parts").main()
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--bwd-config", "64x64"], "--bwd-config: want BMxBNxWxS (four integers"),
+    (["--fwd-config", "64x32x4xfour"], "--fwd-config: want BMxBNxWxS"),
+])
+def test_attention_bench_bad_config_flags_exit_before_gpu_work(argv, words, monkeypatch):
+    """bench/attention.py's forced configurations are parsed before any GPU work."""
+    monkeypatch.setattr("sys.argv", ["attention.py", *argv])
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        _module("attention").main()
+
+
+def test_attention_bench_refuses_a_forced_config_with_sweep(monkeypatch, capsys):
+    """--sweep would silently replace a forced configuration: the pair is refused."""
+    monkeypatch.setattr("sys.argv", ["attention.py", "--sweep", "--bwd-config", "64x64x4x2"])
+    with pytest.raises(SystemExit):
+        _module("attention").main()
+    assert "--sweep picks the configs itself" in capsys.readouterr().err
+
+
 def test_attention_parts_config_agreement_flags_a_wrong_config():
     """`--configs-only` compares each candidate tile configuration's outputs with the shipped
     one's: a candidate that agrees reports ~0, one whose y or gradients differ reports it."""

@@ -24,6 +24,10 @@ Every ratio is measured in the same process, on the same inputs: medians of CUDA
 - fwdbwd_ratio: optical forward+backward (grads of x, W, b) / the same for F.linear.
 - peak_mem_ratio: torch.cuda.max_memory_allocated over one forward+backward (after reset, with
   inputs and grad_output resident) for optical / for F.linear.
+- graphs_fwd_ratio, graphs_fwdbwd_ratio (with ``--graphs``): the same four calls each captured in
+  a CUDA graph and replayed (triton.testing.do_bench_cudagraph: no host time, no L2 flush), as
+  the 60M's compiled blocks run with `optical.cuda_graphs`: what the GPU itself pays. Times in
+  `times_ms_graphs`.
 - mase_fwdbwd_ratio_vs_linear, speedup_vs_mase: mase-triton's layer in training mode (it updates
   its ranges with host syncs, as in training) fwd+bwd / F.linear's, and over ours.
 The optical layer runs as OpticalLinear does in training: the shipped op (ops.optical_linear), a
@@ -180,6 +184,19 @@ def _interleaved_medians(fns: dict) -> dict:
     return t
 
 
+def _interleaved_graph_medians(fns: dict) -> dict:
+    """As `_interleaved_medians`, each function timed by replaying a CUDA graph of it."""
+    runs = {k: [] for k in fns}
+    for _ in range(2):
+        for k, fn in fns.items():
+            runs[k].append(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    t = {}
+    for k, v in runs.items():
+        t[k] = statistics.median(v)
+        t[k + "_runs"] = v
+    return t
+
+
 def _mase_ratios(x, w, b, gy, t: dict) -> dict:
     """mase-triton's optical layer on the same tensors: its times go into `t`; returns its
     ratios to nn.Linear and ours to it (empty when mase-triton is not installed)."""
@@ -206,7 +223,7 @@ def _mase_ratios(x, w, b, gy, t: dict) -> dict:
             "speedup_vs_mase_fwd": t["mase_fwd"] / t["opt_fwd"]}
 
 
-def bench_shape(M, K, N, dtype, with_mase, case):
+def bench_shape(M, K, N, dtype, with_mase, case, graphs=False):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(M + K + N)
     x = torch.randn(M, K, device=dev, dtype=dtype, generator=g).requires_grad_()
@@ -236,6 +253,11 @@ def bench_shape(M, K, N, dtype, with_mase, case):
     rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
     t = _interleaved_medians({"lin_fwd": lin_fwd, "opt_fwd": opt_fwd,
                               "lin_fwdbwd": lin_fwdbwd, "opt_fwdbwd": opt_fwdbwd})
+    if graphs:
+        tg = _interleaved_graph_medians({"lin_fwd": lin_fwd, "opt_fwd": opt_fwd,
+                                         "lin_fwdbwd": lin_fwdbwd, "opt_fwdbwd": opt_fwdbwd})
+        rec.update(graphs_fwd_ratio=tg["opt_fwd"] / tg["lin_fwd"],
+                   graphs_fwdbwd_ratio=tg["opt_fwdbwd"] / tg["lin_fwdbwd"], times_ms_graphs=tg)
     lin_peak, base = _peak_bytes(lin_fwdbwd)
     opt_peak, _ = _peak_bytes(opt_fwdbwd)
     rec.update(
@@ -362,6 +384,8 @@ def main():
                     help="all = large and small; --sweep sweeps the large ones, or the 1.1B's")
     ap.add_argument("--operand-sweep", action="store_true",
                     help="only time the operand pass's configurations (OPERAND_CONFIGS)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time every call replayed from a CUDA graph (graphs_*_ratio)")
     args = ap.parse_args()
     dtype = torch.bfloat16
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -396,7 +420,8 @@ def main():
         M, K, N = shapes[0][1]
         results["large_config"] = repr(klinear.gemm_config(M, N, K, dtype, torch.device("cuda")))
         for case, (M, K, N) in shapes:
-            rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}")
+            rec = bench_shape(M, K, N, dtype, not args.no_mase, f"{case} {M}x{K}->{N}",
+                              graphs=args.graphs)
             results["records"].append(rec)
             print(json.dumps(rec), flush=True)
             torch.cuda.empty_cache()
@@ -404,12 +429,14 @@ def main():
     with open(args.out, "w") as f:
         json.dump(results if args.sweep else results["records"], f, indent=1)
     print(f"\n{'case':28s} {'fwd':>6s} {'fwd+bwd':>8s} {'mem':>6s} {'mase/lin':>9s} "
-          f"{'vs mase':>8s}")
+          f"{'vs mase':>8s} {'graphs fwd':>10s} {'fwd+bwd':>8s}")
     for r in results["records"]:
         print(f"{r['case']:28s} {r['fwd_ratio']:6.3f} {r['fwdbwd_ratio']:8.3f} "
               f"{r['peak_mem_ratio']:6.3f} "
               f"{r.get('mase_fwdbwd_ratio_vs_linear', float('nan')):9.3f} "
-              f"{r.get('speedup_vs_mase', float('nan')):8.2f}")
+              f"{r.get('speedup_vs_mase', float('nan')):8.2f} "
+              f"{r.get('graphs_fwd_ratio', float('nan')):10.3f} "
+              f"{r.get('graphs_fwdbwd_ratio', float('nan')):8.3f}")
     print(f"total {time.time() - t0:.0f}s")
 
 

@@ -7,6 +7,10 @@ module, autograd), on shapes so small that the GPU work is negligible: the wall 
 is then the host's cost of issuing it.
 
     python3 bench/overhead.py --out $OUT/overhead-h200.json
+
+``--cprofile`` also writes `<out>.cprofile.txt`: Python's profiler over `--iters` forward+backward
+calls of OpticalLinear (functions by own time and by cumulative time), to see which part of
+the host path a forward+backward pays for.
 """
 
 from __future__ import annotations
@@ -121,6 +125,37 @@ def _host_path_pieces(klinear, x, ranges, dev, dt) -> dict[str, float]:
     }
 
 
+def cprofile_linear(dev: torch.device, dt: torch.dtype, path: str, calls: int) -> None:
+    """cProfile of `calls` OpticalLinear forward+backward calls (x [16, 384] -> 1152) into
+    `path`: the 40 functions with the most own time, then the 40 with the most cumulative."""
+    import cProfile
+    import io
+    import pstats
+
+    from torchtitan_ext.optical.config import QuantizerConfig
+    from torchtitan_ext.optical.modules import OpticalLinear
+    from torchtitan_ext.optical.ranges import update_ranges
+
+    x = torch.randn(16, 384, device=dev, dtype=dt, requires_grad=True)
+    opt = OpticalLinear(384, 1152, bias=False, config=QuantizerConfig(), device=dev, dtype=dt)
+    opt(x)
+    update_ranges(opt)
+    per_call_us(lambda: opt(x).sum().backward())  # warm
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        opt(x).sum().backward()
+    _sync()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(path, "w") as f:
+        f.write(f"{calls} OpticalLinear forward+backward calls, x [16, 384] {dt} -> 1152\n")
+        f.write(buf.getvalue())
+
+
 def attention_costs(dev: torch.device, dt: torch.dtype) -> dict[str, float]:
     """Microseconds per fwd+bwd call of OpticalAttention beside SDPA, B=1 H=6 Hkv=2 L=64 D=64."""
     from torchtitan_ext.optical.config import QuantizerConfig
@@ -146,6 +181,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
     p.add_argument("--iters", type=int, default=ITERS)
+    p.add_argument("--cprofile", action="store_true",
+                   help="also write <out>.cprofile.txt (cProfile of OpticalLinear fwd+bwd)")
     args = p.parse_args()
     if args.iters != ITERS:
         ITERS, WARMUP, REPEATS = args.iters, max(1, args.iters // 10), 1
@@ -166,6 +203,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
+    if args.cprofile:
+        cprofile_linear(dev, torch.bfloat16, args.out + ".cprofile.txt", ITERS)
 
 
 if __name__ == "__main__":

@@ -138,22 +138,27 @@ def forward_kernel_source(runs8: int = 1):
             f"{bm}x{bn}, {warps} warps, {stages} stages")
 
 
-def backward_kernel_source(group: int = 3):
+def backward_kernel_source(group: int = 3, *, extra_ptrs: dict | None = None,
+                           extra_constexprs: dict | None = None, extra_aligned: tuple = ()):
     """(ASTSource, options, tiles) of the shipped attention dK/dV backward (with dQ atomics) at
-    the 1.1B's head dim and GQA group, 256 levels, causal, noisy, its GPU tile configuration."""
+    the 1.1B's head dim and GQA group, 256 levels, causal, noisy, its GPU tile configuration.
+    `extra_*` add the pointer types, constexpr values and 16-divisible integers of arguments a
+    variant of the kernel adds (bench/results/rejected/kept_codes_sass.py)."""
     from torchtitan_ext.optical.kernels import attention as A
 
     kernel = A.triton_kernel("bwd")
     bm, bn, warps, stages = A.kernel_config("bwd", 64)
     ptrs = dict(QQ="*bf16", Q="*bf16", K="*bf16", V="*bf16", DY="*bf16", LSE="*fp32",
                 DELTA="*fp32", DQA="*fp32", DK="*bf16", DV="*bf16", KPM="*u8", INV="*fp32",
-                k_rng="*fp32", v_rng="*fp32", s_rng_ptr="*fp32", seeds="*i64")
+                k_rng="*fp32", v_rng="*fp32", s_rng_ptr="*fp32", seeds="*i64",
+                **(extra_ptrs or {}))
     const = dict(LEVELS=256, HAS_LUT=True, D=64, BM=bm, BN=bn, GROUP=group, CAUSAL=True,
                  HAS_KPM=False, CLIPPED=False, RUNS8=1, INTERP=False, NOISE=1, LEVELS_Q=256,
-                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, DQ=True, sqd=1, skd=1, svd=1, sdd=1)
+                 LEVELS_K=256, LEVELS_P=256, LEVELS_Y=256, DQ=True, sqd=1, skd=1, svd=1, sdd=1,
+                 **(extra_constexprs or {}))
     sig = kernel_signature(kernel, ptrs, ("scale", "scale_log2", "inv_lm1", "lut", "NK_S"), const)
     attrs = launch_attrs(kernel, [*ptrs, "sqb", "sqh", "sql", "skb", "skh", "skl", "svb", "svh",
-                                  "svl", "sdb", "sdh", "sdl", "LQ", "L"])
+                                  "svl", "sdb", "sdh", "sdl", "LQ", "L", *extra_aligned])
     return (ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
             {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False},
             f"{bm}x{bn}, {warps} warps, {stages} stages")

@@ -14,7 +14,9 @@ config table in kernels/linear.py was chosen), uses the best for the records, an
 {records, sweep, ...} instead of the plain list of records; bench/results/linear-h200.json holds
 the records of that run and linear-h200-sweep2.json its sweep. ``--no-mase`` skips mase-triton.
 ``--shapes 1.1B`` times (and with ``--sweep`` sweeps) the 1.1B flavor's four linear shapes instead
-(bench/results/linear-h200-1.1B-sweep-stop27-*.json).
+(bench/results/linear-h200-1.1B-sweep-stop27-*.json). ``--config NAME`` forces one of the sweep's
+candidates (SWEEP_CONFIGS) where the table gives its large-shape entry: alternating runs with and
+without it are an A/B against the table.
 Wheels: ``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
 --implementation cp --platform any -d .whl mase-triton==0.0.7 colorlog`` (both pure Python).
 
@@ -386,7 +388,14 @@ def main():
                     help="only time the operand pass's configurations (OPERAND_CONFIGS)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time every call replayed from a CUDA graph (graphs_*_ratio)")
+    ap.add_argument("--config", choices=list(SWEEP_CONFIGS), metavar="NAME",
+                    help="force one of --sweep's candidates where the table gives its "
+                         "large-shape entry (an A/B against the table); one of: "
+                         + "; ".join(SWEEP_CONFIGS))
     args = ap.parse_args()
+    if args.config and (args.sweep or args.operand_sweep):
+        ap.error("--config: --sweep and --operand-sweep pick the configs themselves; "
+                 "drop one of the two")
     dtype = torch.bfloat16
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
@@ -399,7 +408,7 @@ def main():
             json.dump(results, f, indent=1)
         print(f"operand sweep done in {time.time() - t0:.0f}s; wrote {args.out}")
         return
-    large = None  # the table's large-shape config unless the sweep picks another
+    large = SWEEP_CONFIGS[args.config] if args.config else None  # else the table's, or the sweep's
     if args.sweep:
         rows = sweep(dtype, FLAVOR_1P1B if args.shapes == "1.1B" else LARGE)
         results["sweep"] = rows

@@ -430,6 +430,20 @@ def test_attention_bench_refuses_a_forced_config_with_sweep(monkeypatch, capsys)
     assert "--sweep picks the configs itself" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--config", "128x128x64 w8 s3 r128", "--sweep"], "--sweep and --operand-sweep pick"),
+    (["--config", "128x128x64 w8 s3 r128", "--operand-sweep"], "--sweep and --operand-sweep pick"),
+    (["--config", "128x999"], "--config: invalid choice: '128x999'"),
+])
+def test_linear_bench_bad_config_flags_exit_before_gpu_work(argv, words, monkeypatch, capsys):
+    """bench/linear.py's forced configuration names one of the sweep's candidates, and is
+    refused beside a sweep (which would silently replace it), before any GPU work."""
+    monkeypatch.setattr("sys.argv", ["linear.py", *argv])
+    with pytest.raises(SystemExit):
+        _module("linear").main()
+    assert words in capsys.readouterr().err
+
+
 def test_attention_parts_config_agreement_flags_a_wrong_config():
     """`--configs-only` compares each candidate tile configuration's outputs with the shipped
     one's: a candidate that agrees reports ~0, one whose y or gradients differ reports it."""

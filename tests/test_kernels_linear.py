@@ -267,6 +267,33 @@ def test_tma_and_pointer_paths_agree(kernel_device):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("N", [1536, 640])
+def test_large_shape_entries_compute_the_same_bits(N):
+    """The table's two large-shape entries (128x256 tiles from N = 1024 on, 128x128 below) and
+    the other one forced give the same y, observation and mask bits: the table picks by speed
+    only, and checkpoints and resumed runs do not depend on it. GPU only: the interpreter's
+    table has one small entry."""
+    dev = torch.device("cuda")
+    if not torch.cuda.is_available() or not klinear.gpu_has_tma(dev):
+        pytest.skip("needs a CUDA GPU with TMA (the table's large entries)")
+    M, K = 8192, 320  # M * N above 2048^2: a large entry
+    x, w, b = _inputs(M, K, N, torch.bfloat16, dev, gen_seed=5)
+    ranges = _ranges_from_data(x, w, dev)
+    shipped = klinear.gemm_config(M, N, K, torch.bfloat16, dev)
+    assert shipped.BN == (256 if N >= 1024 else 128)
+    other = klinear.GemmConfig(128, 384 - shipped.BN, 64, 8, 8, 3, True,
+                               4 if shipped.BN == 128 else 8, None if shipped.BN == 128 else 128)
+    outs = []
+    for cfg in (None, other):
+        with klinear.override_gemm_config(large=cfg):
+            assert klinear.gemm_config(M, N, K, torch.bfloat16, dev) == (cfg or shipped)
+            outs.append(klinear.linear_forward(
+                x, w, b, *ranges, _seed(dev, 77), levels=256, lut=0.05, stream=2,
+                index=LinearIndex.whole(M, N), observe=True, save_out_mask=True))
+    (y0, obs0, m0), (y1, obs1, m1) = outs
+    assert torch.equal(y0, y1) and torch.equal(obs0, obs1) and torch.equal(m0, m1)
+
+
 @pytest.mark.parametrize("cfg", [klinear.GemmConfig(32, 64, 32, 4, 4, 1, False, 8),
                                  klinear.GemmConfig(32, 32, 32, 4, 4, 1, False, 4)],
                          ids=["bn64-split8", "bn32-split4"])

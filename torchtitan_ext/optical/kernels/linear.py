@@ -34,9 +34,10 @@ in check:
 - the epilogue runs on column chunks of the tile (``EPI_SPLIT``): Triton emits elementwise code op
   by op over a thread's whole share of the tile, so a Philox over the full tile kept every
   element's state live at once (4 KB of spills per thread); 8 chunks bring that to zero;
-- 128x128 tiles with 8 warps and a 128-register cap, so two programs share a multiprocessor and
-  one's integer-heavy epilogue overlaps the other's tensor-core mainloop (4-warp tiles and
-  128x256 tiles, which put twice the elements on a thread, ran the noise 2x slower);
+- large problems take 128x256 tiles with 8 warps (epilogue in 4 chunks), or, below 1024 output
+  columns, 128x128 tiles under a 128-register cap, so that two programs share a multiprocessor
+  and one's integer-heavy epilogue overlaps the other's tensor-core mainloop (the measurements:
+  bench/results/README.md, stops 12 and 29);
 - the quantizer's divisions by a per-call scalar use a reciprocal and a Markstein correction and
   the Philox multiplies are 32x32->64-bit (both bit-identical, in quantizer.py).
 The config table (``gemm_config``) comes from two sweeps on an H200 (bench/linear.py --sweep,
@@ -628,12 +629,19 @@ def _gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         return GemmConfig(64, 64, 32, 8, 4, 3, False)
     if M * N <= 2048 * 2048:
         return GemmConfig(128, 64, 64, 8, 4, 4, tma)
-    return _LARGE_CONFIG if tma else GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)
+    if not tma:
+        return GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)
+    return _LARGE_CONFIG_NARROW if N < 1024 else _LARGE_CONFIG
 
 
 # Chosen by the H200 sweeps (bench/linear.py --sweep, bench/linear_decode.py; bench/results/).
 DECODE_CONFIG = GemmConfig(16, 16, 64, 1, 2, 2, False, 1)
-_LARGE_CONFIG = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
+# 128x256 tiles, one 8-warp program per SM: 1-6% faster forwards than 128x128 (two programs per
+# SM under a 128-register cap) at the three large shapes and the 1.1B's N = 1536 / 5376, in two
+# alternating runs (stop 29); at N = 512 (the 1.1B's wk / wv) 9% slower: 256-wide tiles leave
+# two columns of tiles, under two waves on 132 SMs. Same bits either way.
+_LARGE_CONFIG = GemmConfig(128, 256, 64, 8, 8, 3, True, 4)
+_LARGE_CONFIG_NARROW = GemmConfig(128, 128, 64, 8, 8, 3, True, maxnreg=128)
 
 
 def _operand_config(C: int) -> OperandConfig:
@@ -655,7 +663,7 @@ _OVERRIDE: dict = {"all": None, "large": None, "operands": None}
 def override_gemm_config(config: GemmConfig | None = None, *, large: GemmConfig | None = None,
                          operands: OperandConfig | None = None):
     """Temporarily force the forward's configuration: `config` for every problem, or `large`
-    for the problems the table gives its large-shape entry (what bench/linear.py --sweep
+    for the problems the table gives a large-shape entry (either width; what bench/linear.py --sweep
     chooses); `operands` for the operand pass of every problem. The one way benchmarks and
     tests pick a configuration; not thread-safe."""
     old = dict(_OVERRIDE)
@@ -672,7 +680,8 @@ def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     if _OVERRIDE["all"] is not None:
         return _OVERRIDE["all"]
     cfg = _gemm_config(M, N, K, dtype, device)
-    return _OVERRIDE["large"] if cfg is _LARGE_CONFIG and _OVERRIDE["large"] else cfg
+    large = cfg is _LARGE_CONFIG or cfg is _LARGE_CONFIG_NARROW
+    return _OVERRIDE["large"] if large and _OVERRIDE["large"] else cfg
 
 
 def _operand_buffer(R: int, C: int, dtype: torch.dtype, device, align: int) -> torch.Tensor:

@@ -172,13 +172,15 @@ def _mase_layer(K, N, w, b):
     return layer
 
 
-def _interleaved_medians(fns: dict) -> dict:
+def _interleaved_medians(fns: dict, timer=None) -> dict:
     """Milliseconds per call of each function: the functions interleaved, twice, and the median
-    of the two medians kept (every arm sees the same clocks); `<name>_runs` holds both."""
+    of the two medians kept (every arm sees the same clocks); `<name>_runs` holds both. `timer`
+    (fn -> ms) defaults to `_median_ms`."""
+    timer = timer or _median_ms
     runs = {k: [] for k in fns}
     for _ in range(2):
         for k, fn in fns.items():
-            runs[k].append(_median_ms(fn))
+            runs[k].append(timer(fn))
     t = {}
     for k, v in runs.items():
         t[k] = statistics.median(v)
@@ -186,17 +188,9 @@ def _interleaved_medians(fns: dict) -> dict:
     return t
 
 
-def _interleaved_graph_medians(fns: dict) -> dict:
-    """As `_interleaved_medians`, each function timed by replaying a CUDA graph of it."""
-    runs = {k: [] for k in fns}
-    for _ in range(2):
-        for k, fn in fns.items():
-            runs[k].append(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-    t = {}
-    for k, v in runs.items():
-        t[k] = statistics.median(v)
-        t[k + "_runs"] = v
-    return t
+def _graph_median_ms(fn):
+    """Milliseconds per call of `fn` replayed from a CUDA graph (no host time, no L2 flush)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def _mase_ratios(x, w, b, gy, t: dict) -> dict:
@@ -253,11 +247,11 @@ def bench_shape(M, K, N, dtype, with_mase, case, graphs=False):
     torch.cuda.synchronize()
     assert bool((ranges[:, 0] <= ranges[:, 1]).all()), ranges
     rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
-    t = _interleaved_medians({"lin_fwd": lin_fwd, "opt_fwd": opt_fwd,
-                              "lin_fwdbwd": lin_fwdbwd, "opt_fwdbwd": opt_fwdbwd})
+    calls = {"lin_fwd": lin_fwd, "opt_fwd": opt_fwd, "lin_fwdbwd": lin_fwdbwd,
+             "opt_fwdbwd": opt_fwdbwd}
+    t = _interleaved_medians(calls)
     if graphs:
-        tg = _interleaved_graph_medians({"lin_fwd": lin_fwd, "opt_fwd": opt_fwd,
-                                         "lin_fwdbwd": lin_fwdbwd, "opt_fwdbwd": opt_fwdbwd})
+        tg = _interleaved_medians(calls, _graph_median_ms)
         rec.update(graphs_fwd_ratio=tg["opt_fwd"] / tg["lin_fwd"],
                    graphs_fwdbwd_ratio=tg["opt_fwdbwd"] / tg["lin_fwdbwd"], times_ms_graphs=tg)
     lin_peak, base = _peak_bytes(lin_fwdbwd)

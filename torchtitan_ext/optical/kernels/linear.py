@@ -663,8 +663,8 @@ _OVERRIDE: dict = {"all": None, "large": None, "operands": None}
 def override_gemm_config(config: GemmConfig | None = None, *, large: GemmConfig | None = None,
                          operands: OperandConfig | None = None):
     """Temporarily force the forward's configuration: `config` for every problem, or `large`
-    for the problems the table gives a large-shape entry (either width; what bench/linear.py --sweep
-    chooses); `operands` for the operand pass of every problem. The one way benchmarks and
+    for the problems the table gives a large-shape entry (either width; what
+    bench/linear.py --sweep chooses); `operands` for the operand pass of every problem. The one way benchmarks and
     tests pick a configuration; not thread-safe."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(all=config, large=large, operands=operands)

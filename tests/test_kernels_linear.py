@@ -203,11 +203,27 @@ def test_non_contiguous_input(kernel_device):
     _level_mismatches(y.cpu(), yr, ranges[2].cpu(), 256)
 
 
+# A config whose epilogue chunks are 8 columns wide (32 / 4): with RUNS8 set, every aligned run
+# of eight columns takes one Philox block (`philox_bits24_runs`). The interpreter's table entry
+# (32-column tiles in 8 chunks of 4) never does.
+RUNS8_CONFIG = klinear.GemmConfig(32, 32, 32, 4, 4, 1, False, epi_split=4)
+
+
 @pytest.mark.parametrize("layout", ["2d", "3d", "3d-runs8"])
-def test_global_index_maps(kernel_device, layout):
+def test_global_index_maps(kernel_device, layout, monkeypatch):
     """Noise keyed by the global index of a shard: equal to the reference's IndexMap, with
-    offsets that push the flat index past 2^32."""
+    offsets that push the flat index past 2^32 (past 2^38 in 3-D), on the RUNS8 path too."""
+    from torchtitan_ext.optical.kernels import quantizer
+
     dev = kernel_device
+    runs8_blocks = []  # the interpreter runs the jitted functions as Python: a spy sees them
+    real_runs = quantizer.philox_bits24_runs
+
+    def spy(*args):
+        runs8_blocks.append(args[2].shape)
+        return real_runs(*args)
+
+    monkeypatch.setattr(quantizer, "philox_bits24_runs", spy)
     K, levels = 26, 16
     if layout == "2d":
         M, N = 23, 31
@@ -230,15 +246,18 @@ def test_global_index_maps(kernel_device, layout):
         x_ref = x.reshape(B, S, K)
     ranges = _ranges_from_data(x, w, dev)
     seed = _seed(dev, 2**40 + 77, shape=(1,))
-    y, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=levels, lut=None,
-                                     stream=2**32 - 3, index=index, observe=False)
+    with klinear.override_gemm_config(RUNS8_CONFIG if layout == "3d-runs8" else None):
+        y, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=levels, lut=None,
+                                         stream=2**32 - 3, index=index, observe=False)
+        # and the noise really depends on the index: the unsharded map gives another output
+        y0, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=levels, lut=None,
+                                          stream=2**32 - 3, index=LinearIndex.whole(M, N),
+                                          observe=False)
+    if klinear._INTERPRET:
+        assert bool(runs8_blocks) == (layout == "3d-runs8"), runs8_blocks
     yr, _ = _ref_linear(x_ref, w, b, ranges, seed, levels=levels, lut=None, stream=2**32 - 3,
                         index_map=imap)
     _level_mismatches(y.cpu(), yr.reshape(M, -1), ranges[2].cpu(), levels)
-    # and the noise really depends on the index: the unsharded map gives another output
-    y0, _, _ = klinear.linear_forward(x, w, b, *ranges, seed, levels=levels, lut=None,
-                                      stream=2**32 - 3, index=LinearIndex.whole(M, N),
-                                      observe=False)
     assert (y0 != y).any()
 
 
@@ -465,6 +484,10 @@ def test_backward_matches_reference(kernel_device, clipped, dtype):
     if clipped:  # zeros exactly where clamped
         assert (gx.cpu()[~ref.clamp_mask(x.cpu(), ranges[0].cpu())] == 0).all()
         assert (gw.cpu()[~ref.clamp_mask(w.cpu(), ranges[1].cpu())] == 0).all()
+        # but the bias comes after Q_out, digitally: its gradient is never masked
+        assert not mask.all()
+    torch.testing.assert_close(gb.cpu().float(), gy.cpu().float().sum(0), rtol=1e-2 if
+                               dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 
 
 def test_backward_needs_grad_subsets(kernel_device):

@@ -118,6 +118,27 @@ def test_bypass_is_digital_but_observes():
     assert torch.isfinite(lin.optical_ranges).all()
 
 
+@pytest.mark.parametrize("digital", ["warm-up", "bypass"])
+def test_digital_forward_observes_the_accumulator_before_the_bias(digital):
+    """Q_out quantizes the accumulator, and the bias comes after it (section 2): the digital
+    warm-up and the bypass observe that range, as the optical path does, not the biased output's
+    (a large bias would otherwise shift Q_out's range by its whole size)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 12)
+    lin = OpticalLinear(12, 6, config=QuantizerConfig(q_bypass=digital == "bypass"))
+    with torch.no_grad():
+        lin.bias.fill_(5.0)
+    lin.optical_enabled = digital != "warm-up"
+    y = lin(x)
+    assert torch.equal(y, nn.functional.linear(x, lin.weight, lin.bias))
+    acc = nn.functional.linear(x, lin.weight)
+    assert torch.equal(lin.optical_observed[2], R.observe_range(acc))
+    optical = OpticalLinear(12, 6, config=QuantizerConfig())  # uncalibrated: passes through
+    optical.load_state_dict(lin.state_dict())
+    optical(x)
+    torch.testing.assert_close(optical.optical_observed, lin.optical_observed)
+
+
 def test_attention_module_matches_reference_and_gqa():
     torch.manual_seed(4)
     att = OpticalAttention(QuantizerConfig(q_levels=32))

@@ -267,7 +267,7 @@ def test_quantize_tensor_noise_statistics_many_seeds(kernel_device):
                                        noisy=True, index=index)
 
     gidx = torch.arange(rows)[:, None] * (cols + 4) + 2 + torch.arange(cols)[None, :]
-    tile = klinear._operand_tile(cols) if dev.type == "cpu" else (64, 32)  # _quantize_into's
+    tile = klinear.elementwise_tile(cols, noisy=True)
     e, f, pairs = _kernel_errors(y_of, x, 48, gidx, tile, dev)
     check_all(e, f, pairs)
 

@@ -9,6 +9,8 @@ Triton kernels.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -19,11 +21,22 @@ OPCHECKS = ("test_schema", "test_faketensor")
 OPCHECKS_AUTOGRAD = OPCHECKS + ("test_autograd_registration",)
 
 
+@contextlib.contextmanager
+def _kernel_mode(mode):
+    """Run under kernel mode `mode` on every device (on a GPU "auto" would run the kernels in
+    both arms of a kernel == reference comparison, which then could not fail); restore after."""
+    old = ops.get_kernel_mode()
+    ops.set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        ops.set_kernel_mode(old)
+
+
 @pytest.fixture(params=["reference", "triton"])
 def mode(request, kernel_device):
-    ops.set_kernel_mode(request.param if kernel_device.type == "cpu" else "auto")
-    yield request.param
-    ops.set_kernel_mode("auto")
+    with _kernel_mode(request.param):
+        yield request.param
 
 
 def _ranges(n, device, lo=-2.0, hi=2.0):
@@ -34,16 +47,18 @@ def _seed(device, n=1):
     return torch.arange(7, 7 + n, dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize("save_mask, quantize_output, noise", [
+@pytest.mark.parametrize("clipped, quantize_output, noise", [
     (False, True, True), (True, True, True), (False, False, True), (True, False, True),
     (True, True, False)])
-def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output, noise):
+def test_linear_ops_pass_opcheck(mode, kernel_device, clipped, quantize_output, noise):
+    # clipped without Q_out (a row-wise partial sum): an empty output mask, the operands'
+    # masks still apply in the backward
     dev = kernel_device
     x = torch.randn(2, 5, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(7, 12, device=dev, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(7, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = b if quantize_output else None  # the bias comes after Q_out
     index = ops.linear_index(x.shape, 7)
-    clipped = save_mask and quantize_output  # the mask exists only with Q_out
     args = (x, w, b, _ranges(3, dev), _seed(dev), 16, 0.02, 3, index, True, quantize_output,
             clipped, None, noise)
     torch.library.opcheck(torch.ops.optical.linear.default, args, test_utils=OPCHECKS_AUTOGRAD)
@@ -52,7 +67,7 @@ def test_linear_ops_pass_opcheck(mode, kernel_device, save_mask, quantize_output
     x, w = x.detach(), w.detach()
     gy = torch.randn(2, 5, 7, device=dev, dtype=torch.bfloat16)
     for needs_x, needs_w in ((True, True), (True, False), (False, True)):
-        bargs = (gy, x, w, _ranges(3, dev), mask, clipped, True, needs_x, needs_w)
+        bargs = (gy, x, w, _ranges(3, dev), mask, clipped, b is not None, needs_x, needs_w)
         torch.library.opcheck(torch.ops.optical.linear_backward.default, bargs,
                               test_utils=OPCHECKS)
 
@@ -100,16 +115,12 @@ def test_attention_padding_and_cache_through_the_op(kernel_device):
     mask = (torch.arange(21)[None, :] >= torch.tensor([[17], [2]])).to(dev)
     out = {}
     for mode in ("reference", "triton"):
-        if mode == "triton" and dev.type == "cpu":
-            ops.set_kernel_mode("triton")
         q, k, v = (t.to(dev, torch.bfloat16).requires_grad_() for t in (q0, k0, v0))
-        try:
+        with _kernel_mode(mode):
             y, obs = ops.optical_attention(
                 q, k, v, _ranges(5, dev), _seed(dev, 2), levels=256, lut=0.02, stream=3,
                 scale=0.125, observe=True, key_padding_mask=mask, q_start=15)
             y.float().square().sum().backward()
-        finally:
-            ops.set_kernel_mode("auto")
         out[mode] = (y.detach().float(), obs, q.grad.float(), k.grad.float(), v.grad.float())
     (yr, obs_r, *gr), (yt, obs_t, *gt) = out["reference"], out["triton"]
     assert (yr[0, :, :2] == 0).all() and (yt[0, :, :2] == 0).all()  # rows 15, 16 see nothing
@@ -131,9 +142,7 @@ def test_attention_q_start_on_the_device_through_the_op(kernel_device, mode):
     q = torch.randn(2, 4, 1, 64, generator=g).to(dev, torch.bfloat16)
     k, v = (torch.randn(2, 2, 21, 64, generator=g).to(dev, torch.bfloat16) for _ in "kv")
     mask = (torch.arange(21)[None, :] <= 11).expand(2, 21).to(dev)  # a static cache filled to 11
-    if mode == "triton" and dev.type == "cpu":
-        ops.set_kernel_mode("triton")
-    try:
+    with _kernel_mode(mode):
         ys = []
         for q_start in (11, torch.tensor(11, device=dev)):
             torch.manual_seed(0)
@@ -152,8 +161,6 @@ def test_attention_q_start_on_the_device_through_the_op(kernel_device, mode):
                                      q_start=torch.tensor(11, device=dev))
         with pytest.raises(RuntimeError, match="for inference"):
             y.float().sum().backward()
-    finally:
-        ops.set_kernel_mode("auto")
 
 
 def test_attention_argument_errors():
@@ -170,6 +177,83 @@ def test_attention_argument_errors():
                               key_padding_mask=torch.ones(1, 3, dtype=torch.bool), **kw)
     with pytest.raises(ValueError, match="torch.bool"):
         ops.optical_attention(q, k, k, r, s, q_start=5, key_padding_mask=torch.ones(1, 8), **kw)
+
+
+# The catalogue of bad op arguments: (id, op, keyword overrides, words the message must hold).
+# The kernels would turn each into NaNs, garbage or another read-out silently; the reference
+# refused some of them only from inside.
+def _linear_call(dev, **kw):
+    x, w = torch.randn(4, 8, device=dev), torch.randn(5, 8, device=dev)
+    args = dict(levels=256, lut=None, stream=0, index=ops.linear_index(x.shape, 5),
+                observe=False)
+    bias = kw.pop("bias", None)
+    return ops.optical_linear(x, w, bias, _ranges(3, dev), _seed(dev), **{**args, **kw})
+
+
+def _quantize_call(dev, **kw):
+    x = torch.randn(4, 8, device=dev)
+    return ops.optical_quantize(x, _ranges(1, dev)[0], _seed(dev), **{"levels": 256, **kw})
+
+
+def _attention_call(dev, **kw):
+    q = torch.randn(1, 2, 8, 64, device=dev, dtype=torch.bfloat16)
+    args = dict(levels=256, lut=None, stream=0, scale=0.125)
+    return ops.optical_attention(q, q, q, _ranges(5, dev), _seed(dev, 2), **{**args, **kw})
+
+
+BAD_OP_ARGS = [
+    ("linear levels 1", _linear_call, dict(levels=1), ["optical_linear", "levels", "2 <= L"]),
+    ("linear levels bool", _linear_call, dict(levels=True), ["levels", "integer"]),
+    ("linear levels float", _linear_call, dict(levels=16.0), ["levels", "integer"]),
+    ("linear lut 1.5", _linear_call, dict(lut=1.5), ["lut", "0 <= lut < 1"]),
+    ("linear lut negative", _linear_call, dict(lut=-0.1), ["lut", "0 <= lut < 1"]),
+    ("linear photons -1", _linear_call, dict(photons=-1.0), ["photons", "finite", ">= 0"]),
+    ("linear photons inf", _linear_call, dict(photons=float("inf")), ["photons", "finite"]),
+    ("linear qlevels with a 1", _linear_call, dict(qlevels=(256, 1, 256)),
+     ["qlevels", "level of w", "2 <= L"]),
+    ("linear qlevels of two", _linear_call, dict(qlevels=(256, 256)),
+     ["qlevels", "3 levels", "x, w, out"]),
+    ("linear bias without Q_out", _linear_call,
+     dict(bias=torch.zeros(5), quantize_output=False), ["bias", "quantize_output=False"]),
+    ("quantize levels 1", _quantize_call, dict(levels=1), ["optical_quantize", "levels"]),
+    ("quantize shot with lut", _quantize_call, dict(noisy=True, photons=0.5, lut=0.02),
+     ["lut", "shot read-out", "photons > 0"]),
+    ("quantize photons nan", _quantize_call, dict(noisy=True, photons=float("nan")),
+     ["photons", ">= 0"]),
+    ("quantize contraction 0", _quantize_call, dict(noisy=True, photons=0.5, contraction=0),
+     ["contraction", ">= 1"]),
+    ("attention levels 1", _attention_call, dict(levels=1), ["optical_attention", "levels"]),
+    ("attention photons -1", _attention_call, dict(photons=-1.0), ["photons", ">= 0"]),
+    ("attention lut 1", _attention_call, dict(lut=1.0), ["lut", "0 <= lut < 1"]),
+    ("attention qlevels of five", _attention_call, dict(qlevels=(16,) * 5),
+     ["qlevels", "6 levels", "q, k, s, p, v, y"]),
+]
+
+
+@pytest.mark.parametrize("name, call, kw, words", BAD_OP_ARGS, ids=[c[0] for c in BAD_OP_ARGS])
+def test_bad_op_arguments_are_refused_by_name_before_any_launch(mode, kernel_device, monkeypatch,
+                                                                 name, call, kw, words):
+    def launched(*_):  # every op implementation asks this first, on either path
+        raise AssertionError("an op implementation ran before the arguments were checked")
+
+    monkeypatch.setattr(ops, "_use_kernels", launched)
+    if "bias" in kw:
+        kw = {**kw, "bias": kw["bias"].to(kernel_device)}
+    with pytest.raises(ValueError) as e:
+        call(kernel_device, **kw)
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+
+
+@pytest.mark.parametrize("call", [_linear_call, _quantize_call, _attention_call])
+def test_bad_op_arguments_control_the_spy_sees_a_launch(mode, kernel_device, monkeypatch, call):
+    # the negative control of the catalogue's check: good arguments reach the implementation
+    def launched(*_):
+        raise LookupError("launched")
+
+    monkeypatch.setattr(ops, "_use_kernels", launched)
+    with pytest.raises(LookupError):
+        call(kernel_device)
 
 
 def test_straight_through_gradients_through_the_op():
@@ -209,6 +293,45 @@ def test_q_noise_off_through_the_ops(mode, kernel_device, dtype):
     att = lambda s: ops.optical_attention(q, k, v, _ranges(5, dev), _seed(dev, 2) + s, levels=4,
                                           lut=0.02, stream=0, scale=0.2, noise=False)[0]
     assert torch.equal(att(0), att(7))
+
+
+def _clipped_linear_grads(dev, quantize_output, bias):
+    """Gradients of ops.optical_linear with clipped=True where Q_x, Q_w and Q_out all clamp,
+    and the masks each quantizer's clamping gives."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 10, generator=g).to(dev).requires_grad_()
+    w = torch.randn(5, 10, generator=g).to(dev).requires_grad_()
+    b = (torch.randn(5, generator=g) * 4).to(dev).requires_grad_() if bias else None
+    ranges = torch.tensor([[-0.8, 0.8], [-0.6, 0.6], [-1.5, 1.5]], device=dev)
+    y, _ = ops.optical_linear(x, w, b, ranges, _seed(dev), levels=16, lut=None, stream=0,
+                              index=ops.linear_index(x.shape, 5), observe=False,
+                              quantize_output=quantize_output, clipped=True, noise=False)
+    gy = torch.randn(6, 5, generator=g).to(dev)
+    y.backward(gy)
+    xd, wd = x.detach(), w.detach()
+    acc = ops.ref.quantize(xd, ranges[0], 16) @ ops.ref.quantize(wd, ranges[1], 16).t()
+    masks = [ops.ref.clamp_mask(t, r) for t, r in ((xd, ranges[0]), (wd, ranges[1]),
+                                                    (acc, ranges[2]))]
+    return (xd, wd, gy), (x.grad, w.grad, b.grad if bias else None), masks
+
+
+def test_clipped_gradients_without_q_out_mask_x_and_w(mode, kernel_device):
+    """quantize_output=False (a row-wise tensor-parallel partial sum, Q_out after the
+    reduction): clipped still zeroes x's and W's gradients where Q_x and Q_w clamped."""
+    (x, w, gy), (gx, gw, _), (mx, mw, _) = _clipped_linear_grads(kernel_device, False, False)
+    assert not mx.all() and not mw.all()
+    torch.testing.assert_close(gx, (gy @ w) * mx)
+    torch.testing.assert_close(gw, (gy.t() @ x) * mw)
+
+
+def test_clipped_bias_gradient_is_not_masked_by_q_out(mode, kernel_device):
+    """The bias is added after Q_out, digitally (section 2): dL/db = sum of dL/dy even where
+    Q_out clamped, while x's and W's gradients take Q_out's mask."""
+    (x, w, gy), (gx, gw, gb), (mx, mw, mo) = _clipped_linear_grads(kernel_device, True, True)
+    assert not mo.all()
+    torch.testing.assert_close(gb, gy.sum(0))
+    torch.testing.assert_close(gx, ((gy * mo) @ w) * mx)
+    torch.testing.assert_close(gw, ((gy * mo).t() @ x) * mw)
 
 
 def test_only_the_needed_gradients_are_computed():
@@ -270,9 +393,7 @@ def test_new_options_kernel_path_equals_reference_path(kernel_device):
                          device=dev)
     out = {}
     for mode in ("reference", "triton"):
-        if mode == "triton" and dev.type == "cpu":
-            ops.set_kernel_mode("triton")
-        try:
+        with _kernel_mode(mode):
             x, w = x0.to(dev, torch.bfloat16), w0.to(dev, torch.bfloat16)
             yl, _ = ops.optical_linear(x, w, None, lin_r, _seed(dev), levels=256, lut=0.02,
                                        stream=1, index=ops.linear_index(x.shape, 24),
@@ -281,8 +402,6 @@ def test_new_options_kernel_path_equals_reference_path(kernel_device):
             ya, _ = ops.optical_attention(q, k, v, att_r, _seed(dev, 2), levels=256, lut=0.02,
                                           stream=3, scale=0.125, qlevels=(64, 64, 32, 256, 64, 16),
                                           photons=0.05)
-        finally:
-            ops.set_kernel_mode("auto")
         out[mode] = (yl.float(), ya.float())
     (lr, ar), (lt, at) = out["reference"], out["triton"]
     assert (lr != lt).float().mean() <= 0.01 and (lr - lt).abs().max() <= 8.0 / 15 * 1.01 + 0.05

@@ -167,6 +167,31 @@ def test_straight_through_and_clipped_gradients():
     assert (x.grad == 0).any()  # the clip really bit somewhere
 
 
+def test_clipped_bias_gradient_and_operand_masks_without_q_out():
+    """The bias is added after Q_out, digitally: its gradient is dL/dy summed even where Q_out
+    clamped. Without Q_out in the call (acc None, no out_mask: a row-wise partial sum), clipped
+    keeps x's and W's masks only."""
+    torch.manual_seed(1)
+    x, w, b = torch.randn(4, 8), torch.randn(5, 8), torch.randn(5) * 4
+    xr, wr, outr = torch.tensor([-0.5, 0.5]), torch.tensor([-0.3, 0.3]), torch.tensor([-0.2, 0.2])
+    xb = x.clone().requires_grad_()
+    wb, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = R.OpticalLinearFunction.apply(xb, wb, bb, xr, wr, outr, 16, None, 3, 0, None, True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    acc = R.quantize(x, xr, 16) @ R.quantize(w, wr, 16).t()
+    assert not R.clamp_mask(acc, outr).all()
+    assert torch.equal(bb.grad, g.sum(0))
+    mx, mw = R.clamp_mask(x, xr), R.clamp_mask(w, wr)
+    gx, gw, gb = R.optical_linear_backward(g, x, w, None, xr, wr, outr, clipped=True,
+                                           has_bias=False)
+    assert gb is None and not mx.all() and not mw.all()
+    assert torch.allclose(gx, (g @ w) * mx) and torch.allclose(gw, (g.t() @ x) * mw)
+    with pytest.raises(ValueError, match="bias must be None with quantize_output=False"):
+        R.optical_linear_forward(x, w, b, xr, wr, outr, levels=16, lut=None, seed=0, stream=0,
+                                 quantize_output=False)
+
+
 def test_attention_reference_matches_sdpa_when_ranges_unset_and_levels_fine():
     torch.manual_seed(2)
     q = torch.randn(2, 4, 9, 8)
@@ -266,7 +291,14 @@ def test_masked_token_values_change_no_bit_elsewhere(causal):
     out2 = _attn(q2, k2, v2, ranges, key_padding_mask=mask, causal=causal)
     rows = mask[:, None, :].expand(3, 4, 13)
     assert torch.equal(out["y"][rows], out2["y"][rows])
-    assert not torch.equal(out["y"], out2["y"]) or causal  # hidden rows did change (non-causal)
+    # the hidden rows (pad queries) that see a visible key changed with their new queries, on
+    # both masks; those that see none (causal: batch 0's first three) output 0 in both runs
+    vis = R.attention_visibility(3, 13, 13, causal=causal, q_start=0, key_padding_mask=mask,
+                                 device="cpu")
+    alive = vis.any(-1).expand(3, 4, 13)
+    assert (~rows & alive).any() and (~alive).any() == causal
+    assert torch.equal((out["y"] != out2["y"]).any(-1), ~rows & alive)
+    assert (out["y"][~alive] == 0).all() and (out2["y"][~alive] == 0).all()
     # hidden keys have probability exactly 0 in every row
     assert (out["p"].masked_select(~mask[:, None, None, :].expand_as(out["p"])) == 0).all()
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from torchtitan_ext.optical.config import QuantizerConfig
 from torchtitan_ext.optical.modules import OpticalAttention, OpticalLinear
-from torchtitan_ext.optical.ranges import update_ranges
+from torchtitan_ext.optical.ranges import local, update_ranges
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,22 @@ def _worker(rank, world, port, state, x, steps, out_q, cfg):
         dist.destroy_process_group()
 
 
+def _run_two_ranks(worker, args_of_queue):
+    """Run `worker(rank, 2, port, *args_of_queue(queue))` on two spawned processes; return what
+    rank 0 put on the queue (torch.save bytes), after both exited cleanly."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args_of_queue(q))) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = torch.load(io.BytesIO(q.get(timeout=300)))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return out
+
+
 @pytest.mark.parametrize("noise, extra", [
     (True, {}), (False, {}),
     # issue 16: the row-wise path's Q_out after the reduction takes the shot read-out with
@@ -112,17 +128,7 @@ def test_tensor_parallel_equals_single_device(noise, extra):
         torch.manual_seed(11)
         expect.append(tuple(t.detach() for t in ref(x)))
         update_ranges(ref)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, state, x, steps, q, cfg))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    outs, ranges = torch.load(io.BytesIO(q.get(timeout=300)))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outs, ranges = _run_two_ranks(_worker, lambda q: (state, x, steps, q, cfg))
     for i, ((h, a), (he, ae)) in enumerate(zip(outs, expect)):
         # Same quantized function up to float32 accumulation order: a value that lands within
         # rounding of a level boundary may move by one level, nothing else may differ.
@@ -134,3 +140,69 @@ def test_tensor_parallel_equals_single_device(noise, extra):
     # reduction, never as partial sums).
     for name, r in ranges.items():
         assert torch.allclose(r, dict(ref.named_buffers())[name], rtol=1e-6, atol=1e-7), name
+
+
+def _rowwise_worker(rank, world, port, state, gy, out_q, cfg):
+    """One row-wise OpticalLinear: a digital warm-up step, then an optical step with clipped
+    gradients; sends rank 0's ranges and the gathered gradients of x, W and b."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,))
+        lin = OpticalLinear(HID, D, bias=True, config=cfg)
+        lin.load_state_dict(state)
+        parallelize_module(lin, mesh, RowwiseParallel())
+        ranges, grads = _rowwise_steps(lin, lambda t: t.chunk(world, -1)[rank], gy)
+        gx = [torch.empty_like(grads[0]) for _ in range(world)]
+        dist.all_gather(gx, grads[0])
+        grads = [torch.cat(gx, -1)] + [g.full_tensor() for g in grads[1:]]
+        if rank == 0:
+            buf = io.BytesIO()
+            torch.save((ranges, grads), buf)
+            out_q.put(buf.getvalue())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _rowwise_steps(lin, shard, gy):
+    """Warm-up (digital) then optical steps of `lin` on this rank's `shard` of x; returns the
+    ranges after the warm-up and the (local) gradients of the optical step."""
+    torch.manual_seed(0)
+    x = torch.randn(B, S, HID)
+    lin.optical_enabled = False
+    lin(shard(x))
+    update_ranges(lin)
+    ranges = local(lin.optical_ranges).clone()
+    lin.optical_enabled = True
+    with torch.no_grad():
+        local(lin.optical_ranges)[1] *= 0.5  # W clamps too
+    xs = shard(x * 3).clone().requires_grad_()  # beyond the warm-up's x range: Q_x clamps
+    torch.manual_seed(11)
+    y = lin(xs)
+    y.backward(gy)
+    return ranges, [xs.grad, lin.weight.grad, lin.bias.grad]
+
+
+def test_row_wise_warmup_ranges_and_clipped_gradients_equal_single_device():
+    """Row-wise TP=2 equals TP=1: the digital warm-up observes the reduced accumulator (no
+    partial sums, no bias), and q_grad: clipped masks x's and W's gradients there too (Q_out runs
+    after the reduction); the bias gradient is dL/dy summed, unmasked."""
+    cfg = QuantizerConfig(q_levels=16, q_grad="clipped")
+    torch.manual_seed(1)
+    ref = OpticalLinear(HID, D, bias=True, config=cfg)
+    with torch.no_grad():
+        ref.bias.fill_(4.0)  # a bias far outside the accumulator's range
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    gy = torch.randn(B, S, D)
+    ranges, grads = _rowwise_steps(ref, lambda t: t, gy)
+    assert (grads[0] == 0).any() and (grads[1] == 0).any()  # the masks matter
+    tp_ranges, tp_grads = _run_two_ranks(_rowwise_worker, lambda q: (state, gy, q, cfg))
+    torch.testing.assert_close(tp_ranges, ranges, rtol=1e-6, atol=1e-6)
+    assert ranges[2, 1] < 4.0  # the accumulator's range, not the biased output's
+    for name, got, want in zip("xWb", tp_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(grads[2], gy.sum((0, 1)))

@@ -56,6 +56,13 @@ def _autocast(*tensors):
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
 
 
+def _row_wise(weight) -> bool:
+    """Whether `weight` is a row-wise tensor-parallel shard (each rank holds a partial sum)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(weight, DTensor) and weight.placements[-1] == Shard(1)
+
+
 def _batch_extent(shape: torch.Size) -> int:
     return int(torch.Size(shape[:-2]).numel()) if len(shape) >= 3 else int(shape[0])
 
@@ -131,10 +138,8 @@ class OpticalLinear(RangeState, nn.Linear):
         return y, obs
 
     def _measure_clamping(self, x: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor, Shard
-
         w = self.weight
-        row_wise = isinstance(w, DTensor) and w.placements[-1] == Shard(1)
+        row_wise = _row_wise(w)
         x_local, w_local = local(x), local(w)
         if not row_wise:
             x_local, w_local = _autocast(x_local, w_local)
@@ -147,16 +152,24 @@ class OpticalLinear(RangeState, nn.Linear):
         self.record_clamp(fr)
 
     def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.training:
-            q = self.config.q_quantiles
-            obs = torch.stack([
-                ops.ref.observe_range(local(x), q),
-                ops.ref.observe_range(local(self.weight), q),
-                ops.ref.observe_range(local(y), q),
-            ])
-            self.record(obs)
-        return y
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        # Observe what Q_out would quantize, as the optical path does: the accumulator before
+        # the bias (added after Q_out, section 2) and, under row-wise tensor parallelism, the
+        # reduced sum, never a rank's partial sum (reduced into the placement the row-wise
+        # style wants, so its output hook has nothing left to do).
+        acc = F.linear(x, self.weight)
+        if _row_wise(self.weight):
+            from torch.distributed.tensor import Replicate
+
+            acc = acc.redistribute(acc.device_mesh, [self.tp_output_placement or Replicate()])
+        q = self.config.q_quantiles
+        self.record(torch.stack([
+            ops.ref.observe_range(local(x), q),
+            ops.ref.observe_range(local(self.weight), q),
+            ops.ref.observe_range(local(acc), q),
+        ]))
+        return acc if self.bias is None else acc + self.bias.to(acc.dtype)
 
     def _forward_tensor_parallel(self, x):
         from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -258,7 +271,9 @@ class OpticalAttention(RangeState, nn.Module):
         if c.q_bypass or not self.optical_enabled:
             y = _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start)
             if self.training:
-                unset = torch.tensor([float("inf"), float("-inf")], device=q.device)
+                # Built on the device: a tensor from a Python list is a host-to-device copy.
+                unset = torch.full((2,), float("inf"), device=q.device)
+                unset[1] = float("-inf")
                 self.record(torch.stack([ops.ref.observe_range(q), ops.ref.observe_range(k),
                                          ops.ref.observe_range(v), unset, unset]))
             return y

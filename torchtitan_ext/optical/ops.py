@@ -168,7 +168,10 @@ def _linear_noise_index(m: int, n: int, index: List[int], device) -> Tensor:
 
 
 def _empty_obs(n: int, device) -> Tensor:
-    return torch.tensor([[float("inf"), float("-inf")]] * n, dtype=torch.float32, device=device)
+    # Filled on the device: a tensor built from a Python list is a host-to-device copy.
+    obs = torch.full((n, 2), float("inf"), dtype=torch.float32, device=device)
+    obs[:, 1] = float("-inf")
+    return obs
 
 
 def _observe(t: Tensor, quantiles: Optional[List[float]]) -> Tensor:
@@ -210,14 +213,17 @@ def _linear(
     index: List[int],
     observe: bool,
     quantize_output: bool,
-    save_mask: bool,
+    clipped: bool,
     quantiles: Optional[List[float]],
     noise: bool = True,
     qlevels: Optional[List[int]] = None,
     photons: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # qlevels: per-quantizer levels (Q_x, Q_w, Q_out) overriding `levels`; photons > 0: the shot
-    # read-out of Q_out (n = photons, K = in_features).
+    # read-out of Q_out (n = photons, K = in_features). clipped: the backward masks the
+    # gradients of Q_x and Q_w always, and of Q_out where this call applies it (the [M, N] mask
+    # returned; without Q_out it is empty: the quantize op after the reduction masks instead).
+    save_mask = clipped and quantize_output
     lv = _levels3(levels, qlevels)
     k = x.shape[-1]
     n = weight.shape[0]
@@ -255,12 +261,12 @@ def _linear(
 
 @_linear.register_fake
 def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
-                 quantize_output, save_mask, quantiles, noise=True, qlevels=None, photons=0.0):
+                 quantize_output, clipped, quantiles, noise=True, qlevels=None, photons=0.0):
     n = weight.shape[0]
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
     obs = x.new_empty((3, 2), dtype=torch.float32)
-    mask = x.new_empty((m, n) if save_mask else (0,), dtype=torch.bool)
+    mask = x.new_empty((m, n) if clipped and quantize_output else (0,), dtype=torch.bool)
     return y, obs, mask
 
 
@@ -280,35 +286,23 @@ def _linear_backward(
     n = weight.shape[0]
     g2 = grad_y.reshape(-1, n)
     x2 = x.reshape(-1, k)
+    # The forward saved an [M, N] mask where it applied Q_out; an empty one (no Q_out here: a
+    # row-wise tensor-parallel partial sum) leaves Q_x's and Q_w's masks only.
+    mask = out_mask if clipped and out_mask.dim() == 2 else None
     if _use_kernels(x):
         from .kernels import linear as klinear
 
         gx, gw, gb = klinear.linear_backward(  # the ranges matter to the clipped mode only
             g2, x2, weight, ranges[0] if clipped else None, ranges[1] if clipped else None,
-            out_mask if clipped else None,
-            clipped=clipped, has_bias=has_bias, needs_grad=(needs_x, needs_w, has_bias),
+            mask, clipped=clipped, has_bias=has_bias, needs_grad=(needs_x, needs_w, has_bias),
         )
     else:
-        gx, gw, gb = _ref_linear_backward(g2, x2, weight, ranges, out_mask if clipped else None,
-                                          has_bias)
+        gx, gw, gb = ref.optical_linear_backward(g2, x2, weight, None, ranges[0], ranges[1],
+                                                 ranges[2], clipped=clipped, has_bias=has_bias,
+                                                 out_mask=mask)
     gx = gx.reshape(x.shape).contiguous() if (needs_x and gx is not None) else x.new_empty((0,))
     gw = gw.contiguous() if (needs_w and gw is not None) else weight.new_empty((0,))
     gb = gb if (has_bias and gb is not None) else weight.new_empty((0,))
-    return gx, gw, gb
-
-
-def _ref_linear_backward(g2, x2, weight, ranges, out_mask, has_bias):
-    """Straight-through, or clipped when the forward saved the output's in-range mask."""
-    if out_mask is None:
-        return ref.optical_linear_backward(g2, x2, weight, None, ranges[0], ranges[1], ranges[2],
-                                           clipped=False, has_bias=has_bias)
-    # The reference rebuilds the output mask from the accumulator; the op saved the mask itself,
-    # so apply it, then the input masks.
-    g = g2.float() * out_mask.reshape(g2.shape)
-    gx, gw, gb = ref.optical_linear_backward(g, x2, weight, None, ranges[0], ranges[1], ranges[2],
-                                             clipped=False, has_bias=has_bias)
-    gx = (gx.float() * ref.clamp_mask(x2, ranges[0])).to(x2.dtype)
-    gw = (gw.float() * ref.clamp_mask(weight, ranges[1])).to(weight.dtype)
     return gx, gw, gb
 
 
@@ -322,12 +316,12 @@ def _linear_backward_fake(grad_y, x, weight, ranges, out_mask, clipped, has_bias
 
 
 def _linear_setup_context(ctx, inputs, output):
-    (x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, save_mask,
+    (x, weight, bias, ranges, seed, levels, lut, stream, index, observe, qout, clipped,
      quantiles, noise, qlevels, photons) = inputs
     _, _, mask = output
     ctx.save_for_backward(x, weight, ranges, mask)
     ctx.has_bias = bias is not None
-    ctx.clipped = save_mask
+    ctx.clipped = clipped
 
 
 def _linear_autograd_backward(ctx, grad_y, _grad_obs, _grad_mask):
@@ -370,10 +364,19 @@ def optical_linear(
 
     noise=False (`q_noise: false`): Q_out rounds deterministically (`seed` is then unused).
     qlevels: levels of (Q_x, Q_w, Q_out), overriding `levels` (None = `levels` for all).
-    photons > 0: shot read-out of Q_out with n = photons, K = in_features (`q_readout: shot`)."""
+    photons > 0: shot read-out of Q_out with n = photons, K = in_features (`q_readout: shot`).
+    quantize_output=False: the float32 accumulator (a row-wise tensor-parallel partial sum, for
+    `optical_quantize` after the reduction); the bias must then be None (it is added after
+    Q_out, so the caller adds it after the reduction); `clipped` still masks Q_x's and Q_w's
+    gradients. Bad arguments raise ValueError naming them, before any launch."""
+    ref.check_quantizer_args("optical_linear", levels=levels, qlevels=qlevels,
+                             level_names=("x", "w", "out"), lut=lut, photons=photons)
+    if bias is not None and not quantize_output:
+        raise ValueError("optical_linear: bias must be None with quantize_output=False (the bias "
+                         "is added after Q_out: add it after the reduction and optical_quantize)")
     y, obs, _ = torch.ops.optical.linear(
         x, weight, bias, ranges, seed, levels, float(lut or 0.0), stream, index, observe,
-        quantize_output, clipped and quantize_output, list(quantiles) if quantiles else None,
+        quantize_output, bool(clipped), list(quantiles) if quantiles else None,
         bool(noise), _qlevels_arg(levels, qlevels), float(photons),
     )
     return y, obs
@@ -464,7 +467,11 @@ def optical_quantize(
 ) -> tuple[Tensor, Tensor]:
     """Q(x) over the last-dim-major 2-D view of x, straight-through; returns (y, observed [2]).
 
-    photons > 0 with noisy: the shot read-out (n = photons, K = contraction)."""
+    photons > 0 with noisy: the shot read-out (n = photons, K = contraction), which takes no
+    lut. Bad arguments raise ValueError naming them, before any launch."""
+    ref.check_quantizer_args("optical_quantize", levels=levels, lut=lut,
+                             photons=photons if noisy else 0.0, contraction=contraction,
+                             readout_lut=True)
     if index is None:
         index = linear_index(x.shape, x.shape[-1])
     y, obs, _ = torch.ops.optical.quantize(
@@ -682,6 +689,9 @@ def optical_attention(
     """
     if index is None:
         index = [0, q.shape[0], 0, q.shape[1]]
+    ref.check_quantizer_args("optical_attention", levels=levels, qlevels=qlevels,
+                             level_names=("q", "k", "s", "p", "v", "y"), lut=lut,
+                             photons=photons)
     ref.check_attention_args(q, k, key_padding_mask, q_start, causal)
     on_device = isinstance(q_start, Tensor)
     y, _, obs = torch.ops.optical.attention(

@@ -21,16 +21,21 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .config import MAX_LEVELS
 
 __all__ = [
     "IndexMap",
     "philox_uniform",
     "shot_normal",
     "split_levels",
+    "check_quantizer_args",
     "quantize",
     "clamp_mask",
     "observe_range",
@@ -129,11 +134,13 @@ def _philox4(seed: torch.Tensor | int, stream: int, counter: torch.Tensor, count
     c1 = (counter >> 32) & _M32
     c2 = torch.full_like(c0, counter_word2)
     c3 = torch.zeros_like(c0)
+    # Key words given as ints stay Python ints: a device tensor built from one would be a
+    # host-to-device copy on every draw.
     if isinstance(seed, torch.Tensor):
         k0 = seed.to(device=counter.device, dtype=torch.int64) & _M32
     else:
-        k0 = torch.tensor(int(seed) & _M32, dtype=torch.int64, device=counter.device)
-    k1 = torch.tensor(int(stream) & _M32, dtype=torch.int64, device=counter.device)
+        k0 = int(seed) & _M32
+    k1 = int(stream) & _M32
     for _ in range(rounds):
         hi_a, lo_a = _mulhilo32(c0, PHILOX_ROUND_A)
         hi_b, lo_b = _mulhilo32(c2, PHILOX_ROUND_B)
@@ -201,6 +208,53 @@ def split_levels(levels, n: int) -> tuple[int, ...]:
     return levels
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_quantizer_args(where: str, *, levels, qlevels=None, level_names: Sequence[str] = (),
+                         lut=None, photons=0.0, contraction=1, readout_lut: bool = False) -> None:
+    """Validate an op call's quantizer arguments (section 1) before anything is launched: the
+    kernels would otherwise turn a bad value into NaNs, garbage or another read-out silently.
+
+    Python scalars only (no device read). `levels`: an integer 2 <= L <= MAX_LEVELS (the
+    kernels' rounding is exact up to there); `qlevels`: None or one such integer per name in
+    `level_names`; `lut`: None or a number with 0 <= lut < 1; `photons`: a finite number >= 0
+    (0 = the rounding read-out) with `contraction` K an integer >= 1. `readout_lut`: the lut
+    would act on the shot read-out's own quantizer (the stand-alone Q), a combination the page
+    does not define (the lut is weight-side), so it is refused. Raises ValueError naming `where`,
+    the argument and its allowed values."""
+    allowed = f"an integer with 2 <= L <= {MAX_LEVELS}"
+    if not _is_int(levels) or not 2 <= levels <= MAX_LEVELS:
+        raise ValueError(f"{where}: levels must be {allowed}, got {levels!r}")
+    if qlevels is not None:
+        names = ", ".join(level_names)
+        if isinstance(qlevels, (str, bytes)) or not isinstance(qlevels, Sequence) \
+                or len(qlevels) != len(level_names):
+            raise ValueError(f"{where}: qlevels must be None or {len(level_names)} levels "
+                             f"({names}), got {qlevels!r}")
+        for name, v in zip(level_names, qlevels):
+            if not _is_int(v) or not 2 <= v <= MAX_LEVELS:
+                raise ValueError(f"{where}: qlevels ({names}): the level of {name} must be "
+                                 f"{allowed}, got {v!r}")
+    if lut is not None and (not _is_real(lut) or not 0 <= lut < 1):
+        raise ValueError(f"{where}: lut must be None or a number with 0 <= lut < 1, got {lut!r}")
+    if not _is_real(photons) or not 0 <= photons < math.inf:
+        raise ValueError(f"{where}: photons must be a finite number >= 0 (0 = the rounding "
+                         f"read-out), got {photons!r}")
+    if photons > 0 and (not _is_int(contraction) or contraction < 1):
+        raise ValueError(f"{where}: contraction must be an integer >= 1 with photons > 0, got "
+                         f"{contraction!r}")
+    if readout_lut and photons > 0 and lut:
+        raise ValueError(f"{where}: lut must be None or 0 with the shot read-out (photons > 0): "
+                         f"the lut is for weight-side operands; got lut={lut!r}, "
+                         f"photons={photons!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # The quantizer Q (section 1)
 # --------------------------------------------------------------------------------------------
@@ -252,9 +306,11 @@ def quantize(
 
 def shot_nk(photons: float, contraction, device) -> torch.Tensor:
     """n * K in float32 (K an int or an int tensor): the kernels compute the same product."""
-    n = torch.tensor(float(photons), dtype=torch.float32, device=device)
-    k = torch.as_tensor(contraction, device=device).to(torch.float32)
-    return n * k
+    # Filled on the device: a tensor made from a Python number is a host-to-device copy.
+    n = torch.full((), float(photons), dtype=torch.float32, device=device)
+    if isinstance(contraction, torch.Tensor):
+        return n * contraction.to(device=device, dtype=torch.float32)
+    return n * torch.full((), float(contraction), dtype=torch.float32, device=device)
 
 
 def quantize_readout(x: torch.Tensor, rng: torch.Tensor, levels: int, *, seed, stream: int,
@@ -288,7 +344,8 @@ def observe_range(x: torch.Tensor, quantiles: tuple[float, float] | None = None)
     if xf.numel() > limit:
         stride = -(-xf.numel() // limit)
         xf = xf[::stride]
-    q = torch.tensor(quantiles, dtype=torch.float32, device=xf.device)
+    q = torch.empty(2, dtype=torch.float32, device=xf.device)  # filled on the device: no host copy
+    q[0], q[1] = quantiles
     return torch.quantile(xf, q)
 
 
@@ -333,6 +390,9 @@ def optical_linear_forward(
     Q_out rounds deterministically (shot noise off too). `photons` > 0: the shot read-out with
     n = photons and K = in_features (`q_readout: shot`).
     """
+    if bias is not None and not quantize_output:
+        raise ValueError("optical_linear_forward: bias must be None with quantize_output=False "
+                         "(the bias is added after Q_out; the caller adds it after the reduction)")
     lx, lw, lout = split_levels(levels, 3)
     xq = quantize(x, x_range, lx).float()
     wq = quantize(weight, w_range, lw, lut=lut).float()
@@ -359,13 +419,22 @@ def optical_linear_backward(
     *,
     clipped: bool,
     has_bias: bool,
+    out_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Straight-through (or clipped) gradients; weight and input gradients use the unquantized
-    operands (section 5)."""
+    operands (section 5).
+
+    `clipped` zeroes the gradient where Q_x or Q_w clamped and, where this call applied Q_out,
+    where Q_out clamped: `out_mask` (True = inside) if given, else rebuilt from the accumulator
+    `acc`. With neither, Q_out ran elsewhere (after a row-wise tensor-parallel reduction, whose
+    own quantize op masks) and only the operand masks apply. The bias gradient is never masked:
+    the bias is added after Q_out, digitally (section 2), so dL/db = sum of dL/dy."""
     g = grad_y.float()
-    if clipped:
-        g = g * clamp_mask(acc, out_range)
     grad_b = g.reshape(-1, g.shape[-1]).sum(0) if has_bias else None
+    if clipped and out_mask is None and acc is not None:
+        out_mask = clamp_mask(acc, out_range)
+    if clipped and out_mask is not None:
+        g = g * out_mask.reshape(g.shape)
     grad_x = g @ weight.float()
     grad_w = g.reshape(-1, g.shape[-1]).t() @ x.float().reshape(-1, x.shape[-1])
     if clipped:
@@ -521,7 +590,9 @@ def optical_attention_forward(
                                key_padding_mask=key_padding_mask, device=q.device)
     p, alive = _masked_softmax(s * scale, vis)
     vq = _expand_kv(quantize(v, v_range, lv_, lut=lut).float(), H)
-    y_raw = quantize(p, torch.tensor(P_RANGE, device=p.device), lp_) @ vq
+    p_range = torch.empty(2, dtype=torch.float32, device=p.device)  # no host-to-device copy
+    p_range[0], p_range[1] = P_RANGE
+    y_raw = quantize(p, p_range, lp_) @ vq
     # Q_y's contraction length: the keys row r sees (at least 1; rows that see none output 0).
     keys_seen = lk if vis is None else \
         vis.expand(B, 1, L, lk).sum(-1, keepdim=True).clamp(min=1)
@@ -530,8 +601,8 @@ def optical_attention_forward(
                          photons=photons, contraction=keys_seen)
     if alive is not None:
         y = torch.where(alive, y, 0.0)
-    s_obs = _observe_or_empty(s_raw[vis.expand_as(s_raw)] if vis is not None else s_raw)
-    y_obs = _observe_or_empty(y_raw[alive.expand_as(y_raw)] if alive is not None else y_raw)
+    s_obs = _observe_where(s_raw, vis)
+    y_obs = _observe_where(y_raw, alive)
     return {"y": y.to(q.dtype), "s_raw": s_raw, "s": s, "p": p, "y_raw": y_raw, "s_obs": s_obs,
             "y_obs": y_obs}
 
@@ -546,11 +617,17 @@ def _masked_softmax(logits: torch.Tensor, vis: torch.Tensor | None):
     return torch.where(alive, p, 0.0), alive
 
 
-def _observe_or_empty(x: torch.Tensor) -> torch.Tensor:
-    """observe_range, or the empty observation (+inf, -inf) of an empty selection."""
+def _observe_where(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The min/max observation of x's elements where `keep` (broadcastable to x; None = all),
+    (+inf, -inf) when there are none. Masked reductions, not a boolean selection: selecting
+    would read the element count back from the device."""
+    xf = x.detach().float()
     if x.numel() == 0:
-        return torch.tensor([float("inf"), float("-inf")], dtype=torch.float32, device=x.device)
-    return observe_range(x)
+        return torch.stack([xf.new_full((), float("inf")), xf.new_full((), float("-inf"))])
+    if keep is None:
+        return observe_range(xf)
+    return torch.stack([torch.where(keep, xf, float("inf")).amin(),
+                        torch.where(keep, xf, float("-inf")).amax()])
 
 
 def optical_attention_backward(

@@ -40,20 +40,13 @@ in check:
   bench/results/README.md, stops 12 and 29);
 - the quantizer's divisions by a per-call scalar use a reciprocal and a Markstein correction and
   the Philox multiplies are 32x32->64-bit (both bit-identical, in quantizer.py).
-The config table (``gemm_config``) comes from two sweeps on an H200 (bench/linear.py --sweep,
-bench/results/linear-h200-sweep{1,2}.json); it is fixed and keyed on shape and dtype, so there is
-no autotuning stall inside a trainer (one compile per dtype/config, cached by Triton).
-
-Measured (H200, bf16, bench/results/linear-h200.json; ratios to nn.Linear in one run):
-forward 1.45x / 1.43x / 1.35x, forward+backward 1.18x / 1.17x / 1.18x, peak memory 1.00x at
-16384x2048->8192 / 16384x4096->4096 / 8192x4096->14336 (the shipped op with the seed draw and the
-range bookkeeping of a training forward); 2.4-2.7x faster forward+backward and 4.6-4.7x faster
-forward than mase-triton 0.0.7's layer. Before one Philox block served four outputs, the forward's
-time at 16384x2048->8192 split as (sweep2, in units of nn.Linear's forward): the two operand
-passes 0.18 (at ~1.5 TB/s; one looping pass since stop 24, 2.0-2.3 TB/s), the Triton GEMM with
-the deterministic part of the epilogue 1.27, the Philox noise 0.48. The 1.3x forward target is
-still not met; the next steps would be a persistent, warp-specialised GEMM whose epilogue
-overlaps the next tile's mainloop, and an operand pass at bandwidth.
+The config table (``gemm_config``) and the operand pass's table come from H200 sweeps
+(bench/linear.py --sweep / --config / --operand-sweep, bench/linear_decode.py for decoding rows;
+the choices and their measurements: bench/results/README.md); they are fixed and keyed on shape
+and dtype, so there is no autotuning stall inside a trainer (one compile per dtype/config, cached
+by Triton). Measured speed and memory against nn.Linear: the README's performance table (latest
+figures) and bench/results/README.md (history, commands, raw files), not repeated here, where
+they would go stale.
 
 Host syncs: none. The seed and all ranges are device tensors read inside the kernels; whether a
 range is initialised is decided per program on the device (an uninitialised output range skips
@@ -103,6 +96,10 @@ __all__ = [
     "linear_backward",
     "quantize_tensor",
     "observe_minmax",
+    "forward_packed",
+    "elementwise_tile",
+    "operand_config",
+    "triton_kernel",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -234,12 +231,7 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
     R, C = src.shape
     if R == 0 or C == 0:
         return
-    # noisy: 2K elements a program, so that the Philox state of a thread's elements fits in
-    # registers (see the GEMM epilogue); det: as the operand pass.
-    if noisy and not _INTERPRET:
-        BR, BC = (16, 128) if C >= 128 else (64, 32)
-    else:
-        BR, BC = _operand_tile(C)
+    BR, BC = elementwise_tile(C, noisy)
     il = index if index is not None else (1, 1, 0, 0, 0)
     grid = (triton.cdiv(R, BR) * triton.cdiv(C, BC),)
     _quantize_2d_kernel[grid](
@@ -252,10 +244,30 @@ def _quantize_into(src, dst, rng, seed, obs_row, *, levels, lut, noisy, stream, 
     )
 
 
-def _operand_tile(C: int) -> tuple[int, int]:
-    """[BR, BC] tiles of the deterministic elementwise passes: the operand pass's table entry."""
+def elementwise_tile(C: int, noisy: bool) -> tuple[int, int]:
+    """[BR, BC] tile of `quantize_tensor`'s launch for rows of C elements (the noise tests map
+    elements to programs with it)."""
+    # noisy: 2K elements a program, so that the Philox state of a thread's elements fits in
+    # registers (see the GEMM epilogue); det: the operand pass's table entry.
+    if noisy and not _INTERPRET:
+        return (16, 128) if C >= 128 else (64, 32)
     cfg = _operand_config(C)
     return cfg.BR, cfg.BC
+
+
+def operand_config(C: int) -> OperandConfig:
+    """The operand pass's table entry for operands of row length C (= K), as launched."""
+    return _operand_config(C)
+
+
+def triton_kernel(kind: str):
+    """The Triton kernel of a `kind` launch ("fwd": the fused GEMM, "operands": the operand
+    pass), for tools that inspect its compiled code (bench/noise_layouts.py, bench/fp_fusion.py).
+    Its arguments are this module's business: they change with the kernels."""
+    kernels = {"fwd": _linear_fwd_kernel, "operands": _quantize_operands_kernel}
+    if kind not in kernels:
+        raise ValueError(f"kind: must be one of fwd, operands, got {kind!r}")
+    return kernels[kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,8 +872,9 @@ def _clip_grad_(grad: torch.Tensor, src: torch.Tensor, rng: torch.Tensor) -> tor
 def linear_backward(grad_y2d, x2d, weight, x_range, w_range, out_mask, *, clipped: bool,
                     has_bias: bool, needs_grad: tuple[bool, bool, bool]):
     """Straight-through (clipped=False) or clipped gradients, using the UNQUANTIZED x and W
-    (semantics s.5): g = grad_y * out_mask if clipped; grad_x = g @ W (* in_range(x) if clipped);
-    grad_w = g^T @ x (* in_range(W) if clipped); grad_b = g.sum(0).
+    (semantics s.5): g = grad_y * out_mask if clipped (out_mask None: Q_out ran elsewhere);
+    grad_x = g @ W (* in_range(x) if clipped); grad_w = g^T @ x (* in_range(W) if clipped);
+    grad_b = grad_y.sum(0), never masked: the bias is added after Q_out, digitally (s.2).
 
     Returns (grad_x [M, K] in x dtype or None, grad_w [N, K] in W dtype or None, grad_b or None).
     """
@@ -869,10 +882,12 @@ def linear_backward(grad_y2d, x2d, weight, x_range, w_range, out_mask, *, clippe
     g = grad_y2d
     if g.dtype != x2d.dtype:
         g = g.to(x2d.dtype)
+    grad_x = grad_w = grad_b = None
+    if need_b and has_bias:
+        grad_b = g.sum(0, dtype=torch.float32).to(weight.dtype)
     if clipped and out_mask is not None:
         zero = torch.zeros((), dtype=g.dtype, device=g.device)
         g = torch.where(out_mask.reshape(g.shape), g, zero)
-    grad_x = grad_w = grad_b = None
     if need_x:
         grad_x = g @ weight  # cuBLAS, float32 accumulation
         if clipped:
@@ -882,8 +897,6 @@ def linear_backward(grad_y2d, x2d, weight, x_range, w_range, out_mask, *, clippe
         if clipped:
             grad_w = _clip_grad_(grad_w, weight, w_range)
         grad_w = grad_w.to(weight.dtype)
-    if need_b and has_bias:
-        grad_b = g.sum(0, dtype=torch.float32).to(weight.dtype)
     return grad_x, grad_w, grad_b
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,49 @@ def test_default_window_is_the_training_context(checkpoint):
 
     loaded = ev.load_model_for_eval(config=CONFIG, checkpoint=str(checkpoint))
     assert loaded.dims.seq_len == load_job_config(CONFIG).training.seq_len
+
+
+def test_export_folder_default_window_is_the_recorded_training_context(checkpoint, tmp_path):
+    """The export records training.seq_len in config.json; --hf-folder without --seq-len takes
+    it (not max_position_embeddings, the RoPE's reach); a folder without it is refused, naming
+    --seq-len."""
+    import shutil
+
+    from torchtitan_ext.hf.checkpoint import load_job_config
+    from torchtitan_ext.hf.export import export
+
+    trained = load_job_config(CONFIG).training.seq_len
+    folder = export(CONFIG, checkpoint, tmp_path / "export", log=lambda *_: None)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training_seq_len"] == trained < config["max_position_embeddings"]
+    assert ev.load_model_for_eval(hf_folder=str(folder)).dims.seq_len == trained
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    del config["training_seq_len"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ev.EvalError, match="--seq-len: .* records no training context"):
+        ev.load_model_for_eval(hf_folder=str(old))
+    (old / "config.json").write_text(json.dumps({**config, "training_seq_len": "256"}))
+    with pytest.raises(ev.EvalError, match="training_seq_len must be an integer >= 1, got '256'"):
+        ev.load_model_for_eval(hf_folder=str(old))
+    (old / "config.json").write_text(json.dumps(config))
+    assert ev.load_model_for_eval(hf_folder=str(old), seq_len=16).dims.seq_len == 16
+
+
+def test_documents_are_joined_with_the_training_tokenizers_bos_and_eos(tmp_path):
+    """BOS/EOS come from the tokenizer as training reads it, not only from
+    special_tokens_map.json: a folder without that file joins documents the same way."""
+    import shutil
+
+    from torchtitan_ext.data import DEFAULT_TOKENIZER_PATH
+    from torchtitan_ext.hf.hf_config import tokenizer_ids
+
+    bare = tmp_path / "tok"
+    bare.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(DEFAULT_TOKENIZER_PATH) / name, bare / name)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("first doc", "second one")))
+    full = ev.validation_tokens(DEFAULT_TOKENIZER_PATH, 3, 1, str(data))
+    assert torch.equal(ev.validation_tokens(str(bare), 3, 1, str(data)), full)
+    assert int(full[0, 0]) == tokenizer_ids(DEFAULT_TOKENIZER_PATH)["bos_token_id"]

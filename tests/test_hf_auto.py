@@ -154,3 +154,65 @@ def test_rope_ordered_q_proj_runs_optical_linear_forward(folder):
     with torch.no_grad():
         q(x)
     assert set(q.take_clamp_stats()) == set(q.CLAMP_NAMES)
+
+
+def _run_clm_model(folder, **kw):
+    from torchtitan_ext.hf import run_clm
+
+    return run_clm._load_model(run_clm.ModelArguments(model_name_or_path=str(folder), **kw))
+
+
+def test_run_clm_trainer_checkpoints_are_written_by_the_one_writer(folder, tmp_path):
+    """run_clm loads through the optical auto class, so a Trainer checkpoint (`Trainer._save`:
+    save_pretrained(dir, state_dict=..., is_main_process=...) into the folder it made) is an
+    optical folder with the model's ranges, and loads as the same optical model."""
+    from safetensors.torch import load_file
+
+    from torchtitan_ext.hf.transform import optical_state_dict
+
+    model, _, transform = _run_clm_model(folder)
+    assert transform == str(folder / TRANSFORM_FILE)
+    with torch.no_grad():
+        for m in model.modules():  # ranges moved by training: the checkpoint must keep them
+            if hasattr(m, "optical_ranges"):
+                m.optical_ranges.mul_(1.5)
+    out = tmp_path / "checkpoint-1"
+    out.mkdir()
+    model.save_pretrained(out, state_dict=model.state_dict(), is_main_process=True)
+    for name in (TRANSFORM_FILE, RANGES_FILE, "modeling_optical_llama.py"):
+        assert (out / name).is_file(), name
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+    saved = load_file(str(out / RANGES_FILE))
+    assert saved.keys() == optical_state_dict(model).keys()
+    assert all(torch.equal(saved[k], v) for k, v in optical_state_dict(model).items())
+    tokens = _tokens(seed=7)
+    assert torch.equal(_logits(_auto(out), tokens), _logits(model.eval(), tokens))
+
+
+def test_run_clm_ranges_and_transform_none(folder):
+    """--ranges none: optical, the folder's ranges not loaded (the first step calibrates);
+    --transform_config none: digital."""
+    from safetensors.torch import load_file
+
+    from torchtitan_ext.hf.transform import optical_state_dict
+
+    model, _, _ = _run_clm_model(folder, ranges="none")
+    assert model.optical_report.count == 16 and model.optical_report.ranges_loaded == []
+    folder_ranges = load_file(str(folder / RANGES_FILE))
+    assert not any(torch.equal(folder_ranges[k], v) for k, v in optical_state_dict(model).items())
+    digital, _, transform = _run_clm_model(folder, transform_config="none")
+    assert transform is None and digital.optical_report is None
+
+
+def test_run_clm_default_block_size_is_the_recorded_training_context():
+    from transformers import LlamaConfig
+
+    from torchtitan_ext.hf.run_clm import DataArguments, block_size_of
+
+    recorded = LlamaConfig(max_position_embeddings=131072, training_seq_len=256)
+    assert block_size_of(DataArguments(), recorded) == 256
+    assert block_size_of(DataArguments(block_size=64), recorded) == 64
+    assert block_size_of(DataArguments(), LlamaConfig(max_position_embeddings=131072)) == 1024
+    assert block_size_of(DataArguments(), LlamaConfig(max_position_embeddings=512)) == 512
+    with pytest.raises(ValueError, match="--block_size: must be an integer >= 1"):
+        block_size_of(DataArguments(block_size=0), recorded)

@@ -178,10 +178,12 @@ def test_query_start_of_a_4d_mask():
     assert int(query_start_of(key_padding_mask_of(additive, 2, lk), lq)) == 5
 
 
-@pytest.mark.parametrize("mask", ["none", "2d", "4d"])
-def test_only_a_4d_mask_moves_the_position_to_the_device(mask):
-    """Without a mask (a dynamic cache, no padding) or with a 2-D one, a cached step's queries
-    are the last Lq positions, an int; a 4-D mask gives the device position."""
+@pytest.mark.parametrize("mask, lq, expected", [
+    ("none", 7, 0), ("none", 1, 6), ("none", 3, 0), ("2d", 3, 4), ("4d", 3, 4), ("4d", 7, 0)])
+def test_the_queries_position_follows_the_mask(mask, lq, expected):
+    """No mask means what SDPA's `is_causal` computes (one row sees every key; several rows align
+    at the top left, as in the unpadded prefill of an empty static cache); a 2-D mask covers
+    every key (the last Lq positions); a 4-D mask of a cached step gives the device position."""
     from types import SimpleNamespace
 
     from torchtitan_ext.hf.transform import HF_OPTICAL_ATTENTION, optical_attention_forward
@@ -192,16 +194,87 @@ def test_only_a_4d_mask_moves_the_position_to_the_device(mask):
         seen.update(kw)
         return q
 
-    lq, lk = 2, 7
+    lk = 7
     q, k = torch.zeros(2, 4, lq, 16), torch.zeros(2, 2, lk, 16)
     visible = torch.ones(2, lk, dtype=torch.bool)
     causal = torch.arange(lk)[None, :] <= (torch.arange(lq)[:, None] + lk - lq)
     am = {"none": None, "2d": visible.long(), "4d": (causal[None] & visible[:, None])[:, None]}
     optical_attention_forward(SimpleNamespace(**{HF_OPTICAL_ATTENTION: opt}), q, k, k, am[mask])
-    if mask == "4d":
-        assert isinstance(seen["q_start"], torch.Tensor) and int(seen["q_start"]) == lk - lq
-    else:
-        assert seen["q_start"] == lk - lq and isinstance(seen["q_start"], int)
+    assert int(seen["q_start"]) == expected
+    assert isinstance(seen["q_start"], torch.Tensor) == (mask == "4d" and lq < lk)
+
+
+@pytest.mark.parametrize("default", NOISE_OFF)
+def test_static_cache_without_padding_equals_the_uncached_forward(default):
+    """An unpadded prompt in an empty static cache (transformers' SDPA path gives no mask there):
+    the prompt's rows see keys 0..r, not the cache's empty slots; logits and greedy tokens equal
+    the uncached ones (and the dynamic cache's, whose unpadded steps now get a mask too)."""
+    from transformers import StaticCache
+
+    model = _model(noise=False, default=default)
+    ids = torch.randint(3, 8192, (2, 10), generator=torch.Generator().manual_seed(3))
+    seen = []
+    hook = model.model.layers[0].self_attn.optical_attention.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((kw["key_padding_mask"], kw["q_start"])),
+        with_kwargs=True)
+    with torch.no_grad():
+        cached = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=32),
+                       use_cache=True).logits
+        torch.testing.assert_close(cached, model(ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        static = model.generate(ids, use_cache=True, cache_implementation="static", **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(static, uncached)
+        assert torch.equal(model.generate(ids, use_cache=True, **kw), uncached)  # dynamic
+    hook.remove()
+    kpm, q_start = seen[0]  # the mask function gives the prefill a mask: the position is explicit
+    assert kpm is not None and kpm.shape == (2, 32) and int(q_start) == 0
+
+
+def _packed(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 8192, (1, 11), generator=g)
+    return ids, torch.cat([torch.arange(6), torch.arange(5)])[None]
+
+
+def test_packed_sequences_raise_a_clear_error():
+    """Packed documents (position_ids that restart: transformers builds a block-diagonal mask)
+    cannot be computed by optical attention, which would read them as one sequence."""
+    model = _model(noise=True)
+    ids, pos = _packed()
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask: optical attention "
+                                        "computes causal attention with key padding only"):
+        model(ids, position_ids=pos, use_cache=False)
+    block = torch.zeros(1, 1, 11, 11, dtype=torch.bool)
+    block[..., :6, :6] = torch.ones(6, 6, dtype=torch.bool).tril()
+    block[..., 6:, 6:] = torch.ones(5, 5, dtype=torch.bool).tril()
+    with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
+        model(ids, attention_mask=block, position_ids=pos, use_cache=False)
+    with torch.no_grad(), pytest.raises(ValueError, match="cu_seq_lens_q"):
+        model(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=torch.tensor([0, 6, 11]))
+    with torch.no_grad():  # the same tokens, one sequence: fine
+        assert torch.isfinite(model(ids, use_cache=False).logits).all()
+
+
+def test_a_causal_padding_4d_mask_is_accepted_and_checked_once_per_forward(monkeypatch):
+    """transformers' own 4-D mask of a padded batch passes; the host check runs once per mask
+    (every layer gets the same object), not once per layer."""
+    from torchtitan_ext.hf import transform as hf_transform
+
+    model, seqs = _model(noise=False, default={"q_bypass": True}), _seqs()
+    ids, mask, pos = _batch(seqs, "right")
+    calls = []
+    real = hf_transform._causal_padding
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf_transform, "_causal_padding", counting)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    assert len(calls) == 1 < model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("default", NOISE_OFF)

@@ -85,8 +85,8 @@ def load_model_for_eval(*, config: str | None = None, checkpoint: str | None = N
                         device: str | torch.device = "cpu") -> LoadedModel:
     """Load a torchtitan checkpoint (`config` TOML + `checkpoint` DCP folder) or an export folder
     (`hf_folder`) with its trained ranges, in eval mode on `device`. `dims.seq_len` is `seq_len`,
-    or (None) the training context: the run's training.seq_len, the export's
-    max_position_embeddings.
+    or (None) the training context: the run's training.seq_len, or the `training_seq_len` the
+    export recorded in config.json (a folder without it needs `seq_len`: EvalError).
 
     The only place that calls the loading functions of torchtitan_ext.hf and .titan."""
     if hf_folder is not None:
@@ -116,13 +116,31 @@ def _load_export_folder(folder: Path, seq_len: int, device) -> LoadedModel:
 
     if not (folder / "config.json").is_file():
         raise EvalError(f"--hf-folder: {str(folder)!r} is not an export folder (no config.json)")
+    seq_len = seq_len or _recorded_seq_len(folder)  # before the (long) load
     model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True,
                                                  torch_dtype=torch.float32)
     model.to(device).eval()
-    dims = ModelDims.from_hf_config(model.config,
-                                    seq_len or model.config.max_position_embeddings)
+    dims = ModelDims.from_hf_config(model.config, seq_len)
     return LoadedModel(model, lambda t: model(input_ids=t).logits, dims,
                        transform_config_of_model(model), "hf", str(folder))
+
+
+def _recorded_seq_len(folder: Path) -> int:
+    """The training context an export recorded in config.json (not max_position_embeddings: the
+    RoPE's reach, 131072 for Llama 3.1 flavors, far beyond what the model was trained at)."""
+    from torchtitan_ext.hf.hf_config import TRAINING_SEQ_LEN, training_seq_len_of
+
+    try:
+        recorded = training_seq_len_of(json.loads((folder / "config.json").read_text()))
+    except ValueError as e:
+        raise EvalError(f"--hf-folder {str(folder)!r}: {e}; give --seq-len") from e
+    if recorded is None:
+        raise EvalError(
+            f"--seq-len: {str(folder)!r} records no training context (config.json has no "
+            f"{TRAINING_SEQ_LEN!r}: exported before it was recorded, or not by "
+            "torchtitan_ext.hf.export); give --seq-len N (the run's training.seq_len), or "
+            "re-export the checkpoint")
+    return recorded
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +299,7 @@ def validation_tokens(tokenizer_path: str, seq_len: int, n_sequences: int,
     if not tok_file.is_file():
         raise EvalError(f"tokenizer: {str(tok_file)!r} does not exist")
     tok = Tokenizer.from_file(str(tok_file))
-    specials = _special_ids(Path(tokenizer_path), tok)
+    specials = _special_ids(Path(tokenizer_path))
     need = max(n_sequences * (seq_len + 1), SPREAD_TOKENS)
     stream: list[int] = []
     for text in _read_texts(path):
@@ -296,17 +314,13 @@ def validation_tokens(tokenizer_path: str, seq_len: int, n_sequences: int,
     return all_windows.view(windows, seq_len + 1)[[i * windows // n for i in range(n)]]
 
 
-def _special_ids(folder: Path, tok) -> list[int]:
-    """[bos, eos] ids that exist (from special_tokens_map.json), to join documents."""
-    f = folder / "special_tokens_map.json"
-    data = json.loads(f.read_text()) if f.is_file() else {}
-    ids = []
-    for key in ("bos_token", "eos_token"):
-        entry = data.get(key)
-        text = entry.get("content") if isinstance(entry, dict) else entry
-        tid = tok.token_to_id(text) if text else None
-        ids.append(tid)
-    return [i for i in ids if i is not None]
+def _special_ids(folder: Path) -> list[int]:
+    """[bos, eos] ids that exist, as training's tokenizer (torchtitan's HuggingFaceTokenizer,
+    through `hf_config.tokenizer_ids`) finds them, to join documents as in training."""
+    from torchtitan_ext.hf.hf_config import tokenizer_ids
+
+    ids = tokenizer_ids(str(folder))
+    return [i for i in (ids["bos_token_id"], ids["eos_token_id"]) if i is not None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-file", help="validation text (.jsonl(.gz) with 'text', or .txt); "
                    "default: the embedded validation split")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's training "
-                   "context, training.seq_len or the export's max_position_embeddings)")
+                   "context: training.seq_len, or the training_seq_len an export recorded)")
     p.add_argument("--sequences", type=int, default=64, help="validation windows (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

@@ -9,6 +9,8 @@ builds `OpticalLlamaForCausalLM`: transformers' Llama with the folder's weights,
 - `optical_transform=PATH` (a from_pretrained keyword) takes another transform file; the folder's
   ranges are still loaded for the modules it makes optical (others calibrate).
 - `optical_transform=None` gives the digital model (`model.optical_report` is None).
+- `optical_ranges=PATH` takes another ranges file, `optical_ranges=None` none (every optical
+  module calibrates on its first training step); default: the folder's.
 - `save_pretrained` writes through the one folder writer (`torchtitan_ext.hf.writer`), with the
   transform and ranges the model has now, so the new folder loads the same way.
 """
@@ -23,7 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from torchtitan_ext.titan.hf_adapter import RANGES_FILE, TRANSFORM_FILE
 
-__all__ = ["OpticalLlamaConfig", "OpticalLlamaForCausalLM", "FROM_FOLDER", "stub_files"]
+__all__ = ["OpticalLlamaConfig", "OpticalLlamaForCausalLM", "FROM_FOLDER", "folder_file",
+           "stub_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +48,10 @@ class OpticalLlamaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, optical_transform=FROM_FOLDER,
-                        **kwargs):
+                        optical_ranges=FROM_FOLDER, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         folder = str(pretrained_model_name_or_path)
-        transform = _folder_file(folder, TRANSFORM_FILE) if optical_transform == FROM_FOLDER \
+        transform = folder_file(folder, TRANSFORM_FILE) if _is_folder(optical_transform) \
             else optical_transform
         if transform is None:
             logger.warning(f"{folder}: optical_transform=None (or no {TRANSFORM_FILE}): the "
@@ -56,8 +59,8 @@ class OpticalLlamaForCausalLM(LlamaForCausalLM):
             return model
         from .transform import format_hf_histogram, transform_hf_model
 
-        model.optical_report = transform_hf_model(model, transform,
-                                                  ranges=_folder_file(folder, RANGES_FILE))
+        ranges = folder_file(folder, RANGES_FILE) if _is_folder(optical_ranges) else optical_ranges
+        model.optical_report = transform_hf_model(model, transform, ranges=ranges)
         logger.info(f"{folder}: optical model\n{format_hf_histogram(model.optical_report)}")
         return model
 
@@ -75,7 +78,12 @@ class OpticalLlamaForCausalLM(LlamaForCausalLM):
         save_optical_hf(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
-def _folder_file(folder: str, name: str) -> str | None:
+def _is_folder(value) -> bool:
+    return isinstance(value, str) and value == FROM_FOLDER
+
+
+def folder_file(folder: str, name: str) -> str | None:
+    """The path of file `name` of a model folder (local, or a hub cache), None if it has none."""
     path = Path(folder) / name
     if path.is_file():
         return str(path)

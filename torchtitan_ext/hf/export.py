@@ -7,8 +7,8 @@
 Options this tool does not know (`--model.flavor 60M`, `--optical.transform_config f.yaml`, ...)
 go to torchtitan's config parser, as for `run.py`. The folder holds:
 
-- `config.json` (LlamaConfig of the flavor; for optical runs with an `auto_map`, see
-  `torchtitan_ext.hf.auto`), `generation_config.json`;
+- `config.json` (LlamaConfig of the flavor, plus `training_seq_len`: the run's training.seq_len;
+  for optical runs with an `auto_map`, see `torchtitan_ext.hf.auto`), `generation_config.json`;
 - `model.safetensors` or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
   (torchtitan's `Llama3StateDictAdapter.to_hf`, shards of at most --max-shard-size);
 - the tokenizer files of `model.hf_assets_path`;
@@ -102,7 +102,7 @@ def export(config, checkpoint, out, *, overwrite: bool = False, dtype: str = "fl
     ck = load_titan_checkpoint(config, checkpoint, overrides)
     job = ck.job_config
     hf_config = hf_config_of(ck.args, ck.declared_args, tokenizer_ids(job.model.hf_assets_path),
-                             _DTYPES[dtype])
+                             _DTYPES[dtype], training_seq_len=job.training.seq_len)
     parts, histogram, notes = _optical_parts(ck, log)
     gen = GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
                            pad_token_id=hf_config.pad_token_id).to_diff_dict()

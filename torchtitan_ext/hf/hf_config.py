@@ -17,12 +17,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["ffn_hidden_dim", "tokenizer_ids", "hf_config_of", "AUTO_MAP", "config_json"]
+__all__ = ["ffn_hidden_dim", "tokenizer_ids", "hf_config_of", "AUTO_MAP", "config_json",
+           "TRAINING_SEQ_LEN", "training_seq_len_of"]
 
 AUTO_MAP = {
     "AutoConfig": "configuration_optical_llama.OpticalLlamaConfig",
     "AutoModelForCausalLM": "modeling_optical_llama.OpticalLlamaForCausalLM",
 }
+# config.json key: the sequence length the folder's weights were trained at (torchtitan's
+# training.seq_len, or run_clm's block size). Readers (evaluate's default window, run_clm's
+# default block size) take it instead of max_position_embeddings, which is the RoPE's reach.
+TRAINING_SEQ_LEN = "training_seq_len"
 # Runtime state of a loaded model that must not reach config.json.
 _RUNTIME_KEYS = ("_attn_implementation", "_attn_implementation_internal", "optical_transform",
                  "_name_or_path", "transformers_version")
@@ -51,8 +56,10 @@ def tokenizer_ids(hf_assets_path: str) -> dict[str, int | None]:
     return ids
 
 
-def hf_config_of(args, declared_args, token_ids: dict[str, int | None], dtype: torch.dtype):
-    """A transformers LlamaConfig equal to torchtitan's Llama of `args`.
+def hf_config_of(args, declared_args, token_ids: dict[str, int | None], dtype: torch.dtype,
+                 training_seq_len: int | None = None):
+    """A transformers LlamaConfig equal to torchtitan's Llama of `args`, recording the run's
+    `training_seq_len` (key TRAINING_SEQ_LEN) when given.
 
     RoPE: torchtitan always applies Llama 3.1 frequency scaling (`rope_scaling_args`), hence
     rope_type "llama3" with the same factors. max_position_embeddings is the flavor's declared
@@ -78,7 +85,21 @@ def hf_config_of(args, declared_args, token_ids: dict[str, int | None], dtype: t
         },
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, dtype=dtype,
         architectures=["LlamaForCausalLM"], **token_ids,
+        **({} if training_seq_len is None else {TRAINING_SEQ_LEN: int(training_seq_len)}),
     )
+
+
+def training_seq_len_of(config) -> int | None:
+    """The training sequence length a folder's config (a config object, or config.json's dict)
+    records (None: not recorded, e.g. a folder exported before the key existed, or not by this
+    project). A recorded value that is not a positive integer raises ValueError naming the key."""
+    value = config.get(TRAINING_SEQ_LEN) if isinstance(config, dict) \
+        else getattr(config, TRAINING_SEQ_LEN, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json: {TRAINING_SEQ_LEN} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _add_legacy_rope_keys(data: dict[str, Any]) -> None:

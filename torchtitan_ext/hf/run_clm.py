@@ -17,11 +17,15 @@ The flags are those of transformers' `run_clm.py` (every `TrainingArguments` fla
   present, `none` = calibrate from scratch.
 
 Documents are tokenized with the folder's tokenizer, wrapped in BOS/EOS as torchtitan's text
-datasets do, concatenated and cut into blocks of `--block_size` tokens (the remainder is dropped).
-Ranges are updated after every optimizer step (`OpticalRangesCallback`). The output folder is an
-export-style folder again (weights, config, tokenizer, `optical_transform.yaml`,
-`optical_ranges.safetensors`), usable by this script and by torchtitan's HF import, plus
-`log_history.json` and `all_results.json`.
+datasets do, concatenated and cut into blocks of `--block_size` tokens (the remainder is dropped;
+default: the training context the folder records, `training_seq_len`, else
+min(1024, max_position_embeddings)). Ranges are updated after every optimizer step
+(`OpticalRangesCallback`). The model is loaded through the optical auto class
+(`torchtitan_ext.hf.auto`), so the output folder and the Trainer's `checkpoint-N` folders are
+written by the one writer: export-style folders again (weights, config with `training_seq_len` =
+the block size, `optical_transform.yaml`, `optical_ranges.safetensors`), usable by this script,
+by `from_pretrained(..., trust_remote_code=True)` and by torchtitan's HF import; the output folder
+also holds the tokenizer, `log_history.json` and `all_results.json`.
 """
 
 import json
@@ -32,8 +36,6 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Optional
-
-from torchtitan_ext.titan.hf_adapter import RANGES_FILE, TRANSFORM_FILE
 
 logger = logging.getLogger("torchtitan_ext.hf.run_clm")
 
@@ -77,7 +79,8 @@ class DataArguments:
     validation_file: Optional[str] = _arg(None, "Validation text, as --train_file.")
     text_column: str = _arg("text", "Field holding the text.")
     block_size: Optional[int] = _arg(
-        None, "Tokens per training block (default: min(1024, max_position_embeddings)).")
+        None, "Tokens per training block (default: the folder's recorded training_seq_len, "
+              "else min(1024, max_position_embeddings)).")
     max_train_samples: Optional[int] = _arg(None, "Use only the first N training documents.")
     max_eval_samples: Optional[int] = _arg(None, "Use only the first N validation documents.")
     preprocessing_num_workers: Optional[int] = _arg(
@@ -156,35 +159,55 @@ def tokenize_and_group(ds, tokenizer, block_size: int, num_proc: Optional[int] =
     return ds.map(group, batched=True, batch_size=1000, **kwargs)
 
 
-def _default_file(folder: str, name: str, given: Optional[str]) -> Optional[str]:
-    if given is not None:
-        return None if given.lower() == NONE else given
-    candidate = Path(folder) / name
-    return str(candidate) if candidate.is_file() else None
+def _given(value: Optional[str]):
+    """A --transform_config / --ranges value as the optical auto class's keyword."""
+    from .auto import FROM_FOLDER
+
+    if value is None:
+        return FROM_FOLDER
+    return None if value.lower() == NONE else value
 
 
 def _load_model(model_args):
-    """The model (made optical by the folder's or the given transform file) and its tokenizer."""
+    """The model, its tokenizer and its transform file (None: digital). The model comes through
+    the optical auto class (`torchtitan_ext.hf.auto`), made optical by the folder's or the given
+    transform file, with the folder's or the given ranges; its `save_pretrained` (the Trainer's
+    checkpoint-N folders) is the one writer's, so every checkpoint loads as the optical model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from torchtitan_ext.optical.ops import set_kernel_mode
+    from torchtitan_ext.titan.hf_adapter import TRANSFORM_FILE
 
-    from .transform import format_hf_histogram, transform_hf_model
+    from .auto import FROM_FOLDER, OpticalLlamaForCausalLM, folder_file
+    from .transform import format_hf_histogram
 
     folder = model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or folder)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[model_args.torch_dtype]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    transform_path = _default_file(folder, TRANSFORM_FILE, model_args.transform_config)
-    ranges_path = _default_file(folder, RANGES_FILE, model_args.ranges)
-    if transform_path:
-        set_kernel_mode(model_args.kernels)
-        report = transform_hf_model(model, transform_path, ranges=ranges_path)
-        logger.info("\n" + format_hf_histogram(report))
+    set_kernel_mode(model_args.kernels)
+    transform = _given(model_args.transform_config)
+    if transform == FROM_FOLDER:
+        transform = folder_file(folder, TRANSFORM_FILE)
+    model = OpticalLlamaForCausalLM.from_pretrained(
+        folder, dtype=dtype, optical_transform=transform, optical_ranges=_given(model_args.ranges))
+    if model.optical_report is not None:
+        logger.info("\n" + format_hf_histogram(model.optical_report))
     else:
         logger.info("no transform config: training digitally")
-    return model, tokenizer, transform_path
+    return model, tokenizer, transform
+
+
+def block_size_of(data_args, config) -> int:
+    """--block_size, else the training context the folder records (`training_seq_len`), else
+    transformers' run_clm default min(1024, max_position_embeddings)."""
+    from .hf_config import training_seq_len_of
+
+    if data_args.block_size is not None:
+        if data_args.block_size < 1:
+            raise ValueError(f"--block_size: must be an integer >= 1, got {data_args.block_size}")
+        return data_args.block_size
+    return training_seq_len_of(config) or min(1024, config.max_position_embeddings)
 
 
 def _datasets(data_args, training_args, tokenizer, block_size: int):
@@ -221,6 +244,7 @@ def main(argv: Optional[list] = None) -> dict:
                               set_seed)
 
     from .callbacks import OpticalRangesCallback
+    from .hf_config import TRAINING_SEQ_LEN
     from .save import save_optical_hf
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -230,12 +254,15 @@ def main(argv: Optional[list] = None) -> dict:
                         level=logging.INFO if training_args.should_log else logging.WARN)
     set_seed(training_args.seed)
     model, tokenizer, transform_path = _load_model(model_args)
-    block_size = data_args.block_size or min(1024, model.config.max_position_embeddings)
+    block_size = block_size_of(data_args, model.config)
     train_ds, eval_ds = _datasets(data_args, training_args, tokenizer, block_size)
+    if train_ds is not None:  # what the saved folders' weights are trained at from now on
+        setattr(model.config, TRAINING_SEQ_LEN, block_size)
+    optical = model.optical_report is not None
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=default_data_collator,
-        callbacks=[OpticalRangesCallback(sync=model_args.sync_ranges)] if transform_path else None,
+        callbacks=[OpticalRangesCallback(sync=model_args.sync_ranges)] if optical else None,
     )
     results = _train_and_evaluate(trainer, training_args, train_ds, eval_ds)
     if trainer.is_world_process_zero():

@@ -19,15 +19,18 @@ they compute in torchtitan's row order and permute the result, so an exported mo
 the noise it drew in torchtitan (given the same seeds; both frameworks call the optical modules in
 the same order: q, k, v, attention, o, gate(w1), up(w3), down(w2) per layer).
 
-The "optical" attention function takes padding masks and transformers' KV cache (DynamicCache):
-OpticalAttention's `key_padding_mask` and `q_start` (semantics page, section 3). Attention
-dropout is not applied (Llama's is 0).
+The "optical" attention function takes padding masks and transformers' KV caches (dynamic and
+static): OpticalAttention's `key_padding_mask` and `q_start` (semantics page, section 3). Its mask
+function, `optical_mask`, always gives a mask unless the queries are the whole causal sequence, so
+the queries' position never has to be guessed. Masks that are not causal + key padding (packed
+sequences) raise ValueError. Attention dropout is not applied (Llama's is 0).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,9 @@ __all__ = [
     "optical_attention_forward",
     "register_optical_attention",
     "key_padding_mask_of",
+    "query_start",
+    "check_causal_padding_mask",
+    "optical_mask",
     "transform_config_of_model",
 ]
 
@@ -104,11 +110,13 @@ def query_start_of(last_row_keys: torch.Tensor, q_len: int) -> torch.Tensor:
 def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor | None:
     """The 2-D key mask [B, Lk] (True = visible) behind transformers' attention mask.
 
-    transformers (5.17 and 5.24) hands the attention function the 4-D mask of the registered
-    mask function (SDPA's: bool [B, 1, Lq, Lk], True = attend, or None when no padding). The keys
-    a causal mask hides from the last query row, which sits at the last key's position, are
-    exactly the padded ones; a 2-D mask (from other callers) is taken as it is. An all-visible mask
-    computes what no mask computes (semantics page, section 3)."""
+    transformers (5.17 to 5.25) hands the attention function the 4-D mask of the registered
+    mask function (`optical_mask`: bool [B, 1, Lq, Lk], True = attend, or None for a whole
+    causal sequence without padding). The keys a causal mask hides from the last query row, which
+    sits at the last key's position, are exactly the padded ones; a 2-D mask (from other callers)
+    is taken as it is. An all-visible mask computes what no mask computes (semantics page,
+    section 3). That a 4-D mask is causal AND key padding at all is `check_causal_padding_mask`'s
+    business."""
     if attention_mask is None:
         return None
     m = attention_mask
@@ -120,41 +128,114 @@ def key_padding_mask_of(attention_mask, batch: int, k_len: int) -> torch.Tensor 
     return m.contiguous()  # no `.all()` test: that would read the device once per layer and step
 
 
+def query_start(attention_mask, kpm, q_len: int, k_len: int) -> "int | torch.Tensor":
+    """The absolute position of query row 0 (semantics page, section 3: row r sees keys
+    0..q_start + r).
+
+    - A 4-D mask of a cached step (Lq < Lk): from the mask, on the device (`query_start_of`); with
+      a static cache (Lk = the cache's capacity) the queries are not the last Lq positions.
+    - No mask: what SDPA's `is_causal` computes, which is what transformers means by leaving the
+      mask out: one query row sees every key (Lq = 1: q_start = Lk - 1), several rows align at
+      the top left (q_start = 0; e.g. the prefill of an empty static cache, whose keys span the
+      whole capacity). `optical_mask` gives a mask whenever Lq != Lk, so transformers 5.25 leaves
+      it out only for whole sequences (Lq = Lk), where both rules give 0.
+    - A 2-D mask (other callers; it covers every key): the queries are the last Lq positions."""
+    if attention_mask is None:
+        return k_len - 1 if q_len == 1 else 0
+    if attention_mask.dim() == 4 and q_len < k_len:
+        return query_start_of(kpm, q_len)  # kpm is the mask's last row: what it sees
+    return k_len - q_len
+
+
+def _causal_padding(kpm: torch.Tensor, q_len: int, q_start) -> torch.Tensor:
+    """bool [B, 1, Lq, Lk]: row r sees key j iff j <= q_start + r and key j is not padding."""
+    keys = torch.arange(kpm.shape[-1], device=kpm.device)
+    rows = torch.arange(q_len, device=kpm.device)[:, None] + q_start
+    return (keys[None, :] <= rows)[None, None] & kpm[:, None, None, :]
+
+
+_checked_mask = None  # weakref to the last 4-D mask `check_causal_padding_mask` accepted
+
+
+def check_causal_padding_mask(attention_mask: torch.Tensor, kpm: torch.Tensor,
+                              q_start: "int | torch.Tensor") -> None:
+    """Raise ValueError unless a 4-D mask is exactly causal AND key padding, the only visibility
+    optical attention computes: a block-diagonal mask (packed sequences: position_ids that
+    restart, `DataCollatorWithFlattening`, a custom 4-D mask) would otherwise be read as one
+    sequence, silently.
+
+    It compares on the host, so it runs only where a mask with several query rows arrives (a
+    single row is always causal + its own key padding), once per mask object (transformers hands
+    every layer the same one), and not while torch.compile traces (decoding steps, the only
+    compiled calls `generate` makes, have one row)."""
+    global _checked_mask
+    if attention_mask.shape[-2] == 1 or torch.compiler.is_compiling():
+        return
+    if _checked_mask is not None and _checked_mask() is attention_mask:
+        return
+    given = _as_bool_mask(attention_mask)
+    if not bool((given == _causal_padding(kpm, given.shape[-2], q_start)).all()):
+        raise ValueError(
+            "attention_mask: optical attention computes causal attention with key padding only "
+            "(allowed: a 2-D 0/1 attention_mask, or transformers' causal 4-D mask of one); this "
+            "mask hides other keys from some query rows, as packed sequences do (position_ids "
+            "that restart within a row, DataCollatorWithFlattening, a block-diagonal 4-D mask). "
+            "Give one sequence per batch row, padded, with its attention_mask")
+    _checked_mask = weakref.ref(attention_mask)
+
+
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
+
+
 def optical_attention_forward(module, query, key, value, attention_mask, scaling=None,
                               dropout=0.0, **kwargs):
     """transformers attention function: q [B,H,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,H,D], None).
 
     Padding (`attention_mask`) and cached decoding go to OpticalAttention (semantics page,
-    section 3). A cached step (Lq < Lk) with a 4-D mask takes its queries' position from the
-    mask, on the device: with a static cache (Lk = the cache's capacity) the queries are not
-    the last Lk positions. Without a mask (a dynamic cache, no padding) they are:
-    `q_start = Lk - Lq`."""
+    section 3): the key mask from `key_padding_mask_of`, the queries' position from
+    `query_start`; a mask optical attention cannot compute (packed sequences) raises ValueError
+    (`check_causal_padding_mask`)."""
     opt = getattr(module, HF_OPTICAL_ATTENTION, None)
     if opt is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    for name in _PACKING_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: packed sequences (flash-attention varlen arguments) are "
+                             "not supported by optical attention; allowed: None (one sequence "
+                             "per batch row, padded, with its attention_mask)")
     q_len, k_len = query.shape[2], key.shape[2]
     kpm = key_padding_mask_of(attention_mask, query.shape[0], k_len)
-    q_start = k_len - q_len
-    if q_len < k_len and attention_mask is not None and attention_mask.dim() == 4:
-        q_start = query_start_of(kpm, q_len)  # kpm is the mask's last row: what it sees
+    q_start = query_start(attention_mask, kpm, q_len, k_len)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        check_causal_padding_mask(attention_mask, kpm, q_start)
     y = opt(query, key, value, scale=scaling, is_causal=True, key_padding_mask=kpm,
             q_start=q_start)
     return y.transpose(1, 2).contiguous(), None
 
 
-def register_optical_attention() -> None:
-    """Register "optical" on transformers' attention and mask interfaces (idempotent).
+def optical_mask(*args, allow_is_causal_skip: bool = True, **kwargs):
+    """The "optical" mask function: transformers' `sdpa_mask`, allowed to leave the mask out
+    (None) only for a whole causal sequence without padding (Lq = Lk). SDPA may also leave it out
+    for an unpadded prefill of an empty static cache (its `is_causal` aligns rows at the top
+    left); giving the mask there too keeps the queries' position explicit."""
+    from transformers.masking_utils import sdpa_mask
 
-    The mask function is SDPA's: None for plain causal attention, else the 4-D boolean mask that
-    `key_padding_mask_of` reads the padding from."""
+    q_length = kwargs.get("q_length", args[1] if len(args) > 1 else None)
+    kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+    skip = allow_is_causal_skip and q_length == kv_length
+    return sdpa_mask(*args, allow_is_causal_skip=skip, **kwargs)
+
+
+def register_optical_attention() -> None:
+    """Register "optical" on transformers' attention and mask interfaces (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, optical_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, optical_mask)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ for a range only when that file in `model.hf_assets_path` has it; every other ra
 uninitialised (the converter's reset), i.e. the first step calibrates it. For digital models it is
 exactly torchtitan's adapter.
 
+Saving an optical model with `checkpoint.last_save_in_hf` is refused at start-up
+(`check_last_save_in_hf`, called by run.py's preflight): torchtitan's HF save writes bare
+safetensors weights, without the trained ranges, the transform file, config.json or the
+tokenizer, i.e. a folder that loads as another model. The HF folder of a run is written by
+`python -m torchtitan_ext.hf.export` from a DCP checkpoint.
+
 It lives in `titan/` because `torchtitan_ext.titan.spec` registers it (titan never imports `hf/`);
 `hf/` imports the names from here. No transformers import here.
 """
@@ -38,6 +44,8 @@ __all__ = [
     "titan_to_hf_range_key",
     "hf_to_titan_range_key",
     "OpticalLlama3StateDictAdapter",
+    "LAST_SAVE_IN_HF_ERROR",
+    "check_last_save_in_hf",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +147,25 @@ def _range_keys_in(folder: str | None) -> frozenset[str]:
 
     with safe_open(path, framework="pt") as f:
         return frozenset(f.keys())
+
+
+LAST_SAVE_IN_HF_ERROR = (
+    "checkpoint.last_save_in_hf: not supported for optical runs (allowed: false). torchtitan's "
+    "HF save writes the weights only, without the trained optical ranges, the transform file, "
+    "config.json or the tokenizer: a folder that would load as another model. Keep "
+    "checkpoint.last_save_in_hf = false (the last step is saved as a DCP checkpoint) and export "
+    "it: python -m torchtitan_ext.hf.export --config <the run's toml> --checkpoint "
+    "<dump_folder>/checkpoint/step-N --out <folder>")
+
+
+def check_last_save_in_hf(job_config) -> None:
+    """Raise OpticalConfigError if an optical run asks for `checkpoint.last_save_in_hf` (to call
+    at start-up, before training: the adapter itself can only refuse at the last save)."""
+    from torchtitan_ext.optical.config import OpticalConfigError
+    from torchtitan_ext.titan.converter import CONVERTER_NAME
+
+    if CONVERTER_NAME in job_config.model.converters and job_config.checkpoint.last_save_in_hf:
+        raise OpticalConfigError(LAST_SAVE_IN_HF_ERROR)
 
 
 class OpticalLlama3StateDictAdapter(Llama3StateDictAdapter):

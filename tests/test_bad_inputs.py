@@ -28,6 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "train_configs/debug_model.toml"
+DIGITAL = "train_configs/debug_model_digital.toml"
 SMALL = ["--job.config_file", CONFIG, "--training.seq_len", "64",
          "--training.local_batch_size", "2"]
 
@@ -105,6 +106,41 @@ CONFIG_CASES = [
     ("activation checkpointing without rng state",
      ["--activation_checkpoint.mode", "full", "--activation_checkpoint.no-preserve_rng_state"],
      None, 2, ["activation_checkpoint.preserve_rng_state"]),
+    # review of the titan layer: each passed preflight and failed after distributed start-up
+    # (or at the first step, or the last save), or was silently ignored
+    ("pipeline parallelism", ["--parallelism.pipeline_parallel_degree", "2"], None, 2,
+     ["parallelism.pipeline_parallel_degree", "optical_llama3", "allowed: 1"]),
+    ("context parallelism", ["--parallelism.context_parallel_degree", "2"], None, 2,
+     ["parallelism.context_parallel_degree", "optical_llama3", "allowed: 1"]),
+    ("seed checkpoint without checkpointing", ["--checkpoint.create_seed_checkpoint"], None, 2,
+     ["checkpoint.create_seed_checkpoint", "checkpoint.enable = true"]),
+    ("range check without range sync",
+     ["--optical.no-sync_ranges", "--optical.check_ranges_synced"], None, 2,
+     ["optical.check_ranges_synced", "optical.sync_ranges is false", "allowed:"]),
+    ("attention saving without checkpointing", ["--optical.ac_save_attention"], None, 2,
+     ["optical.ac_save_attention", "mode = 'none'", "allowed: false", "'full'"]),
+    ("attention saving under per-op checkpointing",
+     ["--optical.ac_save_attention", "--activation_checkpoint.mode", "selective",
+      "--activation_checkpoint.selective_ac_option", "op"], None, 2,
+     ["optical.ac_save_attention", "selective_ac_option = 'op'", "allowed: false"]),
+    ("float8 linears with optical linears",
+     ["--model.converters", "optical_transformer,quantize.linear.float8"], None, 2,
+     ["model.converters", "quantize.linear.float8", "optical_transformer"]),
+    ("bfloat16 export of an optical run", ["--checkpoint.export_dtype", "bfloat16"], None, 2,
+     ["checkpoint.export_dtype", "'bfloat16'", "allowed with optical layers: 'float32'",
+      "torchtitan_ext.hf.export"]),
+    ("HF last save of an optical run", ["--checkpoint.last_save_in_hf"], None, 2,
+     ["checkpoint.last_save_in_hf", "not supported for optical runs (allowed: false)",
+      "python -m torchtitan_ext.hf.export"]),
+    # the digital twin's [optical] section is checked too (a twin row names its job file)
+    ("digital twin: kernel mode", ["--job.config_file", DIGITAL, "--optical.kernels", "cuda"],
+     None, 2, ["optical.kernels", "reference"]),
+    ("digital twin: missing transform file",
+     ["--job.config_file", DIGITAL, "--optical.transform_config", "no/such.yaml"], None, 2,
+     ["optical.transform_config", "does not exist"]),
+    ("digital twin: negative warm-up",
+     ["--job.config_file", DIGITAL, "--optical.quant_warmup_steps", "-5"], None, 2,
+     ["optical.quant_warmup_steps", ">= 0"]),
 ]
 
 
@@ -115,7 +151,9 @@ def test_config_case(name, args, transform, code, words, tmp_path, capsys, monke
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    argv = [*SMALL, "--job.dump_folder", str(tmp_path / "run"), *args]
+    # A row may name its own job file (torchtitan reads the first one given).
+    small = SMALL[2:] if "--job.config_file" in args else SMALL
+    argv = [*small, "--job.dump_folder", str(tmp_path / "run"), *args]
     if transform is not None:
         suffix, text = transform
         path = tmp_path / f"transform{suffix}"
@@ -165,22 +203,27 @@ def test_cuda_graphs_checks_name_the_key():
 
 
 def test_ac_save_attention_checks_name_the_key():
-    """optical.ac_save_attention beyond the catalogue row: a model whose parallelize function is
-    not the optical spec's, not a bool. Per-op SAC (which saves the attention already) and no
-    checkpointing (nothing recomputed) are accepted: no attention runs twice there either."""
+    """optical.ac_save_attention beyond the catalogue rows: a model whose parallelize function is
+    not the optical spec's, not a bool. Accepted only where blocks are recomputed whole (full AC,
+    layer-selective AC); per-op SAC (which saves the attention already) and no checkpointing
+    (nothing recomputed) would ignore it."""
     from types import SimpleNamespace
 
     from torchtitan_ext.optical.config import OpticalConfigError
     from torchtitan_ext.titan.activation_checkpoint import check_ac_save_attention
 
-    def job(value=True, mode="selective", name="optical_llama3"):
+    def job(value=True, mode="selective", name="optical_llama3", option="2"):
         return SimpleNamespace(optical=SimpleNamespace(ac_save_attention=value),
                                model=SimpleNamespace(name=name),
-                               activation_checkpoint=SimpleNamespace(mode=mode))
+                               activation_checkpoint=SimpleNamespace(
+                                   mode=mode, selective_ac_option=option))
 
-    for ok in (job(), job(mode="full"), job(mode="none"), job(False, mode="x", name="llama3")):
+    for ok in (job(), job(option="0"), job(mode="full"), job(False, mode="x", name="llama3"),
+               job(False, mode="none"), job(False, option="op")):
         check_ac_save_attention(ok)
     cases = [(job(mode="memory_budget"), ["mode = 'memory_budget'"]),
+             (job(mode="none"), ["mode = 'none'", "nothing is recomputed"]),
+             (job(option="op"), ["selective_ac_option = 'op'", "saves the attention already"]),
              (job(name="llama3"), ["model.name", "'llama3'"]),
              (job("yes"), ["true or false", "'yes'"])]
     for config, words in cases:
@@ -188,6 +231,31 @@ def test_ac_save_attention_checks_name_the_key():
             check_ac_save_attention(config)
         for w in ["optical.ac_save_attention", *words]:
             assert w in str(info.value), (w, str(info.value))
+
+
+def test_triton_kernels_without_gpu_or_interpreter(monkeypatch):
+    """A catalogue row that depends on the machine (the test session switches the interpreter
+    on where there is no GPU), so preflight (an OpticalConfigError: exit code 2 from run.py)
+    on a machine made to look GPU-less: 'triton' without the interpreter is refused there, not
+    by the converter after distributed start-up."""
+    import torch
+    import torchtitan_ext.titan  # noqa: F401  (registers the spec, converter, datasets)
+    from torchtitan.config import ConfigManager
+
+    from torchtitan_ext.optical.config import OpticalConfigError
+    from torchtitan_ext.titan.launch import preflight, with_custom_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = ConfigManager().parse_args(with_custom_config([*SMALL, "--optical.kernels",
+                                                            "triton"]))
+    with pytest.raises(OpticalConfigError) as info:
+        preflight(config)
+    for w in ["optical.kernels: 'triton' needs a CUDA GPU", "TRITON_INTERPRET=1", "'reference'"]:
+        assert w in str(info.value), (w, str(info.value))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    preflight(config)  # the interpreter runs the kernels on the CPU
 
 
 # ------------------------------------------------------------------------------- run cases

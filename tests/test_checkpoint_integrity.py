@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def test_newest_loadable_step_skips_damaged_folders(step, tmp_path):
     assert [s for s, _ in skipped] == [6, 4]
     assert all("no .metadata" in r for _, r in skipped)
     assert ci.newest_loadable_step(tmp_path / "nothing") == (None, [])
+    # What the resume passes after a DCP error in step-2: the rest, without repeating reasons.
+    assert ci.newest_loadable_step(tmp_path / "checkpoint", exclude={2, 6}) == (
+        None, [(4, skipped[1][1])])
 
 
 def test_a_crash_while_writing_the_manifest_leaves_none(step, tmp_path, monkeypatch):
@@ -155,9 +159,13 @@ def test_transform_diff_names_module_key_and_both_values():
     rows = transform_diff(a, _record(16))
     assert ("layers.0.attention.wq", "q_levels", 256, 16) in rows
     assert all(key == "q_levels" for _, key, _, _ in rows)
+    from torchtitan.models.llama3 import llama3_args
+
+    n_layers = llama3_args["debugmodel"].n_layers  # the expected rows, not the rows' own count
     rows = transform_diff(a, _record(256, attention=False))
+    assert n_layers > 0 and len(rows) == n_layers, rows
     assert rows == [(f"layers.{i}.attention", "optical", "optical", "digital")
-                    for i in range(len(rows))]
+                    for i in range(n_layers)]
     rows = transform_diff(a, {**a, "options": {"quant_warmup_steps": 100}})
     assert rows == [("<options>", "quant_warmup_steps", 0, 100)]
 
@@ -179,3 +187,89 @@ def test_the_recorded_transform_rebuilds_its_config():
     assert config.match("layers.1.attention.wk")[1].q_levels == 16
     assert config.match("output") == ("default", None)
     assert transform_config_from_record({"transform": None}) is None
+
+
+# ------------------------------------------------- checkpoint.initial_load_path (first load)
+
+RANGES = "layers.0.attention.inner_attention.optical_ranges"
+
+
+@pytest.fixture
+def initial_loader(tmp_path, monkeypatch):
+    """make(initial folder, run's record, allow, in_hf) -> the run's checkpoint manager before
+    its first step folder exists; torchtitan's own load is replaced by one that records its
+    calls in `loads` (what reaches it was checked first)."""
+    from types import SimpleNamespace
+
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    from torchtitan_ext.titan.checkpointing import OpticalCheckpointManager
+
+    loads = []
+    monkeypatch.setattr(CheckpointManager, "load",
+                        lambda self, step=-1: loads.append(step) or True)
+
+    def make(initial, record, allow=False, in_hf=False):
+        m = OpticalCheckpointManager.__new__(OpticalCheckpointManager)
+        m.enable, m.folder = True, str(tmp_path / "run" / "checkpoint")  # no step folder yet
+        m.initial_load_path, m.initial_load_in_hf = str(initial), in_hf
+        m._optical_record, m._allow_transform_change = record, allow
+        m._missing_ranges = set()
+        m.states = {"model": SimpleNamespace(state_dict=lambda: {"w": None, RANGES: None})}
+        return m
+
+    make.loads = loads
+    return make
+
+
+ATTENTION_RECORD = {"format": 1, "modules": {"layers.0.attention": {"kind": "attention"}},
+                    "options": {}}
+
+
+def test_initial_load_path_is_verified_like_a_resume(step, tmp_path, initial_loader):
+    """The folder of `checkpoint.initial_load_path` gets a resume's integrity check (no
+    fallback: the user named it) before torchtitan reads it."""
+    same = {"format": 1, "modules": {}, "options": {}}
+    assert initial_loader(step, same).load() is True and initial_loader.loads == [-1]
+    damaged = _copy(step, tmp_path)
+    with open(_data_file(damaged), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ci.CheckpointLoadError,
+                       match=re.escape(f"checkpoint.initial_load_path {damaged}: truncated file")):
+        initial_loader(damaged, same).load()
+    with pytest.raises(ci.CheckpointLoadError, match="not a folder"):
+        initial_loader(tmp_path / "nope", same).load()
+    assert initial_loader.loads == [-1]
+
+
+def test_initial_load_path_compares_the_transform(step, initial_loader):
+    """A different recorded transform stops the first load as it stops a resume; with
+    allow_transform_change it loads, and the run's range buffers the checkpoint lacks start
+    fresh."""
+    with pytest.raises(ci.CheckpointLoadError, match="another optical transform") as info:
+        initial_loader(step, ATTENTION_RECORD).load()
+    assert "layers.0.attention: optical: checkpoint 'digital', given 'optical'" in str(info.value)
+    assert initial_loader.loads == []
+    allowed = initial_loader(step, ATTENTION_RECORD, allow=True)
+    assert allowed.load() is True and initial_loader.loads == [-1]
+    assert allowed._missing_ranges == {RANGES}
+
+
+def test_initial_load_errors_and_hf_folders(step, tmp_path, initial_loader, monkeypatch):
+    """An error while torchtitan reads the named folder is one CheckpointLoadError naming it;
+    an HF folder (initial_load_in_hf: no DCP metadata, no JSON record) goes to torchtitan's HF
+    import unchecked."""
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")
+    assert initial_loader(hf, ATTENTION_RECORD, in_hf=True).load() is True
+
+    def fail(self, step=-1):
+        raise RuntimeError("Missing key in checkpoint state_dict: tok_embeddings.weight")
+
+    monkeypatch.setattr(CheckpointManager, "load", fail)
+    with pytest.raises(ci.CheckpointLoadError, match=r"initial_load_path .* cannot be loaded: "
+                                                     r"RuntimeError: Missing key"):
+        initial_loader(step, {"format": 1, "modules": {}, "options": {}}).load()

@@ -182,6 +182,34 @@ def test_shipped_twins_run_the_same_way(toml):
     assert a.get("compile") == b.get("compile") and a.get("training") == b.get("training")
 
 
+def test_warmup_switches_optical_modules_only(caplog):
+    """The warm-up switch of `quant_warmup_steps` (fast, no training): an optical model is
+    digital up to step N and optical from N+1, with one log line each time it switches; a
+    model without optical modules (a digital twin) switches nothing and logs nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from torchtitan_ext.optical.modules import OpticalLinear
+    from torchtitan_ext.titan.launch import _apply_quant_warmup
+
+    optical = SimpleNamespace(quant_warmup_steps=2)
+    linear = OpticalLinear(4, 4)
+    twin = SimpleNamespace(step=1, model_parts=[nn.Sequential(nn.Linear(4, 4))])
+    trainer = SimpleNamespace(step=1, model_parts=[nn.Sequential(linear)])
+    with caplog.at_level(logging.INFO):
+        for step in (1, 2, 3, 4):
+            twin.step = trainer.step = step
+            _apply_quant_warmup(twin, optical)
+            _apply_quant_warmup(trainer, optical)
+            assert linear.optical_enabled == (step > 2)
+    switches = [r.getMessage() for r in caplog.records if "optical simulation" in r.getMessage()]
+    assert switches == ["optical simulation off (digital warm-up) from step 1",
+                        "optical simulation on from step 3"], switches
+    assert not hasattr(twin, "_optical_enabled")
+
+
 # --- issue 16: per-quantizer levels and the shot read-out -------------------------------------
 LEVEL_KEYS = ["q_levels_input", "q_levels_weight", "q_levels_output", "q_levels_q", "q_levels_k",
               "q_levels_s", "q_levels_p", "q_levels_v", "q_levels_y"]

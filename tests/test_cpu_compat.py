@@ -79,20 +79,27 @@ def test_shim_calls(applied):
     assert shim.memory._snapshot() == {"segments": [], "device_traces": []}
 
 
-def test_cpu_train_spec_wraps_parallelize(applied):
-    from torchtitan.models.llama3 import get_train_spec, parallelize_llama
-    from torchtitan.protocols import train_spec as ts
+def test_optical_spec_makes_fsdp_gloo_compatible(applied, monkeypatch):
+    """The product's path for fix 4: the optical spec's parallelize function (optical runs and
+    digital twins) ends with make_fsdp_gloo_compatible on a host without an accelerator."""
+    from types import SimpleNamespace
 
-    spec = cpu_compat.cpu_train_spec(get_train_spec())
-    assert spec.parallelize_fn.__wrapped__ is parallelize_llama
+    from torchtitan.protocols.train_spec import get_train_spec
 
-    name = "llama3_cpu_compat_test"
-    try:
-        assert cpu_compat.register_cpu_train_spec("llama3", name) == name
-        assert cpu_compat.register_cpu_train_spec("llama3", name) == name  # again
-        assert ts.get_train_spec(name).parallelize_fn.__wrapped__ is parallelize_llama
-    finally:
-        ts._extra_train_specs.pop(name, None)
+    import torchtitan_ext.titan  # noqa: F401  (registers the spec)
+    from torchtitan_ext.titan import spec as optical_spec
+
+    calls = []
+    monkeypatch.setattr(optical_spec, "parallelize_llama", lambda model, *args: model)
+    monkeypatch.setattr(optical_spec, "make_fsdp_gloo_compatible", calls.append)
+    model = torch.nn.Linear(2, 2)
+    dims = SimpleNamespace(pp_enabled=False, cp_enabled=False, dp_enabled=False,
+                           tp_enabled=False)
+    job = SimpleNamespace(optical=SimpleNamespace(ac_save_attention=False))
+    parallelize = get_train_spec(optical_spec.SPEC_NAME).parallelize_fn
+    assert parallelize is optical_spec.parallelize_optical_llama
+    assert parallelize(model, dims, job) is model
+    assert calls == [model]
 
 
 def test_make_fsdp_gloo_compatible(applied, tmp_path):

@@ -20,7 +20,8 @@ attention, or SDPA's cuDNN / flash / efficient op in the twin) and recompute the
 optical attention's forward costs 5.7x cuDNN's (bench/results/README.md, stop 23), so
 recomputing it is what a checkpointed optical block pays most for; the cost is one attention
 output (and its log-sum-exp) per checkpointed block. Without checkpointing, or under per-op
-SAC (which saves the attention already), the option has nothing to do.
+SAC (which saves the attention already), the option would have nothing to do: run.py refuses
+it there (`check_ac_save_attention`).
 
 torchtitan 0.2.2 has no hook for the policies: `optical_ac` swaps its private `_apply_op_sac`
 (and, to save the attention, `_apply_layer_sac` and `_apply_full_ac`) while
@@ -158,10 +159,10 @@ def _saving_attention(apply_ac):
 
 def check_ac_save_attention(job_config) -> None:
     """`optical.ac_save_attention` applies to the blocks that full or layer-selective AC
-    checkpoints in the optical spec. Without checkpointing (mode "none") or with per-op SAC
-    (which saves the attention already) no attention runs twice and the option has nothing to
-    do; with another AC mode or another model it would be silently ignored: raise naming the
-    key."""
+    checkpoints in the optical spec. Anywhere else it would be silently ignored: without
+    checkpointing (mode "none") nothing is recomputed, per-op SAC saves the attention already,
+    memory-budget AC leaves the choice to the compiler, another model's parallelize function
+    does not wrap the blocks. Raise naming the keys and the allowed combinations."""
     from torchtitan_ext.optical.config import OpticalConfigError
 
     from .job_config import optical_flag
@@ -173,12 +174,21 @@ def check_ac_save_attention(job_config) -> None:
         raise OpticalConfigError(
             f"optical.ac_save_attention: applies to model.name {SPEC_NAME!r} (its parallelize "
             f"function wraps the blocks); got {job_config.model.name!r}; allowed: false")
-    mode = job_config.activation_checkpoint.mode
-    if mode not in ("none", "full", "selective"):
-        raise OpticalConfigError(
-            "optical.ac_save_attention: saves the attention of the blocks that activation "
-            "checkpointing recomputes with activation_checkpoint.mode \"full\" or "
-            f"\"selective\" (\"none\": nothing to do); got mode = {mode!r}; allowed: false")
+    ac = job_config.activation_checkpoint
+    option = str(ac.selective_ac_option)
+    if ac.mode == "full" or (ac.mode == "selective" and option.isdigit()):
+        return
+    why = {"none": "nothing is recomputed",
+           "memory_budget": "the compiler chooses what to save"}.get(ac.mode, "no blocks")
+    got = f"activation_checkpoint.mode = {ac.mode!r}"
+    if ac.mode == "selective":
+        got += f", selective_ac_option = {option!r}"
+        why = "per-op SAC saves the attention already" if option == "op" else why
+    raise OpticalConfigError(
+        "optical.ac_save_attention: saves the attention of the blocks that activation "
+        f"checkpointing recomputes; with {got} it would be ignored ({why}); allowed: false, "
+        "or activation_checkpoint.mode 'full', or 'selective' with selective_ac_option a "
+        "layer frequency (e.g. '2')")
 
 
 @contextlib.contextmanager

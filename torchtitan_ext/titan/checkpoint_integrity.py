@@ -12,9 +12,9 @@ Every step folder `<checkpoint.folder>/step-N` written by `run.py` gets two smal
 
 `verify_step` checks a folder before it is loaded: `.metadata` readable, every file it
 references present and long enough, and, when the manifest exists, every size and checksum.
-`newest_loadable_step` picks the newest folder that passes. The exporter uses the same
-functions (`read_recorded_transform`, `verify_step`, `newest_loadable_step`, and
-`torchtitan_ext.optical.config.transform_diff`).
+`newest_loadable_step` picks the newest folder that passes (the resume in `checkpointing`).
+The exporter, which is given one step folder, checks it with `verify_step` and compares
+`read_recorded_transform` with `torchtitan_ext.optical.config.transform_diff`.
 
 The folder must be on a file system every rank sees (as DCP itself requires).
 """
@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Container
 
 from torchtitan_ext.optical.config import OpticalConfigError
 
@@ -192,12 +192,16 @@ def step_folders(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out, reverse=True)
 
 
-def newest_loadable_step(folder: str | os.PathLike, checksums: bool = True
+def newest_loadable_step(folder: str | os.PathLike, checksums: bool = True,
+                         exclude: Container[int] = ()
                          ) -> tuple[int | None, list[tuple[int, str]]]:
     """(newest step whose folder passes `verify_step`, or None; the (step, reason) of every
-    newer folder that was skipped, newest first)."""
+    newer folder that was skipped, newest first). Steps in `exclude` (already found
+    unloadable by the caller) are passed over without a reason."""
     skipped: list[tuple[int, str]] = []
     for step, path in step_folders(folder):
+        if step in exclude:
+            continue
         reason = verify_step(path, checksums=checksums)
         if reason is None:
             return step, skipped

@@ -6,7 +6,8 @@
   was skipped and why; a DCP error while loading counts as damage too); none: one-line error
   naming the folder. The recorded transform is compared with the run's: a difference stops the
   run with the diff unless `optical.allow_transform_change`; with it, the range buffers that
-  were dropped or freshly initialised are logged.
+  were dropped or freshly initialised are logged. A first load from
+  `checkpoint.initial_load_path` (a DCP step folder) gets the same checks, without fallback.
 
 Installed on the trainer's manager by `install` (a class swap of the one instance, so
 torchtitan's construction and all its other behaviour are untouched).
@@ -27,8 +28,8 @@ from .checkpoint_integrity import (
     MANIFEST_FILE,
     CheckpointLoadError,
     ManifestWriter,
+    newest_loadable_step,
     read_recorded_transform,
-    step_folders,
     verify_step,
     write_recorded_transform,
 )
@@ -98,8 +99,11 @@ class OpticalCheckpointManager(CheckpointManager):
     # ----------------------------------------------------------------------------- loading
 
     def load(self, step: int = -1) -> bool:
-        if not self.enable or not Path(self.folder).is_dir():
+        if not self.enable:
             return super().load(step)
+        if not Path(self.folder).is_dir():
+            # No step folder of this run yet: torchtitan loads `initial_load_path` if given.
+            return self._load_initial(step)
         tried: list[tuple[int, str]] = []
         while True:
             chosen, skipped = _broadcast(self._choose_step(step, {s for s, _ in tried}))
@@ -133,15 +137,28 @@ class OpticalCheckpointManager(CheckpointManager):
             # A step the user named: no fallback to another one.
             reason = verify_step(self._create_checkpoint_id(step))
             return (step, []) if reason is None else (None, [(step, reason)])
-        skipped = []
-        for s, path in step_folders(self.folder):
-            if s in exclude:
-                continue
-            reason = verify_step(path)
-            if reason is None:
-                return s, skipped
-            skipped.append((s, reason))
-        return None, skipped
+        return newest_loadable_step(self.folder, exclude=exclude)
+
+    def _load_initial(self, step: int) -> bool:
+        """torchtitan's load from `checkpoint.initial_load_path`, after the checks a resume
+        makes: the folder verifies, and its recorded transform matches the run's (or
+        `allow_transform_change`). An HF folder (`initial_load_in_hf`) holds no DCP metadata
+        or JSON record: torchtitan's HF import reads it as it is."""
+        path = self.initial_load_path
+        if not path or self.initial_load_in_hf:
+            return super().load(step)
+        where = f"checkpoint.initial_load_path {path}"
+        reason = _broadcast(verify_step(path) if _rank() == 0 else None)
+        if reason is not None:
+            raise CheckpointLoadError(f"{where}: {reason}")
+        self._check_transform(Path(path))
+        try:
+            return super().load(step)
+        except CheckpointLoadError:
+            raise
+        except Exception as e:  # damage DCP finds while reading, or another model's state
+            raise CheckpointLoadError(
+                f"{where} cannot be loaded: {type(e).__name__}: {e}") from e
 
     def _nothing_loadable(self, tried: list[tuple[int, str]], step: int) -> bool:
         if not tried:

@@ -38,11 +38,9 @@ torch 2.13 it breaks in these places (line numbers refer to torchtitan 0.2.2):
    AVG).  The public ``FSDPModule.set_force_sum_reduction_for_comms(True)``
    makes FSDP reduce with plain ``ReduceOp.SUM`` and apply the factor as a
    local divide (skipped for 1.0): the same gradients.  ``Trainer.__init__``
-   has no hook after ``parallelize_fn``, so this is applied by wrapping the
-   TrainSpec's ``parallelize_fn`` (:func:`cpu_train_spec`,
-   :func:`register_cpu_train_spec`), or by calling
-   :func:`make_fsdp_gloo_compatible` at the end of your own parallelize
-   function.
+   has no hook after ``parallelize_fn``, so the parallelize function calls
+   :func:`make_fsdp_gloo_compatible` at its end (``titan/spec.py``'s
+   ``parallelize_optical_llama`` does, on hosts without an accelerator).
 5. ``tools/profiling.py:67-78`` builds ``activities=[CPU, None]`` when
    neither CUDA nor XPU exists; torch 2.13's profiler rejects the ``None``
    (``TypeError: Expected ProfilerActivity or dict, got NoneType``), so
@@ -52,14 +50,9 @@ torch 2.13 it breaks in these places (line numbers refer to torchtitan 0.2.2):
 
 Fixes 1-3 and 5 are in :func:`apply_cpu_compat`; it must run *before*
 ``torchtitan.train.Trainer`` is constructed (importing torchtitan first is
-fine -- stale module globals are rebound).  Usage::
-
-    from torchtitan_ext.titan.cpu_compat import (
-        apply_cpu_compat, register_cpu_train_spec)
-    if apply_cpu_compat():                 # False (no-op) on GPU hosts
-        register_cpu_train_spec("llama3")  # FSDP on gloo; overrides "llama3"
-    from torchtitan.train import main, Trainer
-    main(Trainer)
+fine -- stale module globals are rebound).  ``titan/launch.py``'s ``main``
+(what ``run.py`` runs) calls it first; fix 4 is in the optical spec's
+parallelize function (its digital twins included).
 
 Things this module deliberately leaves to the job config:
 ``training.mixed_precision_param`` -- for single-device/DDP runs torchtitan
@@ -78,14 +71,13 @@ accelerator is found"); leave it false.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import platform
 import sys
 from datetime import timedelta
 from types import ModuleType, SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -95,10 +87,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CpuDeviceModule",
     "apply_cpu_compat",
-    "cpu_train_spec",
     "has_accelerator",
     "make_fsdp_gloo_compatible",
-    "register_cpu_train_spec",
 ]
 
 # Modules that copy ``device_type`` / ``device_module`` out of
@@ -435,50 +425,3 @@ def make_fsdp_gloo_compatible(model: nn.Module) -> int:
             module.set_force_sum_reduction_for_comms(True)
             count += 1
     return count
-
-
-def _fsdp_gloo_parallelize(parallelize_fn: Callable[..., nn.Module]):
-    def parallelize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        model = parallelize_fn(model, *args, **kwargs)
-        make_fsdp_gloo_compatible(model)
-        return model
-
-    parallelize.__wrapped__ = parallelize_fn  # type: ignore[attr-defined]
-    parallelize.__name__ = getattr(parallelize_fn, "__name__", "parallelize")
-    parallelize._fsdp_gloo_compatible = True  # type: ignore[attr-defined]
-    return parallelize
-
-
-def cpu_train_spec(spec: Any) -> Any:
-    """Copy of a torchtitan ``TrainSpec`` whose parallelize_fn is gloo-safe.
-
-    The wrapper also covers pipeline parallelism, because ``Trainer`` hands
-    ``train_spec.parallelize_fn`` to ``pipelining_fn`` (train.py:226-238).
-    """
-    return dataclasses.replace(
-        spec, parallelize_fn=_fsdp_gloo_parallelize(spec.parallelize_fn)
-    )
-
-
-def register_cpu_train_spec(base: str = "llama3", name: str | None = None) -> str:
-    """Register ``cpu_train_spec`` of torchtitan model ``base`` and return its name.
-
-    ``name`` defaults to ``base``: torchtitan's ``get_train_spec`` prefers
-    registered specs over built-in ones (protocols/train_spec.py:71-75), so
-    unchanged configs with ``model.name = base`` pick up the FSDP fix.
-    Idempotent for the same name.
-    """
-    from torchtitan.protocols import train_spec as ts
-
-    name = name or base
-    # torchtitan has no public "is registered" query; register_train_spec
-    # raises on duplicates, so look at its registry to stay idempotent.
-    existing = ts._extra_train_specs.get(name)
-    if existing is not None:
-        if getattr(existing.parallelize_fn, "_fsdp_gloo_compatible", False):
-            return name  # registered by an earlier call
-        raise ValueError(f"TrainSpec {name!r} is already registered")
-    # When name == base, base is not registered yet (checked above), so this
-    # returns the built-in model/experiment spec, not our override.
-    ts.register_train_spec(name, cpu_train_spec(ts.get_train_spec(base)))
-    return name

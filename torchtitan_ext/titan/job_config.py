@@ -43,7 +43,8 @@ class Optical:
 
     check_ranges_synced: bool = False
     """Debug: after every range update, verify that every rank holds bit-identical ranges (two
-    extra all-reduces and a host read per step); raise naming the first differing module."""
+    extra all-reduces and a host read per step); raise naming the first differing module. Needs
+    `sync_ranges` (unsynced ranks differ by design); on one process there is nothing to check."""
 
     stop_on_nonfinite: bool = True
     """Stop training with the step number when the loss or a gradient is not finite, before that
@@ -75,7 +76,8 @@ class Optical:
     "full", or "selective" every N-th layer), save the attention's output instead of
     recomputing it, in the optical run and its digital twin alike: the backward then runs no
     second optical attention forward, for one attention output per checkpointed block of
-    memory (titan/activation_checkpoint.py)."""
+    memory (titan/activation_checkpoint.py). Refused with any other AC setting (mode "none",
+    per-op SAC, memory budget), where it would do nothing."""
 
 
 @dataclass
@@ -84,7 +86,8 @@ class JobConfig:
 
 
 def validate_optical(optical: Optical) -> None:
-    """Value checks of the section (the transform file is checked by the converter's loader)."""
+    """Value checks of the section (the transform file is checked by the converter's loader).
+    Digital twins carry the section too and get the same checks (launch.preflight)."""
     from torchtitan_ext.optical.config import OpticalConfigError
     from torchtitan_ext.optical.ops import KERNEL_MODES
 
@@ -100,6 +103,14 @@ def validate_optical(optical: Optical) -> None:
                 "allow_transform_change", "checkpoint_manifest", "cuda_graphs",
                 "ac_save_attention"):
         optical_flag(optical, key)
+    if optical.check_ranges_synced and not optical.sync_ranges:
+        # Without the reduction the ranks' ranges differ by design: the check would stop the
+        # run at its first step instead of finding a bug.
+        raise OpticalConfigError(
+            "optical.check_ranges_synced: checks that optical.sync_ranges kept every rank's "
+            "ranges identical, but optical.sync_ranges is false; allowed: "
+            "check_ranges_synced = true only with sync_ranges = true"
+        )
 
 
 def optical_flag(optical, key: str) -> bool:

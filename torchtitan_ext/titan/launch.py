@@ -52,27 +52,68 @@ def _toml_path(argv: list[str]) -> str | None:
 
 
 def preflight(job_config) -> None:
-    """Validate what torchtitan does not: flavor, [optical], transform file and its patterns."""
+    """Validate what torchtitan does not: flavor, [optical], transform file and its patterns,
+    and the settings that would fail (or be ignored) only after distributed start-up."""
     from torchtitan_ext.titan.activation_checkpoint import check_ac_save_attention
+    from torchtitan_ext.titan.converter import transform_config_of
     from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
     from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     spec_and_args(job_config)  # model name and flavor
     _check_converters(job_config.model.converters)
-    _check_parallelism(job_config.parallelism)
-    check_cuda_graphs(job_config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                      has_cuda=torch.cuda.is_available())
+    _check_parallelism(job_config.parallelism, job_config.model.name, world)
+    _check_seed_checkpoint(job_config.checkpoint, world)
+    check_cuda_graphs(job_config, world_size=world, has_cuda=torch.cuda.is_available())
     check_ac_save_attention(job_config)
+    # The [optical] values and the transform file, digital twins included: a digital twin
+    # carries the section for its A/B, and a bad value there would be silently ignored.
+    transform = transform_config_of(job_config)
     if not is_optical(job_config):
         return
+    _check_optical_run(job_config)
+    # The whole transform on the meta device: every check it makes fails here, cleanly.
+    build_titan_model(job_config, device="meta", optical=True, transform=transform)
+
+
+# Converters that swap the same nn.Linear modules the optical transform swaps (torchtitan
+# 0.2.2 registers "quantize.linear.float8" and "quantize.linear.mx"; the grouped-mm ones touch
+# MoE experts only).
+_LINEAR_CONVERTER_PREFIX = "quantize.linear."
+
+
+def _check_optical_run(job_config) -> None:
+    """Settings that conflict with the optical layers (a digital twin may use them)."""
+    from torchtitan_ext.titan.hf_adapter import check_last_save_in_hf
+
+    optical, ckpt = job_config.optical, job_config.checkpoint
     ac = job_config.activation_checkpoint
     if ac.mode != "none" and not ac.preserve_rng_state:
         raise OpticalConfigError(
             "activation_checkpoint.preserve_rng_state: must be true with optical layers (the "
             "recomputed forward must redraw the same noise seeds); allowed: true"
         )
-    # The whole transform on the meta device: every check it makes fails here, cleanly.
-    build_titan_model(job_config, device="meta", optical=True)
+    if (optical.kernels == "triton" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise OpticalConfigError(
+            "optical.kernels: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the "
+            "kernels in Triton's interpreter on the CPU; allowed here: 'auto', 'reference'"
+        )
+    swapping = [c for c in job_config.model.converters if c.startswith(_LINEAR_CONVERTER_PREFIX)]
+    if swapping:
+        raise OpticalConfigError(
+            f"model.converters: {swapping} swap the linear layers that 'optical_transformer' "
+            "makes optical, so one of the two would silently not apply; allowed with "
+            f"'optical_transformer': converters other than {_LINEAR_CONVERTER_PREFIX}*"
+        )
+    if ckpt.export_dtype != "float32":
+        # torchtitan's last save casts the whole model state, the float32 range buffers too.
+        raise OpticalConfigError(
+            f"checkpoint.export_dtype: got {ckpt.export_dtype!r}, which would cast the float32 "
+            "optical range buffers too; allowed with optical layers: 'float32' (for bfloat16 "
+            "weights export the checkpoint: python -m torchtitan_ext.hf.export --dtype bfloat16)"
+        )
+    check_last_save_in_hf(job_config)
 
 
 def _check_converters(names: list[str]) -> None:
@@ -87,9 +128,25 @@ def _check_converters(names: list[str]) -> None:
             )
 
 
-def _check_parallelism(p) -> None:
-    """The degrees must multiply to the number of processes (torchtitan asserts it bare)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _check_seed_checkpoint(ckpt, world: int) -> None:
+    """torchtitan's seed-checkpoint conditions, before the trainer is built instead of after."""
+    if not ckpt.create_seed_checkpoint:
+        return
+    if not ckpt.enable:
+        raise OpticalConfigError(
+            "checkpoint.create_seed_checkpoint: needs checkpoint.enable = true (the seed is "
+            "written into the checkpoint folder); allowed: --checkpoint.enable with it")
+    if world != 1:
+        raise OpticalConfigError(
+            "checkpoint.create_seed_checkpoint: run it on a single process (the seed is saved "
+            f"unsharded), got {world} processes; allowed: WORLD_SIZE 1")
+
+
+def _check_parallelism(p, model_name: str, world: int) -> None:
+    """The degrees must multiply to the number of processes (torchtitan asserts it bare); the
+    optical spec takes no pipeline or context parallelism."""
+    from torchtitan_ext.titan.spec import SPEC_NAME
+
     fixed = {"data_parallel_replicate_degree": p.data_parallel_replicate_degree,
              "context_parallel_degree": p.context_parallel_degree,
              "tensor_parallel_degree": p.tensor_parallel_degree,
@@ -97,6 +154,16 @@ def _check_parallelism(p) -> None:
     for key, value in fixed.items():
         if not isinstance(value, int) or value < 1:
             raise OpticalConfigError(f"parallelism.{key}: must be an integer >= 1, got {value!r}")
+    # Same rule as spec.check_supported_parallelism, which would raise only after start-up.
+    unsupported = {"pipeline_parallel_degree": "range reduction assumes every rank holds "
+                                               "every optical module",
+                   "context_parallel_degree": "the optical attention's noise indices assume "
+                                              "whole sequences"}
+    for key, why in unsupported.items():
+        if model_name == SPEC_NAME and fixed[key] != 1:
+            raise OpticalConfigError(
+                f"parallelism.{key}: {fixed[key]} is not supported by model.name "
+                f"{SPEC_NAME!r} ({why}), its digital twin included; allowed: 1")
     shard = p.data_parallel_shard_degree
     if not isinstance(shard, int) or not (shard == -1 or shard >= 1):
         raise OpticalConfigError("parallelism.data_parallel_shard_degree: must be -1 (the rest "
@@ -210,11 +277,16 @@ def _train_exiting_on_config_error(trainer, trainer_cls):
 
 def _apply_quant_warmup(trainer, optical) -> None:
     """The recipe's digital warm-up: decided from the step alone, so a resumed run switches at
-    the same step as an uninterrupted one."""
+    the same step as an uninterrupted one. A model without optical modules (a digital twin)
+    has nothing to switch, and logs no switch."""
     from torchtitan.tools.logging import logger
-    from torchtitan_ext.optical.ranges import set_optical_enabled
+    from torchtitan_ext.optical.ranges import optical_modules, set_optical_enabled
 
     if optical is None or not optical.quant_warmup_steps:
+        return
+    if not hasattr(trainer, "_has_optical_modules"):  # the model's modules never change
+        trainer._has_optical_modules = bool(optical_modules(trainer.model_parts))
+    if not trainer._has_optical_modules:
         return
     enabled = trainer.step > optical.quant_warmup_steps
     if enabled != getattr(trainer, "_optical_enabled", True):
@@ -356,11 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     try:
         trainer = build_trainer_class()(config)
-        if config.checkpoint.create_seed_checkpoint:
-            if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-                raise ValueError("checkpoint.create_seed_checkpoint: run it on a single process")
-            if not config.checkpoint.enable:
-                raise ValueError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
+        if config.checkpoint.create_seed_checkpoint:  # its conditions: checked by preflight
             trainer.checkpointer.save(curr_step=0, last_step=True)
             logger.info("Created seed checkpoint")
         else:

@@ -16,10 +16,12 @@ the same inputs:
   The record's `flash_*` keys hold whichever baseline ran, named in `baseline`;
 - `reference`: the materialised plain-torch path (reference.OpticalAttentionFunction), where it fits
   in memory (an out-of-memory error is caught and recorded).
-Times: CUDA events around each iteration after warm-up, median of the repeats (METHOD.md).
+Times: CUDA events around each iteration after warm-up, median of the repeats (METHOD.md;
+bench/timing.py).
 Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd minus what was allocated before it
 (the inputs and dY), so the figure counts outputs, saved tensors, temporaries and gradients.
-`--sweep` first times a few kernel configurations at L=4096 and benchmarks with the fastest.
+`--sweep` first times a few kernel configurations at L=4096 (`--sweep-len`), at the run's `--heads`
+and `--hkv`, and benchmarks with the fastest.
 `--deterministic` also times the deterministic backward (semantics 6b: dQ without atomics, what
 `torch.use_deterministic_algorithms(True)` selects) on the same inputs: `det_fwdbwd_ratio` (to
 flash), `det_vs_atomic` (to the default optical fwd+bwd), its peak memory, and whether two of
@@ -44,44 +46,19 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from timing import events_median_ms, peak_extra_mib  # noqa: E402
 from torchtitan_ext.optical import reference as R  # noqa: E402
 from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
 
 LEVELS, LUT, STREAM = 256, 0.05, 3
-
-
-def _events_median(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _peak_extra_mb(fn) -> float:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 class Inputs:
@@ -173,10 +150,11 @@ def tail_check(x: Inputs, rows: int = 64) -> dict:
             "tail_check_max_s_index": x.B * x.H * L * L - 1}
 
 
-def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
-    """Time candidate (BM, BN, warps, stages) configurations; return the fastest fwd and bwd."""
+def sweep(D=128, L=4096, H=16, HKV=16, dtype=torch.bfloat16, log=print):
+    """Time candidate (BM, BN, warps, stages) configurations at H query and HKV key/value heads;
+    return the fastest fwd and bwd."""
     B = 32768 // L
-    x = Inputs(B, H, H, L, D, dtype, seed=1)
+    x = Inputs(B, H, HKV, L, D, dtype, seed=1)
     fwd_cands = [(64, 32, 4, 4), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)]
     bwd_cands = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2)]
     res = {"fwd": {}, "bwd": {}}
@@ -184,7 +162,7 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
     for cfg in fwd_cands:
         try:
             with A.override_configs(fwd=cfg):
-                t = _events_median(x.optical_fwd, 2, 5)
+                t = events_median_ms(x.optical_fwd, 2, 5)
         except Exception as e:  # a config that does not compile or fit: skip it
             log(f"sweep fwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
@@ -196,7 +174,7 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
                                         x.v_range, x.s_range, x.seeds, clipped=False, **x.kw)
         try:
             with A.override_configs(bwd=cfg):
-                t = _events_median(bwd, 2, 5)
+                t = events_median_ms(bwd, 2, 5)
         except Exception as e:
             log(f"sweep bwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
@@ -209,8 +187,8 @@ def sweep(D=128, L=4096, H=16, dtype=torch.bfloat16, log=print):
 
 def det_case(x, rec, warmup, reps):
     """The deterministic backward's cost next to the atomic one, and its reproducibility."""
-    rec["optical_det_fwdbwd_ms"] = _events_median(x.optical_det_fwdbwd, warmup, reps)
-    rec["optical_det_peak_extra_mib"] = _peak_extra_mb(x.optical_det_fwdbwd)
+    rec["optical_det_fwdbwd_ms"] = events_median_ms(x.optical_det_fwdbwd, warmup, reps)
+    rec["optical_det_peak_extra_mib"] = peak_extra_mib(x.optical_det_fwdbwd)
     rec["det_fwdbwd_ratio"] = rec["optical_det_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
     rec["det_vs_atomic"] = rec["optical_det_fwdbwd_ms"] / rec["optical_fwdbwd_ms"]
     g1, g2 = x.optical_det_fwdbwd(), x.optical_det_fwdbwd()
@@ -233,12 +211,12 @@ def bench_case(L, H=16, HKV=16, D=128, dtype=torch.bfloat16, reference=True, war
     x = Inputs(B, H, HKV, L, D, dtype, baseline=baseline)
     rec = {"case": f"B{B}-L{L}-H{H}-Hkv{HKV}-D{D}-{str(dtype).split('.')[-1]}", "B": B, "L": L,
            "H": H, "Hkv": HKV, "D": D, "baseline": baseline, "recompute": recompute}
-    rec["optical_fwdbwd_ms"] = _events_median(x.optical_fwdbwd, warmup, reps)
-    rec["flash_fwdbwd_ms"] = _events_median(x.flash_fwdbwd, warmup, reps)
-    rec["optical_fwd_ms"] = _events_median(x.optical_fwd, warmup, reps)
-    rec["flash_fwd_ms"] = _events_median(x.flash_fwd, warmup, reps)
-    rec["optical_peak_extra_mib"] = _peak_extra_mb(x.optical_fwdbwd)
-    rec["flash_peak_extra_mib"] = _peak_extra_mb(x.flash_fwdbwd)
+    rec["optical_fwdbwd_ms"] = events_median_ms(x.optical_fwdbwd, warmup, reps)
+    rec["flash_fwdbwd_ms"] = events_median_ms(x.flash_fwdbwd, warmup, reps)
+    rec["optical_fwd_ms"] = events_median_ms(x.optical_fwd, warmup, reps)
+    rec["flash_fwd_ms"] = events_median_ms(x.flash_fwd, warmup, reps)
+    rec["optical_peak_extra_mib"] = peak_extra_mib(x.optical_fwdbwd)
+    rec["flash_peak_extra_mib"] = peak_extra_mib(x.flash_fwdbwd)
     inputs_mib = sum(t.numel() * t.element_size() for t in (x.q, x.k, x.v, x.dy)) / 2**20
     rec["inputs_mib"] = inputs_mib
     rec["fwdbwd_ratio"] = rec["optical_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
@@ -256,8 +234,8 @@ def bench_case(L, H=16, HKV=16, D=128, dtype=torch.bfloat16, reference=True, war
         det_case(x, rec, warmup, reps)
     if reference:
         try:
-            rec["reference_fwdbwd_ms"] = _events_median(x.reference_fwdbwd, 1, 2)
-            rec["reference_peak_extra_mib"] = _peak_extra_mb(x.reference_fwdbwd)
+            rec["reference_fwdbwd_ms"] = events_median_ms(x.reference_fwdbwd, 1, 2)
+            rec["reference_peak_extra_mib"] = peak_extra_mib(x.reference_fwdbwd)
             rec["reference_fwdbwd_ratio"] = rec["reference_fwdbwd_ms"] / rec["flash_fwdbwd_ms"]
             rec["reference_peak_mem_ratio"] = (rec["reference_peak_extra_mib"]
                                                / rec["flash_peak_extra_mib"])
@@ -340,7 +318,7 @@ def main():
     print(json.dumps(meta))
     sweep_res = None
     if args.sweep:
-        best, sweep_res = sweep(D=args.head_dim, L=args.sweep_len)
+        best, sweep_res = sweep(D=args.head_dim, L=args.sweep_len, H=args.heads, HKV=args.hkv)
         fwd_cfg, bwd_cfg = best.get("fwd"), best.get("bwd")
     records = []
     with A.override_configs(fwd=fwd_cfg, bwd=bwd_cfg):
@@ -356,7 +334,8 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
     if sweep_res is not None:
-        records.append({"case": f"sweep-L{args.sweep_len}-D{args.head_dim}", **sweep_res})
+        records.append({"case": f"sweep-L{args.sweep_len}-D{args.head_dim}", "H": args.heads,
+                        "Hkv": args.hkv, **sweep_res})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)

@@ -6,7 +6,8 @@ The forward keeps Q_s's level index of every S element in a per-program scratch 
 skips the S dot and the noise (kernels/attention.py). This times that choice against pass 2
 regenerating S (the fallback the kernel takes past its scratch cap, forced here by a cap of 0),
 with forward+backward and flash SDPA of the same inputs for scale. CUDA events, medians
-(bench/attention.py's helpers). Prints one JSON record per shape; --out writes them all.
+(bench/timing.py), on bench/attention.py's inputs. Prints one JSON record per shape; --out
+writes them all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attention as bench_attention  # noqa: E402
+from timing import events_median_ms  # noqa: E402
 from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
 
 # (B, H, Hkv, L, D): the 1.1B flavor's attention is the second
@@ -33,7 +35,7 @@ def main():
     ap.add_argument("--out", default=None, help="also write the records to this JSON file")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    timed = bench_attention._events_median
+    timed = events_median_ms
     records = []
     for B, H, HKV, L, D in SHAPES:
         x = bench_attention.Inputs(B, H, HKV, L, D, torch.bfloat16)

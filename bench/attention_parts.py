@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import attention as bench_attention  # noqa: E402  (its Inputs and timer)
+import attention as bench_attention  # noqa: E402  (its Inputs and config parser)
+from timing import events_median_ms  # noqa: E402
 from torchtitan_ext.optical.kernels import attention as A  # noqa: E402
 
 
@@ -163,8 +164,7 @@ def main():
             if name in failed:
                 continue
             try:
-                times[name].append(bench_attention._events_median(fn, 2 if r == 0 else 1,
-                                                                  args.reps))
+                times[name].append(events_median_ms(fn, 2 if r == 0 else 1, args.reps))
             except Exception as e:  # a tile config that does not compile or fit
                 failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"round {r} {name}: {times[name][-1] if times[name] else failed[name]}",

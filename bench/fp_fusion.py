@@ -36,9 +36,11 @@ from torchtitan_ext.optical.kernels import linear as L  # noqa: E402
 
 
 def linear_sources() -> dict:
-    """(ASTSource, options) of the linear forward (large-shape tiles, Q_out noisy, observing)
-    and of the operand pass (`noise_layouts.operand_pass_source`), as launched."""
-    fwd = L._linear_fwd_kernel
+    """(ASTSource, options) of the linear forward (128x128x64 tiles, pointer mainloop, Q_out
+    noisy, observing: one fixed configuration, so reports stay comparable across stops; the
+    table's large-shape entry has been 128x256 since stop 29) and of the operand pass
+    (`noise_layouts.operand_pass_source`), as launched."""
+    fwd = L.triton_kernel("fwd")
     fwd_const = dict(LEVELS=256, QUANT_OUT=True, NOISE=True, SHOT=False, HAS_BIAS=False,
                      OBSERVE=True, SAVE_MASK=False, USE_TMA=False, IEEE_DOT=False,
                      UPCAST_DOT=False, EPI_SPLIT=8, RUNS8=True, BM=128, BN=128, BK=64,

@@ -34,6 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import sync  # noqa: E402  (torch is imported on first use)
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["optical_code_ll", "optical_code_gen"]
 CONFIG = "train_configs/optical_60M.toml"
@@ -64,13 +68,6 @@ def export(args, checkpoint: Path, work: Path) -> Path:
     _run([sys.executable, "-m", "torchtitan_ext.hf.export", "--config", args.config,
           "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"], work / "export.log")
     return out
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def harness(folder: Path, optical: bool, batch_size: int, device: str) -> dict:
@@ -124,11 +121,11 @@ def _timed_generate(model, batch, new_tokens: int, use_cache: bool, device: str,
     with torch.no_grad():
         t0 = time.perf_counter()
         call(warmup, **(warmup_kw or {}))  # warm-up: kernels compiled, caches allocated
-        _sync(device)
+        sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = call(new_tokens)
-        _sync(device)
+        sync(device)
     s = time.perf_counter() - t0
     # printed at once: a run cut short by a time limit still shows the arms it finished
     print(f"  use_cache={use_cache} {kw}: warm-up {warm_s:.1f} s, timed {s:.2f} s", flush=True)
@@ -177,7 +174,7 @@ class _StepClock:
         self.device, self.times, self.label = device, [time.perf_counter()], label
 
     def __call__(self, input_ids, scores):
-        _sync(self.device)
+        sync(self.device)
         self.times.append(time.perf_counter())
         n = len(self.times) - 1
         if self.label and n & (n - 1) == 0:  # steps 1, 2, 4, 8, ...: where a stall sits
@@ -213,7 +210,7 @@ def _profile(model, batch, tokens: int, device: str, out: Path, **kw) -> dict:
     with torch.no_grad(), profile(activities=acts) as prof:
         t0 = time.perf_counter()
         _generate(model, batch, tokens, True, **kw)
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",

@@ -32,15 +32,19 @@ Every ratio is measured in the same process, on the same inputs: medians of CUDA
   `times_ms_graphs`.
 - mase_fwdbwd_ratio_vs_linear, speedup_vs_mase: mase-triton's layer in training mode (it updates
   its ranges with host syncs, as in training) fwd+bwd / F.linear's, and over ours.
-The optical layer runs as OpticalLinear does in training: the shipped op (ops.optical_linear), a
-seed drawn on the device, the observed ranges merged into the pending buffer (device ops, no
-sync); ranges are initialised by one call before timing (steady state).
+The optical layer is `OpticalLinear` itself, in training mode (`OpticalLinear.from_linear` over
+the same weight and bias parameters as F.linear's; 256 levels, lut 0.02004, EMA 0.9, read-out
+noise on): its forward draws a seed on the device, runs the shipped op (ops.optical_linear) and
+merges the observed ranges into the pending buffer (device ops, no sync). Its ranges are
+calibrated before timing by one training call and `update_ranges` (steady state: every quantizer
+active). Until stop 29 this script timed a copy of that forward (the op called directly with the
+same bookkeeping), without the module's own host path (bench/results/README.md, stop 30).
+Timing helpers: bench/timing.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -53,10 +57,13 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from torchtitan_ext.optical import ops  # noqa: E402
+from timing import graph_median_ms, peak_bytes  # noqa: E402
+from torchtitan_ext.optical.config import QuantizerConfig  # noqa: E402
 from torchtitan_ext.optical.kernels import linear as klinear  # noqa: E402
-from torchtitan_ext.optical.ranges import merge_observed  # noqa: E402
+from torchtitan_ext.optical.modules import OpticalLinear  # noqa: E402
+from torchtitan_ext.optical.ranges import update_ranges  # noqa: E402
 
 LARGE = [(16384, 2048, 8192), (16384, 4096, 4096), (8192, 4096, 14336)]
 SMALL = [(2048, 384, 1024), (2048, 768, 2048)]
@@ -116,45 +123,25 @@ OPERAND_CONFIGS = {
 OPERAND_SHAPES = LARGE + FLAVOR_1P1B
 
 
-def _optical_layer(x, w, b):
-    """The shipped op path in training mode (ops.optical_linear: the torch.library op with its
-    registered autograd), plus what OpticalLinear.forward adds: a seed drawn on the device and the
-    observation merged into the pending range buffer. Ranges are initialised by `calibrate`."""
-    ranges = torch.tensor([[math.inf, -math.inf]] * 3, device=x.device)
-    pending = ranges.clone()
-    index = ops.linear_index(x.shape, w.shape[0])
+def _optical_layer(w: torch.nn.Parameter, b: torch.nn.Parameter) -> OpticalLinear:
+    """OpticalLinear over the parameters `w` [N, K] and `b` [N] (the same objects F.linear
+    times), in training mode, with this benchmark's quantizer settings."""
+    N, K = w.shape
+    linear = torch.nn.Linear(K, N, bias=True, device="meta")
+    linear.weight, linear.bias = w, b
+    config = QuantizerConfig(q_levels=LEVELS, q_lut_min=LUT, q_smooth_factor=SMOOTH)
+    return OpticalLinear.from_linear(linear, config).train()
 
-    def layer():
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-        y, obs = ops.optical_linear(x, w, b, ranges, seed, levels=LEVELS, lut=LUT, stream=0,
-                                    index=index, observe=True)
-        with torch.no_grad():
-            pending.copy_(merge_observed(pending, obs))
-        return y
 
-    def calibrate():  # one call, then the ranges take the observation (update_ranges' first step)
-        with torch.no_grad():
-            layer()
-            ranges.copy_(pending)
-
-    return layer, calibrate, ranges
+def _calibrate(layer: OpticalLinear, x: torch.Tensor) -> None:
+    """One training call, then the ranges take its observation (update_ranges' first step)."""
+    with torch.no_grad():
+        layer(x)
+    update_ranges(layer)
 
 
 def _median_ms(fn, rep_ms=150):
     return triton.testing.do_bench(fn, warmup=30, rep=rep_ms, return_mode="median")
-
-
-def _peak_bytes(fn):
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return peak, base
 
 
 def _mase_layer(K, N, w, b):
@@ -188,11 +175,6 @@ def _interleaved_medians(fns: dict, timer=None) -> dict:
     return t
 
 
-def _graph_median_ms(fn):
-    """Milliseconds per call of `fn` replayed from a CUDA graph (no host time, no L2 flush)."""
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
 def _mase_ratios(x, w, b, gy, t: dict) -> dict:
     """mase-triton's optical layer on the same tensors: its times go into `t`; returns its
     ratios to nn.Linear and ours to it (empty when mase-triton is not installed)."""
@@ -223,39 +205,40 @@ def bench_shape(M, K, N, dtype, with_mase, case, graphs=False):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(M + K + N)
     x = torch.randn(M, K, device=dev, dtype=dtype, generator=g).requires_grad_()
-    w = (torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K ** -0.5).requires_grad_()
-    b = (torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1).requires_grad_()
+    w = torch.nn.Parameter(torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K ** -0.5)
+    b = torch.nn.Parameter(torch.randn(N, device=dev, dtype=dtype, generator=g) * 0.1)
     gy = torch.randn(M, N, device=dev, dtype=dtype, generator=g)
-    optical, calibrate, ranges = _optical_layer(x, w, b)
+    optical = _optical_layer(w, b)
 
     def opt_fwd():
         with torch.no_grad():
-            return optical()
+            return optical(x)
 
     def lin_fwd():
         with torch.no_grad():
             return F.linear(x, w, b)
 
     def opt_fwdbwd():
-        return torch.autograd.grad(optical(), (x, w, b), gy)
+        return torch.autograd.grad(optical(x), (x, w, b), gy)
 
     def lin_fwdbwd():
         return torch.autograd.grad(F.linear(x, w, b), (x, w, b), gy)
 
-    calibrate()  # steady state: every quantizer is active
+    _calibrate(optical, x)  # steady state: every quantizer is active
     opt_fwdbwd()  # compile
     torch.cuda.synchronize()
+    ranges = optical.ranges()
     assert bool((ranges[:, 0] <= ranges[:, 1]).all()), ranges
     rec = {"case": case, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
     calls = {"lin_fwd": lin_fwd, "opt_fwd": opt_fwd, "lin_fwdbwd": lin_fwdbwd,
              "opt_fwdbwd": opt_fwdbwd}
     t = _interleaved_medians(calls)
     if graphs:
-        tg = _interleaved_medians(calls, _graph_median_ms)
+        tg = _interleaved_medians(calls, graph_median_ms)
         rec.update(graphs_fwd_ratio=tg["opt_fwd"] / tg["lin_fwd"],
                    graphs_fwdbwd_ratio=tg["opt_fwdbwd"] / tg["lin_fwdbwd"], times_ms_graphs=tg)
-    lin_peak, base = _peak_bytes(lin_fwdbwd)
-    opt_peak, _ = _peak_bytes(opt_fwdbwd)
+    lin_peak, base = peak_bytes(lin_fwdbwd, empty_cache=True)
+    opt_peak, _ = peak_bytes(opt_fwdbwd, empty_cache=True)
     rec.update(
         fwd_ratio=t["opt_fwd"] / t["lin_fwd"],
         fwdbwd_ratio=t["opt_fwdbwd"] / t["lin_fwdbwd"],
@@ -268,12 +251,15 @@ def bench_shape(M, K, N, dtype, with_mase, case, graphs=False):
     flop = 2.0 * M * N * K
     rec["tflops"] = {"linear_fwd": flop / t["lin_fwd"] * 1e-9,
                      "optical_fwd": flop / t["opt_fwd"] * 1e-9}
-    del x, w, b, gy
+    del x, w, b, gy, optical
     return rec
 
 
 def sweep(dtype, shapes=LARGE):
-    """Forward-only timings of GEMM configs (and of the epilogue's parts) at `shapes`."""
+    """Forward-only timings of GEMM configs at `shapes` (ratios to F.linear's forward; the
+    SWEEP_NONOISE ones also without the read-out noise), and the device time of the table
+    forward's operand pass (`operand_pass_ms`, `operand_pass_GBps`: x and W read and written
+    once)."""
     dev = torch.device("cuda")
     out = []
     for (M, K, N) in shapes:
@@ -299,22 +285,16 @@ def sweep(dtype, shapes=LARGE):
                     row[key] = ms / lin
                 except Exception as e:  # noqa: BLE001
                     row[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
-        # the two memory-bound operand passes alone
-        xq = torch.empty_like(x)
-        wq = torch.empty_like(w)
-        obs = torch.empty(3, 2, device=dev)
-        row["quant_x_ms"] = _median_ms(lambda: klinear._quantize_into(
-            x, xq, ranges[0], None, obs[0], levels=LEVELS, lut=None, noisy=False, stream=0,
-            index=None))
-        row["quant_w_ms"] = _median_ms(lambda: klinear._quantize_into(
-            w, wq, ranges[1], None, obs[1], levels=LEVELS, lut=LUT, noisy=False, stream=0,
-            index=None))
-        gbs = lambda t, n: 2 * n * x.element_size() / (t * 1e-3) / 1e9  # noqa: E731
-        row["quant_x_GBps"] = gbs(row["quant_x_ms"], M * K)
-        row["quant_w_GBps"] = gbs(row["quant_w_ms"], N * K)
+        # the memory-bound operand pass (Q_x and Q_w in one launch) as the table's forward runs
+        # it: its kernel's device time, from the profiler
+        us = _kernel_us(lambda: klinear.linear_forward(
+            x, w, b, *ranges, seed, levels=LEVELS, lut=LUT, stream=0,
+            index=klinear.LinearIndex.whole(M, N), observe=True), "_quantize_operands_kernel")
+        row["operand_pass_ms"] = us * 1e-3
+        row["operand_pass_GBps"] = 2 * (M + N) * K * x.element_size() / (us * 1e-6) / 1e9
         print(json.dumps(row), flush=True)
         out.append(row)
-        del x, w, b, xq, wq
+        del x, w, b
         torch.cuda.empty_cache()
     return out
 
@@ -407,8 +387,7 @@ def main():
         rows = sweep(dtype, FLAVOR_1P1B if args.shapes == "1.1B" else LARGE)
         results["sweep"] = rows
         # pick the config with the best worst-case forward ratio over the swept shapes
-        names = [k for k in rows[0] if isinstance(rows[0][k], float) and "nonoise" not in k
-                 and k not in ("linear_ms",) and not k.startswith("quant_")]
+        names = [k for k in SWEEP_CONFIGS if isinstance(rows[0].get(k), float)]
         worst = {k: max(r[k] if isinstance(r[k], float) else math.inf for r in rows)
                  for k in names}
         best = min(worst, key=worst.get)

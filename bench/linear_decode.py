@@ -25,7 +25,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from timing import graph_median_ms  # noqa: E402
 from torchtitan_ext.optical.kernels import linear as klinear  # noqa: E402
 
 # (K, N, calls per layer) of the 60M (dim 384, 2 KV heads of 64, FFN 1024)
@@ -44,9 +46,8 @@ CANDIDATES = {
 
 
 def _graph_ms(fn) -> float:
-    fn()  # compiles and allocates outside the capture
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    # the first call compiles and allocates outside the capture
+    return graph_median_ms(fn, rep=50, call_first=True)
 
 
 def time_shape(M: int, K: int, N: int, dtype) -> dict:

@@ -12,10 +12,10 @@ the instructions with the most stall samples, with their top stall reasons.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
 import io
-import sys
 
 
 def kernels(text: str):
@@ -72,8 +72,12 @@ def summary(name, rows, top_blocks=8, top_stalls=15):
         print(f"  {i} {_n(r, st_key) / stt * 100:.2f} {r['Source'].strip()[:70]} {why}")
 
 
-def main():
-    with open(sys.argv[1]) as f:
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source_csv", help="the source page exported by `ncu -i REP --page source "
+                                       "--csv --print-source sass`")
+    args = ap.parse_args(argv)
+    with open(args.source_csv) as f:
         text = f.read()
     for name, rows in kernels(text):
         summary(name, rows)

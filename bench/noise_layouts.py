@@ -171,8 +171,8 @@ def operand_pass_source(cfg=None):
     shapes."""
     from torchtitan_ext.optical.kernels import linear as LN
 
-    kernel = LN._quantize_operands_kernel
-    cfg = cfg or LN._operand_config(1536)
+    kernel = LN.triton_kernel("operands")
+    cfg = cfg or LN.operand_config(1536)
     const = dict(LEVELS=256, HAS_LUT=True, OBSERVE=True, BR=cfg.BR, BC=cfg.BC, LEVELS_W=256,
                  STAGES=cfg.num_stages, stride_xk=1, stride_wk=1)
     ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", xq_ptr="*bf16", wq_ptr="*bf16", rng_ptr="*fp32",

@@ -19,30 +19,30 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import sync  # noqa: E402
 
 ITERS, WARMUP, REPEATS = 300, 30, 5
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def per_call_us(fn) -> float:
     for _ in range(WARMUP):
         fn()
-    _sync()
+    sync()
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
         for _ in range(ITERS):
             fn()
-        _sync()
+        sync()
         times.append((time.perf_counter() - start) / ITERS * 1e6)
     return statistics.median(times)
 
@@ -77,7 +77,7 @@ def linear_costs(dev: torch.device, dt: torch.dtype, compile_too: bool) -> dict[
         lambda: klinear.linear_forward(
             x, opt.weight, None, ranges[0], ranges[1], ranges[2], seed, levels=256, lut=0.02,
             stream=0, index=klinear.LinearIndex(*index), observe=True))
-    rec.update(_host_path_pieces(klinear, x, ranges, dev, dt))
+    rec.update(_host_path_pieces(klinear, x, opt.weight.detach(), ranges, dev, dt))
     if dev.type == "cuda" and klinear.gpu_has_tma(dev):
         # What the host-side TMA descriptors add (against the pointer mainloop of the same tiles).
         for label, tma in (("pointer mainloop", False), ("with TMA descriptors", True)):
@@ -105,23 +105,29 @@ def linear_costs(dev: torch.device, dt: torch.dtype, compile_too: bool) -> dict[
     return rec
 
 
-def _host_path_pieces(klinear, x, ranges, dev, dt) -> dict[str, float]:
-    """The pieces of the forward's host path, one at a time (the launcher's internals)."""
-    xq = torch.empty_like(x)
+def _host_path_pieces(klinear, x, w, ranges, dev, dt) -> dict[str, float]:
+    """Pieces of the host path, one at a time, through the kernels module's public functions:
+    one elementwise quantizer launch, the backward with and without its clipped-gradient
+    launch (the difference is that launch), the config lookup, and the forward's allocations."""
     g = torch.randn(16, 1152, device=dev, dtype=dt)
-    src = torch.randn(16, 1152, device=dev, dtype=dt)
+
+    def backward(clipped):
+        return klinear.linear_backward(g, x, w, ranges[0], ranges[1], None, clipped=clipped,
+                                       has_bias=False, needs_grad=(True, False, False))
+
     return {
-        "  one Triton launch: quantize pass (18 args)": per_call_us(lambda: klinear._quantize_into(
-            x, xq, ranges[0], None, None, levels=256, lut=None, noisy=False, stream=0,
-            index=None)),
-        "  one Triton launch: clip-grad (8 args)": per_call_us(
-            lambda: klinear._clip_grad_(g, src, ranges[2])),
+        "  one Triton launch: quantize_tensor (18 args, + its output allocation)": per_call_us(
+            lambda: klinear.quantize_tensor(x, ranges[0], None, levels=256, lut=None, stream=0,
+                                            noisy=False, index=None)),
+        "  linear_backward, grad_x only (one matmul)": per_call_us(lambda: backward(False)),
+        "  linear_backward, grad_x only, clipped (+ one clip-grad launch, 8 args)": per_call_us(
+            lambda: backward(True)),
         "  config lookup (cached)": per_call_us(
             lambda: klinear.gemm_config(16, 1152, 384, dt, dev)),
-        "  allocations (obs, y, 2 operand buffers)": per_call_us(lambda: (
-            torch.empty(3, 2, device=dev), torch.empty(16, 1152, dtype=dt, device=dev),
-            klinear._operand_buffer(16, 384, dt, dev, 8),
-            klinear._operand_buffer(1152, 384, dt, dev, 8))),
+        "  allocations as the forward's (obs, y, 2 operand buffers: 4 torch.empty)": per_call_us(
+            lambda: (torch.empty(3, 2, device=dev), torch.empty(16, 1152, dtype=dt, device=dev),
+                     torch.empty(16, 384, dtype=dt, device=dev),
+                     torch.empty(1152, 384, dtype=dt, device=dev))),
     }
 
 
@@ -145,7 +151,7 @@ def cprofile_linear(dev: torch.device, dt: torch.dtype, path: str, calls: int) -
     prof.enable()
     for _ in range(calls):
         opt(x).sum().backward()
-    _sync()
+    sync()
     prof.disable()
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)

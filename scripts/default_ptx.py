@@ -47,14 +47,26 @@ def _run(self, *args, grid, warmup, **kw):
 JITFunction.run = _run
 
 from torchtitan_ext.optical.kernels import linear as L, attention as A
-L._OVERRIDE = L.GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)  # pointer path (no TMA desc on CPU)
 M = N = K = 256
 x = torch.randn(M, K, dtype=torch.bfloat16); w = torch.randn(N, K, dtype=torch.bfloat16)
 ranges = torch.tensor([[-2., 2.]] * 3); seed = torch.tensor(1)
-for noise in (True, False):
-    L.forward_packed(x, w, None, ranges, seed, 256, 0.02, 0, (M, M, 0, N, 0), True, True, False, noise)
+# The large-shape entry without TMA (no host tensor descriptors without a GPU), forced through the
+# public override: without it a CPU tensor would get the interpreter's small tiles.
+with L.override_gemm_config(L.GemmConfig(128, 128, 64, 8, 8, 3, False, maxnreg=128)):
+    for noise in (True, False):
+        L.linear_forward(x, w, None, *ranges, seed, levels=256, lut=0.02, stream=0,
+                         index=L.LinearIndex.whole(M, N), observe=True, noise=noise)
 L.quantize_tensor(x.float(), ranges[0], seed, levels=256, lut=None, stream=0, noisy=True, index=None)
-A._fwd_grid = lambda n_items, cpp, levels, warps, dev, interp: (min(n_items, 132), torch.uint8)
+# The attention forward sizes its persistent grid by the GPU's multiprocessor count, which it asks
+# torch.cuda for; without a GPU, answer as an H200 (132 SMs) would. The grid size is a launch
+# argument, not part of the compiled code, so the PTX is the same. (No public override of the SM
+# count exists in kernels/attention.py; this fakes the hardware, like FakeDriver above, and
+# touches no private name of the package.)
+if not torch.cuda.is_available():
+    import types
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
+        multi_processor_count=132, name="fake sm_90")
 B, H, Lq, D = 1, 2, 128, 64
 q = torch.randn(B, H, Lq, D, dtype=torch.bfloat16); k = torch.randn(B, 1, Lq, D, dtype=torch.bfloat16)
 r = torch.tensor([-2., 2.]); seeds = torch.tensor([1, 2])

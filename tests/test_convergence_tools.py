@@ -494,3 +494,75 @@ def test_kernel_sass_finds_loops_and_spills():
     (line,) = ks.describe(ins, loops, min_len=1)
     assert line == "  loop [1, 7], 7 instructions: LDL 1, STL 1, HGMMA 1, FFMA 1, FADD 1"
     assert ks.describe(ins, loops) == []  # shorter than the default 40
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a benchmark's main() before any GPU work."""
+
+
+def test_attention_bench_sweeps_at_the_requested_heads(monkeypatch):
+    """bench/attention.py --sweep times its candidates at the run's --heads / --hkv (it swept at
+    H = Hkv = 16 whatever GQA shape the run then measured), and its inputs take both."""
+    bench = _module("attention")
+    real_sweep = bench.sweep
+    seen = {}
+
+    def fake_sweep(**kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(bench, "sweep", fake_sweep)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr("sys.argv", ["attention.py", "--sweep", "--heads", "24", "--hkv", "8",
+                                     "--head-dim", "64", "--sweep-len", "2048"])
+    with pytest.raises(_Stop):
+        bench.main()
+    assert seen == {"D": 64, "L": 2048, "H": 24, "HKV": 8}
+
+    def fake_inputs(*args, **kw):
+        raise _Stop(args)
+
+    monkeypatch.setattr(bench, "Inputs", fake_inputs)
+    with pytest.raises(_Stop) as e:
+        real_sweep(D=64, L=2048, H=24, HKV=8)
+    assert e.value.args[0][:5] == (16, 24, 8, 2048, 64)  # B = 32768 // L, H, Hkv, L, D
+
+
+def test_ncu_summary_has_a_usage_and_names_its_argument(capsys):
+    """bench/ncu_summary.py parses its arguments: --help prints the usage, a missing CSV exits 2
+    naming the argument (was: a traceback from sys.argv[1])."""
+    summ = _module("ncu_summary")
+    with pytest.raises(SystemExit) as e:
+        summ.main(["--help"])
+    assert e.value.code == 0 and "source_csv" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        summ.main([])
+    assert e.value.code == 2 and "source_csv" in capsys.readouterr().err
+
+
+def test_linear_bench_times_the_optical_linear_module_itself():
+    """bench/linear.py's optical arm is OpticalLinear (not a copy of its forward): built over the
+    very parameters F.linear is timed with, in training mode, with the benchmark's quantizer
+    settings, and calibrated by one training call and update_ranges (the x range is then x's
+    min/max), after which forward and backward run."""
+    from torchtitan_ext.optical.modules import OpticalLinear
+
+    bench = _module("linear")
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 16, generator=g) * 0.25)
+    b = torch.nn.Parameter(torch.randn(24, generator=g) * 0.1)
+    x = torch.randn(8, 16, generator=g, requires_grad=True)
+    layer = bench._optical_layer(w, b)
+    assert isinstance(layer, OpticalLinear) and layer.training
+    assert layer.weight is w and layer.bias is b
+    c = layer.config
+    assert (c.q_levels, c.q_lut_min, c.q_smooth_factor, c.q_noise, c.q_grad,
+            c.q_quantiles) == (bench.LEVELS, bench.LUT, bench.SMOOTH, True, "ste", None)
+    assert not bool((layer.ranges()[:, 0] <= layer.ranges()[:, 1]).any())  # uncalibrated
+    bench._calibrate(layer, x)
+    r = layer.ranges()
+    assert bool((r[:, 0] < r[:, 1]).all())
+    assert torch.equal(r[0], torch.stack([x.min(), x.max()]).detach())
+    gx, gw, gb = torch.autograd.grad(layer(x), (x, w, b), torch.ones(8, 24))
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape

@@ -5,9 +5,8 @@ What is computed, per batch and head (causal or not):
     P = softmax(S * scale + mask)            float32
     Y = Q_y(Q_p(P) @ Q_v(v))                 Q_p det on [0, 1], Q_v det + lut, Q_y noisy (seeds[1])
 and the straight-through (optionally clipped) gradients of `reference.optical_attention_backward`.
-H200, bf16, H=16, causal, B*L=32768: fwd+bwd 1.83-1.84x flash SDPA for L = 2048..8192 at D=128,
-1.97-2.12x at D=64; 3.4x cuDNN's at the 1.1B flavor's shape at L=32768 (bench/attention.py,
-bench/results/attention-h200-d{64,128}-stop25.json, attention-ab-h200-1.1B-stop25-*.json).
+Speed and memory against flash / cuDNN SDPA (bench/attention.py, bench/attention_parts.py): the
+README's performance table (latest figures) and bench/results/README.md (history, raw files).
 
 Why the design looks like this
 ------------------------------

@@ -216,3 +216,36 @@ def test_run_clm_default_block_size_is_the_recorded_training_context():
     assert block_size_of(DataArguments(), LlamaConfig(max_position_embeddings=512)) == 512
     with pytest.raises(ValueError, match="--block_size: must be an integer >= 1"):
         block_size_of(DataArguments(block_size=0), recorded)
+
+
+@pytest.mark.parametrize("resume", ["folder", "newest"])
+def test_trainer_resume_restores_the_checkpoints_ranges(folder, tmp_path, resume):
+    """A Trainer resume loads the weights file only; the callback loads the checkpoint's own
+    ranges file (`resume_from_checkpoint` a folder, or True: the newest in output_dir)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from torchtitan_ext.hf.callbacks import OpticalRangesCallback
+    from torchtitan_ext.hf.transform import optical_state_dict
+
+    model = _auto(folder)
+    with torch.no_grad():
+        for m in model.modules():  # the checkpoint's ranges: moved by training
+            if hasattr(m, "optical_ranges"):
+                m.optical_ranges.mul_(1.5)
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    model.save_pretrained(ckpt, state_dict=model.state_dict(), is_main_process=True)
+    started = _auto(folder).train()  # the run restarts from the folder it started from
+    args = SimpleNamespace(world_size=1, process_index=0, output_dir=str(tmp_path),
+                           resume_from_checkpoint=str(ckpt) if resume == "folder" else True)
+    OpticalRangesCallback().on_train_begin(args, None, None, model=started)
+    saved = load_file(str(ckpt / RANGES_FILE))
+    got = optical_state_dict(started)
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(saved[k], v) for k, v in got.items())
+    args.resume_from_checkpoint = None  # no resume: the ranges stay
+    fresh = _auto(folder).train()
+    OpticalRangesCallback().on_train_begin(args, None, None, model=fresh)
+    assert not any(torch.equal(saved[k], v) for k, v in optical_state_dict(fresh).items())

@@ -77,3 +77,14 @@ def test_modules_collect_only_when_asked_and_report_means():
     assert "optical/OpticalAttention/p_zeroed_clamp_frac" in stats
     # Read once: the next statistics start from zero.
     assert not any("clamp" in k for k in range_statistics([lin, att]))
+
+
+def test_unmeasured_clamp_statistics_are_left_out_not_zero():
+    """A row-wise shard measures the operands' clamping only: its output statistic is absent
+    (not a 0% that would pull the mean over modules down)."""
+    lin = OpticalLinear(4, 4, config=QuantizerConfig(q_levels=16))
+    lin.record_clamp(torch.tensor([0.5, 0.25, 0.75]), measured=2)
+    lin.record_clamp(torch.tensor([0.25, 0.25, 0.0]), measured=2)
+    assert lin.take_clamp_stats() == {"x": 0.375, "w": 0.25}
+    lin.record_clamp(torch.tensor([0.5, 0.25, 0.75]))
+    assert lin.take_clamp_stats() == {"x": 0.5, "w": 0.25, "out": 0.75}

@@ -146,10 +146,8 @@ class OpticalLinear(RangeState, nn.Linear):
         fr = clamp_stats.linear_clamp_fractions(x_local, w_local, self.ranges(),
                                                 levels=self.config.linear_levels,
                                                 lut=self.config.lut)
-        if row_wise:
-            # Row-wise shards hold partial sums: only the operands' fractions mean anything.
-            fr = torch.cat([fr[:2], torch.zeros_like(fr[2:])])
-        self.record_clamp(fr)
+        # Row-wise shards hold partial sums: only the operands' fractions mean anything.
+        self.record_clamp(fr, measured=2 if row_wise else None)
 
     def _forward_bypass(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

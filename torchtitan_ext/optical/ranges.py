@@ -112,11 +112,16 @@ class RangeState:
         with torch.no_grad():
             observed.copy_(merge_observed(observed, obs))
 
-    def record_clamp(self, fractions: torch.Tensor) -> None:
-        """Add one forward's clamp fractions (float32 [len(CLAMP_NAMES)])."""
+    def record_clamp(self, fractions: torch.Tensor, measured: int | None = None) -> None:
+        """Add one forward's clamp fractions (float32 [len(CLAMP_NAMES)]); with `measured`, only
+        the first `measured` statistics count (the others this forward could not measure, e.g.
+        a row-wise shard's output, which holds partial sums): no zeros that would pass for 0%."""
         acc = local(self.optical_clamped)
         with torch.no_grad():
-            acc.add_(torch.stack([fractions.to(acc.device), torch.ones_like(fractions)], -1))
+            counts = torch.ones_like(fractions)
+            if measured is not None:
+                counts[measured:] = 0
+            acc.add_(torch.stack([fractions.to(acc.device), counts.to(acc.device)], -1))
 
     def take_clamp_stats(self) -> dict[str, float]:
         """Mean fraction per statistic since the last call (forwards that collected), then reset

@@ -179,7 +179,7 @@ def test_run_clm_trainer_checkpoints_are_written_by_the_one_writer(folder, tmp_p
     out = tmp_path / "checkpoint-1"
     out.mkdir()
     model.save_pretrained(out, state_dict=model.state_dict(), is_main_process=True)
-    for name in (TRANSFORM_FILE, RANGES_FILE, "modeling_optical_llama.py"):
+    for name in (TRANSFORM_FILE, RANGES_FILE, "modeling_optical_llama.py", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert "auto_map" in json.loads((out / "config.json").read_text())
     saved = load_file(str(out / RANGES_FILE))

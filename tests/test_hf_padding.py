@@ -265,13 +265,13 @@ def test_a_causal_padding_4d_mask_is_accepted_and_checked_once_per_forward(monke
     model, seqs = _model(noise=False, default={"q_bypass": True}), _seqs()
     ids, mask, pos = _batch(seqs, "right")
     calls = []
-    real = hf_transform._causal_padding
+    real = hf_transform._is_causal_padding
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(hf_transform, "_causal_padding", counting)
+    monkeypatch.setattr(hf_transform, "_is_causal_padding", counting)
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=pos, use_cache=False)
     assert len(calls) == 1 < model.config.num_hidden_layers

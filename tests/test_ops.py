@@ -245,6 +245,25 @@ def test_bad_op_arguments_are_refused_by_name_before_any_launch(mode, kernel_dev
         assert word in str(e.value), (word, str(e.value))
 
 
+@pytest.mark.parametrize("fake", [False, True])
+def test_the_raw_linear_op_refuses_a_bias_without_q_out(fake):
+    """Not only the wrapper: a direct `torch.ops.optical.linear` call (and its fake, which
+    torch.compile traces) would otherwise drop the bias and still return its gradient."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def call():
+        x, w, b = torch.randn(2, 12), torch.randn(7, 12), torch.randn(7)
+        torch.ops.optical.linear(x, w, b, _ranges(3, x.device), _seed(x.device), 16, 0.0, 3,
+                                 ops.linear_index(x.shape, 7), True, False, False, None)
+
+    with pytest.raises(ValueError, match="bias must be None with quantize_output=False"):
+        if fake:
+            with FakeTensorMode():
+                call()
+        else:
+            call()
+
+
 @pytest.mark.parametrize("call", [_linear_call, _quantize_call, _attention_call])
 def test_bad_op_arguments_control_the_spy_sees_a_launch(mode, kernel_device, monkeypatch, call):
     # the negative control of the catalogue's check: good arguments reach the implementation

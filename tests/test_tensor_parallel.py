@@ -142,19 +142,26 @@ def test_tensor_parallel_equals_single_device(noise, extra):
         assert torch.allclose(r, dict(ref.named_buffers())[name], rtol=1e-6, atol=1e-7), name
 
 
-def _rowwise_worker(rank, world, port, state, gy, out_q, cfg):
+def _rowwise_worker(rank, world, port, state, gy, out_q, cfg, seq_parallel):
     """One row-wise OpticalLinear: a digital warm-up step, then an optical step with clipped
-    gradients; sends rank 0's ranges and the gathered gradients of x, W and b."""
+    gradients; sends rank 0's ranges and the gathered gradients of x, W and b. seq_parallel:
+    the output sharded along the sequence, as torchtitan's plan has it (spec.py)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard
         from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
         mesh = init_device_mesh("cpu", (world,))
         lin = OpticalLinear(HID, D, bias=True, config=cfg)
         lin.load_state_dict(state)
-        parallelize_module(lin, mesh, RowwiseParallel())
+        if seq_parallel:
+            parallelize_module(lin, mesh, RowwiseParallel(output_layouts=Shard(1)))
+            lin.tp_output_placement = Shard(1)
+            gy = gy.chunk(world, 1)[rank]
+        else:
+            parallelize_module(lin, mesh, RowwiseParallel())
         ranges, grads = _rowwise_steps(lin, lambda t: t.chunk(world, -1)[rank], gy)
         gx = [torch.empty_like(grads[0]) for _ in range(world)]
         dist.all_gather(gx, grads[0])
@@ -187,7 +194,8 @@ def _rowwise_steps(lin, shard, gy):
     return ranges, [xs.grad, lin.weight.grad, lin.bias.grad]
 
 
-def test_row_wise_warmup_ranges_and_clipped_gradients_equal_single_device():
+@pytest.mark.parametrize("seq_parallel", [False, True])
+def test_row_wise_warmup_ranges_and_clipped_gradients_equal_single_device(seq_parallel):
     """Row-wise TP=2 equals TP=1: the digital warm-up observes the reduced accumulator (no
     partial sums, no bias), and q_grad: clipped masks x's and W's gradients there too (Q_out runs
     after the reduction); the bias gradient is dL/dy summed, unmasked."""
@@ -200,7 +208,8 @@ def test_row_wise_warmup_ranges_and_clipped_gradients_equal_single_device():
     gy = torch.randn(B, S, D)
     ranges, grads = _rowwise_steps(ref, lambda t: t, gy)
     assert (grads[0] == 0).any() and (grads[1] == 0).any()  # the masks matter
-    tp_ranges, tp_grads = _run_two_ranks(_rowwise_worker, lambda q: (state, gy, q, cfg))
+    tp_ranges, tp_grads = _run_two_ranks(_rowwise_worker,
+                                         lambda q: (state, gy, q, cfg, seq_parallel))
     torch.testing.assert_close(tp_ranges, ranges, rtol=1e-6, atol=1e-6)
     assert ranges[2, 1] < 4.0  # the accumulator's range, not the biased output's
     for name, got, want in zip("xWb", tp_grads, grads):

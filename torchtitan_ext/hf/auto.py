@@ -45,6 +45,10 @@ class OpticalLlamaForCausalLM(LlamaForCausalLM):
     config_class = OpticalLlamaConfig
     _keys_to_ignore_on_load_unexpected = [r"^optical_export\."]  # the writer's TRUST_MARKER
     optical_report = None  # HFTransformReport of the transform applied at load (None: digital)
+    # A tokenizer folder `save_pretrained` copies into every folder it writes (run_clm sets it,
+    # so the Trainer's checkpoint-N folders are complete); None: weights and config only, as
+    # transformers' own save_pretrained.
+    optical_tokenizer_dir = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, optical_transform=FROM_FOLDER,
@@ -75,7 +79,8 @@ class OpticalLlamaForCausalLM(LlamaForCausalLM):
             return
         from .save import save_optical_hf
 
-        save_optical_hf(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+        save_optical_hf(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size,
+                        tokenizer_dir=self.optical_tokenizer_dir)
 
 
 def _is_folder(value) -> bool:

@@ -191,6 +191,7 @@ def _load_model(model_args):
         transform = folder_file(folder, TRANSFORM_FILE)
     model = OpticalLlamaForCausalLM.from_pretrained(
         folder, dtype=dtype, optical_transform=transform, optical_ranges=_given(model_args.ranges))
+    model.optical_tokenizer_dir = model_args.tokenizer_name or folder  # in checkpoint-N too
     if model.optical_report is not None:
         logger.info("\n" + format_hf_histogram(model.optical_report))
     else:

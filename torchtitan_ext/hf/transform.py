@@ -147,14 +147,17 @@ def query_start(attention_mask, kpm, q_len: int, k_len: int) -> "int | torch.Ten
     return k_len - q_len
 
 
-def _causal_padding(kpm: torch.Tensor, q_len: int, q_start) -> torch.Tensor:
-    """bool [B, 1, Lq, Lk]: row r sees key j iff j <= q_start + r and key j is not padding."""
-    keys = torch.arange(kpm.shape[-1], device=kpm.device)
-    rows = torch.arange(q_len, device=kpm.device)[:, None] + q_start
-    return (keys[None, :] <= rows)[None, None] & kpm[:, None, None, :]
-
-
 _checked_mask = None  # weakref to the last 4-D mask `check_causal_padding_mask` accepted
+
+
+def _is_causal_padding(given: torch.Tensor, kpm: torch.Tensor, q_start) -> bool:
+    """Whether bool [B, 1, Lq, Lk] `given` is the op's own visibility (one host read)."""
+    from torchtitan_ext.optical.reference import attention_visibility
+
+    b, _, lq, lk = given.shape
+    supported = attention_visibility(b, lq, lk, causal=True, q_start=q_start,
+                                     key_padding_mask=kpm, device=given.device)
+    return bool((given == supported).all())
 
 
 def check_causal_padding_mask(attention_mask: torch.Tensor, kpm: torch.Tensor,
@@ -173,8 +176,7 @@ def check_causal_padding_mask(attention_mask: torch.Tensor, kpm: torch.Tensor,
         return
     if _checked_mask is not None and _checked_mask() is attention_mask:
         return
-    given = _as_bool_mask(attention_mask)
-    if not bool((given == _causal_padding(kpm, given.shape[-2], q_start)).all()):
+    if not _is_causal_padding(_as_bool_mask(attention_mask), kpm, q_start):
         raise ValueError(
             "attention_mask: optical attention computes causal attention with key padding only "
             "(allowed: a 2-D 0/1 attention_mask, or transformers' causal 4-D mask of one); this "

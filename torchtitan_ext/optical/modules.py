@@ -215,9 +215,14 @@ class OpticalLinear(RangeState, nn.Linear):
             if self.training:
                 # The accumulator row of `obs` saw partial sums: replace it with the reduced one.
                 self.record(torch.cat([obs[:2], obs_out[None]]))
-            if b_local is not None:
-                y = y + b_local.float()
-            return DTensor.from_local(y.to(x_local.dtype), mesh, [out_placement], run_check=False)
+            y = DTensor.from_local(y, mesh, [out_placement], run_check=False)
+            if self.bias is not None:
+                # As a DTensor: with the output sharded along the sequence, each rank's bias
+                # gradient is a partial sum that DTensor reduces (a local add would not).
+                b = self.bias if isinstance(self.bias, DTensor) else \
+                    DTensor.from_local(self.bias, mesh, [Replicate()], run_check=False)
+                y = y + b.float()
+            return y.to(x_local.dtype)
         raise NotImplementedError(
             f"OpticalLinear: weight placement {w.placements} is not supported; tensor parallel "
             "styles must shard the weight column-wise (Shard(0)) or row-wise (Shard(1))"

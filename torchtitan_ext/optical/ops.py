@@ -43,14 +43,20 @@ def set_kernel_mode(mode: str) -> None:
     """"auto": Triton on CUDA tensors, reference on CPU; "triton": Triton everywhere (CPU needs
     TRITON_INTERPRET=1); "reference": the plain-torch reference everywhere (slow on GPU)."""
     global _kernel_mode
+    check_kernel_mode(mode)
+    _kernel_mode = mode
+
+
+def check_kernel_mode(mode: str) -> None:
+    """Raise ValueError (naming `optical.kernels` and the values allowed on this machine) unless
+    `mode` can run here."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"optical.kernels: must be one of {list(KERNEL_MODES)}, got {mode!r}")
     if mode == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            "optical.kernels = 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels "
-            "in Triton's interpreter on the CPU"
+            "optical.kernels: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the "
+            "kernels in Triton's interpreter on the CPU; allowed here: 'auto', 'reference'"
         )
-    _kernel_mode = mode
 
 
 def get_kernel_mode() -> str:
@@ -200,6 +206,14 @@ def _qlevels_arg(levels: int, qlevels) -> Optional[List[int]]:
 # --------------------------------------------------------------------------------------------
 # Linear
 # --------------------------------------------------------------------------------------------
+def _check_linear_bias(bias, quantize_output: bool) -> None:
+    """In the op itself (and its fake), so that no caller gets a bias silently dropped, or its
+    gradient for a bias the forward never added."""
+    if bias is not None and not quantize_output:
+        raise ValueError("optical_linear: bias must be None with quantize_output=False (the bias "
+                         "is added after Q_out: add it after the reduction and optical_quantize)")
+
+
 @_op("linear")
 def _linear(
     x: Tensor,
@@ -223,6 +237,7 @@ def _linear(
     # read-out of Q_out (n = photons, K = in_features). clipped: the backward masks the
     # gradients of Q_x and Q_w always, and of Q_out where this call applies it (the [M, N] mask
     # returned; without Q_out it is empty: the quantize op after the reduction masks instead).
+    _check_linear_bias(bias, quantize_output)
     save_mask = clipped and quantize_output
     lv = _levels3(levels, qlevels)
     k = x.shape[-1]
@@ -262,6 +277,7 @@ def _linear(
 @_linear.register_fake
 def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
                  quantize_output, clipped, quantiles, noise=True, qlevels=None, photons=0.0):
+    _check_linear_bias(bias, quantize_output)
     n = weight.shape[0]
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
@@ -371,9 +387,6 @@ def optical_linear(
     gradients. Bad arguments raise ValueError naming them, before any launch."""
     ref.check_quantizer_args("optical_linear", levels=levels, qlevels=qlevels,
                              level_names=("x", "w", "out"), lut=lut, photons=photons)
-    if bias is not None and not quantize_output:
-        raise ValueError("optical_linear: bias must be None with quantize_output=False (the bias "
-                         "is added after Q_out: add it after the reduction and optical_quantize)")
     y, obs, _ = torch.ops.optical.linear(
         x, weight, bias, ranges, seed, levels, float(lut or 0.0), stream, index, observe,
         quantize_output, bool(clipped), list(quantiles) if quantiles else None,

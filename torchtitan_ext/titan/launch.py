@@ -84,6 +84,7 @@ _LINEAR_CONVERTER_PREFIX = "quantize.linear."
 
 def _check_optical_run(job_config) -> None:
     """Settings that conflict with the optical layers (a digital twin may use them)."""
+    from torchtitan_ext.optical.ops import check_kernel_mode
     from torchtitan_ext.titan.hf_adapter import check_last_save_in_hf
 
     optical, ckpt = job_config.optical, job_config.checkpoint
@@ -93,12 +94,10 @@ def _check_optical_run(job_config) -> None:
             "activation_checkpoint.preserve_rng_state: must be true with optical layers (the "
             "recomputed forward must redraw the same noise seeds); allowed: true"
         )
-    if (optical.kernels == "triton" and not torch.cuda.is_available()
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        raise OpticalConfigError(
-            "optical.kernels: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the "
-            "kernels in Triton's interpreter on the CPU; allowed here: 'auto', 'reference'"
-        )
+    try:
+        check_kernel_mode(optical.kernels)
+    except ValueError as e:
+        raise OpticalConfigError(str(e)) from None
     swapping = [c for c in job_config.model.converters if c.startswith(_LINEAR_CONVERTER_PREFIX)]
     if swapping:
         raise OpticalConfigError(
@@ -106,11 +105,13 @@ def _check_optical_run(job_config) -> None:
             "makes optical, so one of the two would silently not apply; allowed with "
             f"'optical_transformer': converters other than {_LINEAR_CONVERTER_PREFIX}*"
         )
-    if ckpt.export_dtype != "float32":
-        # torchtitan's last save casts the whole model state, the float32 range buffers too.
+    if ckpt.enable and ckpt.last_save_model_only and ckpt.export_dtype != "float32":
+        # torchtitan's model-only last save casts the whole model state, the float32 range
+        # buffers too (without last_save_model_only it does not cast at all).
         raise OpticalConfigError(
-            f"checkpoint.export_dtype: got {ckpt.export_dtype!r}, which would cast the float32 "
-            "optical range buffers too; allowed with optical layers: 'float32' (for bfloat16 "
+            f"checkpoint.export_dtype: got {ckpt.export_dtype!r} with "
+            "checkpoint.last_save_model_only, which would cast the float32 optical range "
+            "buffers too; allowed with optical layers: 'float32' (for bfloat16 "
             "weights export the checkpoint: python -m torchtitan_ext.hf.export --dtype bfloat16)"
         )
     check_last_save_in_hf(job_config)
@@ -145,7 +146,7 @@ def _check_seed_checkpoint(ckpt, world: int) -> None:
 def _check_parallelism(p, model_name: str, world: int) -> None:
     """The degrees must multiply to the number of processes (torchtitan asserts it bare); the
     optical spec takes no pipeline or context parallelism."""
-    from torchtitan_ext.titan.spec import SPEC_NAME
+    from torchtitan_ext.titan.spec import SPEC_NAME, UNSUPPORTED_PARALLELISM
 
     fixed = {"data_parallel_replicate_degree": p.data_parallel_replicate_degree,
              "context_parallel_degree": p.context_parallel_degree,
@@ -154,12 +155,7 @@ def _check_parallelism(p, model_name: str, world: int) -> None:
     for key, value in fixed.items():
         if not isinstance(value, int) or value < 1:
             raise OpticalConfigError(f"parallelism.{key}: must be an integer >= 1, got {value!r}")
-    # Same rule as spec.check_supported_parallelism, which would raise only after start-up.
-    unsupported = {"pipeline_parallel_degree": "range reduction assumes every rank holds "
-                                               "every optical module",
-                   "context_parallel_degree": "the optical attention's noise indices assume "
-                                              "whole sequences"}
-    for key, why in unsupported.items():
+    for key, why in UNSUPPORTED_PARALLELISM.items():
         if model_name == SPEC_NAME and fixed[key] != 1:
             raise OpticalConfigError(
                 f"parallelism.{key}: {fixed[key]} is not supported by model.name "

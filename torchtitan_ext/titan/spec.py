@@ -96,17 +96,21 @@ optical_llama3_args = {
 }
 
 
+# `parallelism.<key>` that must be 1 for this spec, and why (run.py's preflight refuses them
+# before start-up; `check_supported_parallelism` again for trainers that skip it).
+UNSUPPORTED_PARALLELISM = {
+    "pipeline_parallel_degree": "range reduction assumes every rank holds every optical module",
+    "context_parallel_degree": "the optical attention's noise indices assume whole sequences",
+}
+
+
 def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
-    if parallel_dims.pp_enabled:
-        raise ValueError(
-            "optical_llama3: parallelism.pipeline_parallel_degree must be 1; pipeline parallelism "
-            "is not supported (range reduction assumes every rank holds every optical module)"
-        )
-    if parallel_dims.cp_enabled:
-        raise ValueError(
-            "optical_llama3: parallelism.context_parallel_degree must be 1; context parallelism "
-            "is not supported (the optical attention's noise indices assume whole sequences)"
-        )
+    degrees = {"pipeline_parallel_degree": parallel_dims.pp,
+               "context_parallel_degree": parallel_dims.cp}
+    for key, why in UNSUPPORTED_PARALLELISM.items():
+        if degrees[key] != 1:
+            raise ValueError(f"{SPEC_NAME}: parallelism.{key} must be 1, got {degrees[key]} "
+                             f"(not supported: {why})")
 
 
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):

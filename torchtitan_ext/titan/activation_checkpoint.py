@@ -209,3 +209,18 @@ def optical_ac(save_attention: bool = False) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(titan_ac, name, fn)
+
+
+def check_memory_budget(job_config) -> None:
+    """Memory-budget AC leaves what to save to the compiler, so torchtitan asserts (bare, after
+    start-up) that the model is compiled: refuse it here, naming the keys."""
+    from torchtitan_ext.optical.config import OpticalConfigError
+
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.activation_checkpoint.mode == "memory_budget" and not compiled:
+        raise OpticalConfigError(
+            "activation_checkpoint.mode: 'memory_budget' needs the model compiled (the "
+            "compiler chooses what to save); got compile.enable = "
+            f"{job_config.compile.enable}, compile.components = "
+            f"{list(job_config.compile.components)}; allowed: --compile.enable with 'model' in "
+            "compile.components, or another activation_checkpoint.mode")

@@ -54,7 +54,8 @@ def _toml_path(argv: list[str]) -> str | None:
 def preflight(job_config) -> None:
     """Validate what torchtitan does not: flavor, [optical], transform file and its patterns,
     and the settings that would fail (or be ignored) only after distributed start-up."""
-    from torchtitan_ext.titan.activation_checkpoint import check_ac_save_attention
+    from torchtitan_ext.titan.activation_checkpoint import (check_ac_save_attention,
+                                                            check_memory_budget)
     from torchtitan_ext.titan.converter import transform_config_of
     from torchtitan_ext.titan.cuda_graphs import check_cuda_graphs
     from torchtitan_ext.titan.model import build_titan_model, is_optical, spec_and_args
@@ -66,6 +67,7 @@ def preflight(job_config) -> None:
     _check_seed_checkpoint(job_config.checkpoint, world)
     check_cuda_graphs(job_config, world_size=world, has_cuda=torch.cuda.is_available())
     check_ac_save_attention(job_config)
+    check_memory_budget(job_config)
     # The [optical] values and the transform file, digital twins included: a digital twin
     # carries the section for its A/B, and a bad value there would be silently ignored.
     transform = transform_config_of(job_config)

@@ -216,6 +216,7 @@ def initial_loader(tmp_path, monkeypatch):
         m._optical_record, m._allow_transform_change = record, allow
         m._missing_ranges = set()
         m.states = {"model": SimpleNamespace(state_dict=lambda: {"w": None, RANGES: None})}
+        m.close = lambda: None  # nothing was started; torchtitan's __del__ calls close()
         return m
 
     make.loads = loads

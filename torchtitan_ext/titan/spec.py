@@ -105,12 +105,11 @@ UNSUPPORTED_PARALLELISM = {
 
 
 def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
-    degrees = {"pipeline_parallel_degree": parallel_dims.pp,
-               "context_parallel_degree": parallel_dims.cp}
+    enabled = {"pipeline_parallel_degree": parallel_dims.pp_enabled,
+               "context_parallel_degree": parallel_dims.cp_enabled}
     for key, why in UNSUPPORTED_PARALLELISM.items():
-        if degrees[key] != 1:
-            raise ValueError(f"{SPEC_NAME}: parallelism.{key} must be 1, got {degrees[key]} "
-                             f"(not supported: {why})")
+        if enabled[key]:
+            raise ValueError(f"{SPEC_NAME}: parallelism.{key} must be 1 (not supported: {why})")
 
 
 def parallelize_optical_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):

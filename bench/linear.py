@@ -37,9 +37,7 @@ the same weight and bias parameters as F.linear's; 256 levels, lut 0.02004, EMA 
 noise on): its forward draws a seed on the device, runs the shipped op (ops.optical_linear) and
 merges the observed ranges into the pending buffer (device ops, no sync). Its ranges are
 calibrated before timing by one training call and `update_ranges` (steady state: every quantizer
-active). Until stop 29 this script timed a copy of that forward (the op called directly with the
-same bookkeeping), without the module's own host path (bench/results/README.md, stop 30).
-Timing helpers: bench/timing.py.
+active). Timing helpers: bench/timing.py.
 """
 
 from __future__ import annotations
@@ -121,6 +119,7 @@ OPERAND_CONFIGS = {
 # wk / wv (1536 -> 512) and feed-forward (1536 -> 5376, 5376 -> 1536) shapes. (Stop 24's sweep,
 # linear-operands-h200-stop24.json, ran 1536 -> 1536 / 4096 and 4096 -> 1536 instead.)
 OPERAND_SHAPES = LARGE + FLAVOR_1P1B
+OPERAND_KERNEL = klinear.triton_kernel("operands").__name__  # its name in profiler traces
 
 
 def _optical_layer(w: torch.nn.Parameter, b: torch.nn.Parameter) -> OpticalLinear:
@@ -289,7 +288,7 @@ def sweep(dtype, shapes=LARGE):
         # it: its kernel's device time, from the profiler
         us = _kernel_us(lambda: klinear.linear_forward(
             x, w, b, *ranges, seed, levels=LEVELS, lut=LUT, stream=0,
-            index=klinear.LinearIndex.whole(M, N), observe=True), "_quantize_operands_kernel")
+            index=klinear.LinearIndex.whole(M, N), observe=True), OPERAND_KERNEL)
         row["operand_pass_ms"] = us * 1e-3
         row["operand_pass_GBps"] = 2 * (M + N) * K * x.element_size() / (us * 1e-6) / 1e9
         print(json.dumps(row), flush=True)
@@ -338,7 +337,7 @@ def operand_sweep(dtype, rounds: int = 5) -> list[dict]:
         for _ in range(rounds):
             for name, cfg in OPERAND_CONFIGS.items():
                 with klinear.override_gemm_config(operands=cfg):
-                    times[name].append(_kernel_us(forward, "_quantize_operands_kernel"))
+                    times[name].append(_kernel_us(forward, OPERAND_KERNEL))
         moved = 2 * (M + N) * K * x.element_size()
         row = {"M": M, "K": K, "N": N, "bytes": moved}
         for name, t in times.items():

@@ -274,11 +274,9 @@ class OpticalAttention(RangeState, nn.Module):
         if c.q_bypass or not self.optical_enabled:
             y = _sdpa(q, k, v, scale, is_causal, key_padding_mask, q_start)
             if self.training:
-                # Built on the device: a tensor from a Python list is a host-to-device copy.
-                unset = torch.full((2,), float("inf"), device=q.device)
-                unset[1] = float("-inf")
-                self.record(torch.stack([ops.ref.observe_range(q), ops.ref.observe_range(k),
-                                         ops.ref.observe_range(v), unset, unset]))
+                observed = torch.stack([ops.ref.observe_range(q), ops.ref.observe_range(k),
+                                        ops.ref.observe_range(v)])
+                self.record(torch.cat([observed, ops.ref.unset_observations(2, q.device)]))
             return y
         sh = self.shard
         index = [sh.dp_rank * b, sh.dp_size * b, sh.tp_rank * h, sh.tp_size * h]

@@ -173,13 +173,6 @@ def _linear_noise_index(m: int, n: int, index: List[int], device) -> Tensor:
     return grow[:, None] * n_global + cols[None, :]
 
 
-def _empty_obs(n: int, device) -> Tensor:
-    # Filled on the device: a tensor built from a Python list is a host-to-device copy.
-    obs = torch.full((n, 2), float("inf"), dtype=torch.float32, device=device)
-    obs[:, 1] = float("-inf")
-    return obs
-
-
 def _observe(t: Tensor, quantiles: Optional[List[float]]) -> Tensor:
     return ref.observe_range(t, tuple(quantiles) if quantiles else None)
 
@@ -206,14 +199,6 @@ def _qlevels_arg(levels: int, qlevels) -> Optional[List[int]]:
 # --------------------------------------------------------------------------------------------
 # Linear
 # --------------------------------------------------------------------------------------------
-def _check_linear_bias(bias, quantize_output: bool) -> None:
-    """In the op itself (and its fake), so that no caller gets a bias silently dropped, or its
-    gradient for a bias the forward never added."""
-    if bias is not None and not quantize_output:
-        raise ValueError("optical_linear: bias must be None with quantize_output=False (the bias "
-                         "is added after Q_out: add it after the reduction and optical_quantize)")
-
-
 @_op("linear")
 def _linear(
     x: Tensor,
@@ -237,7 +222,7 @@ def _linear(
     # read-out of Q_out (n = photons, K = in_features). clipped: the backward masks the
     # gradients of Q_x and Q_w always, and of Q_out where this call applies it (the [M, N] mask
     # returned; without Q_out it is empty: the quantize op after the reduction masks instead).
-    _check_linear_bias(bias, quantize_output)
+    ref.check_linear_bias("optical_linear", bias, quantize_output)  # in the op and its fake
     save_mask = clipped and quantize_output
     lv = _levels3(levels, qlevels)
     k = x.shape[-1]
@@ -261,7 +246,7 @@ def _linear(
     if observe:
         obs = torch.stack([_observe(x2, quantiles), _observe(weight, quantiles), _observe(acc, quantiles)])
     else:
-        obs = _empty_obs(3, x.device)
+        obs = ref.unset_observations(3, x.device)
     mask = ref.clamp_mask(acc, ranges[2]) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if not quantize_output:
         return acc.reshape(*x.shape[:-1], n), obs, mask
@@ -277,7 +262,7 @@ def _linear(
 @_linear.register_fake
 def _linear_fake(x, weight, bias, ranges, seed, levels, lut, stream, index, observe,
                  quantize_output, clipped, quantiles, noise=True, qlevels=None, photons=0.0):
-    _check_linear_bias(bias, quantize_output)
+    ref.check_linear_bias("optical_linear", bias, quantize_output)  # in the op and its fake
     n = weight.shape[0]
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], n), dtype=x.dtype if quantize_output else torch.float32)
@@ -418,7 +403,7 @@ def _quantize(
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     m = x2.shape[0]
-    obs = _observe(x2, quantiles) if observe else _empty_obs(1, x.device)[0]
+    obs = _observe(x2, quantiles) if observe else ref.unset_observations(1, x.device)[0]
     mask = ref.clamp_mask(x2, rng) if save_mask else x.new_empty((0,), dtype=torch.bool)
     if _use_kernels(x):
         from .kernels import linear as klinear
@@ -567,7 +552,7 @@ def _attention(
             fwd["y_obs"],
         ])
     else:
-        obs = _empty_obs(5, q.device)
+        obs = ref.unset_observations(5, q.device)
     # The reference recomputes everything in the backward, so it keeps no statistics.
     return fwd["y"].contiguous(), q.new_empty((0,), dtype=torch.float32), obs
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .reference import ema_update
+from .reference import ema_update, unset_observations
 
 __all__ = [
     "RangeState",
@@ -43,13 +43,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _unset(n: int, device=None) -> torch.Tensor:
-    t = torch.empty(n, 2, dtype=torch.float32, device=device)
-    t[:, 0] = float("inf")
-    t[:, 1] = float("-inf")
-    return t
 
 
 class RangeState:
@@ -73,8 +66,8 @@ class RangeState:
 
     def _init_range_buffers(self, device=None) -> None:
         n = len(self.RANGE_NAMES)
-        self.register_buffer("optical_ranges", _unset(n, device), persistent=True)
-        self.register_buffer("optical_observed", _unset(n, device), persistent=False)
+        self.register_buffer("optical_ranges", unset_observations(n, device), persistent=True)
+        self.register_buffer("optical_observed", unset_observations(n, device), persistent=False)
         # (sum of fractions, number of forwards) per clamp statistic, since the last read.
         self.register_buffer("optical_clamped",
                              torch.zeros(len(self.CLAMP_NAMES), 2, dtype=torch.float32,
@@ -97,7 +90,7 @@ class RangeState:
         n = len(self.RANGE_NAMES)
         with torch.no_grad():
             for buf in (local(self.optical_ranges), local(self.optical_observed)):
-                buf.copy_(_unset(n, buf.device))
+                buf.copy_(unset_observations(n, buf.device))
             # Models built on the meta device get this buffer as uninitialised memory.
             local(self.optical_clamped).zero_()
 
@@ -235,7 +228,7 @@ def update_ranges(
             obs = torch.cat([observed[starts[i]:starts[i + 1]] for i in members])
         new = ema_update(torch.cat(targets).float(), obs, smooth)
         torch._foreach_copy_(targets, list(new.split([sizes[i] for i in members])))
-    torch._foreach_copy_(pending, list(_unset(sum(sizes), observed.device).split(sizes)))
+    torch._foreach_copy_(pending, list(unset_observations(sum(sizes), observed.device).split(sizes)))
     return len(mods)
 
 

@@ -36,9 +36,11 @@ __all__ = [
     "shot_normal",
     "split_levels",
     "check_quantizer_args",
+    "check_linear_bias",
     "quantize",
     "clamp_mask",
     "observe_range",
+    "unset_observations",
     "ema_update",
     "optical_linear_forward",
     "optical_linear_backward",
@@ -255,6 +257,14 @@ def check_quantizer_args(where: str, *, levels, qlevels=None, level_names: Seque
                          f"photons={photons!r}")
 
 
+def check_linear_bias(where: str, bias, quantize_output: bool) -> None:
+    """A bias needs Q_out in the same call: it is added after Q_out (section 2), so without it
+    the bias would be dropped silently (and get a gradient it never earned)."""
+    if bias is not None and not quantize_output:
+        raise ValueError(f"{where}: bias must be None with quantize_output=False (the bias is "
+                         "added after Q_out: add it after the reduction and optical_quantize)")
+
+
 # --------------------------------------------------------------------------------------------
 # The quantizer Q (section 1)
 # --------------------------------------------------------------------------------------------
@@ -349,6 +359,15 @@ def observe_range(x: torch.Tensor, quantiles: tuple[float, float] | None = None)
     return torch.quantile(xf, q)
 
 
+def unset_observations(n: int, device=None) -> torch.Tensor:
+    """float32 [n, 2] rows (+inf, -inf): an uninitialised range, or the observation of nothing.
+    Filled on the device: a tensor built from a Python list would be a host-to-device copy."""
+    t = torch.empty(n, 2, dtype=torch.float32, device=device)
+    t[:, 0] = float("inf")
+    t[:, 1] = float("-inf")
+    return t
+
+
 def ema_update(buf: torch.Tensor, observed: torch.Tensor, smooth: float) -> torch.Tensor:
     """buf = s*buf + (1-s)*observed, row-wise over [..., 2] ranges.
 
@@ -390,9 +409,7 @@ def optical_linear_forward(
     Q_out rounds deterministically (shot noise off too). `photons` > 0: the shot read-out with
     n = photons and K = in_features (`q_readout: shot`).
     """
-    if bias is not None and not quantize_output:
-        raise ValueError("optical_linear_forward: bias must be None with quantize_output=False "
-                         "(the bias is added after Q_out; the caller adds it after the reduction)")
+    check_linear_bias("optical_linear_forward", bias, quantize_output)
     lx, lw, lout = split_levels(levels, 3)
     xq = quantize(x, x_range, lx).float()
     wq = quantize(weight, w_range, lw, lut=lut).float()
@@ -623,7 +640,7 @@ def _observe_where(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     would read the element count back from the device."""
     xf = x.detach().float()
     if x.numel() == 0:
-        return torch.stack([xf.new_full((), float("inf")), xf.new_full((), float("-inf"))])
+        return unset_observations(1, xf.device)[0]
     if keep is None:
         return observe_range(xf)
     return torch.stack([torch.where(keep, xf, float("inf")).amin(),

@@ -278,17 +278,14 @@ def _apply_quant_warmup(trainer, optical) -> None:
     the same step as an uninterrupted one. A model without optical modules (a digital twin)
     has nothing to switch, and logs no switch."""
     from torchtitan.tools.logging import logger
-    from torchtitan_ext.optical.ranges import optical_modules, set_optical_enabled
+    from torchtitan_ext.optical.ranges import set_optical_enabled
 
     if optical is None or not optical.quant_warmup_steps:
         return
-    if not hasattr(trainer, "_has_optical_modules"):  # the model's modules never change
-        trainer._has_optical_modules = bool(optical_modules(trainer.model_parts))
-    if not trainer._has_optical_modules:
-        return
     enabled = trainer.step > optical.quant_warmup_steps
     if enabled != getattr(trainer, "_optical_enabled", True):
-        set_optical_enabled(trainer.model_parts, enabled)
+        if not set_optical_enabled(trainer.model_parts, enabled):
+            return  # no optical module: nothing switched
         trainer._optical_enabled = enabled
         logger.info(f"optical simulation {'on' if enabled else 'off (digital warm-up)'}"
                     f" from step {trainer.step}")

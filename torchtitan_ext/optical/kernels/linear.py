@@ -75,6 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as ref
 from .quantizer import (box_muller, cast_rne, in_range, philox_bits24_c2, philox_bits24_rows,
                         philox_bits24_rows_c2, philox_uniform, quantize, quantize_shot,
                         quantize_with, range_span)
@@ -710,9 +711,7 @@ def _new_obs(device) -> torch.Tensor:
     Built on every call, not cloned from a cached template: a template first made while
     Inductor's CUDA graph trees warm a graph up would live on in the graph's memory pool, which
     they refuse (`optical.cuda_graphs`)."""
-    obs = torch.full((3, 2), float("inf"), dtype=torch.float32, device=device)
-    obs[:, 1] = float("-inf")
-    return obs
+    return ref.unset_observations(3, device)
 
 
 def linear_forward(x2d, weight, bias, x_range, w_range, out_range, seed, *, levels: int,
